@@ -1,0 +1,434 @@
+"""Run folders, atomic JSON writing, per-sample records and small summaries.
+
+One run = one folder ``results/<stage>/<task_name>_<YYYYMMDD_HHMMSS>/`` with
+``config.json``, ``records.jsonl`` (per-sample records, appended as they finish, so a
+killed run can resume), ``results.json``, ``RESULTS.md``, PNG plots and a ``DONE`` marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RECORDS_FILE = "records.jsonl"
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "RESULTS.md"
+DONE_FILE = "DONE"
+_TIMESTAMP_FMT = "%Y%m%d_%H%M%S"
+_TIMESTAMP_RE = re.compile(r"_(\d{8}_\d{6})(?:_\d+)?$")
+
+
+# --------------------------------------------------------------------------- JSON helpers
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert ``obj`` into plain JSON types.
+
+    NaN/inf -> None; numpy scalars/arrays, torch tensors -> numbers/lists; Paths -> str;
+    sets/tuples -> lists; dataclass-like objects with ``__dict__`` are not guessed at and
+    raise ``TypeError``.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, argparse.Namespace):
+        return to_jsonable(vars(obj))
+    # numpy / torch without importing them eagerly
+    mod = type(obj).__module__.split(".")[0]
+    if mod == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            return to_jsonable(obj.tolist())
+        if isinstance(obj, np.generic):
+            return to_jsonable(obj.item())
+    if mod == "torch":
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu()
+            if t.dtype in (torch.bfloat16, torch.float16):
+                t = t.float()
+            return to_jsonable(t.tolist())
+        if isinstance(obj, (torch.device, torch.dtype)):
+            return str(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """Serialise ``obj`` to strict JSON text (see :func:`to_jsonable`)."""
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically. Serialisation happens before any file is touched."""
+    text = dumps_json(obj) + "\n"
+    return atomic_write_text(path, text)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; corrupt JSON raises ``ValueError`` with a one-line message naming the file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _git_info() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the repo holding this file; (None, None) if not a git repo."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=10,
+        )
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return commit.stdout.strip() or None, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "numpy"):
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            try:
+                out[name] = str(importlib.import_module(name).__version__)
+            except Exception:  # noqa: BLE001 - a broken optional package must not stop a run
+                continue
+    return out
+
+
+def _device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001
+        pass
+    return platform.processor() or "cpu"
+
+
+def _drop_partial_last_line(path: Path, block: int = 1 << 16) -> None:
+    """If ``path`` does not end with a newline, cut the partial last line (or complete it if it parses)."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = size
+        cut = 0
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                cut = start + i + 1
+                break
+            pos = start
+        f.seek(cut)
+        tail = f.read()
+        try:
+            json.loads(tail)
+        except ValueError:
+            pass
+        else:  # a complete record that only lacks its newline: keep it
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+            return
+        warnings.warn(f"{path}: dropping a truncated last line ({size - cut} bytes) from a killed run",
+                      stacklevel=3)
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+class RunFolder:
+    """One run's output folder; see the module docstring for its layout."""
+
+    def __init__(self, path: str | Path):
+        self._path = Path(path)
+        self._path.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self._path)!r})"
+
+    @property
+    def path(self) -> Path:
+        """The run folder."""
+        return self._path
+
+    @classmethod
+    def create(
+        cls,
+        stage: str,
+        task_name: str,
+        output_dir: str | Path | None = None,
+        resume: bool = True,
+    ) -> RunFolder:
+        """Make ``<output_dir or results/<stage>>/<task_name>_<YYYYMMDD_HHMMSS>/``.
+
+        With ``resume`` and an unfinished folder (no ``DONE``) of the same ``task_name``
+        under the base, reuse the newest such folder instead.
+        """
+        if not task_name or "/" in task_name or "\\" in task_name:
+            raise ValueError(f"task_name must be a non-empty name without slashes, got {task_name!r}")
+        base = Path(output_dir) if output_dir is not None else Path("results") / stage
+        if resume:
+            found = cls.find_unfinished(base, task_name)
+            if found is not None:
+                return cls(found)
+        stamp = _dt.datetime.now().strftime(_TIMESTAMP_FMT)
+        path = base / f"{task_name}_{stamp}"
+        n = 1
+        while path.exists():  # two runs started within the same second
+            path = base / f"{task_name}_{stamp}_{n}"
+            n += 1
+        return cls(path)
+
+    @staticmethod
+    def find_unfinished(base: str | Path, task_name: str) -> Path | None:
+        """Newest folder ``<task_name>_<timestamp>`` under ``base`` without a ``DONE`` marker."""
+        base = Path(base)
+        if not base.is_dir():
+            return None
+        candidates = []
+        for p in base.iterdir():
+            if not p.is_dir() or not p.name.startswith(task_name + "_"):
+                continue
+            rest = p.name[len(task_name):]
+            m = _TIMESTAMP_RE.fullmatch(rest)
+            if m is None or (p / DONE_FILE).exists():
+                continue
+            suffix = rest[len(m.group(1)) + 1:]
+            candidates.append((m.group(1), int(suffix[1:]) if suffix else 0, p))
+        if not candidates:
+            return None
+        return max(candidates)[2]
+
+    # -- config ------------------------------------------------------------------------
+
+    def write_config(
+        self, args: argparse.Namespace | Mapping[str, Any] | None, argv: Sequence[str] | None = None
+    ) -> Path:
+        """Write ``config.json``: args, argv, git commit/dirty, package versions, device, host, start time."""
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        commit, dirty = _git_info()
+        config = {
+            "args": dict(args or {}),
+            "argv": list(argv) if argv is not None else None,
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "versions": _versions(),
+            "device_name": _device_name(),
+            "hostname": socket.gethostname(),
+            "start_time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        return atomic_write_json(self._path / CONFIG_FILE, config)
+
+    # -- records -----------------------------------------------------------------------
+
+    @property
+    def records_path(self) -> Path:
+        return self._path / RECORDS_FILE
+
+    def load_records(self) -> list[dict]:
+        """Records in ``records.jsonl``; a truncated/corrupt last line is skipped with a warning."""
+        if not self.records_path.exists():
+            return []
+        lines = self.records_path.read_text(encoding="utf-8").splitlines()
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    warnings.warn(
+                        f"{self.records_path}: ignoring truncated last line (a killed run?)", stacklevel=2
+                    )
+                else:
+                    raise ValueError(f"corrupt JSON in {self.records_path} at line {i + 1}") from None
+        return records
+
+    def append_record(self, record: Mapping[str, Any]) -> None:
+        """Append one record as a JSON line, then flush and fsync.
+
+        A partial last line left by a killed run is cut off first (with a warning), so the
+        file stays valid JSON Lines.
+        """
+        line = dumps_json(record, indent=None)
+        path = self.records_path
+        if path.exists():
+            _drop_partial_last_line(path)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finished_ids(self) -> set[str]:
+        """The ``id`` of every stored record (as str), for skipping finished work on resume."""
+        return {str(r["id"]) for r in self.load_records() if isinstance(r, dict) and "id" in r}
+
+    # -- outputs -----------------------------------------------------------------------
+
+    def write_results(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        statistics: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write ``results.json`` = {"samples": records, "statistics": statistics, **extra} atomically."""
+        obj: dict[str, Any] = {"samples": list(records), "statistics": dict(statistics)}
+        obj.update(extra or {})
+        return atomic_write_json(self._path / RESULTS_FILE, obj)
+
+    def write_markdown(self, text: str) -> Path:
+        """Write ``RESULTS.md`` atomically."""
+        return atomic_write_text(self._path / MARKDOWN_FILE, text if text.endswith("\n") else text + "\n")
+
+    def mark_done(self) -> Path:
+        """Write the ``DONE`` marker (a finished run is never resumed)."""
+        stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        return atomic_write_text(self._path / DONE_FILE, stamp + "\n")
+
+    @property
+    def done(self) -> bool:
+        return (self._path / DONE_FILE).exists()
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _clean(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        if v is None:
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def summarize(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """mean, std (population), median, min, max and count of ``values``, ignoring None/NaN/inf."""
+    xs = sorted(_clean(values))
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "std": None, "median": None, "min": None, "max": None, "count": 0}
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / n)
+    mid = n // 2
+    median = xs[mid] if n % 2 else (xs[mid - 1] + xs[mid]) / 2
+    return {"mean": mean, "std": std, "median": median, "min": xs[0], "max": xs[-1], "count": n}
+
+
+def stage_means(records: Iterable[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, float | None]:
+    """Mean of each key over the records that have it (None/NaN ignored; None if no values)."""
+    records = list(records)
+    return {k: summarize(r.get(k) for r in records)["mean"] for k in keys}
+
+
+def _fmt_cell(v: Any, floatfmt: str) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return format(v, floatfmt) if math.isfinite(v) else str(v)
+    mod = type(v).__module__.split(".")[0]
+    if mod == "numpy" and hasattr(v, "item"):
+        return _fmt_cell(v.item(), floatfmt)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".3f"
+) -> str:
+    """A GitHub-flavoured Markdown table; columns default to the keys in first-seen order."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            for k in r:
+                if k not in columns:
+                    columns.append(k)
+    columns = list(columns)
+    if not columns:
+        return ""
+    lines = [
+        "| " + " | ".join(_fmt_cell(c, floatfmt) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt_cell(r.get(c), floatfmt) for c in columns) + " |")
+    return "\n".join(lines) + "\n"

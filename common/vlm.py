@@ -1,0 +1,181 @@
+"""The uniform interface both vision-language models implement.
+
+Timing, speculation, extraction and training only talk to this surface, so they never
+special-case a model:
+
+- ``load_visual(sample)``   stage 1: read the clip's visual data from disk (frames / event images)
+- ``preprocess(raw)``       stage 2: resize/crop/normalise into pixel tensors on the device
+- ``encode_pixels(pixels)`` stage 3: vision tower + projector (+ adaptor/pooling) -> ``VisualInput``
+- ``encode(sample)``        stages 1-3 together
+- ``prefill(visual, question, hidden_layers)`` stage 4: the prompt through the LLM -> ``DecodeState``
+- ``forward(state, token_ids, hidden_layers)`` 1..k new tokens -> float32 logits (k, V); decode
+  and verification are the same call
+- ``truncate(state, length)`` roll the KV cache back after a rejection
+- ``lm_head``, ``embed_tokens``, ``tokenizer``, ``hidden_size``, ``device``, ``dtype``,
+  ``build_prompt(question)``, ``base_vocab_size`` (ids below it are the shared base vocabulary)
+
+Hidden-state layer indices: 0 = token embeddings, i = output of decoder layer i,
+-1 (= num_layers) = the final normed state that feeds the LM head.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.models.decoder import KVCache, LlamaRunner
+
+# Room reserved in a fresh KV cache beyond the prompt (it grows by doubling past this).
+DEFAULT_DECODE_ROOM = 128
+
+
+@dataclass
+class VisualInput:
+    """Visual embeddings ready to be placed into the LLM prompt."""
+
+    embeds: torch.Tensor  # (num_tokens, hidden) in the LLM's dtype, on its device
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of visual tokens the prompt will hold."""
+        return int(self.embeds.shape[0])
+
+
+@dataclass
+class DecodeState:
+    """A model's decoding state: its KV cache and the logits for the next token."""
+
+    cache: KVCache
+    logits: torch.Tensor  # (V,) float32: the distribution after the last cached position
+    prompt_length: int
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # of the last forward, layer -> (k, H)
+
+    @property
+    def length(self) -> int:
+        """Positions held in the KV cache (prompt + fed tokens)."""
+        return self.cache.length
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens fed after the prompt."""
+        return self.cache.length - self.prompt_length
+
+
+class VisionLanguageModel(ABC):
+    """A LLaVA-style model behind the uniform interface; subclasses supply the visual path."""
+
+    name: str = "vlm"
+
+    def __init__(self, model: nn.Module, language_model: nn.Module, lm_head: nn.Module, tokenizer: Any,
+                 base_vocab_size: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.runner = LlamaRunner(language_model, lm_head)
+        self.base_vocab_size = int(base_vocab_size)
+        self.decode_room = DEFAULT_DECODE_ROOM
+
+    # ----- properties every consumer may rely on -----
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection hidden -> vocabulary logits."""
+        return self.runner.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        """The input token embedding table."""
+        return self.runner.language_model.embed_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.runner.shape.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.runner.shape.num_layers
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head (may exceed the tokenizer, e.g. Video-LLaVA pads to 32064)."""
+        return int(self.lm_head.weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the LLM (embeddings' dtype)."""
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    # ----- the visual path: model specific -----
+    @abstractmethod
+    def build_prompt(self, question: str) -> str:
+        """The full prompt text around the question, with the model's visual placeholder."""
+
+    @abstractmethod
+    def load_visual(self, sample: Any) -> Any:
+        """Stage 1: read the sample's visual data from disk."""
+
+    @abstractmethod
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        """Stage 2: pixel tensors on the device."""
+
+    @abstractmethod
+    def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
+        """Stage 3: vision tower and projector."""
+
+    @abstractmethod
+    def prompt_embeds(self, visual: VisualInput, question: str) -> torch.Tensor:
+        """The prompt's input embeddings (T, H) with the visual tokens in place."""
+
+    def encode(self, sample: Any) -> VisualInput:
+        """Stages 1-3: sample on disk -> visual embeddings."""
+        return self.encode_pixels(self.preprocess(self.load_visual(sample)))
+
+    # ----- the LLM path: shared -----
+    @torch.inference_mode()
+    def prefill(self, visual: VisualInput, question: str, hidden_layers: Sequence[int] = ()) -> DecodeState:
+        """Stage 4: run the prompt through the LLM into a fresh KV cache."""
+        embeds = self.prompt_embeds(visual, question)
+        cache = self.runner.new_cache(embeds.shape[0] + self.decode_room, self.dtype, self.device)
+        logits, hidden = self.runner.run(embeds, cache, hidden_layers, all_logits=bool(hidden_layers))
+        return DecodeState(cache=cache, logits=logits[-1], prompt_length=embeds.shape[0], hidden=hidden)
+
+    @torch.inference_mode()
+    def forward(self, state: DecodeState, token_ids: Sequence[int] | torch.Tensor,
+                hidden_layers: Sequence[int] = ()) -> torch.Tensor:
+        """Feed 1..k tokens; return their float32 logits (k, V) and advance ``state``."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("forward needs at least one token")
+        embeds = self.embed_tokens(ids)
+        logits, hidden = self.runner.run(embeds, state.cache, hidden_layers)
+        state.logits = logits[-1]
+        state.hidden = hidden
+        return logits
+
+    def truncate(self, state: DecodeState, length: int) -> None:
+        """Roll the KV cache back to ``length`` positions (not below the prompt).
+
+        ``state.logits`` is no longer valid afterwards: the caller feeds the next token.
+        """
+        if length < state.prompt_length:
+            raise ValueError(f"cannot truncate into the prompt ({length} < {state.prompt_length})")
+        state.cache.truncate(length)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (for answers and targets)."""
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        """Text of generated ids, special tokens dropped."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()

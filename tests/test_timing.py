@@ -1,0 +1,116 @@
+"""Tests for common/timing.py: synced timers, stage accumulation, event timer, shared clock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from common.timing import Clock, CudaEventTimer, StageTimer, Timer, sync, timer
+
+
+def test_sync_cpu_is_noop() -> None:
+    sync(None)
+    sync("cpu")
+    sync(torch.device("cpu"))
+
+
+def test_timer_nonnegative() -> None:
+    with timer("cpu") as t:
+        time.sleep(0.01)
+    assert t.seconds >= 0.009 and t.ms == pytest.approx(t.seconds * 1000)
+    t2 = Timer().start()
+    assert t2.stop() >= 0
+    with pytest.raises(RuntimeError):
+        Timer().stop()
+
+
+def test_stage_timer_accumulates() -> None:
+    st = StageTimer("cpu")
+    for _ in range(2):
+        with st.stage("stage3_vision_encode"):
+            time.sleep(0.005)
+    with st.stage("stage4_prefill", torch.device("cpu")):
+        pass
+    st.add("stage5_decode", 0.25)
+    assert set(st.times) == {"stage3_vision_encode", "stage4_prefill", "stage5_decode"}
+    assert st.times["stage3_vision_encode"] >= 0.009
+    assert st.counts["stage3_vision_encode"] == 2
+    assert all(v >= 0 for v in st.times.values())
+    assert st.as_ms()["stage5_decode"] == pytest.approx(250.0)
+    assert st.total == pytest.approx(sum(st.times.values()))
+
+
+def test_stage_timer_records_on_exception() -> None:
+    st = StageTimer()
+    with pytest.raises(KeyError), st.stage("x"):
+        raise KeyError
+    assert "x" in st.times
+
+
+def test_cuda_event_timer_cpu_fallback() -> None:
+    et = CudaEventTimer("cpu")
+    assert not et.use_cuda
+    with et:
+        time.sleep(0.005)
+    assert et.elapsed_ms() >= 4.0
+    with pytest.raises(RuntimeError):
+        CudaEventTimer("cpu").elapsed_ms()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_event_timer_stream() -> None:
+    s = torch.cuda.Stream()
+    x = torch.randn(2048, 2048, device="cuda")
+    et = CudaEventTimer("cuda", stream=s)
+    with torch.cuda.stream(s):
+        et.start()
+        for _ in range(5):
+            x = x @ x
+            x = x / x.norm()
+        et.stop()
+    assert et.elapsed_ms() > 0
+
+
+def test_clock_two_threads() -> None:
+    clock = Clock()
+    barrier = threading.Barrier(2)
+
+    def work(lane: str) -> None:
+        barrier.wait()
+        s = clock.now()
+        time.sleep(0.02)
+        clock.record("prefill", s, clock.now(), lane=lane)
+        with clock.span("decode", lane):
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=work, args=(lane,), name=lane) for lane in ("draft", "target")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ivs = clock.intervals
+    assert len(ivs) == 4
+    assert {i["lane"] for i in ivs} == {"draft", "target"}
+    assert all(set(i) >= {"label", "start", "end", "lane", "thread"} for i in ivs)
+    assert all(0 <= i["start"] <= i["end"] for i in ivs)
+    assert [i["start"] for i in ivs] == sorted(i["start"] for i in ivs)
+    pre = {i["lane"]: i for i in ivs if i["label"] == "prefill"}
+    # the two prefills overlap on the shared timeline
+    assert pre["draft"]["start"] < pre["target"]["end"] and pre["target"]["start"] < pre["draft"]["end"]
+    ms = clock.intervals_ms()
+    assert ms[0]["end"] == pytest.approx(ivs[0]["end"] * 1000)
+
+
+def test_clock_lane_defaults_to_thread_and_reset() -> None:
+    clock = Clock()
+    item = clock.record("x", 0.0, 0.1)
+    assert item["lane"] == threading.current_thread().name
+    with clock.span("y", "lane1") as out:
+        pass
+    assert out["end"] >= out["start"] >= 0 and out["lane"] == "lane1"
+    clock.reset()
+    assert clock.intervals == [] and clock.now() >= 0

@@ -37,12 +37,12 @@ _TIMESTAMP_RE = re.compile(r"_(\d{8}_\d{6})(?:_\d+)?$")
 # --------------------------------------------------------------------------- JSON helpers
 
 
-def to_jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any, strict: bool = True) -> Any:
     """Convert ``obj`` into plain JSON types.
 
-    NaN/inf -> None; numpy scalars/arrays, torch tensors -> numbers/lists; Paths -> str;
-    sets/tuples -> lists; dataclass-like objects with ``__dict__`` are not guessed at and
-    raise ``TypeError``.
+    NaN/inf -> None; numpy scalars/arrays, torch tensors -> numbers/lists; Paths, devices,
+    dtypes -> str; sets/tuples -> lists. Anything else raises ``TypeError`` when ``strict``,
+    else becomes ``str(obj)``.
     """
     if obj is None or isinstance(obj, (bool, str)):
         return obj
@@ -53,11 +53,11 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v, strict) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
+        return [to_jsonable(v, strict) for v in obj]
     if isinstance(obj, argparse.Namespace):
-        return to_jsonable(vars(obj))
+        return to_jsonable(vars(obj), strict)
     # numpy / torch without importing them eagerly
     mod = type(obj).__module__.split(".")[0]
     if mod == "numpy":
@@ -79,6 +79,8 @@ def to_jsonable(obj: Any) -> Any:
             return str(obj)
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
+    if not strict:
+        return str(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
@@ -280,7 +282,7 @@ class RunFolder:
             args = vars(args)
         commit, dirty = _git_info()
         config = {
-            "args": dict(args or {}),
+            "args": to_jsonable(dict(args or {}), strict=False),
             "argv": list(argv) if argv is not None else None,
             "git_commit": commit,
             "git_dirty": dirty,

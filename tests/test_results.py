@@ -176,7 +176,8 @@ def test_write_config(tmp_path: Path) -> None:
         assert key in cfg
     assert cfg["args"]["dataset_dir"] == "d" and cfg["argv"] == ["--seed", "0"]
     assert "python" in cfg["versions"] and "torch" in cfg["versions"] and "numpy" in cfg["versions"]
-    assert r.write_config({"a": 1}, None)
+    cfg2 = read_json(r.write_config({"a": 1, "obj": object()}, None))  # unknown objects -> str in config
+    assert cfg2["args"]["a"] == 1 and cfg2["args"]["obj"].startswith("<object")
 
 
 def test_write_results_markdown_done(tmp_path: Path) -> None:

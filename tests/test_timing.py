@@ -114,3 +114,31 @@ def test_clock_lane_defaults_to_thread_and_reset() -> None:
     assert out["end"] >= out["start"] >= 0 and out["lane"] == "lane1"
     clock.reset()
     assert clock.intervals == [] and clock.now() >= 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_clock_spans_on_two_streams() -> None:
+    clock = Clock()
+    streams = {"draft": torch.cuda.Stream(), "target": torch.cuda.Stream()}
+    xs = {k: torch.randn(2048, 2048, device="cuda") for k in streams}
+    torch.cuda.synchronize()
+
+    def work(lane: str) -> None:
+        s = streams[lane]
+        with torch.cuda.stream(s), clock.span("prefill", lane, stream=s):
+            x = xs[lane]
+            for _ in range(20):
+                x = (x @ x) / 2048
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ivs = clock.intervals
+    assert {i["lane"] for i in ivs} == {"draft", "target"}
+    assert all(i["end"] > i["start"] >= 0 for i in ivs)
+    with timer("cuda") as t:
+        torch.randn(1024, 1024, device="cuda").sum()
+    assert t.seconds > 0

@@ -1,0 +1,200 @@
+"""MP4 reading/writing with PyAV, Video-LLaVA frame sampling, and an on-disk frame cache."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import DataError
+
+__all__ = ["sample_frame_indices", "read_mp4_frames", "count_mp4_frames", "FrameCache", "write_mp4", "mp4_codec"]
+
+log = logging.getLogger(__name__)
+
+
+def sample_frame_indices(total: int, n: int = 8) -> np.ndarray:
+    """Video-LLaVA's sampling: ``np.arange(0, total, total / n).astype(int)`` (trimmed to n)."""
+    if total <= 0 or n <= 0:
+        raise ValueError(f"need total > 0 and n > 0, got total={total}, n={n}")
+    return np.arange(0, total, total / n).astype(int)[:n]
+
+
+def _open(path: Path):
+    import av
+
+    if not path.is_file():
+        raise DataError(f"{path}: mp4 file not found; check the dataset index paths or regenerate the dataset")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: corrupt or truncated mp4 ({exc}); re-encode or regenerate the clip") from exc
+    if not container.streams.video:
+        container.close()
+        raise DataError(f"{path}: mp4 has no video stream; re-encode or regenerate the clip")
+    return container
+
+
+def count_mp4_frames(path: str | os.PathLike) -> int:
+    """Number of video frames, counted by demuxing packets (no decoding). Raises DataError if unreadable."""
+    import av
+
+    path = Path(path)
+    container = _open(path)
+    try:
+        return sum(1 for pkt in container.demux(video=0) if pkt.size)
+    except av.error.FFmpegError as exc:
+        raise DataError(f"{path}: corrupt or truncated mp4 ({exc}); re-encode or regenerate the clip") from exc
+    finally:
+        container.close()
+
+
+def read_mp4_frames(path: str | os.PathLike, n: int = 8) -> np.ndarray:
+    """Decode ``n`` frames sampled as Video-LLaVA does: (n, H, W, 3) uint8 RGB.
+
+    Raises DataError for a missing, truncated or corrupt mp4, or one with fewer than ``n`` frames.
+    """
+    import av
+
+    path = Path(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        total = int(stream.frames or 0)
+        if total > 0:
+            wanted = sample_frame_indices(total, n)
+            wanted_set = set(wanted.tolist())
+            got: dict[int, np.ndarray] = {}
+            count = 0
+            for i, frame in enumerate(container.decode(video=0)):
+                count = i + 1
+                if i in wanted_set:
+                    got[i] = frame.to_ndarray(format="rgb24")
+            if count < total:
+                raise DataError(f"{path}: truncated mp4 (decoded {count} of {total} frames); "
+                                "re-encode or regenerate the clip")
+            if total < n:
+                raise DataError(f"{path}: only {total} frames, need {n}; use fewer frames or a longer clip")
+            return np.stack([got[i] for i in wanted.tolist()])
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except av.error.FFmpegError as exc:
+        raise DataError(f"{path}: corrupt or truncated mp4 ({exc}); re-encode or regenerate the clip") from exc
+    finally:
+        container.close()
+    if len(frames) < n:
+        raise DataError(f"{path}: only {len(frames)} frames, need {n}; use fewer frames or a longer clip")
+    return np.stack([frames[i] for i in sample_frame_indices(len(frames), n).tolist()])
+
+
+class FrameCache:
+    """On-disk cache of sampled mp4 frames: one .npy per (absolute path, size, mtime, n).
+
+    Writes go to a temp file and ``os.replace``, so concurrent builders and interruptions never
+    leave a partial entry. ``hits``/``misses`` count lookups of this instance.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, mp4_path: str | os.PathLike, n: int = 8) -> str:
+        """Cache key of an mp4: hash of its absolute path, size, mtime and n."""
+        path = Path(mp4_path).resolve()
+        try:
+            st = path.stat()
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: mp4 file not found; check the dataset index paths") from exc
+        text = f"{path}|{st.st_size}|{st.st_mtime_ns}|{n}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def path_for(self, mp4_path: str | os.PathLike, n: int = 8) -> Path:
+        """Where the cached frames of this mp4 live."""
+        return self.cache_dir / f"{self.key(mp4_path, n)}.npy"
+
+    def get(self, mp4_path: str | os.PathLike, n: int = 8) -> np.ndarray:
+        """Frames of ``mp4_path`` (n, H, W, 3) uint8; decodes only on a cache miss."""
+        entry = self.path_for(mp4_path, n)
+        if entry.is_file():
+            try:
+                frames = np.load(entry, allow_pickle=False)
+                if frames.ndim == 4 and frames.shape[0] == n and frames.dtype == np.uint8:
+                    self.hits += 1
+                    return frames
+            except (OSError, ValueError, EOFError):
+                pass  # a damaged cache entry is rebuilt below
+        self.misses += 1
+        frames = read_mp4_frames(mp4_path, n)
+        self._store(entry, frames)
+        return frames
+
+    def _store(self, entry: Path, frames: np.ndarray) -> None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{entry.stem}.", suffix=".tmp", dir=entry.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, frames, allow_pickle=False)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, entry)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+@functools.lru_cache(maxsize=1)
+def mp4_codec() -> str:
+    """'libx264' when PyAV's build has it, else 'mpeg4' (logged once)."""
+    import av
+
+    if "libx264" in av.codecs_available:
+        return "libx264"
+    log.warning("PyAV has no libx264 encoder: writing mp4 with the 'mpeg4' codec instead")
+    return "mpeg4"
+
+
+def encode_mp4_bytes(frames: Iterable[np.ndarray], fps: int = 20) -> bytes:
+    """Encode RGB uint8 frames (H, W even) to mp4 bytes (libx264, yuv420p, single thread: deterministic)."""
+    import av
+
+    buf = io.BytesIO()
+    container = av.open(buf, mode="w", format="mp4")
+    stream = None
+    try:
+        for frame in frames:
+            frame = np.ascontiguousarray(frame, dtype=np.uint8)
+            if frame.ndim != 3 or frame.shape[2] != 3:
+                raise ValueError(f"frames must be HxWx3 uint8 RGB, got shape {frame.shape}")
+            if stream is None:
+                h, w = frame.shape[:2]
+                if h % 2 or w % 2:
+                    raise ValueError(f"yuv420p needs even width and height, got {w}x{h}")
+                codec = mp4_codec()
+                stream = container.add_stream(codec, rate=fps)
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+                stream.thread_count = 1
+                if codec == "libx264":
+                    stream.options = {"crf": "20", "preset": "veryfast"}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        if stream is None:
+            raise ValueError("no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
+    finally:
+        container.close()
+    return buf.getvalue()
+
+
+def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 20) -> None:
+    """Write RGB uint8 frames to an mp4 (libx264, yuv420p, even sizes), atomically."""
+    from common.events import atomic_write_bytes
+
+    atomic_write_bytes(path, encode_mp4_bytes(frames, fps))

@@ -142,7 +142,7 @@ class VisionLanguageModel(ABC):
         return self.encode_pixels(self.preprocess(self.load_visual(sample)))
 
     # ----- the LLM path: shared -----
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, visual: VisualInput, question: str, hidden_layers: Sequence[int] = ()) -> DecodeState:
         """Stage 4: run the prompt through the LLM into a fresh KV cache."""
         embeds = self.prompt_embeds(visual, question)
@@ -150,7 +150,7 @@ class VisionLanguageModel(ABC):
         logits, hidden = self.runner.run(embeds, cache, hidden_layers, all_logits=bool(hidden_layers))
         return DecodeState(cache=cache, logits=logits[-1], prompt_length=embeds.shape[0], hidden=hidden)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, state: DecodeState, token_ids: Sequence[int] | torch.Tensor,
                 hidden_layers: Sequence[int] = ()) -> torch.Tensor:
         """Feed 1..k tokens; return their float32 logits (k, V) and advance ``state``."""

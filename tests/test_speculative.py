@@ -436,3 +436,65 @@ def test_draft_proposal_limited():
     p = DraftProposal([1, 2, 3], torch.ones(3, 5) / 5)
     assert p.limited(2).tokens == [1, 2] and p.limited(2).probs.shape == (2, 5)
     assert p.limited(5) is p and p.limited(0).tokens == []
+
+
+# ----- the real decoder runner and KV cache behind the uniform interface -----
+
+class TinyTextVLM:
+    """Builds a tiny random LLaMA behind ``VisionLanguageModel`` (text-only prompts), for a real-cache check."""
+
+    @staticmethod
+    def make(seed: int, vocab: int = 64, base_vocab: int = 60):
+        from types import SimpleNamespace
+
+        from transformers import LlamaConfig, LlamaModel
+
+        from common.vlm import VisionLanguageModel, VisualInput
+
+        class TextVLM(VisionLanguageModel):
+            def build_prompt(self, question):
+                return question
+
+            def load_visual(self, sample):
+                return sample
+
+            def preprocess(self, raw):
+                return raw
+
+            def encode_pixels(self, pixels):
+                return VisualInput(embeds=pixels)
+
+            def prompt_embeds(self, visual, question):
+                ids = torch.tensor([int(t) for t in question.split()])
+                return torch.cat([visual.embeds, self.embed_tokens(ids)])
+
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        lm = LlamaModel(config).eval()
+        head = torch.nn.Linear(32, vocab, bias=False)
+        torch.nn.init.normal_(head.weight, std=2.0)
+        model = TextVLM(lm, lm, head, SimpleNamespace(eos_token_id=2), base_vocab_size=base_vocab)
+        model.decode_room = 4  # force the cache to grow during generation
+        return model
+
+
+def test_real_kv_cache_greedy_lossless(one_thread):
+    target, other = TinyTextVLM.make(0), TinyTextVLM.make(1)
+    from common.vlm import VisualInput
+    visual = VisualInput(embeds=torch.zeros(3, 32))
+    for question in ("5 9 13", "7 7 21 40"):
+        expected = autoregressive_generate(target, target.prefill(visual, question), max_new_tokens=30,
+                                           stop_token_ids=()).tokens
+        for draft in (target, other):
+            for gamma in (2, 5):
+                drafter = ModelDrafter(draft, draft.prefill(visual, question), vocab_limit=60,
+                                       target_vocab_size=target.vocab_size)
+                state = target.prefill(visual, question)
+                result = speculative_generate(target, state, drafter, max_new_tokens=30, gamma=gamma,
+                                              stop_token_ids=())
+                assert result.tokens == expected
+                assert state.length == state.prompt_length + 29  # rejected positions were dropped
+                check_counts(result, 30)
+                if draft is target and max(expected) < 60:
+                    assert result.acceptance_rate == 1.0

@@ -66,6 +66,15 @@ class DecodeState:
         return self.cache.length - self.prompt_length
 
 
+@dataclass
+class TeacherForced:
+    """Outputs of ``teacher_forced``: per sample, rows aligned with the answer tokens."""
+
+    spans: list[tuple[int, int]]
+    logits: list[torch.Tensor] = field(default_factory=list)  # (len_i, V) float32
+    hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [(len_i, H)]
+
+
 class VisionLanguageModel(ABC):
     """A LLaVA-style model behind the uniform interface; subclasses supply the visual path."""
 
@@ -171,6 +180,40 @@ class VisionLanguageModel(ABC):
         if length < state.prompt_length:
             raise ValueError(f"cannot truncate into the prompt ({length} < {state.prompt_length})")
         state.cache.truncate(length)
+
+    def teacher_forced(self, visuals: Sequence[VisualInput], questions: Sequence[str],
+                       answers: Sequence[Sequence[int]], hidden_layers: Sequence[int] = (),
+                       logits: bool = True) -> TeacherForced:
+        """One batched, padded forward over prompt + answer for several samples (no KV cache).
+
+        Row t of sample i's outputs is the state just before answer token t (the position that
+        predicts it), so two models teacher-forced on the same answer ids are aligned by position.
+        Gradients flow when called outside ``torch.no_grad`` (training).
+        """
+        seqs, spans = [], []
+        for visual, question, answer in zip(visuals, questions, answers, strict=True):
+            prompt = self.prompt_embeds(visual, question)
+            ids = torch.as_tensor(list(answer), dtype=torch.long, device=self.device)
+            seqs.append(torch.cat([prompt, self.embed_tokens(ids).to(prompt.dtype)]))
+            spans.append((prompt.shape[0] - 1, prompt.shape[0] - 1 + len(answer)))
+        longest = max(s.shape[0] for s in seqs)
+        batch = seqs[0].new_zeros((len(seqs), longest, seqs[0].shape[1]))
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            batch[i, : s.shape[0]] = s
+            mask[i, : s.shape[0]] = 1
+        out = self.runner.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False,
+                                         output_hidden_states=bool(hidden_layers))
+        final = out.last_hidden_state
+        result = TeacherForced(spans=spans)
+        n = self.num_layers
+        for layer in hidden_layers:
+            idx = layer + n + 1 if layer < 0 else layer
+            states = final if idx == n else out.hidden_states[idx]
+            result.hidden[layer] = [states[i, a:b] for i, (a, b) in enumerate(spans)]
+        if logits:
+            result.logits = [self.lm_head(final[i, a:b]).float() for i, (a, b) in enumerate(spans)]
+        return result
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (for answers and targets)."""

@@ -140,3 +140,25 @@ def test_wrong_folder_and_wrong_model_type(tiny_models_dir, tmp_path):
         load_vlm("eventgpt", tiny_models_dir / "videollava", device="cpu")
     with pytest.raises(ModelLoadError, match=r"expected 'video_llava'"):
         load_vlm("videollava", tiny_models_dir / "eventgpt", device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["eventgpt", "videollava"])
+def test_batched_teacher_forcing_matches_cached_decoding(pair, kind):
+    """Padded batch forward over prompt + answer == prefill + token-by-token forward (logits and states)."""
+    quant, models = pair
+    if quant != "fp32":
+        pytest.skip("compared in fp32")
+    vlm = models[kind]
+    visual = _visual(vlm)
+    questions, answers = ["How many cars?", QUESTION], [[5, 6, 7, 8], [9, 10]]
+    with torch.no_grad():
+        tf = vlm.teacher_forced([visual, visual], questions, answers, hidden_layers=[-1])
+    for i, question in enumerate(questions):
+        state = vlm.prefill(visual, question, hidden_layers=[-1])
+        rows, states = [state.logits], [state.hidden[-1][-1]]
+        for token in answers[i][:-1]:
+            vlm.forward(state, [token], hidden_layers=[-1])
+            rows.append(state.logits)
+            states.append(state.hidden[-1][-1])
+        assert torch.allclose(torch.stack(rows), tf.logits[i], atol=1e-4)
+        assert torch.allclose(torch.stack(states), tf.hidden[-1][i], atol=1e-4)

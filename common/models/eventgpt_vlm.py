@@ -73,7 +73,6 @@ class EventGPTVLM(VisionLanguageModel):
         tower_dtype = next(self.model.model.visual_tower.parameters()).dtype
         return images_to_pixels(self.image_processor, raw, self.device, tower_dtype)
 
-    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
         return VisualInput(self.model.encode_events(pixels).to(self.dtype))
 

@@ -62,7 +62,6 @@ class VideoLlavaVLM(VisionLanguageModel):
         tower_dtype = next(self.model.model.video_tower.parameters()).dtype
         return images_to_pixels(self.image_processor, list(raw), self.device, tower_dtype).unsqueeze(0)
 
-    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
         out = self.model.model.get_video_features(
             pixel_values_videos=pixels, vision_feature_layer=self.model.config.vision_feature_layer)

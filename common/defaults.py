@@ -1,0 +1,58 @@
+"""The embedded default every script falls back to: the shipped model pair and a small synthetic split.
+
+- Models: ``models/eventgpt`` and ``models/videollava`` in the repository (the trained tiny pair,
+  see models/README.md). If they are absent, a random-weight tiny pair is written once to
+  ``.cache/tiny_models`` (with a warning: its acceptance numbers are noise).
+- Data: ``data/synthetic_default`` (a small synthetic test split), generated on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "models"
+RANDOM_MODELS_DIR = REPO_ROOT / ".cache" / "tiny_models"
+DEFAULT_DATASET_DIR = REPO_ROOT / "data" / "synthetic_default"
+# The split the default dataset holds and how it is made (same world settings as the shipped pair's training).
+DEFAULT_DATASET_ARGS = ["--num_clips", "12", "--duration", "1s", "--split", "test", "--seed", "1000",
+                        "--width", "320", "--height", "240"]
+
+log = logging.getLogger(__name__)
+
+
+def default_model_path(kind: str) -> Path:
+    """The shipped pair's ``kind`` folder, else a random tiny checkpoint made once."""
+    shipped = MODELS_DIR / kind
+    if (shipped / "config.json").is_file():
+        return shipped
+    random_dir = RANDOM_MODELS_DIR / kind
+    if not (random_dir / "config.json").is_file():
+        from scripts.make_tiny_models import make_tiny_models
+
+        log.warning("no shipped model pair under %s: writing random tiny models to %s", MODELS_DIR, RANDOM_MODELS_DIR)
+        make_tiny_models(RANDOM_MODELS_DIR)
+    return random_dir
+
+
+def default_dataset_dir() -> Path:
+    """The default synthetic test split, generated on first use."""
+    index = DEFAULT_DATASET_DIR / "EventGPT_Instruction_Subset.json"
+    if not index.is_file():
+        from scripts.make_synthetic_dataset import main as make_dataset
+
+        log.warning("generating the default synthetic dataset in %s (first use)", DEFAULT_DATASET_DIR)
+        make_dataset(["--output_dir", str(DEFAULT_DATASET_DIR), *DEFAULT_DATASET_ARGS])
+    return DEFAULT_DATASET_DIR
+
+
+def resolve_model_paths(eventgpt_path: str | None, videollava_path: str | None) -> tuple[Path, Path]:
+    """Flags if given, else the default pair."""
+    return (Path(eventgpt_path) if eventgpt_path else default_model_path("eventgpt"),
+            Path(videollava_path) if videollava_path else default_model_path("videollava"))
+
+
+def resolve_dataset_dir(dataset_dir: str | None) -> Path:
+    """The flag if given, else the default synthetic split."""
+    return Path(dataset_dir) if dataset_dir else default_dataset_dir()

@@ -248,10 +248,11 @@ def render_event_image(stream: EventStream, width: int | None = None, height: in
         keep = (x < width) & (y < height)
         flat = (y * width + x)[keep]
         pol = stream.p[keep].astype(np.int64).clip(0, 1)
-        # index of the LAST event at each pixel (explicit, since repeated fancy assignment has no order guarantee)
-        _, first_rev = np.unique(flat[::-1], return_index=True)
-        last = flat.shape[0] - 1 - first_rev
-        canvas[flat[last]] = _POLARITY_RGB[pol[last]]
+        # index of the LAST event at each pixel (explicit: repeated fancy assignment has no order guarantee)
+        last = np.full(height * width, -1, dtype=np.int64)
+        np.maximum.at(last, flat, np.arange(flat.shape[0], dtype=np.int64))
+        hit = np.flatnonzero(last >= 0)
+        canvas[hit] = _POLARITY_RGB[pol[last[hit]]]
     return canvas.reshape(height, width, 3)
 
 

@@ -155,6 +155,8 @@ def load_events(path: str | os.PathLike, allow_pickle: bool = False) -> EventStr
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
                 or arr.dtype == bool):
             raise _fail(path, f"{name} has dtype {arr.dtype}, expected numbers", "re-export the clip")
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise _fail(path, f"{name} holds NaN or infinite values", "re-export the clip")
     xi, yi = x.astype(np.int64), y.astype(np.int64)
     if xi.min() < 0 or xi.max() >= width or yi.min() < 0 or yi.max() >= height:
         raise _fail(path, f"coordinates out of range: x in [{xi.min()}, {xi.max()}], y in [{yi.min()}, {yi.max()}]"

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.models.decoder import KVCache, LlamaRunner
+from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
 
 # Room reserved in a fresh KV cache beyond the prompt (it grows by doubling past this).
 DEFAULT_DECODE_ROOM = 128
@@ -87,6 +87,25 @@ class VisionLanguageModel(ABC):
         self.runner = LlamaRunner(language_model, lm_head)
         self.base_vocab_size = int(base_vocab_size)
         self.decode_room = DEFAULT_DECODE_ROOM
+        self.graphs: CudaGraphDecoder | None = None
+
+    # ----- fast decode -----
+    def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,)) -> None:
+        """Decode with a static KV cache of ``max_length`` positions and CUDA-graph replays.
+
+        ``step_sizes`` are the token counts captured (1 for decoding, gamma + 1 for verification;
+        smaller steps are padded up). Prefill stays eager. Only one decoding state of this
+        model is live at a time (each prefill reuses the static cache).
+        """
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device (use eager decoding on CPU)")
+        cache = self.runner.new_cache(max_length, self.dtype, self.device)
+        self.graphs = CudaGraphDecoder(self.runner, cache, step_sizes)
+        self.graphs.capture_all()
+
+    def disable_cuda_graphs(self) -> None:
+        """Back to eager decoding with a fresh cache per prefill."""
+        self.graphs = None
 
     # ----- properties every consumer may rely on -----
     @property
@@ -155,7 +174,14 @@ class VisionLanguageModel(ABC):
     def prefill(self, visual: VisualInput, question: str, hidden_layers: Sequence[int] = ()) -> DecodeState:
         """Stage 4: run the prompt through the LLM into a fresh KV cache."""
         embeds = self.prompt_embeds(visual, question)
-        cache = self.runner.new_cache(embeds.shape[0] + self.decode_room, self.dtype, self.device)
+        if self.graphs is not None:
+            cache = self.graphs.cache
+            if embeds.shape[0] + max(self.graphs.sizes) > cache.capacity:
+                raise ValueError(f"prompt of {embeds.shape[0]} tokens does not fit the static cache "
+                                 f"({cache.capacity}); enable_cuda_graphs with a larger max_length")
+            cache.length = 0
+        else:
+            cache = self.runner.new_cache(embeds.shape[0] + self.decode_room, self.dtype, self.device)
         logits, hidden = self.runner.run(embeds, cache, hidden_layers, all_logits=bool(hidden_layers))
         return DecodeState(cache=cache, logits=logits[-1], prompt_length=embeds.shape[0], hidden=hidden)
 
@@ -167,7 +193,12 @@ class VisionLanguageModel(ABC):
         if ids.numel() == 0:
             raise ValueError("forward needs at least one token")
         embeds = self.embed_tokens(ids)
-        logits, hidden = self.runner.run(embeds, state.cache, hidden_layers)
+        graphs = self.graphs
+        if (graphs is not None and not hidden_layers and state.cache is graphs.cache
+                and graphs.size_for(ids.numel()) is not None):
+            logits, hidden = graphs.step(embeds), {}
+        else:
+            logits, hidden = self.runner.run(embeds, state.cache, hidden_layers)
         state.logits = logits[-1]
         state.hidden = hidden
         return logits

@@ -127,12 +127,35 @@ class LlamaRunner:
         if s.num_kv_heads != s.num_heads:
             rep = s.num_heads // s.num_kv_heads
             keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                             is_causal=mask is None)
         return attn.o_proj(out.transpose(1, 2).reshape(1, k_new, s.num_heads * s.head_dim))
 
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend_len: int, cache: KVCache,
+                wanted: set[int], causal_prefill: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """All decoder layers and the final norm over x (1, k, H) written at ``positions``."""
+        if causal_prefill:
+            mask = None  # a fresh prompt: plain causal attention (flash kernels)
+        else:
+            mask = torch.arange(attend_len, device=x.device)[None, :] <= positions[:, None]
+        cos, sin = self.language_model.rotary_emb(x, positions[None, :])
+        cos, sin = cos[:, None], sin[:, None]
+        hidden: dict[int, torch.Tensor] = {}
+        if 0 in wanted:
+            hidden[0] = x[0]
+        for idx, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            x = x + self._attention(layer, h, cache, idx, positions, cos, sin, attend_len, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if idx + 1 in wanted and idx + 1 != self.shape.num_layers:
+                hidden[idx + 1] = x[0]
+        x = self.language_model.norm(x)
+        if self.shape.num_layers in wanted:
+            hidden[self.shape.num_layers] = x[0]
+        return x, hidden
+
     def run(self, inputs_embeds: torch.Tensor, cache: KVCache, hidden_layers: Sequence[int] = (),
-            attend_len: int | None = None, all_logits: bool = True,
-            ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+            all_logits: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Append ``inputs_embeds`` (1, k, H) at the cache's end; return logits and chosen hidden states.
 
         Returns float32 logits (k, V) (only the last row, shape (1, V), when ``all_logits`` is
@@ -144,31 +167,19 @@ class LlamaRunner:
         k_new = inputs_embeds.shape[1]
         start = cache.length
         cache.ensure_capacity(start + k_new)
-        device = inputs_embeds.device
-        positions = torch.arange(start, start + k_new, device=device)
-        attend = start + k_new if attend_len is None else attend_len
-        key_pos = torch.arange(attend, device=device)
-        mask = key_pos[None, :] <= positions[:, None]
-        cos, sin = self.language_model.rotary_emb(inputs_embeds, positions[None, :])
-        cos, sin = cos[:, None], sin[:, None]
+        positions = torch.arange(start, start + k_new, device=inputs_embeds.device)
         wanted = {self._layer_index(i) for i in hidden_layers}
-        hidden: dict[int, torch.Tensor] = {}
-        x = inputs_embeds
-        if 0 in wanted:
-            hidden[0] = x[0]
-        for idx, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            x = x + self._attention(layer, h, cache, idx, positions, cos, sin, attend, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            if idx + 1 in wanted and idx + 1 != self.shape.num_layers:
-                hidden[idx + 1] = x[0]
-        x = self.language_model.norm(x)
-        if self.shape.num_layers in wanted:
-            hidden[self.shape.num_layers] = x[0]
+        x, hidden = self._layers(inputs_embeds, positions, start + k_new, cache, wanted,
+                                 causal_prefill=start == 0 and k_new > 1)
         cache.length = start + k_new
         head_in = x[0] if all_logits else x[0, -1:]
         logits = self.lm_head(head_in).float()
         return logits, {i: hidden[self._layer_index(i)] for i in hidden_layers} if hidden_layers else {}
+
+    def static_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A fixed-shape step for CUDA-graph capture: attends over the whole capacity, masked by position."""
+        x, _ = self._layers(embeds, positions, cache.capacity, cache, set())
+        return self.lm_head(x[0]).float()
 
     def _layer_index(self, i: int) -> int:
         n = self.shape.num_layers
@@ -176,3 +187,68 @@ class LlamaRunner:
         if not 0 <= idx <= n:
             raise ValueError(f"hidden layer {i} is out of range for a decoder of {n} layers")
         return idx
+
+
+class CudaGraphDecoder:
+    """Replays captured CUDA graphs of the k-token step (decode: k=1, verify: k=gamma+1) over one cache.
+
+    The cache's capacity is fixed (it must not grow while graphs exist). A step of k tokens runs
+    the smallest captured size >= k, padding the rest: padded positions lie past the cache's
+    length, so they are never attended to and are overwritten by later steps.
+    """
+
+    def __init__(self, runner: LlamaRunner, cache: KVCache, sizes: Sequence[int]):
+        if cache.keys.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA cache")
+        self.runner, self.cache = runner, cache
+        self.sizes = sorted(set(int(k) for k in sizes))
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._key_ptr = cache.keys.data_ptr()
+
+    def size_for(self, k: int) -> int | None:
+        """The captured size that serves k tokens at the cache's current length, or None (run eagerly)."""
+        for size in self.sizes:
+            if size >= k and self.cache.length + size <= self.cache.capacity:
+                return size
+        return None
+
+    def _capture(self, size: int):
+        cache, hidden = self.cache, self.runner.shape.hidden_size
+        embeds = torch.zeros((1, size, hidden), dtype=cache.keys.dtype, device=cache.keys.device)
+        # capture writes at the end of the capacity, never over live positions
+        positions = torch.arange(cache.capacity - size, cache.capacity, device=cache.keys.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.runner.static_step(embeds, positions, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.runner.static_step(embeds, positions, cache)
+        self._graphs[size] = (graph, embeds, positions, logits)
+
+    def capture_all(self) -> None:
+        """Capture every size now (keeps capture cost out of timed regions)."""
+        for size in self.sizes:
+            if size not in self._graphs:
+                self._capture(size)
+
+    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Append k token embeddings (k, H) and return float32 logits (k, V) by graph replay."""
+        if self.cache.keys.data_ptr() != self._key_ptr:
+            raise RuntimeError("the KV cache was reallocated after graph capture")
+        k = embeds.shape[0]
+        size = self.size_for(k)
+        if size is None:
+            raise ValueError(f"no captured size serves {k} tokens at length {self.cache.length}")
+        if size not in self._graphs:
+            self._capture(size)
+        graph, embeds_buf, positions_buf, logits_buf = self._graphs[size]
+        start = self.cache.length
+        embeds_buf.zero_()
+        embeds_buf[0, :k].copy_(embeds)
+        positions_buf.copy_(torch.arange(start, start + size, device=positions_buf.device))
+        graph.replay()
+        self.cache.length = start + k
+        return logits_buf[:k].clone()

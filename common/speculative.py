@@ -135,6 +135,10 @@ class ModelDrafter:
     copies the first ``vocab_limit`` entries into a -inf vector of ``target_vocab_size``
     (default ``vocab_limit``; the engine pads narrower q with zeros).
 
+    Context tokens the draft cannot take (target ids >= ``vocab_limit``, e.g. Video-LLaVA's
+    special or padding rows) are fed to the draft as ``unknown_token_id`` (default 0, ``<unk>``
+    in LLaMA tokenizers); the context itself is never altered.
+
     ``stats`` counts forward calls (``steps``), ``tokens_fed`` and ``seconds`` spent in
     :meth:`propose` (device-synchronised when ``sync`` is given), so callers can measure
     the draft cost.
@@ -144,7 +148,8 @@ class ModelDrafter:
                  generator: torch.Generator | None = None,
                  map_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  target_vocab_size: int | None = None, stop_token_ids: Iterable[int] = (),
-                 name: str = "model", sync: SyncFn | None = None, clock: Clock = time.perf_counter):
+                 name: str = "model", sync: SyncFn | None = None, clock: Clock = time.perf_counter,
+                 unknown_token_id: int = 0):
         if state.length != state.prompt_length:
             raise ValueError("ModelDrafter needs a freshly prefilled state "
                              f"(length {state.length} != prompt_length {state.prompt_length})")
@@ -156,6 +161,7 @@ class ModelDrafter:
         self.map_logits = map_logits if map_logits is not None else self._copy_base_vocab
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.name = name
+        self.unknown_token_id = int(unknown_token_id)
         self._now = _make_now(sync, clock)
         self._prefill_logits = state.logits
         self._fed: list[int] = []
@@ -175,7 +181,8 @@ class ModelDrafter:
         return out
 
     def _feed(self, tokens: list[int]) -> None:
-        logits = self.model.forward(self.state, tokens)
+        known = [t if t < self.vocab_limit else self.unknown_token_id for t in tokens]
+        logits = self.model.forward(self.state, known)
         self._fed.extend(tokens)
         self._logits = logits[-1]
         self.stats["steps"] += 1

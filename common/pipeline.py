@@ -1,0 +1,92 @@
+"""Per-sample stage pipeline shared by the benchmarks: load both models, time the five stages.
+
+Stages (synchronised timers): 1 data load, 2 preprocess, 3 vision encode, 4 LLM prefill,
+5 decode. Keys follow the users' names: ``<model>_stage{N}_time`` with model ``egpt`` or
+``videollava``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from common.data import default_frame_cache
+from common.defaults import resolve_model_paths
+from common.models.loader import load_vlm
+from common.speculative import ModelDrafter, autoregressive_generate
+from common.timing import StageTimer, sync
+from common.vlm import DecodeState, VisionLanguageModel
+
+STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
+STAGE_NAMES = {"stage1": "data load", "stage2": "preprocess", "stage3": "vision encode",
+               "stage4": "LLM prefill", "stage5": "decode"}
+
+
+@dataclass
+class Prefilled:
+    """A model after stages 1-4: its decoding state and the stage times (seconds)."""
+
+    state: DecodeState
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def load_pair(args: argparse.Namespace, dataset_dir) -> tuple[VisionLanguageModel, VisionLanguageModel]:
+    """(EventGPT draft, Video-LLaVA target) from the flags, defaulting to the embedded pair."""
+    egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
+    draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=args.device,
+                     allow_pickle=getattr(args, "allow_pickle", False))
+    target = load_vlm("videollava", vllava_path, quant=args.quant, device=args.device,
+                      frame_cache=default_frame_cache(dataset_dir))
+    return draft, target
+
+
+def prefill_sample(vlm: VisionLanguageModel, sample: Any, question: str | None = None,
+                   hidden_layers=()) -> Prefilled:
+    """Stages 1-4 for one model, each timed with device synchronisation."""
+    timer = StageTimer(vlm.device)
+    with torch.no_grad():
+        with timer.stage("stage1"):
+            raw = vlm.load_visual(sample)
+        with timer.stage("stage2"):
+            pixels = vlm.preprocess(raw)
+        with timer.stage("stage3"):
+            visual = vlm.encode_pixels(pixels)
+        with timer.stage("stage4"):
+            state = vlm.prefill(visual, question or sample.question, hidden_layers=hidden_layers)
+    return Prefilled(state, dict(timer.times))
+
+
+def run_model(vlm: VisionLanguageModel, sample: Any, prefix: str, max_new_tokens: int) -> dict[str, Any]:
+    """All five stages for one model; returns the per-sample fields of that model."""
+    pre = prefill_sample(vlm, sample)
+    gen = autoregressive_generate(vlm, pre.state, max_new_tokens=max_new_tokens, sync=lambda: sync(vlm.device))
+    times = {**pre.times, "stage5": gen.seconds}
+    record: dict[str, Any] = {f"{prefix}_{stage}_time": times[stage] for stage in STAGES}
+    record[prefix] = vlm.decode_text(gen.tokens)
+    record[f"{prefix}_token_ids"] = list(gen.tokens)
+    record[f"{prefix}_time"] = sum(times.values())
+    record[f"{prefix}_num_tokens"] = len(gen.tokens)
+    record[f"{prefix}_decode_ms_per_token"] = 1000 * gen.seconds / max(gen.steps, 1)
+    return record
+
+
+def eventgpt_drafter(draft: VisionLanguageModel, state: DecodeState, target: VisionLanguageModel) -> ModelDrafter:
+    """The raw EventGPT drafter: its greedy tokens, restricted to the shared base vocabulary."""
+    return ModelDrafter(draft, state, vocab_limit=min(draft.base_vocab_size, target.base_vocab_size),
+                        target_vocab_size=target.vocab_size, name="eventgpt",
+                        sync=lambda: sync(draft.device))
+
+
+def token_match_rate(draft_ids: list[int], target_ids: list[int]) -> dict[str, float | int]:
+    """Index-aligned agreement of two outputs (the raw "acceptance" of prior work) and the matching prefix."""
+    n = len(target_ids)
+    matches = sum(1 for a, b in zip(draft_ids, target_ids) if a == b)
+    prefix = 0
+    for a, b in zip(draft_ids, target_ids):
+        if a != b:
+            break
+        prefix += 1
+    return {"acceptance_rate": matches / n if n else 0.0, "matching_prefix": prefix}

@@ -87,19 +87,23 @@ def _llama_kwargs(size: TinySize, vocab_size: int) -> dict:
                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def build_eventgpt(tokenizer, size: TinySize, seed: int = 0):
-    """A random-weight EventGPT with its own special tokens added above the shared base ids."""
+def build_eventgpt(tokenizer, size: TinySize, seed: int = 0, vocab_size: int | None = None):
+    """A random-weight EventGPT with its own special tokens added above the shared base ids.
+
+    ``vocab_size`` (default: the tokenizer's length) gives real-shape embedding tables.
+    """
     tok = _copy_tokenizer(tokenizer)
     tok.add_tokens(EVENTGPT_SPECIAL, special_tokens=True)
     config = EventChatConfig(
         mm_visual_tower="openai/clip-vit-large-patch14-336", visual_tower_config=_vision_dict(size),
         mm_hidden_size=size.vision_hidden, event_feature_adaptor=True, mm_use_im_start_end=False,
-        mm_use_im_patch_token=True, architectures=["EventGPTForCausalLM"], **_llama_kwargs(size, len(tok)))
+        mm_use_im_patch_token=True, architectures=["EventGPTForCausalLM"],
+        **_llama_kwargs(size, max(len(tok), vocab_size or 0)))
     torch.manual_seed(seed)
     return EventGPTForCausalLM(config), tok
 
 
-def build_videollava(tokenizer, size: TinySize, seed: int = 0):
+def build_videollava(tokenizer, size: TinySize, seed: int = 0, vocab_size: int | None = None):
     """A random-weight Video-LLaVA with ``<image>``, ``<video>``, ``<pad>`` above the base ids (padded to 64)."""
     from transformers import (
         CLIPVisionConfig,
@@ -111,7 +115,7 @@ def build_videollava(tokenizer, size: TinySize, seed: int = 0):
     tok = _copy_tokenizer(tokenizer)
     tok.add_tokens(VIDEOLLAVA_SPECIAL, special_tokens=True)
     tok.pad_token = "<pad>"
-    vocab = _padded(len(tok), PAD_MULTIPLE)
+    vocab = _padded(max(len(tok), vocab_size or 0), PAD_MULTIPLE)
     text = LlamaConfig(**{**_llama_kwargs(size, vocab), "pad_token_id": tok.convert_tokens_to_ids("<pad>")})
     patches = (size.image_size // size.patch_size) ** 2
     config = VideoLlavaConfig(

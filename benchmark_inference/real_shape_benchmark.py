@@ -1,0 +1,177 @@
+"""GPU timings of both models at the real 7B shapes (random weights) through the real loaders.
+
+    python -m benchmark_inference.real_shape_benchmark --quant bf16 [--models_dir /tmp/real_shape_models
+        --decode_modes eager,cuda_graph --hf_generate dynamic,static --new_tokens 50 --gamma 5]
+
+Builds Vicuna-7B + CLIP ViT-L/14 shaped EventGPT (336 px, 5 event frames -> 582 tokens) and
+Video-LLaVA (224 px, 8 frames -> 2056 tokens) with random weights, saves them as checkpoints,
+loads them with ``load_vlm`` (``--quant`` bf16/fp16/4bit/8bit), and measures per model: vision
+encode, LLM prefill, decode ms/token (eager and CUDA-graph), the cost of verifying gamma+1
+tokens relative to decoding one, and for the target HF ``generate`` (dynamic and static cache)
+on the same weights in the same run. Prints a table and writes results.json + RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.models.loader import load_vlm
+from common.models.real_shape import write_real_shape_pair
+from common.results import atomic_write_json, atomic_write_text, markdown_table
+from common.timing import sync
+
+QUESTION = "What are the key elements in this scene?"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmark_inference.real_shape_benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quant", default="bf16", choices=["bf16", "fp16", "4bit", "8bit"], help="precision (default bf16)")
+    p.add_argument("--models_dir", default="/tmp/real_shape_models", help="where the random 7B checkpoints are written")
+    p.add_argument("--output_dir", default="results/real_shape", help="folder for results.json and RESULTS.md")
+    p.add_argument("--decode_modes", default="eager,cuda_graph", help="comma list of eager,cuda_graph")
+    p.add_argument("--hf_generate", default="dynamic,static", help="comma list of HF generate caches to time ('' = none)")
+    p.add_argument("--new_tokens", type=int, default=50, help="tokens per decode measurement (default 50)")
+    p.add_argument("--gamma", type=int, default=5, help="verify step = gamma + 1 tokens (default 5)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of encode/prefill timings (median)")
+    p.add_argument("--models", default="eventgpt,videollava", help="which models to time")
+    return p
+
+
+def _timed(fn, repeats: int, device) -> tuple[float, Any]:
+    """Median seconds of ``fn()`` over repeats (after one warm-up), and its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _inputs(kind: str) -> Any:
+    rng = np.random.default_rng(0)
+    if kind == "eventgpt":
+        return [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(5)]
+    return rng.integers(0, 255, (8, 240, 320, 3), dtype=np.uint8)
+
+
+def decode_ms_per_token(vlm, visual, new_tokens: int) -> float:
+    """Median ms of a 1-token forward over ``new_tokens`` steps after a prefill."""
+    state = vlm.prefill(visual, QUESTION)
+    token = int(state.logits.argmax())
+    times = []
+    for _ in range(new_tokens):
+        sync(vlm.device)
+        t0 = time.perf_counter()
+        logits = vlm.forward(state, [token])
+        token = int(logits[-1].argmax())  # the host needs the token, as in real decoding
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def verify_ratio(vlm, visual, k: int, repeats: int = 20) -> float:
+    """Cost of one k-token forward over one 1-token forward, on a cached prompt."""
+    state = vlm.prefill(visual, QUESTION)
+    base = state.length
+
+    def step(n):
+        vlm.truncate(state, base)
+        return vlm.forward(state, list(range(10, 10 + n)))
+
+    t1, _ = _timed(lambda: step(1), repeats, vlm.device)
+    tk, _ = _timed(lambda: step(k), repeats, vlm.device)
+    return tk / t1
+
+
+def measure_model(kind: str, vlm, args) -> dict[str, Any]:
+    """Stage and decode timings of one model."""
+    raw = _inputs(kind)
+    row: dict[str, Any] = {"model": kind, "quant": args.quant}
+    t_pre, pixels = _timed(lambda: vlm.preprocess(raw), args.repeats, vlm.device)
+    t_enc, visual = _timed(lambda: vlm.encode_pixels(pixels), args.repeats, vlm.device)
+    t_fill, state = _timed(lambda: vlm.prefill(visual, QUESTION), args.repeats, vlm.device)
+    row.update(visual_tokens=visual.num_tokens, prompt_tokens=state.prompt_length,
+               preprocess_ms=1000 * t_pre, vision_encode_ms=1000 * t_enc, prefill_ms=1000 * t_fill)
+    for mode in [m for m in args.decode_modes.split(",") if m]:
+        try:
+            if mode == "cuda_graph":
+                vlm.enable_cuda_graphs(state.prompt_length + args.new_tokens + 4 * (args.gamma + 1),
+                                       step_sizes=(1, args.gamma + 1))
+            row[f"decode_ms_per_token_{mode}"] = decode_ms_per_token(vlm, visual, args.new_tokens)
+            row[f"verify{args.gamma + 1}_over_decode1_{mode}"] = verify_ratio(vlm, visual, args.gamma + 1)
+        except Exception as exc:  # report, keep measuring the rest
+            row[f"decode_ms_per_token_{mode}"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            vlm.disable_cuda_graphs()
+    return row
+
+
+def hf_generate(vlm, cache: str, new_tokens: int) -> dict[str, Any]:
+    """HF ``generate`` on the target's own weights: ms per new token (prefill subtracted)."""
+    pixels = vlm.preprocess(_inputs("videollava"))
+    visual_tokens = vlm.encode_pixels(pixels).num_tokens
+    ids = torch.tensor([vlm.prompt_ids(QUESTION, visual_tokens)], device=vlm.device)
+    kwargs: dict[str, Any] = dict(input_ids=ids, pixel_values_videos=pixels, do_sample=False,
+                                  attention_mask=torch.ones_like(ids))
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+
+    def run(n):
+        return vlm.model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
+
+    try:
+        t1, _ = _timed(lambda: run(1), 2, vlm.device)
+        tn, out = _timed(lambda: run(new_tokens), 2, vlm.device)
+    except Exception as exc:
+        return {"model": f"videollava HF generate ({cache})", f"hf_{cache}": f"failed: {type(exc).__name__}: {exc}"[:160]}
+    return {"model": f"videollava HF generate ({cache} cache)", "generate_total_ms": 1000 * tn,
+            "decode_ms_per_token_hf": 1000 * (tn - t1) / (new_tokens - 1), "generated": int(out.shape[1] - ids.shape[1])}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("real_shape_benchmark needs a CUDA device")
+    started = time.perf_counter()
+    paths = write_real_shape_pair(args.models_dir)
+    print(f"checkpoints ready in {time.perf_counter() - started:.0f} s", flush=True)
+    rows = []
+    for kind in args.models.split(","):
+        vlm = load_vlm(kind, paths[kind], quant=args.quant, device="cuda")
+        with torch.no_grad():
+            rows.append(measure_model(kind, vlm, args))
+            print(rows[-1], flush=True)
+            if kind == "videollava":
+                for cache in [c for c in args.hf_generate.split(",") if c]:
+                    rows.append(hf_generate(vlm, cache, args.new_tokens))
+                    print(rows[-1], flush=True)
+        del vlm
+        torch.cuda.empty_cache()
+    info = {"device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(),
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "argv": argv, "rows": rows}
+    out = Path(args.output_dir)
+    atomic_write_json(out / f"results_{args.quant}.json", info)
+    table = markdown_table(rows, floatfmt=".2f")
+    atomic_write_text(out / f"RESULTS_{args.quant}.md",
+                      f"# Real-shape timings ({info['device']}, {info['date']}, {args.quant})\n\n"
+                      f"`python -m benchmark_inference.real_shape_benchmark {' '.join(argv)}`\n\n{table}\n")
+    print(table)
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -54,19 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("decoding")
     g.add_argument("--max_new_tokens", type=int, default=50, help="tokens generated per answer (default 50)")
     g.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
-    g.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph"], default="auto",
-                   help="auto: CUDA graphs on CUDA, eager on CPU (default auto)")
+    g.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
+                   help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "
+                        "(fastest steps, slower start) (default auto)")
     return parser
 
 
 def configure_decode(models, mode: str, max_length: int, gamma: int) -> str:
     """Turn on CUDA-graph decoding where asked for and possible; returns the mode used."""
-    use_graphs = mode == "cuda_graph" or (mode == "auto" and all(m.device.type == "cuda" for m in models))
-    if not use_graphs:
-        return "eager"
+    if mode == "auto":
+        mode = "cuda_graph" if all(m.device.type == "cuda" for m in models) else "eager"
+    if mode == "eager":
+        return mode
     for m in models:
-        m.enable_cuda_graphs(max_length, step_sizes=(1, gamma + 1))
-    return "cuda_graph"
+        m.enable_cuda_graphs(max_length, step_sizes=(1, gamma + 1), compile=mode == "compiled_graph")
+    return mode
 
 
 def speculative_sample(draft, target, sample, args) -> tuple[dict[str, Any], SpecResult]:

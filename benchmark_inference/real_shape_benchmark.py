@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="bf16", choices=["bf16", "fp16", "4bit", "8bit"], help="precision (default bf16)")
     p.add_argument("--models_dir", default="/tmp/real_shape_models", help="where the random 7B checkpoints are written")
     p.add_argument("--output_dir", default="results/real_shape", help="folder for results.json and RESULTS.md")
-    p.add_argument("--decode_modes", default="eager,cuda_graph", help="comma list of eager,cuda_graph")
+    p.add_argument("--decode_modes", default="eager,cuda_graph,compiled_graph",
+                   help="comma list of eager, cuda_graph, compiled_graph (torch.compile + CUDA graph)")
     p.add_argument("--hf_generate", default="dynamic,static", help="comma list of HF generate caches to time ('' = none)")
     p.add_argument("--new_tokens", type=int, default=50, help="tokens per decode measurement (default 50)")
     p.add_argument("--gamma", type=int, default=5, help="verify step = gamma + 1 tokens (default 5)")
@@ -106,9 +107,11 @@ def measure_model(kind: str, vlm, args) -> dict[str, Any]:
                preprocess_ms=1000 * t_pre, vision_encode_ms=1000 * t_enc, prefill_ms=1000 * t_fill)
     for mode in [m for m in args.decode_modes.split(",") if m]:
         try:
-            if mode == "cuda_graph":
+            if mode in ("cuda_graph", "compiled_graph"):
+                t0 = time.perf_counter()
                 vlm.enable_cuda_graphs(state.prompt_length + args.new_tokens + 4 * (args.gamma + 1),
-                                       step_sizes=(1, args.gamma + 1))
+                                       step_sizes=(1, args.gamma + 1), compile=mode == "compiled_graph")
+                row[f"capture_s_{mode}"] = time.perf_counter() - t0
             row[f"decode_ms_per_token_{mode}"] = decode_ms_per_token(vlm, visual, args.new_tokens)
             row[f"verify{args.gamma + 1}_over_decode1_{mode}"] = verify_ratio(vlm, visual, args.gamma + 1)
         except Exception as exc:  # report, keep measuring the rest

@@ -90,17 +90,18 @@ class VisionLanguageModel(ABC):
         self.graphs: CudaGraphDecoder | None = None
 
     # ----- fast decode -----
-    def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,)) -> None:
+    def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,), compile: bool = False) -> None:
         """Decode with a static KV cache of ``max_length`` positions and CUDA-graph replays.
 
         ``step_sizes`` are the token counts captured (1 for decoding, gamma + 1 for verification;
-        smaller steps are padded up). Prefill stays eager. Only one decoding state of this
+        smaller steps are padded up); ``compile`` runs the step through ``torch.compile`` before
+        capture (fused element-wise kernels; slower start). Prefill stays eager. Only one decoding state of this
         model is live at a time (each prefill reuses the static cache).
         """
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (use eager decoding on CPU)")
         cache = self.runner.new_cache(max_length, self.dtype, self.device)
-        self.graphs = CudaGraphDecoder(self.runner, cache, step_sizes)
+        self.graphs = CudaGraphDecoder(self.runner, cache, step_sizes, compile=compile)
         self.graphs.capture_all()
 
     def disable_cuda_graphs(self) -> None:

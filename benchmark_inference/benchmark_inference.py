@@ -27,11 +27,11 @@ from tqdm import tqdm
 from common.cli import add_common_args, set_seed, shard
 from common.data import ClipDataset
 from common.defaults import resolve_dataset_dir
+from common.drafters import add_drafter_args, drafter_factory
 from common.errors import DataError
 from common.pipeline import (
     STAGE_NAMES,
     STAGES,
-    eventgpt_drafter,
     load_pair,
     prefill_sample,
     run_model,
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {STAGE}.{STAGE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_drafter_args(parser)
     g = parser.add_argument_group("decoding")
     g.add_argument("--max_new_tokens", type=int, default=50, help="tokens generated per answer (default 50)")
     g.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
@@ -71,12 +72,12 @@ def configure_decode(models, mode: str, max_length: int, gamma: int) -> str:
     return mode
 
 
-def speculative_sample(draft, target, sample, args) -> tuple[dict[str, Any], SpecResult]:
-    """Target + EventGPT draft prefilled afresh, then the speculative loop; times are end to end."""
+def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult]:
+    """Target + draft prefilled afresh, then the speculative loop; times are end to end."""
     start = time.perf_counter()
     tgt = prefill_sample(target, sample)
-    drf = prefill_sample(draft, sample)
-    drafter = eventgpt_drafter(draft, drf.state, target)
+    drf = prefill_sample(draft, sample, hidden_layers=make_drafter.hidden_layers)
+    drafter = make_drafter(draft, drf.state, target)
     result = speculative_generate(target, tgt.state, drafter, max_new_tokens=args.max_new_tokens,
                                   gamma=args.gamma, sync=lambda: sync(target.device))
     sync(target.device)
@@ -98,7 +99,7 @@ def speculative_sample(draft, target, sample, args) -> tuple[dict[str, Any], Spe
     return fields, result
 
 
-def process_sample(draft, target, sample, args) -> tuple[dict[str, Any], SpecResult]:
+def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult]:
     """Everything measured for one sample."""
     record: dict[str, Any] = {
         "id": sample.id, "split": sample.split, "query": sample.question,
@@ -109,7 +110,7 @@ def process_sample(draft, target, sample, args) -> tuple[dict[str, Any], SpecRes
     record.update(run_model(target, sample, "videollava", args.max_new_tokens))
     in_target_vocab = target.tokenize(record["egpt"])  # the draft's text in the target's tokenizer
     record.update(token_match_rate(in_target_vocab, record["videollava_token_ids"]))
-    sd_fields, result = speculative_sample(draft, target, sample, args)
+    sd_fields, result = speculative_sample(draft, target, sample, args, make_drafter)
     record.update(sd_fields)
     record["sd_identical"] = record["sd_token_ids"] == record["videollava_token_ids"]
     return record, result
@@ -177,7 +178,7 @@ def render_markdown(stats: dict[str, Any], argv: list[str], run_path) -> str:
         {"metric": "decode-phase speedup, measured", "value": stats["sd_decode_speedup_measured"]},
         {"metric": "decode-phase speedup, Leviathan prediction", "value": stats["sd_speedup_predicted"]},
     ]
-    lines += [f"## Speculative decoding (gamma {stats['gamma']}, sequential, EventGPT drafts)", "",
+    lines += [f"## Speculative decoding (gamma {stats['gamma']}, sequential, drafter {stats.get('drafter')})", "",
               markdown_table(spec, floatfmt=".3f"), "",
               "The prediction uses the measured per-token acceptance and the measured cost ratio; "
               "the measured speedups are wall clock on this run.", ""]
@@ -198,18 +199,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run.write_config(args, argv)
     draft, target = load_pair(args, dataset_dir)
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma)
+    make_drafter = drafter_factory(args, device=target.device)
     log.info("run folder %s; decode mode %s; %d samples", run.path, mode, len(samples))
     done = run.finished_ids()
     todo = [s for s in samples if s.id not in done]
     with torch.no_grad():
         for _ in range(args.warmup_steps if todo else 0):
             try:
-                process_sample(draft, target, todo[0], args)
+                process_sample(draft, target, todo[0], args, make_drafter)
             except DataError:
                 break
         for sample in tqdm(todo, desc=STAGE, unit="sample"):
             try:
-                record, _ = process_sample(draft, target, sample, args)
+                record, _ = process_sample(draft, target, sample, args, make_drafter)
             except DataError as exc:
                 log.warning("skipping %s: %s", sample.id, exc)
                 record = {"id": sample.id, "split": sample.split, "query": sample.question, "error": str(exc)}
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     records = [r for r in run.load_records() if r["id"] in {s.id for s in samples}]
     stats = compute_statistics(records, args.gamma)
     stats["decode_mode"] = mode
+    stats["drafter"] = make_drafter.kind
     run.write_results(records, stats)
     run.write_markdown(render_markdown(stats, argv, run.path))
     if stats["num_samples"]:

@@ -16,8 +16,8 @@ import torch
 from common.data import default_frame_cache
 from common.defaults import resolve_model_paths
 from common.models.loader import load_vlm
-from common.speculative import ModelDrafter, autoregressive_generate
-from common.timing import StageTimer, sync
+from common.speculative import autoregressive_generate
+from common.timing import Clock, sync
 from common.vlm import DecodeState, VisionLanguageModel
 
 STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
@@ -43,20 +43,26 @@ def load_pair(args: argparse.Namespace, dataset_dir) -> tuple[VisionLanguageMode
     return draft, target
 
 
-def prefill_sample(vlm: VisionLanguageModel, sample: Any, question: str | None = None,
-                   hidden_layers=()) -> Prefilled:
-    """Stages 1-4 for one model, each timed with device synchronisation."""
-    timer = StageTimer(vlm.device)
+def prefill_sample(vlm: VisionLanguageModel, sample: Any, question: str | None = None, hidden_layers=(),
+                   clock: Clock | None = None, lane: str | None = None, stream: Any = None) -> Prefilled:
+    """Stages 1-4 for one model, each timed on ``clock``'s timeline.
+
+    Timers synchronise ``stream`` when given (so a concurrent model on another stream keeps
+    running), else the whole device.
+    """
+    clock = clock or Clock()
+    lane = lane or vlm.name
+    spans = {}
     with torch.no_grad():
-        with timer.stage("stage1"):
+        with clock.span("stage1", lane, stream=stream, device=vlm.device) as spans["stage1"]:
             raw = vlm.load_visual(sample)
-        with timer.stage("stage2"):
+        with clock.span("stage2", lane, stream=stream, device=vlm.device) as spans["stage2"]:
             pixels = vlm.preprocess(raw)
-        with timer.stage("stage3"):
+        with clock.span("stage3", lane, stream=stream, device=vlm.device) as spans["stage3"]:
             visual = vlm.encode_pixels(pixels)
-        with timer.stage("stage4"):
+        with clock.span("stage4", lane, stream=stream, device=vlm.device) as spans["stage4"]:
             state = vlm.prefill(visual, question or sample.question, hidden_layers=hidden_layers)
-    return Prefilled(state, dict(timer.times))
+    return Prefilled(state, {k: v["end"] - v["start"] for k, v in spans.items()})
 
 
 def run_model(vlm: VisionLanguageModel, sample: Any, prefix: str, max_new_tokens: int) -> dict[str, Any]:
@@ -71,13 +77,6 @@ def run_model(vlm: VisionLanguageModel, sample: Any, prefix: str, max_new_tokens
     record[f"{prefix}_num_tokens"] = len(gen.tokens)
     record[f"{prefix}_decode_ms_per_token"] = 1000 * gen.seconds / max(gen.steps, 1)
     return record
-
-
-def eventgpt_drafter(draft: VisionLanguageModel, state: DecodeState, target: VisionLanguageModel) -> ModelDrafter:
-    """The raw EventGPT drafter: its greedy tokens, restricted to the shared base vocabulary."""
-    return ModelDrafter(draft, state, vocab_limit=min(draft.base_vocab_size, target.base_vocab_size),
-                        target_vocab_size=target.vocab_size, name="eventgpt",
-                        sync=lambda: sync(draft.device))
 
 
 def token_match_rate(draft_ids: list[int], target_ids: list[int]) -> dict[str, float | int]:

@@ -37,6 +37,13 @@ def sync(device: DeviceLike = None) -> None:
         torch.cuda.synchronize(dev)
 
 
+def sync_current_stream(device: DeviceLike = None) -> None:
+    """Wait for the calling thread's current CUDA stream only (other streams keep running); no-op on CPU."""
+    dev = _as_device(device)
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
+
+
 class Timer:
     """Wall-clock timer that synchronises ``device`` before start and before stop.
 

@@ -42,11 +42,11 @@ def test_resumes_after_interruption(tiny_models_dir, tiny_dataset, tmp_path, mon
     real = bi.process_sample
     calls = []
 
-    def interrupted(draft, target, sample, args):
+    def interrupted(draft, target, sample, args, make_drafter):
         calls.append(sample.id)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(draft, target, sample, args)
+        return real(draft, target, sample, args, make_drafter)
 
     monkeypatch.setattr(bi, "process_sample", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,223 @@
+"""Draft and target together: real concurrent prefill, free draft tokens, lossless speculation.
+
+    python -m benchmark_parallel_prefill.benchmark_parallel_prefill [--dataset_dir D --eventgpt_path P
+        --videollava_path P --gamma 5 --quant 4bit --max_samples N --max_new_tokens 50
+        --draft_device cuda:1 --target_device cuda:0 --output_dir O --task_name T]
+
+Per sample: the target alone (same engine, same run: stages 1-4 + greedy decode), then both
+models at once: the target prefills on its own stream/thread (or GPU) while EventGPT
+prefills and decodes free tokens until the target's prefill completes; then the speculative
+loop verifies the free tokens first. Records the measured overlap window, free and accepted
+tokens, each model's stage times in the concurrent run, the target's prefill slowdown from
+sharing the device, and whether the text equals the target's own (it must).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common.cli import add_common_args, set_seed, shard
+from common.data import ClipDataset, default_frame_cache
+from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.drafters import add_drafter_args, drafter_factory
+from common.errors import DataError
+from common.models.loader import load_vlm
+from common.parallel import run_parallel, timed
+from common.pipeline import STAGES, prefill_sample
+from common.plots import plot_speedup_vs_acceptance, plot_timelines
+from common.results import RunFolder, markdown_table, summarize
+from common.speculative import aggregate_metrics, autoregressive_generate, predicted_speedup
+from common.timing import sync
+
+STAGE = "benchmark_parallel_prefill"
+log = logging.getLogger(STAGE)
+TIMELINE_SAMPLES = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {STAGE}.{STAGE}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    g = parser.add_argument_group("parallel decoding")
+    g.add_argument("--max_new_tokens", type=int, default=50, help="tokens per answer (default 50)")
+    g.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
+    g.add_argument("--max_free_tokens", type=int, default=64,
+                   help="cap on tokens drafted during the target's prefill (default 64)")
+    g.add_argument("--draft_device", default=None, help="device of EventGPT (default: --device)")
+    g.add_argument("--target_device", default=None, help="device of Video-LLaVA (default: --device)")
+    g.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
+                   help="auto: CUDA graphs on CUDA, eager on CPU (default auto)")
+    add_drafter_args(parser)
+    return parser
+
+
+def target_alone(target, sample, max_new_tokens: int) -> tuple[float, list[int], dict[str, float]]:
+    """The baseline: stages 1-4 and greedy decoding of the target by itself."""
+    def run():
+        pre = prefill_sample(target, sample)
+        gen = autoregressive_generate(target, pre.state, max_new_tokens=max_new_tokens,
+                                      sync=lambda: sync(target.device))
+        return pre, gen
+
+    seconds, (pre, gen) = timed(run, target.device)
+    return seconds, list(gen.tokens), pre.times
+
+
+def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], list[dict]]:
+    """Target alone, then the concurrent run, for one sample."""
+    alone_s, alone_tokens, alone_stages = target_alone(target, sample, args.max_new_tokens)
+    out = run_parallel(draft, target, sample, make_drafter, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
+                       max_free_tokens=args.max_free_tokens)
+    res = out.result
+    record: dict[str, Any] = {
+        "id": sample.id, "split": sample.split, "query": sample.question,
+        "event_data": str(sample.event_path) if sample.event_path else None,
+        "video_data": str(sample.video_path or sample.frames_dir),
+        "videollava": target.decode_text(alone_tokens), "videollava_token_ids": alone_tokens,
+        "videollava_time": alone_s,
+        "parallel_videollava": target.decode_text(res.tokens), "parallel_token_ids": list(res.tokens),
+        "parallel_time": out.wall_seconds, "identical": list(res.tokens) == alone_tokens,
+        "speedup": alone_s / out.wall_seconds,
+        "overlap_window_ms": 1000 * out.overlap_window, "free_draft_tokens": len(out.free_tokens),
+        "accepted_free_tokens": out.accepted_free_tokens,
+        "acceptance_rate": res.acceptance_rate, "mean_accepted_length": res.mean_accepted_length,
+        "token_acceptance_probability": res.token_acceptance_probability,
+        "iterations": [list(i) for i in res.iterations], "draft_seconds": res.draft_seconds,
+        "verify_seconds": res.verify_seconds, "target_forwards": res.target_forwards,
+        "speculative_decode_time": out.timings["speculative_seconds"],
+        "target_prefill_end_ms": 1000 * out.target_prefill_end, "draft_prefill_end_ms": 1000 * out.draft_prefill_end,
+    }
+    for stage in STAGES[:4]:
+        record[f"videollava_{stage}_time"] = out.target.times[stage]
+        record[f"egpt_{stage}_time"] = out.draft.times[stage]
+        record[f"videollava_alone_{stage}_time"] = alone_stages[stage]
+    record["target_prefill_slowdown"] = out.target.times["stage4"] / alone_stages["stage4"]
+    return record, out.intervals
+
+
+def compute_statistics(records: list[dict[str, Any]], gamma: int, cost_ratio: float | None) -> dict[str, Any]:
+    """Rates, means and the measured vs predicted speedup."""
+    ok = [r for r in records if "error" not in r]
+    stats: dict[str, Any] = {"num_samples": len(ok), "num_failed": len(records) - len(ok), "gamma": gamma}
+    if not ok:
+        return stats
+    stats["lossless_rate"] = sum(r["identical"] for r in ok) / len(ok)
+    stats["speedup_measured"] = sum(r["videollava_time"] for r in ok) / sum(r["parallel_time"] for r in ok)
+    for key in ("overlap_window_ms", "free_draft_tokens", "accepted_free_tokens", "acceptance_rate",
+                "mean_accepted_length", "target_prefill_slowdown", "speedup"):
+        summary = summarize(r[key] for r in ok)
+        stats[f"{key}_avg"], stats[f"{key}_std"] = summary["mean"], summary["std"]
+    from benchmark_inference.benchmark_inference import _spec_from_record  # noqa: PLC0415
+
+    pooled = aggregate_metrics([_spec_from_record({
+        "sd_token_ids": r["parallel_token_ids"], "sd_iterations": r["iterations"],
+        "sd_draft_seconds": r["draft_seconds"], "sd_verify_seconds": r["verify_seconds"],
+        "sd_decode_time": r["speculative_decode_time"], "sd_target_forwards": r["target_forwards"],
+        "sd_draft_steps": None}) for r in ok])
+    stats["pooled"] = pooled
+    a = pooled.get("token_acceptance_probability")
+    stats["cost_ratio_c"] = cost_ratio
+    stats["speedup_predicted"] = (predicted_speedup(a, gamma, cost_ratio)
+                                  if a is not None and cost_ratio is not None else None)
+    for model in ("egpt", "videollava"):
+        for stage in STAGES[:4]:
+            stats[f"{model}_{stage}_time_avg"] = summarize(r[f"{model}_{stage}_time"] for r in ok)["mean"]
+    return stats
+
+
+def measure_cost_ratio(draft, target, sample, make_drafter, steps: int = 8) -> float:
+    """c = draft step seconds / target step seconds, measured on this sample (1-token steps)."""
+    def per_step(vlm):
+        state = prefill_sample(vlm, sample).state
+        seconds, _ = timed(lambda: [vlm.forward(state, [5]) for _ in range(steps)], vlm.device)
+        return seconds / steps
+
+    return per_step(draft) / per_step(target)
+
+
+def render_markdown(stats: dict[str, Any], argv: list[str], name: str, drafter: str) -> str:
+    lines = [f"# benchmark_parallel_prefill: {name}", "", f"Command: `python -m {STAGE}.{STAGE} {' '.join(argv)}`",
+             "", f"Drafter: {drafter}. Samples: {stats['num_samples']} (failed: {stats['num_failed']})", ""]
+    if not stats["num_samples"]:
+        return "\n".join(lines)
+    rows = [{"metric": k, "value": stats.get(k)} for k in (
+        "lossless_rate", "speedup_measured", "speedup_predicted", "cost_ratio_c", "overlap_window_ms_avg",
+        "free_draft_tokens_avg", "accepted_free_tokens_avg", "acceptance_rate_avg", "mean_accepted_length_avg",
+        "target_prefill_slowdown_avg")]
+    lines += [markdown_table(rows, floatfmt=".3f"), "",
+              "speedup_measured = target-alone wall time / concurrent speculative wall time, summed over "
+              "samples, both measured in this run. speedup_predicted is Leviathan's decode-phase formula "
+              "from the measured acceptance and cost ratio (it ignores the prefill overlap).", "",
+              "Timeline: timeline.png (both models' stages on one axis); speedup_vs_acceptance.png.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    set_seed(args.seed)
+    dataset_dir = resolve_dataset_dir(args.dataset_dir)
+    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
+                          allow_pickle=args.allow_pickle)
+    samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
+    run = RunFolder.create(STAGE, args.task_name or "parallel", args.output_dir, resume=args.resume)
+    run.write_config(args, argv)
+    egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
+    draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=args.draft_device or args.device,
+                     allow_pickle=args.allow_pickle)
+    target = load_vlm("videollava", vllava_path, quant=args.quant, device=args.target_device or args.device,
+                      frame_cache=default_frame_cache(dataset_dir))
+    from benchmark_inference.benchmark_inference import configure_decode  # noqa: PLC0415
+
+    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma)
+    make_drafter = drafter_factory(args, device=target.device)
+    done = run.finished_ids()
+    todo = [s for s in samples if s.id not in done]
+    timelines: list[tuple[str, list[dict]]] = []
+    cost_ratio = None
+    with torch.no_grad():
+        if todo:
+            for _ in range(args.warmup_steps):
+                process_sample(draft, target, todo[0], args, make_drafter)
+            cost_ratio = measure_cost_ratio(draft, target, todo[0], make_drafter)
+        for sample in tqdm(todo, desc=STAGE, unit="sample"):
+            try:
+                record, intervals = process_sample(draft, target, sample, args, make_drafter)
+                if len(timelines) < TIMELINE_SAMPLES:
+                    timelines.append((sample.id, intervals))
+                    record["timeline"] = intervals
+            except DataError as exc:
+                log.warning("skipping %s: %s", sample.id, exc)
+                record = {"id": sample.id, "split": sample.split, "query": sample.question, "error": str(exc)}
+            run.append_record(record)
+    records = [r for r in run.load_records() if r["id"] in {s.id for s in samples}]
+    if cost_ratio is None:
+        cost_ratio = next((r.get("cost_ratio_c") for r in records if "cost_ratio_c" in r), None)
+    stats = compute_statistics(records, args.gamma, cost_ratio)
+    stats.update(decode_mode=mode, drafter=make_drafter.kind, draft_device=str(draft.device),
+                 target_device=str(target.device))
+    run.write_results(records, stats)
+    run.write_markdown(render_markdown(stats, argv, run.path.name, make_drafter.kind))
+    timelines = timelines or [(r["id"], r["timeline"]) for r in records if "timeline" in r][:TIMELINE_SAMPLES]
+    if timelines:
+        plot_timelines([t for _, t in timelines], run.path / "timeline.png", titles=[i for i, _ in timelines])
+    ok = [r for r in records if "error" not in r]
+    if ok and cost_ratio is not None:
+        points = [{"acceptance": r["token_acceptance_probability"] or 0.0, "speedup": r["speedup"]} for r in ok]
+        plot_speedup_vs_acceptance(points, run.path / "speedup_vs_acceptance.png", gamma=args.gamma,
+                                   cost_ratio=cost_ratio)
+    run.mark_done()
+    log.info("results: %s", run.path / "RESULTS.md")
+    return {"run_dir": str(run.path), "statistics": stats}
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,79 @@
+"""Drafter choice shared by the benchmarks: raw EventGPT, TokenAdapter or a hidden-state adapter.
+
+Every drafter implements ``propose(context, gamma)`` (common.speculative.Drafter) and is
+built per sample from the draft model's fresh prefill; the target verifies every proposal,
+so all of them are lossless.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from common.speculative import Drafter, ModelDrafter
+from common.timing import sync_current_stream
+
+DRAFTER_CHOICES = ("eventgpt", "token_adapter", "hidden_adapter")
+
+
+def add_drafter_args(parser: argparse.ArgumentParser) -> None:
+    """``--drafter`` plus the adapter flags the issues name."""
+    g = parser.add_argument_group("drafter")
+    g.add_argument("--drafter", choices=DRAFTER_CHOICES, default=None,
+                   help="what proposes tokens: raw EventGPT greedy tokens (default), the TokenAdapter, "
+                        "or a hidden-state adapter through the target's LM head")
+    g.add_argument("--use_token_adapter", action="store_true",
+                   help="same as --drafter token_adapter")
+    g.add_argument("--token_adapter_path", default=None,
+                   help="TokenAdapter checkpoint or run folder (default: the latest under token_alignment/task)")
+    g.add_argument("--hidden_adapter", default=None,
+                   help="hidden-state adapter checkpoint (L1-L5); implies --drafter hidden_adapter")
+
+
+@dataclass
+class DrafterFactory:
+    """Builds the chosen drafter for one sample; ``hidden_layers`` tells the draft's prefill what to keep."""
+
+    kind: str
+    adapter: Any = None
+    hidden_layers: list[int] = field(default_factory=list)
+
+    def __call__(self, draft: Any, draft_state: Any, target: Any) -> Drafter:
+        limit = min(draft.base_vocab_size, target.base_vocab_size)
+        draft_sync = partial(sync_current_stream, draft.device)
+        if self.kind == "token_adapter":
+            from token_alignment.drafter import load_token_adapter_drafter
+
+            return load_token_adapter_drafter(self.adapter, draft, draft_state, limit, sync=draft_sync,
+                                              stop_token_ids=[target.eos_token_id])
+        if self.kind == "hidden_adapter":
+            from feature_alignment.drafter import load_hidden_adapter_drafter
+
+            return load_hidden_adapter_drafter(self.adapter, draft, draft_state, target, sync=draft_sync)
+        return ModelDrafter(draft, draft_state, vocab_limit=limit, target_vocab_size=target.vocab_size,
+                            name="eventgpt", sync=draft_sync)
+
+
+def drafter_factory(args: argparse.Namespace, device: Any = "cpu") -> DrafterFactory:
+    """Resolve the drafter flags (loading an adapter once) into a per-sample factory."""
+    kind = args.drafter or ("hidden_adapter" if args.hidden_adapter else
+                            "token_adapter" if args.use_token_adapter else "eventgpt")
+    if kind == "token_adapter":
+        from token_alignment.drafter import find_latest_adapter, load_token_adapter
+
+        path = args.token_adapter_path or find_latest_adapter()
+        if path is None:
+            raise SystemExit("no TokenAdapter found under token_alignment/task: train one "
+                             "(python -m token_alignment.train_and_evaluate) or pass --token_adapter_path")
+        return DrafterFactory(kind, adapter=load_token_adapter(path, device))
+    if kind == "hidden_adapter":
+        if not args.hidden_adapter:
+            raise SystemExit("--drafter hidden_adapter needs --hidden_adapter PATH (an L1-L5 checkpoint)")
+        from feature_alignment.drafter import adapter_input_layers
+        from feature_alignment.hidden_adapter import load_any_adapter
+
+        adapter = load_any_adapter(args.hidden_adapter, device)
+        return DrafterFactory(kind, adapter=adapter, hidden_layers=adapter_input_layers(adapter))
+    return DrafterFactory(kind)

@@ -8,6 +8,8 @@ Stages (synchronised timers): 1 data load, 2 preprocess, 3 vision encode, 4 LLM 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +79,47 @@ def run_model(vlm: VisionLanguageModel, sample: Any, prefix: str, max_new_tokens
     record[f"{prefix}_num_tokens"] = len(gen.tokens)
     record[f"{prefix}_decode_ms_per_token"] = 1000 * gen.seconds / max(gen.steps, 1)
     return record
+
+
+def add_decode_args(group) -> None:
+    """``--decode_mode`` and ``--lossless_reference`` (shared by the benchmarks)."""
+    group.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
+                       help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "
+                            "(slower start) (default auto)")
+    group.add_argument("--lossless_reference", choices=["fixed_step", "fastest"], default="fixed_step",
+                       help="with CUDA graphs, run the target's reference decode and its speculative verification "
+                            "through the same padded (gamma+1)-token step so they agree bitwise in bf16/4-bit "
+                            "(fixed_step, default), or compare against the fastest 1-token decode (fastest). "
+                            "The baseline is always timed with the fastest decode.")
+
+
+def configure_decode(models, mode: str, max_length: int, gamma: int) -> str:
+    """Turn on CUDA-graph decoding where asked for and possible; returns the mode used."""
+    if mode == "auto":
+        mode = "cuda_graph" if all(m.device.type == "cuda" for m in models) else "eager"
+    if mode == "eager":
+        return mode
+    for m in models:
+        m.enable_cuda_graphs(max_length, step_sizes=(1, gamma + 1), compile=mode == "compiled_graph")
+    return mode
+
+
+@contextmanager
+def lossless_numerics(target: VisionLanguageModel, args: argparse.Namespace) -> Iterator[int | None]:
+    """Within the block the target runs fixed (gamma+1)-token steps, when graphs allow; yields the step or None."""
+    step = args.gamma + 1 if target.graphs is not None and args.lossless_reference == "fixed_step" else None
+    previous = target.fixed_step
+    target.use_fixed_step(step)
+    try:
+        yield step
+    finally:
+        target.use_fixed_step(previous)
+
+
+def reference_tokens(target: VisionLanguageModel, sample: Any, max_new_tokens: int) -> list[int]:
+    """The target's own greedy output under its current numerics (untimed)."""
+    state = prefill_sample(target, sample).state
+    return list(autoregressive_generate(target, state, max_new_tokens=max_new_tokens).tokens)
 
 
 def token_match_rate(draft_ids: list[int], target_ids: list[int]) -> dict[str, float | int]:

@@ -88,21 +88,36 @@ class VisionLanguageModel(ABC):
         self.base_vocab_size = int(base_vocab_size)
         self.decode_room = DEFAULT_DECODE_ROOM
         self.graphs: CudaGraphDecoder | None = None
+        self.fixed_step: int | None = None
 
     # ----- fast decode -----
-    def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,), compile: bool = False) -> None:
+    def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,), compile: bool = False,
+                           fixed_step: int | None = None) -> None:
         """Decode with a static KV cache of ``max_length`` positions and CUDA-graph replays.
 
         ``step_sizes`` are the token counts captured (1 for decoding, gamma + 1 for verification;
         smaller steps are padded up); ``compile`` runs the step through ``torch.compile`` before
-        capture (fused element-wise kernels; slower start). Prefill stays eager. Only one decoding state of this
+        capture (fused element-wise kernels; slower start). ``fixed_step`` makes every forward
+        run as padded steps of exactly that many tokens (see ``use_fixed_step``). Prefill stays eager. Only one decoding state of this
         model is live at a time (each prefill reuses the static cache).
         """
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (use eager decoding on CPU)")
         cache = self.runner.new_cache(max_length, self.dtype, self.device)
-        self.graphs = CudaGraphDecoder(self.runner, cache, step_sizes, compile=compile)
+        sizes = sorted({*step_sizes, *([fixed_step] if fixed_step else [])})
+        self.graphs = CudaGraphDecoder(self.runner, cache, sizes, compile=compile)
         self.graphs.capture_all()
+        self.fixed_step = fixed_step
+
+    def use_fixed_step(self, size: int | None) -> None:
+        """Route every decode/verify forward through padded ``size``-token graph steps (None: fastest fit).
+
+        With a fixed step, the target's plain greedy output and its speculative output go through
+        identical kernels, so they agree bitwise in bf16/4-bit too; see ``CudaGraphDecoder.step_fixed``.
+        """
+        if size is not None and (self.graphs is None or size not in self.graphs.sizes):
+            raise ValueError(f"fixed step {size} needs enable_cuda_graphs with that step size")
+        self.fixed_step = size
 
     def disable_cuda_graphs(self) -> None:
         """Back to eager decoding with a fresh cache per prefill."""
@@ -195,8 +210,11 @@ class VisionLanguageModel(ABC):
             raise ValueError("forward needs at least one token")
         embeds = self.embed_tokens(ids)
         graphs = self.graphs
-        if (graphs is not None and not hidden_layers and state.cache is graphs.cache
-                and graphs.size_for(ids.numel()) is not None):
+        on_graph = graphs is not None and not hidden_layers and state.cache is graphs.cache
+        if on_graph and self.fixed_step and state.length + self.fixed_step * -(-ids.numel() // self.fixed_step) \
+                <= graphs.cache.capacity:
+            logits, hidden = graphs.step_fixed(embeds, self.fixed_step), {}
+        elif on_graph and graphs.size_for(ids.numel()) is not None:
             logits, hidden = graphs.step(embeds), {}
         else:
             logits, hidden = self.runner.run(embeds, state.cache, hidden_layers)

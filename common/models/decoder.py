@@ -237,12 +237,25 @@ class CudaGraphDecoder:
             if size not in self._graphs:
                 self._capture(size)
 
-    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+    def step_fixed(self, embeds: torch.Tensor, size: int) -> torch.Tensor:
+        """Run k tokens as consecutive padded steps of exactly ``size`` tokens.
+
+        Every token then goes through the same kernels whatever k is (bf16 GEMM and attention
+        kernels are shape dependent, so a 1-token and a 6-token forward can disagree in the last
+        bits and flip a near-tie argmax). Rows are computed independently, so a token's logits
+        do not depend on where in a step it sits: decoding and verification agree bitwise.
+        """
+        return torch.cat([self.step(embeds[i:i + size], size=size) for i in range(0, embeds.shape[0], size)])
+
+    def step(self, embeds: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """Append k token embeddings (k, H) and return float32 logits (k, V) by graph replay."""
         if self.cache.keys.data_ptr() != self._key_ptr:
             raise RuntimeError("the KV cache was reallocated after graph capture")
         k = embeds.shape[0]
-        size = self.size_for(k)
+        if size is None:
+            size = self.size_for(k)
+        elif k > size or self.cache.length + size > self.cache.capacity:
+            size = None
         if size is None:
             raise ValueError(f"no captured size serves {k} tokens at length {self.cache.length}")
         if size not in self._graphs:

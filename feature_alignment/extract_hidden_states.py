@@ -1,0 +1,421 @@
+"""Extract aligned hidden states of EventGPT (draft) and Video-LLaVA (target) for adapter training.
+
+    python -m feature_alignment.extract_hidden_states --dataset_dir D --split train \\
+        --max_questions 10 --output_dir feature_alignment/hidden/train [--layers -1,-2 \\
+        --chunk_size 1000 --batch_size 8 --max_new_tokens 50 --quant 4bit --device cuda]
+
+Pairs are aligned by a shared prefix, never by the index of two free-running outputs: first
+the target answers greedily (its own output, the one speculative decoding must reproduce),
+then both models are teacher-forced on the target's answer ids in batched padded passes, so
+row t of both models holds the state just before the same target token t. Target ids at or
+above the shared base vocabulary are fed to the draft as its unk token.
+
+Output (see ``feature_alignment/hidden_store.py``): one safetensors file per chunk (samples
+concatenated along positions, with offsets), ``index.json`` rewritten atomically after each
+chunk, and the target's LM head weight (``lm_head.safetensors``) once. A rerun resumes from
+the index (finished samples skipped, same deterministic order and batches); SIGTERM, SIGINT
+or SIGHUP finish the current batch, write what is buffered as a chunk and exit cleanly; a
+killed run loses at most the unfinished chunk. ``--num_chunks N --chunk_idx K`` (sharding for
+parallel jobs) writes into ``OUTPUT_DIR/part_KK_of_NN/``; readers merge the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
+from common.data import ClipDataset
+from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
+from common.errors import DataError
+from common.speculative import autoregressive_generate
+from feature_alignment.hidden_store import (
+    LM_HEAD_FILE,
+    LOCK_FILE,
+    SampleRecord,
+    chunk_name,
+    load_index,
+    new_index,
+    save_index,
+    save_lm_head,
+    write_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_ROOT = REPO_ROOT / "feature_alignment" / "hidden"
+# Config keys that must match to resume into an existing folder.
+RESUME_KEYS = ("dataset_dir", "split", "max_questions", "eventgpt_path", "videollava_path", "quant", "layers",
+               "max_new_tokens", "num_chunks", "chunk_idx")
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s)
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"-1,-2"`` -> [-1, -2] (hidden-state indices: 0 embeddings, i layer i, -1 final normed)."""
+    try:
+        layers = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--layers must be comma-separated integers, got {text!r}") from exc
+    if not layers or len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"--layers needs distinct layer indices, got {text!r}")
+    return layers
+
+
+def join_list_flags(argv: Sequence[str], flags: Sequence[str] = ("--layers",)) -> list[str]:
+    """``--layers -1,-2`` -> ``--layers=-1,-2`` (argparse would read ``-1,-2`` as an option)."""
+    out, items = [], list(argv)
+    i = 0
+    while i < len(items):
+        if items[i] in flags and i + 1 < len(items):
+            out.append(f"{items[i]}={items[i + 1]}")
+            i += 2
+        else:
+            out.append(items[i])
+            i += 1
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m feature_alignment.extract_hidden_states",
+                                description=__doc__.split("\n\n")[2].replace("\n", " "),
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_common_args(p)
+    g = p.add_argument_group("extraction")
+    g.add_argument("--chunk_size", type=int, default=1000,
+                   help="samples per chunk file (rounded up to whole batches). Default: 1000.")
+    g.add_argument("--layers", type=parse_layers, default=[-1, -2],
+                   help="hidden layers stored for both models, comma-separated (-1 = final normed state "
+                        "that feeds the LM head). Default: -1,-2.")
+    g.add_argument("--batch_size", type=int, default=8, help="samples per teacher-forced pass. Default: 8.")
+    g.add_argument("--max_new_tokens", type=int, default=50, help="length cap of the target's answer. Default: 50.")
+    return p
+
+
+# ----------------------------------------------------------------------------- the work
+
+def shared_vocab(draft: Any, target: Any) -> int:
+    """Ids below this mean the same token in both models."""
+    return min(int(draft.base_vocab_size), int(target.base_vocab_size))
+
+
+def draft_ids(ids: Sequence[int], limit: int, unk: int) -> list[int]:
+    """Target ids as the draft reads them: ids outside the shared base vocabulary become ``unk``."""
+    return [int(t) if 0 <= int(t) < limit else unk for t in ids]
+
+
+def draft_unk_id(draft: Any) -> int:
+    unk = getattr(draft.tokenizer, "unk_token_id", None)
+    return int(unk) if unk is not None else 0
+
+
+@torch.no_grad()
+def target_answers(target: Any, visuals: Sequence[Any], questions: Sequence[str], max_new_tokens: int,
+                   ) -> list[list[int]]:
+    """The target's own greedy answer ids, one sample at a time (prefill + KV-cached decode)."""
+    out = []
+    for visual, question in zip(visuals, questions, strict=True):
+        state = target.prefill(visual, question)
+        out.append(autoregressive_generate(target, state, max_new_tokens=max_new_tokens).tokens)
+    return out
+
+
+@torch.no_grad()
+def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Sequence[Any],
+                  target_visuals: Sequence[Any], questions: Sequence[str], layers: Sequence[int],
+                  max_new_tokens: int, stats: dict[str, Any] | None = None) -> list[SampleRecord]:
+    """Target answers greedily, then both models teacher-forced on them in one batched pass each."""
+    t0 = time.perf_counter()
+    answers = target_answers(target, target_visuals, questions, max_new_tokens)
+    t1 = time.perf_counter()
+    limit, unk = shared_vocab(draft, target), draft_unk_id(draft)
+    tf_target = target.teacher_forced(target_visuals, questions, answers, hidden_layers=layers, logits=False)
+    tf_draft = draft.teacher_forced(draft_visuals, questions, [draft_ids(a, limit, unk) for a in answers],
+                                    hidden_layers=layers, logits=False)
+    t2 = time.perf_counter()
+    if stats is not None:
+        stats["generate_seconds"] = stats.get("generate_seconds", 0.0) + (t1 - t0)
+        stats["teacher_forced_seconds"] = stats.get("teacher_forced_seconds", 0.0) + (t2 - t1)
+        final = next((layer for layer in layers if layer in (-1, target.num_layers)), None)
+        if final is not None:  # the target's teacher-forced final state must re-predict its own tokens
+            for i, answer in enumerate(answers):
+                pred = target.lm_head(tf_target.hidden[final][i]).float().argmax(-1).cpu().tolist()
+                stats["self_check_positions"] = stats.get("self_check_positions", 0) + len(pred)
+                stats["self_check_matches"] = stats.get("self_check_matches", 0) + sum(
+                    int(a == b) for a, b in zip(pred, answer))
+    records = []
+    for i, sid in enumerate(ids):
+        records.append(SampleRecord(
+            id=str(sid), target_ids=[int(t) for t in answers[i]],
+            draft={layer: tf_draft.hidden[layer][i].to("cpu", torch.float16) for layer in layers},
+            target={layer: tf_target.hidden[layer][i].to("cpu", torch.float16) for layer in layers}))
+    return records
+
+
+# ----------------------------------------------------------------------------- run control
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT/SIGHUP; the loop then finishes its batch, flushes the chunk and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.signal is not None and signum == getattr(signal, "SIGINT", None):
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+        log.warning("signal %s: finishing the current batch, writing the chunk, then exiting", signum)
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: run without handlers
+                pass
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(folder: Path) -> Path:
+    """Create ``extract.lock`` (pid, host); a stale lock of a dead local process is taken over."""
+    lock = folder / LOCK_FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid_text, lock_host = "?", ""
+            try:
+                pid_text, lock_host = (lock.read_text().split() + ["", ""])[:2]
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid = -1
+            if pid == os.getpid() or (lock_host == host and pid > 0 and not _pid_alive(pid)):
+                lock.unlink(missing_ok=True)
+                continue
+            raise RuntimeError(f"{lock}: another extraction (pid {pid_text} on {lock_host or '?'}) is writing this "
+                               "folder; wait for it, or delete the lock if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        return lock
+    raise RuntimeError(f"{lock}: could not take the extraction lock")
+
+
+def load_models(args: argparse.Namespace, egpt_path: Path, vl_path: Path, device: torch.device, quant: str):
+    """(draft, target) behind the uniform interface."""
+    from common.models.loader import load_vlm
+
+    draft = load_vlm("eventgpt", egpt_path, quant=quant, device=device, allow_pickle=args.allow_pickle)
+    target = load_vlm("videollava", vl_path, quant=quant, device=device)
+    return draft, target
+
+
+def _resolve_split(dataset_dir: Path, split: str | None) -> str:
+    if split:
+        return split
+    probe = ClipDataset(dataset_dir, split=None)
+    splits = sorted({str(e.get("split")) for e in probe.entries})
+    if len(splits) != 1:
+        raise DataError(f"{dataset_dir}: holds splits {splits}; pick one with --split")
+    return splits[0]
+
+
+def output_folder(args: argparse.Namespace, split: str) -> tuple[Path, Path]:
+    """(root, folder): the shard folder is below the root when --num_chunks > 1."""
+    root = Path(args.output_dir) if args.output_dir else DEFAULT_OUTPUT_ROOT / split
+    if args.num_chunks > 1:
+        return root, root / f"part_{args.chunk_idx:02d}_of_{args.num_chunks:02d}"
+    return root, root
+
+
+def run_config(args: argparse.Namespace, dataset_dir: Path, split: str, egpt_path: Path, vl_path: Path,
+               quant: str) -> dict[str, Any]:
+    return {
+        "dataset_dir": str(dataset_dir.resolve()), "split": split, "max_questions": args.max_questions,
+        "eventgpt_path": str(egpt_path.resolve()) if egpt_path.exists() else str(egpt_path),
+        "videollava_path": str(vl_path.resolve()) if vl_path.exists() else str(vl_path),
+        "quant": quant, "layers": list(args.layers), "max_new_tokens": args.max_new_tokens,
+        "num_chunks": args.num_chunks, "chunk_idx": args.chunk_idx, "chunk_size": args.chunk_size,
+        "batch_size": args.batch_size, "max_samples": args.max_samples,
+        "alignment": "teacher-forced on the target's greedy answer ids; row t = state before target token t",
+    }
+
+
+def _check_resume(index: dict[str, Any], config: dict[str, Any], folder: Path) -> None:
+    old = index["config"]
+    diff = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+        raise ValueError(f"{folder / 'index.json'}: made with other settings ({shown}); use another "
+                         "--output_dir or delete that folder")
+
+
+def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) an extraction; returns a summary dict. ``models`` = (draft, target) already loaded."""
+    args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
+    if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
+        raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
+    set_seed(args.seed)
+    dataset_dir = resolve_dataset_dir(args.dataset_dir)
+    egpt_path, vl_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
+    device = resolve_device(args.device)
+    quant = resolve_quant(args)
+    split = _resolve_split(dataset_dir, args.split)
+    dataset = ClipDataset(dataset_dir, split=split, max_questions=args.max_questions,
+                          allow_pickle=args.allow_pickle)
+    planned = list(range(len(dataset)))
+    if args.max_samples is not None:
+        planned = planned[: args.max_samples]
+    planned = shard(planned, args.num_chunks, args.chunk_idx)
+    planned_ids = [dataset.samples[i].id for i in planned]
+    root, folder = output_folder(args, split)
+    config = run_config(args, dataset_dir, split, egpt_path, vl_path, quant)
+
+    lock = acquire_lock(folder)
+    stop = StopFlag()
+    stop.install()
+    try:
+        return _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path,
+                    stop, models)
+    finally:
+        stop.restore()
+        lock.unlink(missing_ok=True)
+
+
+def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
+         models) -> dict[str, Any]:
+    index = load_index(folder)
+    if index is None:
+        index = new_index(config, planned_ids)
+    else:
+        _check_resume(index, config, folder)
+        index["config"].update({k: config[k] for k in ("chunk_size", "batch_size", "max_samples")})
+    done = {s for c in index["chunks"] for s in c["sample_ids"]}
+    failed = {f["id"] for f in index["failed"]}
+    index["planned_samples"] = len(planned_ids)
+    todo = [(pos, i) for pos, i in enumerate(planned) if dataset.samples[i].id not in done | failed]
+    stats: dict[str, Any] = {}
+    start = time.perf_counter()
+    need_head = not (root / LM_HEAD_FILE).is_file()
+    if todo or need_head:
+        if models is None:
+            models = load_models(args, egpt_path, vl_path, device, quant)
+        draft, target = models
+        index["config"].update({
+            "draft_hidden_size": draft.hidden_size, "target_hidden_size": target.hidden_size,
+            "draft_num_layers": draft.num_layers, "target_num_layers": target.num_layers,
+            "draft_base_vocab_size": int(draft.base_vocab_size),
+            "target_base_vocab_size": int(target.base_vocab_size),
+            "shared_vocab_size": shared_vocab(draft, target), "target_vocab_size": target.vocab_size,
+            "target_eos_token_id": target.eos_token_id})
+        if need_head:
+            save_lm_head(root / LM_HEAD_FILE, target.lm_head.weight,
+                         {"base_vocab_size": int(target.base_vocab_size), "shared_vocab_size": shared_vocab(draft, target),
+                          "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
+                          "videollava_path": config["videollava_path"]})
+    save_index(folder, index)
+
+    # batches are fixed slices of the planned order, so a resumed run forms the same batches
+    batches: dict[int, list[int]] = {}
+    for pos, i in todo:
+        batches.setdefault(pos // args.batch_size, []).append(i)
+    buffer: list[SampleRecord] = []
+    written = 0
+    bar = tqdm(total=len(planned_ids), initial=len(planned_ids) - len(todo), unit="sample",
+               desc=f"extract {config['split']}", disable=None)
+
+    def flush() -> None:
+        nonlocal buffer, written
+        if not buffer:
+            return
+        name = chunk_name(len(index["chunks"]))
+        index["chunks"].append(write_chunk(folder / name, buffer, args.layers))
+        save_index(folder, index)
+        written += len(buffer)
+        buffer = []
+
+    visuals: dict[str, tuple[Any, Any]] = {}  # the current clip's encodings (its questions are consecutive)
+    try:
+        for members in batches.values():
+            samples, d_vis, t_vis = [], [], []
+            for i in members:
+                sample = dataset.samples[i]
+                try:
+                    sample = dataset[i]
+                    if sample.clip_id not in visuals:
+                        visuals.clear()
+                        visuals[sample.clip_id] = (draft.encode(sample), target.encode(sample))
+                    d_vis.append(visuals[sample.clip_id][0])
+                    t_vis.append(visuals[sample.clip_id][1])
+                    samples.append(sample)
+                except DataError as exc:
+                    index["failed"].append({"id": sample.id, "error": str(exc)})
+                    log.warning("skipping %s: %s", sample.id, exc)
+            if samples:
+                buffer.extend(extract_batch(draft, target, [s.id for s in samples], d_vis, t_vis,
+                                            [s.question for s in samples], args.layers, args.max_new_tokens,
+                                            stats))
+            bar.update(len(members))
+            if len(buffer) >= args.chunk_size or stop:
+                flush()
+            if stop:
+                break
+        flush()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
+    index["complete"] = all(s in finished for s in planned_ids)
+    run_stats = index.setdefault("stats", {})
+    for key in ("generate_seconds", "teacher_forced_seconds", "self_check_positions", "self_check_matches"):
+        run_stats[key] = run_stats.get(key, 0) + stats.get(key, 0)
+    run_stats["seconds"] = run_stats.get("seconds", 0.0) + seconds
+    if run_stats.get("self_check_positions"):
+        run_stats["self_check_rate"] = run_stats["self_check_matches"] / run_stats["self_check_positions"]
+    save_index(folder, index)
+    summary = {
+        "output_dir": str(folder), "root": str(root), "complete": index["complete"],
+        "interrupted": bool(stop), "signal": stop.signal, "planned_samples": len(planned_ids),
+        "num_samples": index["num_samples"], "num_positions": index["num_positions"],
+        "num_chunks": len(index["chunks"]), "new_samples": written, "failed": len(index["failed"]),
+        "seconds": seconds, "samples_per_second": written / seconds if seconds > 0 and written else None,
+        "self_check_rate": run_stats.get("self_check_rate"),
+        "lm_head": str(root / LM_HEAD_FILE),
+    }
+    log.info("extraction: %s", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = main()
+    print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks")})
+    sys.exit(0)

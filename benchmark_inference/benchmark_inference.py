@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stats = compute_statistics(records, args.gamma)
     stats["decode_mode"] = mode
     stats["drafter"] = make_drafter.kind
-    run.write_results(records, stats)
+    run.write_results(records, stats, extra={"stage": STAGE})
     run.write_markdown(render_markdown(stats, argv, run.path))
     if stats["num_samples"]:
         means = {m: {f"{s} {STAGE_NAMES[s]}": stats[f"{m}_{s}_time_avg"] for s in STAGES} for m in MODELS}

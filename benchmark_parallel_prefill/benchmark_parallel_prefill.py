@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stats = compute_statistics(records, args.gamma, cost_ratio)
     stats.update(decode_mode=mode, drafter=make_drafter.kind, draft_device=str(draft.device),
                  target_device=str(target.device))
-    run.write_results(records, stats)
+    run.write_results(records, stats, extra={"stage": STAGE})
     run.write_markdown(render_markdown(stats, argv, run.path.name, make_drafter.kind))
     timelines = timelines or [(r["id"], r["timeline"]) for r in records if "timeline" in r][:TIMELINE_SAMPLES]
     if timelines:

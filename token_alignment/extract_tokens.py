@@ -1,0 +1,274 @@
+"""Extract token pairs: both models answer every (clip, question) greedily; one JSON line per sample.
+
+Examples:
+    python -m token_alignment.extract_tokens --split train --max_questions 10 \\
+        --output_file data/token_alignment/train_10q.jsonl
+    python -m token_alignment.extract_tokens --dataset_dir D --eventgpt_path P --videollava_path P \\
+        --split test --max_questions 1 --output_file F --parallel --quant 4bit
+
+Sequential mode (default) keeps one model in memory at a time: all EventGPT answers first, then
+all Video-LLaVA answers, then EventGPT teacher forced on each Video-LLaVA answer (its greedy next
+token at every target position: what a live EventGPT drafter proposes there), each appended to
+the same file as record parts; when all are in, the file is compacted into one line per sample.
+``--parallel`` keeps both models loaded and writes complete lines directly.
+
+Every line is flushed and fsynced as it is written. A rerun resumes: finished samples (and
+finished parts) are skipped, a truncated last line from a killed run is dropped, nothing is
+written twice. A lock file (OUTPUT.lock) makes a second run for the same output wait for the
+first. Model paths and the dataset default to the embedded pair and synthetic split
+(common.defaults). ``--num_chunks/--chunk_idx`` shard the samples: give each shard its own
+--output_file; training accepts several token files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common.cli import add_common_args, set_seed, shard
+from common.data import ClipDataset, ClipSample
+from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.errors import DataError
+from common.speculative import autoregressive_generate
+from token_alignment.pairs import (
+    DRAFT_KEYS,
+    DRAFT_TF_KEYS,
+    TARGET_KEYS,
+    append_jsonl,
+    compact,
+    file_lock,
+    merge_parts,
+    read_jsonl,
+)
+from token_alignment.token_adapter import masked_argmax, safe_draft_ids
+
+DEFAULT_OUTPUT_DIR = Path("data") / "token_alignment"
+ALL_KEYS = DRAFT_KEYS + TARGET_KEYS + DRAFT_TF_KEYS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m token_alignment.extract_tokens",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+    )
+    add_common_args(p, models=True, data=True, output=False)
+    g = p.add_argument_group("extraction")
+    g.add_argument("--output_file", type=str, default=None,
+                   help="JSON Lines file to write/resume. Default: data/token_alignment/"
+                        "<split>_<max_questions>q_tokens.jsonl (chunk suffix when sharded).")
+    g.add_argument("--parallel", action="store_true",
+                   help="Keep both models loaded and write complete records (more memory). Default: sequential.")
+    g.add_argument("--max_new_tokens", type=int, default=50, help="Greedy answer length cap per model. Default: 50.")
+    return p
+
+
+def default_output_file(split: str | None, max_questions: int, num_chunks: int = 1, chunk_idx: int = 0) -> Path:
+    name = f"{split or 'all'}_{max_questions}q_tokens"
+    if num_chunks > 1:
+        name += f"_chunk{chunk_idx}of{num_chunks}"
+    return DEFAULT_OUTPUT_DIR / f"{name}.jsonl"
+
+
+def _rel(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _sample_fields(sample: ClipSample, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "id": sample.id, "clip_id": sample.clip_id, "split": sample.split,
+        "question": sample.question, "query": sample.question,
+        "event_data": _rel(sample.event_path, sample.dataset_dir),
+        "video_data": _rel(sample.video_path or sample.frames_dir, sample.dataset_dir),
+        "dataset_dir": str(sample.dataset_dir), "max_questions": args.max_questions,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+class _VisualCache:
+    """The last clip's visual input (questions of one clip come in a row: encode once)."""
+
+    def __init__(self, model: Any):
+        self.model, self.key, self.value = model, None, None
+
+    def get(self, sample: ClipSample):
+        if self.key != sample.clip_id:
+            self.value, self.key = self.model.encode(sample), sample.clip_id
+        return self.value
+
+
+def _answer(model: Any, cache: _VisualCache, sample: ClipSample, max_new_tokens: int, prefix: str) -> dict:
+    """Greedy answer of ``model`` (generated ids only) with its prompt, text and seconds."""
+    visual = cache.get(sample)
+    start = time.perf_counter()
+    state = model.prefill(visual, sample.question)
+    gen = autoregressive_generate(model, state, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - start
+    return {
+        f"{prefix}_prompt": model.build_prompt(sample.question),
+        f"{prefix}_token_ids": list(gen.tokens),
+        prefix: model.decode_text(gen.tokens),
+        f"{prefix}_time": seconds,
+        f"{prefix}_stop_reason": gen.stop_reason,
+        f"{prefix}_vocab_size": int(model.vocab_size),
+        f"{prefix}_base_vocab_size": int(model.base_vocab_size),
+    }
+
+
+@torch.no_grad()
+def _draft_teacher_forced(egpt: Any, cache: _VisualCache, sample: ClipSample, target_ids: Sequence[int],
+                          target_base_vocab: int) -> dict:
+    """EventGPT teacher forced on the target's answer: its masked greedy next token at every position."""
+    limit = min(int(egpt.base_vocab_size), int(target_base_vocab))
+    if not target_ids:
+        return {"egpt_tf_token_ids": [], "vocab_limit": limit}
+    unk = getattr(egpt.tokenizer, "unk_token_id", None)
+    unk = int(unk) if unk is not None and 0 <= int(unk) < limit else 0
+    ids = safe_draft_ids(target_ids, limit, unk)
+    out = egpt.teacher_forced([cache.get(sample)], [sample.question], [ids])
+    return {"egpt_tf_token_ids": [masked_argmax(row, limit) for row in out.logits[0]], "vocab_limit": limit}
+
+
+def _phase_part(kind: str, model: Any, cache: _VisualCache, sample: ClipSample, have: dict,
+                args: argparse.Namespace) -> dict:
+    """One sequential-mode part: the draft answer, the target answer, or the draft teacher forced."""
+    if kind == "draft":
+        return _answer(model, cache, sample, args.max_new_tokens, "egpt")
+    if kind == "target":
+        return _answer(model, cache, sample, args.max_new_tokens, "videollava")
+    rec = have[sample.id]
+    return _draft_teacher_forced(model, cache, sample, rec["videollava_token_ids"], rec["videollava_base_vocab_size"])
+
+
+def _complete(have: dict, sample: ClipSample) -> bool:
+    return all(k in have.get(sample.id, {}) for k in ALL_KEYS)
+
+
+def _load(kind: str, path: Path, args: argparse.Namespace):
+    from common.models.loader import load_vlm
+
+    kwargs = {"allow_pickle": True} if kind == "eventgpt" and args.allow_pickle else {}
+    return load_vlm(kind, path, quant=args.quant, device=args.device, **kwargs)
+
+
+def _release_memory() -> None:
+    """Give freed model memory back (call after dropping the last reference to a model)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    set_seed(args.seed)
+    if args.max_new_tokens < 1:
+        raise SystemExit("--max_new_tokens must be >= 1")
+    egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
+    dataset_dir = resolve_dataset_dir(args.dataset_dir)
+    output = Path(args.output_file) if args.output_file else default_output_file(
+        args.split, args.max_questions, args.num_chunks, args.chunk_idx)
+    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
+                          allow_pickle=args.allow_pickle)
+    errors: list[tuple[str, str]] = []
+    samples = list(dataset.iter_samples(deep=False, errors=errors))
+    if args.max_samples is not None:
+        samples = samples[: args.max_samples]
+    samples = shard(samples, args.num_chunks, args.chunk_idx)
+    start = time.perf_counter()
+    written = {"draft": 0, "target": 0, "draft_tf": 0, "complete": 0}
+
+    def run_sample(fn, sample: ClipSample) -> dict | None:
+        try:
+            return fn(sample)
+        except DataError as exc:
+            warnings.warn(f"skipping {sample.id}: {exc}", stacklevel=2)
+            errors.append((sample.id, str(exc)))
+            return None
+
+    with file_lock(output):
+        have = merge_parts(read_jsonl(output))
+
+        def pending(keys: Sequence[str]) -> list[ClipSample]:
+            return [s for s in samples if not all(k in have.get(s.id, {}) for k in keys)]
+
+        def save(sample: ClipSample, part: dict, kind: str) -> None:
+            record = {**_sample_fields(sample, args), **part}
+            append_jsonl(output, record)
+            have.setdefault(sample.id, {}).update(record)
+            written[kind] += 1
+
+        todo = pending(ALL_KEYS)
+        print(f"{output}: {len(samples)} samples, {len(samples) - len(todo)} already done, "
+              f"{'parallel' if args.parallel else 'sequential'} mode")
+        if todo and args.parallel:
+            egpt, vllava = _load("eventgpt", egpt_path, args), _load("videollava", vllava_path, args)
+            ecache, vcache = _VisualCache(egpt), _VisualCache(vllava)
+
+            def whole(s: ClipSample) -> dict:
+                rec = dict(have.get(s.id, {}))
+                if not all(k in rec for k in DRAFT_KEYS):
+                    rec.update(_answer(egpt, ecache, s, args.max_new_tokens, "egpt"))
+                if not all(k in rec for k in TARGET_KEYS):
+                    rec.update(_answer(vllava, vcache, s, args.max_new_tokens, "videollava"))
+                rec.update(_draft_teacher_forced(egpt, ecache, s, rec["videollava_token_ids"],
+                                                 rec["videollava_base_vocab_size"]))
+                return rec
+
+            for s in tqdm(todo, desc="token pairs", unit="sample"):
+                rec = run_sample(whole, s)
+                if rec is not None:
+                    save(s, rec, "complete")
+            del whole, ecache, vcache, egpt, vllava
+            _release_memory()
+        elif todo:
+            phases = [
+                ("draft", "eventgpt", egpt_path, DRAFT_KEYS, "EventGPT answers"),
+                ("target", "videollava", vllava_path, TARGET_KEYS, "Video-LLaVA answers"),
+                ("draft_tf", "eventgpt", egpt_path, DRAFT_TF_KEYS, "EventGPT on target answers"),
+            ]
+            for kind, model_kind, path, keys, desc in phases:
+                todo_phase = pending(keys)
+                if kind == "draft_tf":  # needs the target answer first
+                    todo_phase = [s for s in todo_phase if "videollava_token_ids" in have.get(s.id, {})]
+                if not todo_phase:
+                    continue
+                model = _load(model_kind, path, args)
+                cache = _VisualCache(model)
+                for s in tqdm(todo_phase, desc=desc, unit="sample"):
+                    part = run_sample(lambda s, m=model, c=cache, k=kind: _phase_part(k, m, c, s, have, args), s)
+                    if part is not None:
+                        save(s, part, kind)
+                del cache, model
+                _release_memory()
+        lines = len(read_jsonl(output))
+        if lines > len(have) and all(_complete(have, s) for s in samples):
+            compact(output, order=[s.id for s in samples])
+    done = [have[s.id] for s in samples if _complete(have, s)]
+    positions = sum(len(r["videollava_token_ids"]) for r in done)
+    same = sum(int(a == b) for r in done for a, b in zip(r["egpt_token_ids"], r["videollava_token_ids"]))
+    summary = {
+        "output_file": str(output), "num_samples": len(samples), "num_complete": len(done),
+        "written": written, "errors": [list(e) for e in errors], "seconds": time.perf_counter() - start,
+        "raw_position_match_rate": same / positions if positions else None,
+        "eventgpt_path": str(egpt_path), "videollava_path": str(vllava_path), "dataset_dir": str(dataset_dir),
+    }
+    print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
+          f"{summary['raw_position_match_rate']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

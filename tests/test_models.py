@@ -162,3 +162,15 @@ def test_batched_teacher_forcing_matches_cached_decoding(pair, kind):
             states.append(state.hidden[-1][-1])
         assert torch.allclose(torch.stack(rows), tf.logits[i], atol=1e-4)
         assert torch.allclose(torch.stack(states), tf.hidden[-1][i], atol=1e-4)
+
+
+def test_fused_projections_give_the_same_logits(tiny_models_dir):
+    """Concatenated q/k/v and gate/up weights (the GPU fast path) change nothing but speed."""
+    vlm = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cpu")
+    visual = _visual(vlm)
+    before = vlm.forward(vlm.prefill(visual, QUESTION), [5, 6, 7])
+    assert vlm.runner.fuse_projections()
+    after = vlm.forward(vlm.prefill(visual, QUESTION), [5, 6, 7])
+    assert torch.allclose(before, after, atol=1e-5)
+    q = vlm.runner.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == vlm.runner._fused[0][0].data_ptr()  # a view: no duplicated memory

@@ -567,7 +567,8 @@ class EagleDrafter:
     context token (right after prefill), the first draft token comes from its true feature.
 
     ``target`` must be the :class:`EagleTarget` the engine verifies with; ``target_state`` its
-    state (default: the wrapper's latest prefilled state, read at each proposal). ``stats``
+    state (default: the wrapper's latest prefilled state, read at each proposal; while there is
+    none, e.g. during ``run_parallel``'s free window, it proposes nothing). ``stats``
     counts head steps (``steps``), ``seconds`` (device-synchronised when ``sync`` is given),
     proposals and tokens proposed.
     """
@@ -627,8 +628,8 @@ class EagleDrafter:
 
     def _draft(self, context: list[int], gamma: int) -> list[int]:
         state = self._state if self._state is not None else self.target.last_state
-        if state is None:
-            raise RuntimeError("no target state: prefill through the EagleTarget wrapper first")
+        if state is None:  # the target is still prefilling (e.g. run_parallel's free window): nothing to read yet
+            return []
         if state is not self._bound_state:
             self._bound_state = state
             self._reset()

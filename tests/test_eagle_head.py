@@ -138,6 +138,7 @@ def test_random_head_is_lossless_for_any_gamma_and_checks_its_target(models, tmp
         state = prefill_sample(proxy, sample).state
         drafter = make_eagle_drafter(head, None, proxy, None)  # the wrapper's latest state
         assert speculative_generate(proxy, state, drafter, max_new_tokens=10, gamma=gamma).tokens == reference
+    assert EagleDrafter(head, EagleTarget(target, -1)).propose([], 3).tokens == []  # no target prefill yet
     with pytest.raises(TypeError, match="EagleTarget"):
         EagleDrafter(head, target)
     with pytest.raises(ValueError, match="hidden size"):
@@ -157,3 +158,20 @@ def test_cuda_graph_verification_with_features_is_lossless(tmp_path):
         result = speculative_generate(proxy, state, EagleDrafter(head, proxy, state), max_new_tokens=20, gamma=3)
         assert result.tokens == reference
         assert proxy.features(state).shape[0] >= len(result.tokens)
+
+
+def test_eagle_drafter_through_run_parallel(models):
+    """As a benchmark would wire --drafter eagle: the engine's target is a fresh EagleTarget per sample."""
+    from common.parallel import run_parallel
+
+    draft, target = models
+    torch.manual_seed(2)
+    head = EagleHead(EagleHeadConfig.for_target(target)).bind(target)
+    sample = samples(1)[0]
+    reference = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=10).tokens
+
+    def make(draft_model, draft_state, tgt):
+        return make_eagle_drafter(head, draft_state, tgt, None)
+
+    out = run_parallel(draft, EagleTarget(target, -1), sample, make, max_new_tokens=10, gamma=3, max_free_tokens=4)
+    assert out.result.tokens == reference and out.free_tokens == []

@@ -582,7 +582,8 @@ class EagleDrafter:
                             "speculative_generate through proxy), not the bare target model")
         if target.layer != head.config.feature_layer:
             raise ValueError(f"the wrapper records layer {target.layer}, the head reads layer {head.config.feature_layer}")
-        if not head.bound:
+        if not head.bound:  # loaded without a target: move to the target's device and compute dtype, bind
+            head.to(device=target.device, dtype=target.dtype)
             head.bind(target.target)
         self.head = head.eval()
         self.target = target

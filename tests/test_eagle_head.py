@@ -139,6 +139,12 @@ def test_random_head_is_lossless_for_any_gamma_and_checks_its_target(models, tmp
         drafter = make_eagle_drafter(head, None, proxy, None)  # the wrapper's latest state
         assert speculative_generate(proxy, state, drafter, max_new_tokens=10, gamma=gamma).tokens == reference
     assert EagleDrafter(head, EagleTarget(target, -1)).propose([], 3).tokens == []  # no target prefill yet
+    unbound = load_eagle_head(tmp_path / "h")  # e.g. loaded by a drafter factory before the target exists
+    proxy = EagleTarget(target, -1)
+    state = prefill_sample(proxy, sample).state
+    assert speculative_generate(proxy, state, make_eagle_drafter(unbound, None, proxy, state), max_new_tokens=10,
+                                gamma=3).tokens == reference
+    assert unbound.bound
     with pytest.raises(TypeError, match="EagleTarget"):
         EagleDrafter(head, target)
     with pytest.raises(ValueError, match="hidden size"):

@@ -213,12 +213,16 @@ class VisionLanguageModel(ABC):
             raise ValueError("forward needs at least one token")
         embeds = self.embed_tokens(ids)
         graphs = self.graphs
-        on_graph = graphs is not None and not hidden_layers and state.cache is graphs.cache
+        # graphs also return the final normed state, so layer -1 requests stay on the fast path
+        final_only = all(i in (-1, self.num_layers) for i in hidden_layers)
+        on_graph = graphs is not None and final_only and state.cache is graphs.cache
         if on_graph and self.fixed_step and state.length + self.fixed_step * -(-ids.numel() // self.fixed_step) \
                 <= graphs.cache.capacity:
-            logits, hidden = graphs.step_fixed(embeds, self.fixed_step), {}
+            logits = graphs.step_fixed(embeds, self.fixed_step)
+            hidden = {i: graphs.last_hidden for i in hidden_layers}
         elif on_graph and graphs.size_for(ids.numel()) is not None:
-            logits, hidden = graphs.step(embeds), {}
+            logits = graphs.step(embeds)
+            hidden = {i: graphs.last_hidden for i in hidden_layers}
         else:
             logits, hidden = self.runner.run(embeds, state.cache, hidden_layers)
         state.logits = logits[-1]

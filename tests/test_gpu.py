@@ -28,11 +28,13 @@ def test_cuda_graph_decoding_matches_eager(tiny_models_dir, compile_step):
         graphed = autoregressive_generate(vlm, vlm.prefill(visual, QUESTION), max_new_tokens=20)
         assert graphed.tokens == eager.tokens
         state = vlm.prefill(visual, QUESTION)
-        logits_graph = vlm.forward(state, [5, 6, 7])  # padded into the 4-token graph
+        logits_graph = vlm.forward(state, [5, 6, 7], hidden_layers=[-1])  # padded into the 4-token graph
+        hidden_graph = state.hidden[-1]
         vlm.disable_cuda_graphs()
         state = vlm.prefill(visual, QUESTION)
-        logits_eager = vlm.forward(state, [5, 6, 7])
+        logits_eager = vlm.forward(state, [5, 6, 7], hidden_layers=[-1])
         assert torch.allclose(logits_graph, logits_eager, atol=1e-3)
+        assert torch.allclose(hidden_graph, state.hidden[-1], atol=1e-3)
 
 
 def test_speculative_with_graphs_is_lossless(tiny_models_dir):

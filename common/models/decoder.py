@@ -227,10 +227,14 @@ class LlamaRunner:
         logits = self.lm_head(head_in).float()
         return logits, {i: hidden[self._layer_index(i)] for i in hidden_layers} if hidden_layers else {}
 
-    def static_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """A fixed-shape step for CUDA-graph capture: attends over the whole capacity, masked by position."""
+    def static_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed-shape step for CUDA-graph capture: attends over the whole capacity, masked by position.
+
+        Returns float32 logits and the final normed hidden state (the LM head's input, layer -1).
+        """
         x, _ = self._layers(embeds, positions, cache.capacity, cache, set())
-        return self.lm_head(x[0]).float()
+        return self.lm_head(x[0]).float(), x[0]
 
     def _layer_index(self, i: int) -> int:
         n = self.shape.num_layers
@@ -258,6 +262,7 @@ class CudaGraphDecoder:
         self.sizes = sorted(set(int(k) for k in sizes))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._key_ptr = cache.keys.data_ptr()
+        self.last_hidden: torch.Tensor | None = None  # final normed hidden states of the last step
 
     def size_for(self, k: int) -> int | None:
         """The captured size that serves k tokens at the cache's current length, or None (run eagerly)."""
@@ -296,7 +301,12 @@ class CudaGraphDecoder:
         bits and flip a near-tie argmax). Rows are computed independently, so a token's logits
         do not depend on where in a step it sits: decoding and verification agree bitwise.
         """
-        return torch.cat([self.step(embeds[i:i + size], size=size) for i in range(0, embeds.shape[0], size)])
+        logits, hidden = [], []
+        for i in range(0, embeds.shape[0], size):
+            logits.append(self.step(embeds[i:i + size], size=size))
+            hidden.append(self.last_hidden)
+        self.last_hidden = None if any(h is None for h in hidden) else torch.cat(hidden)
+        return torch.cat(logits)
 
     def step(self, embeds: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """Append k token embeddings (k, H) and return float32 logits (k, V) by graph replay."""
@@ -311,11 +321,14 @@ class CudaGraphDecoder:
             raise ValueError(f"no captured size serves {k} tokens at length {self.cache.length}")
         if size not in self._graphs:
             self._capture(size)
-        graph, embeds_buf, positions_buf, logits_buf = self._graphs[size]
+        graph, embeds_buf, positions_buf, outputs = self._graphs[size]
+        # a custom step function may return one tensor instead of (logits, final hidden)
+        logits_buf, hidden_buf = outputs if isinstance(outputs, tuple) else (outputs, None)
         start = self.cache.length
         embeds_buf.zero_()
         embeds_buf[0, :k].copy_(embeds)
         positions_buf.copy_(torch.arange(start, start + size, device=positions_buf.device))
         graph.replay()
         self.cache.length = start + k
+        self.last_hidden = hidden_buf[:k].clone() if hidden_buf is not None else None
         return logits_buf[:k].clone()

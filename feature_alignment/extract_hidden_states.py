@@ -361,6 +361,11 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         save_index(folder, index)
         written += len(buffer)
         buffer = []
+        elapsed = time.perf_counter() - start
+        rate = written / elapsed if elapsed > 0 else 0.0
+        left = len(planned_ids) - index["num_samples"] - len(index["failed"])
+        log.info("%s: %d/%d samples, %.2f samples/s, about %.0f s left", name, index["num_samples"],
+                 len(planned_ids), rate, left / rate if rate > 0 else float("nan"))
 
     visuals: dict[str, tuple[Any, Any]] = {}  # the current clip's encodings (its questions are consecutive)
     try:

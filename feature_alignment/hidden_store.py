@@ -44,6 +44,7 @@ __all__ = [
     "INDEX_FILE", "LOCK_FILE", "LM_HEAD_FILE", "FORMAT",
     "layer_key", "chunk_name", "write_chunk", "new_index", "load_index", "save_index",
     "SampleRecord", "Chunk", "ChunkRef", "HiddenStore", "find_index_files", "extraction_complete",
+    "missing_shards",
     "save_lm_head", "load_lm_head",
 ]
 
@@ -145,18 +146,29 @@ def find_index_files(path: str | Path) -> list[Path]:
     return sorted(p / INDEX_FILE for p in path.iterdir() if (p / INDEX_FILE).is_file())
 
 
+def missing_shards(indexes: Sequence[dict[str, Any]]) -> list[int]:
+    """Shard numbers (``--chunk_idx``) of a sharded extraction that have no index yet."""
+    if not indexes:
+        return []
+    total = int(indexes[0]["config"].get("num_chunks", 1) or 1)
+    found = {int(i["config"].get("chunk_idx", 0) or 0) for i in indexes}
+    return sorted(set(range(total)) - found)
+
+
 def extraction_complete(path: str | Path) -> bool:
-    """True when every index under ``path`` says complete and no extraction lock is held."""
+    """True when every index under ``path`` says complete, every shard has one, and no lock is held."""
     files = find_index_files(path)
     if not files:
         return False
+    indexes = []
     for f in files:
         if (f.parent / LOCK_FILE).exists():
             return False
         index = load_index(f.parent)
         if not index or not index.get("complete"):
             return False
-    return True
+        indexes.append(index)
+    return not missing_shards(indexes)
 
 
 # ----------------------------------------------------------------------------- LM head
@@ -295,7 +307,8 @@ class HiddenStore:
 
     @property
     def complete(self) -> bool:
-        return all(i.get("complete") for i in self.indexes)
+        """Every shard present and finished."""
+        return all(i.get("complete") for i in self.indexes) and not missing_shards(self.indexes)
 
     @property
     def num_samples(self) -> int:

@@ -29,7 +29,7 @@ from common.cli import add_common_args, resolve_device, resolve_quant, set_seed,
 from common.data import ClipDataset
 from common.defaults import resolve_dataset_dir, resolve_model_paths
 from common.results import atomic_write_json, atomic_write_text, to_jsonable
-from common.speculative import aggregate_metrics, autoregressive_generate, speculative_generate
+from common.speculative import ModelDrafter, aggregate_metrics, autoregressive_generate, speculative_generate
 from common.timing import sync
 from feature_alignment.drafter import adapter_input_layers, load_hidden_adapter_drafter
 from feature_alignment.hidden_adapter import load_any_adapter, read_adapter_meta
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples decoded live (0 = no live run). Default: --max_samples, else 20.")
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per verify step. Default: 5.")
     p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap. Default: 50.")
+    p.add_argument("--no_model_drafter", dest="model_drafter", action="store_false", default=True,
+                   help="skip the comparison with plain EventGPT drafting (ModelDrafter, its own LM head).")
     add_common_args(p, output=False)
     p.add_argument("--output_dir", default=None, help="where results go. Default: <adapter folder>/eval.")
     return p
@@ -70,12 +72,17 @@ def offline(adapter_path: str | Path, hidden_dir: str | Path, device: torch.devi
 
 @torch.no_grad()
 def live(adapter_path: str | Path, draft: Any, target: Any, samples: Sequence[Any], gamma: int,
-         max_new_tokens: int) -> dict[str, Any]:
-    """Speculative decoding with the adapter drafter against the target's own greedy output."""
+         max_new_tokens: int, model_drafter: bool = True) -> dict[str, Any]:
+    """Speculative decoding with the adapter drafter against the target's own greedy output.
+
+    With ``model_drafter`` the same samples are also decoded with plain EventGPT drafting
+    (``ModelDrafter``: EventGPT's own LM head, shared base vocabulary) for comparison.
+    """
     adapter = load_any_adapter(adapter_path, target.device)
     layers = adapter_input_layers(adapter)
     device_sync = (lambda: sync(target.device)) if target.device.type == "cuda" else None
-    results, records = [], []
+    results, records, plain = [], [], []
+    limit = min(int(draft.base_vocab_size), int(target.base_vocab_size))
     for sample in tqdm(samples, desc="live", unit="sample", disable=None):
         d_vis, t_vis = draft.encode(sample), target.encode(sample)
         base = autoregressive_generate(target, target.prefill(t_vis, sample.question), max_new_tokens=max_new_tokens,
@@ -85,6 +92,15 @@ def live(adapter_path: str | Path, draft: Any, target: Any, samples: Sequence[An
         spec = speculative_generate(target, target.prefill(t_vis, sample.question), drafter,
                                     max_new_tokens=max_new_tokens, gamma=gamma, sync=device_sync)
         results.append(spec)
+        if model_drafter:
+            md = ModelDrafter(draft, draft.prefill(d_vis, sample.question), vocab_limit=limit,
+                              target_vocab_size=target.vocab_size, stop_token_ids=[target.eos_token_id],
+                              sync=device_sync)
+            plain_result = speculative_generate(target, target.prefill(t_vis, sample.question), md,
+                                                max_new_tokens=max_new_tokens, gamma=gamma, sync=device_sync)
+            plain.append(plain_result)
+            if plain_result.tokens != base.tokens:
+                raise AssertionError(f"{sample.id}: ModelDrafter output differs from the target's own")
         records.append({"id": sample.id, "identical": spec.tokens == base.tokens, "num_tokens": len(spec.tokens),
                         "acceptance_rate": spec.acceptance_rate, "mean_accepted_length": spec.mean_accepted_length,
                         "baseline_seconds": base.seconds, "speculative_seconds": spec.total_seconds,
@@ -93,6 +109,8 @@ def live(adapter_path: str | Path, draft: Any, target: Any, samples: Sequence[An
     stats["identical_outputs"] = sum(r["identical"] for r in records)
     stats["lossless"] = all(r["identical"] for r in records)
     stats["baseline_seconds"] = sum(r["baseline_seconds"] for r in records)
+    if plain:
+        stats["model_drafter"] = aggregate_metrics(plain)
     return {"statistics": stats, "samples": records}
 
 
@@ -116,7 +134,15 @@ def markdown(adapter_path: str, config: dict[str, Any], off: dict[str, Any] | No
                   f"{s.get('mean_accepted_length') or 0:.2f}",
                   "- per-position acceptance: " + ", ".join(f"{100 * a:.0f}%" for a in s["per_position_acceptance"]),
                   f"- seconds: speculative {s['total_seconds']:.2f} (draft {s['draft_seconds']:.2f}, verify "
-                  f"{s['verify_seconds']:.2f}) vs target alone {s['baseline_seconds']:.2f}", ""]
+                  f"{s['verify_seconds']:.2f}) vs target alone {s['baseline_seconds']:.2f}"]
+        plain = s.get("model_drafter")
+        if plain:
+            prate = plain.get("acceptance_rate")
+            lines.append(f"- for comparison, plain EventGPT drafting (its own LM head): acceptance "
+                         f"{'-' if prate is None else f'{100 * prate:.1f}%'}, mean accepted length "
+                         f"{plain.get('mean_accepted_length') or 0:.2f}, per position "
+                         + ", ".join(f"{100 * a:.0f}%" for a in plain["per_position_acceptance"]))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -141,7 +167,7 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
             quant = resolve_quant(args)
             models = (load_vlm("eventgpt", egpt_path, quant=quant, device=device, allow_pickle=args.allow_pickle),
                       load_vlm("videollava", vl_path, quant=quant, device=device))
-        on = live(args.adapter, models[0], models[1], samples, args.gamma, args.max_new_tokens)
+        on = live(args.adapter, models[0], models[1], samples, args.gamma, args.max_new_tokens, args.model_drafter)
     result = {"adapter": str(args.adapter), "adapter_config": config, "offline": off,
               "live": on["statistics"] if on else None, "gamma": args.gamma}
     atomic_write_json(out / "results.json", {**result, "samples": on["samples"] if on else []})

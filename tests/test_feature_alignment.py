@@ -386,3 +386,16 @@ def test_drafter_needs_the_hidden_layer_in_the_prefill(trained, models, dataset)
     state = draft.prefill(draft.encode(sample), sample.question)
     with pytest.raises(ValueError, match="hidden_layers"):
         load_hidden_adapter_drafter(trained[1], draft, state, target)
+
+
+def test_evaluation_script_offline_and_live(trained, extracted, models, dataset, tmp_path):
+    from feature_alignment.evaluate_hidden_adapter import main as evaluate_main
+
+    hidden, _ = extracted
+    out = evaluate_main(["--adapter", str(trained[5]), "--hidden_dir", str(hidden), "--dataset_dir", str(dataset),
+                         "--split", "train", "--live_samples", "1", "--max_new_tokens", "6", "--gamma", "3",
+                         "--device", "cpu", "--output_dir", str(tmp_path)], models=models)
+    assert out["offline"]["positions"] == sum(len(v["target_ids"]) for v in per_sample(hidden).values())
+    assert out["offline"]["top1"] is not None and out["offline"]["next_top1"] is not None
+    assert out["live"]["lossless"] and out["live"]["model_drafter"]["num_samples"] == 1
+    assert "lossless" in (tmp_path / "RESULTS.md").read_text()

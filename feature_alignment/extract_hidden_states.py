@@ -159,6 +159,11 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
             id=str(sid), target_ids=[int(t) for t in answers[i]],
             draft={layer: tf_draft.hidden[layer][i].to("cpu", torch.float16) for layer in layers},
             target={layer: tf_target.hidden[layer][i].to("cpu", torch.float16) for layer in layers}))
+    bad = sum(int((~torch.isfinite(t)).sum()) for r in records for t in (*r.draft.values(), *r.target.values()))
+    if bad:  # fp16 tops out at 65504: a state beyond it would be stored as inf
+        log.warning("%d hidden values overflow fp16 in samples %s", bad, list(ids))
+        if stats is not None:
+            stats["nonfinite_values"] = stats.get("nonfinite_values", 0) + bad
     return records
 
 
@@ -400,7 +405,8 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
     index["complete"] = all(s in finished for s in planned_ids)
     run_stats = index.setdefault("stats", {})
-    for key in ("generate_seconds", "teacher_forced_seconds", "self_check_positions", "self_check_matches"):
+    for key in ("generate_seconds", "teacher_forced_seconds", "self_check_positions", "self_check_matches",
+                "nonfinite_values"):
         run_stats[key] = run_stats.get(key, 0) + stats.get(key, 0)
     run_stats["seconds"] = run_stats.get("seconds", 0.0) + seconds
     if run_stats.get("self_check_positions"):

@@ -201,7 +201,7 @@ class VisionLanguageModel(ABC):
             cache.length = 0
         else:
             cache = self.runner.new_cache(embeds.shape[0] + self.decode_room, self.dtype, self.device)
-        logits, hidden = self.runner.run(embeds, cache, hidden_layers, all_logits=bool(hidden_layers))
+        logits, hidden = self.runner.run(embeds, cache, hidden_layers, all_logits=False)
         return DecodeState(cache=cache, logits=logits[-1], prompt_length=embeds.shape[0], hidden=hidden)
 
     @torch.no_grad()

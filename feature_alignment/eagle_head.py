@@ -480,23 +480,13 @@ class EagleTarget:
     # ----- the uniform interface -----
     @torch.no_grad()
     def prefill(self, visual: Any, question: str, hidden_layers: Sequence[int] = ()) -> DecodeState:
-        """The target's prefill (same numerics as ``target.prefill``), also keeping the last row's feature."""
+        """The target's own prefill, also keeping the last row's feature."""
         t = self.target
         asked = list(hidden_layers)
         want = asked + ([self.layer] if self.layer is not None and self.layer not in asked else [])
-        embeds = t.prompt_embeds(visual, question)
-        if t.graphs is not None:
-            cache = t.graphs.cache
-            if embeds.shape[0] + max(t.graphs.sizes) > cache.capacity:
-                raise ValueError(f"prompt of {embeds.shape[0]} tokens does not fit the static cache "
-                                 f"({cache.capacity}); enable_cuda_graphs with a larger max_length")
-            cache.length = 0
-        else:
-            cache = t.runner.new_cache(embeds.shape[0] + t.decode_room, t.dtype, t.device)
-        # all_logits only when the caller asked for hidden layers, exactly as VisionLanguageModel.prefill
-        logits, hidden = t.runner.run(embeds, cache, want, all_logits=bool(asked))
-        state = DecodeState(cache=cache, logits=logits[-1], prompt_length=embeds.shape[0],
-                            hidden={k: hidden[k] for k in asked})
+        state = t.prefill(visual, question, hidden_layers=want)  # the target's own prefill numerics
+        hidden = state.hidden
+        state.hidden = {k: hidden[k] for k in asked}
         if self.layer is not None:
             self._buffers = {k: v for k, v in self._buffers.items() if v[0]() is not None}
             self._buffers[id(state)] = (weakref.ref(state), _FeatureBuffer(hidden[self.layer][-1], state.prompt_length))

@@ -228,10 +228,10 @@ def memoize_prompts(vlm: VisionLanguageModel) -> VisionLanguageModel:
     return vlm
 
 
-def encode_batch(vlm: VisionLanguageModel, pixels: torch.Tensor) -> list[VisualInput]:
-    """Visual inputs of B clips from their pixels (B, F, 3, S, S), in one vision-tower call.
+def encode_batch_tensor(vlm: VisionLanguageModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Visual tokens (B, T, H) of B clips from their pixels (B, F, 3, S, S), in one vision-tower call.
 
-    Equal to ``[vlm.encode_pixels(p) for p in pixels]`` (EventGPT: per-frame spatial mean +
+    Row b equals ``vlm.encode_pixels(pixels[b]).embeds`` (EventGPT: per-frame spatial mean +
     temporal mean of the adapted CLIP tokens; Video-LLaVA: ``get_video_features`` over the batch).
     """
     from common.models.eventgpt_vlm import EventGPTVLM
@@ -246,8 +246,7 @@ def encode_batch(vlm: VisionLanguageModel, pixels: torch.Tensor) -> list[VisualI
         if getattr(body, "feature_adaptor", None) is not None:
             feats = body.feature_adaptor(feats)
         feats = feats.float().reshape(b, pixels.shape[1], *feats.shape[1:])  # (B, N, P+1, H)
-        tokens = torch.cat([feats.mean(dim=2), feats.mean(dim=1)], dim=1)
-        return [VisualInput(t.to(vlm.dtype)) for t in tokens]
+        return torch.cat([feats.mean(dim=2), feats.mean(dim=1)], dim=1).to(vlm.dtype)
     if isinstance(vlm, VideoLlavaVLM):
         tower_dtype = next(vlm.model.model.video_tower.parameters()).dtype
         out = vlm.model.model.get_video_features(pixel_values_videos=pixels.to(tower_dtype),
@@ -255,9 +254,31 @@ def encode_batch(vlm: VisionLanguageModel, pixels: torch.Tensor) -> list[VisualI
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         if isinstance(feats, (tuple, list)):
             feats = feats[0]
-        feats = feats.reshape(b, -1, feats.shape[-1])
-        return [VisualInput(t.to(vlm.dtype)) for t in feats]
-    return [vlm.encode_pixels(p) for p in pixels]
+        return feats.reshape(b, -1, feats.shape[-1]).to(vlm.dtype)
+    return torch.stack([vlm.encode_pixels(p).embeds for p in pixels])
+
+
+def encode_batch(vlm: VisionLanguageModel, pixels: torch.Tensor) -> list[VisualInput]:
+    """``encode_batch_tensor`` as one ``VisualInput`` per clip (equal to ``vlm.encode_pixels`` per clip)."""
+    return [VisualInput(t) for t in encode_batch_tensor(vlm, pixels)]
+
+
+def prompt_layout(vlm: VisionLanguageModel, question: str, num_visual: int) -> list[int] | None:
+    """The prompt's token ids as ``vlm.prompt_embeds`` lays them out, with -1 at the visual slots.
+
+    None for a model this helper does not know (callers then use ``vlm.teacher_forced``).
+    """
+    from common.models.eventgpt import EVENT_PLACEHOLDER_ID
+    from common.models.eventgpt_vlm import EventGPTVLM
+    from common.models.videollava_vlm import VideoLlavaVLM
+
+    if isinstance(vlm, EventGPTVLM):
+        ids = list(vlm.prompt_ids(question))
+        at = ids.index(EVENT_PLACEHOLDER_ID)
+        return ids[:at] + [-1] * num_visual + ids[at + 1:]
+    if isinstance(vlm, VideoLlavaVLM):
+        return [-1 if t == vlm.video_token_id else t for t in vlm.prompt_ids(question, num_visual)]
+    return None
 
 
 def answer_ids(vlm: VisionLanguageModel, answer: str) -> list[int]:
@@ -287,6 +308,72 @@ def teacher_forced_loss(vlm: VisionLanguageModel, visuals: Sequence[VisualInput]
         misses = torch.zeros(len(answers), device=logits.device).index_add_(0, owner, (~hits).float())
         correct, exact = torch.stack([hits.sum(), (misses == 0).sum()]).tolist()
     return LossOutput(loss=loss, tokens=int(targets.numel()), correct=int(correct), answers_exact=int(exact))
+
+
+def batched_teacher_forced_loss(vlm: VisionLanguageModel, visual: torch.Tensor, clip_pos: Sequence[int],
+                                questions: Sequence[str], answers: Sequence[Sequence[int]],
+                                layouts: dict | None = None) -> LossOutput:
+    """``teacher_forced_loss`` computed in a few large operations instead of a few per sample.
+
+    ``visual`` (C, T, H) holds the visual tokens of C clips; sequence i uses clip ``clip_pos[i]``.
+    The padded batch is laid out on the host (``prompt_layout``) and copied in one transfer,
+    embedded in one lookup, the visual tokens scattered into their slots, and the same decoder
+    (``vlm.runner.language_model``) and ``vlm.lm_head`` run once: the same numbers as
+    ``vlm.teacher_forced`` (tested). Sequences are right-padded and attention is causal, so the
+    padding never reaches a real position and no attention mask is needed (the fast causal kernel
+    runs). ``layouts`` caches ``prompt_layout`` per (question, visual tokens).
+    """
+    device = visual.device
+    num_visual = visual.shape[1]
+    layouts = {} if layouts is None else layouts
+    prompts = []
+    for question in questions:
+        key = (question, num_visual)
+        layout = layouts.get(key)
+        if layout is None:
+            ids = prompt_layout(vlm, question, num_visual)
+            if ids is None:
+                raise ValueError(f"no batched prompt layout for {type(vlm).__name__}; use teacher_forced_loss")
+            arr = np.asarray(ids, dtype=np.int64)
+            layout = layouts[key] = (np.maximum(arr, 0), np.flatnonzero(arr < 0))
+        prompts.append(layout)
+    n = len(prompts)
+    lengths = [len(p[0]) + len(a) for p, a in zip(prompts, answers, strict=True)]
+    longest = max(lengths)
+    host = np.zeros((n, longest), dtype=np.int64)
+    vis_rows, vis_cols, ans_rows, ans_cols, targets = [], [], [], [], []
+    for i, ((ids, slots), answer) in enumerate(zip(prompts, answers, strict=True)):
+        host[i, : len(ids)] = ids
+        host[i, len(ids): len(ids) + len(answer)] = answer
+        vis_rows.append(np.full(len(slots), i))
+        vis_cols.append(slots)
+        ans_rows.append(np.full(len(answer), i))
+        ans_cols.append(np.arange(len(ids) - 1, len(ids) - 1 + len(answer)))
+        targets.append(np.asarray(answer, dtype=np.int64))
+    pos = np.asarray(clip_pos, dtype=np.int64)
+    vis_src = (pos[:, None] * num_visual + np.arange(num_visual)[None, :]).reshape(-1) if num_visual else pos[:0]
+    vis = np.stack([np.concatenate(vis_rows), np.concatenate(vis_cols), vis_src]) if num_visual else \
+        np.zeros((3, 0), dtype=np.int64)
+    ans = np.stack([np.concatenate(ans_rows), np.concatenate(ans_cols), np.concatenate(targets)])
+    # one host -> device transfer for the token ids and every index
+    flat_host = torch.from_numpy(np.concatenate([host.reshape(-1), vis.reshape(-1), ans.reshape(-1)]))
+    flat_dev = flat_host.to(device, non_blocking=device.type == "cuda")
+    ids_dev = flat_dev[: host.size].view(n, longest)
+    vis_dev = flat_dev[host.size: host.size + vis.size].view(3, -1)
+    ans_dev = flat_dev[host.size + vis.size:].view(3, -1)
+    embeds = vlm.embed_tokens(ids_dev)
+    flat = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
+    embeds = embeds.index_put((vis_dev[0], vis_dev[1]), flat[vis_dev[2]])
+    out = vlm.runner.language_model(inputs_embeds=embeds, use_cache=False)
+    hidden = out.last_hidden_state[ans_dev[0], ans_dev[1]]
+    logits = vlm.lm_head(hidden).float()
+    target = ans_dev[2]
+    loss = F.cross_entropy(logits, target)
+    with torch.no_grad():
+        hits = logits.argmax(-1) == target
+        misses = torch.zeros(n, device=device).index_add_(0, ans_dev[0], (~hits).float())
+        correct, exact = torch.stack([hits.sum(), (misses == 0).sum()]).tolist()
+    return LossOutput(loss=loss, tokens=int(ans.shape[1]), correct=int(correct), answers_exact=int(exact))
 
 
 # ----------------------------------------------------------------------------- scoring answers

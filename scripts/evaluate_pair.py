@@ -1,0 +1,208 @@
+"""Score the EventGPT (draft) / Video-LLaVA (target) pair's greedy answers against the synthetic ground truth.
+
+    python -m scripts.evaluate_pair --dataset_dir data/synthetic_test --eventgpt_path models/eventgpt \\
+        --videollava_path models/videollava [--max_samples 1000 --max_questions 10 --device cpu]
+
+Each sample (clip x question, ``--max_questions`` top questions per clip, answers from the clip's
+ground truth) is answered by both models with plain greedy decoding on prefilled states
+(``common.speculative.autoregressive_generate``, stop at </s>). Reported per model, overall and per
+question group (colour / static objects and road / motion / open scene descriptions):
+
+- exact: share of answers equal to the ground truth (whitespace-normalised);
+- f1: word F1 (lower-cased, punctuation dropped);
+- key: F1 over the answer's key words (counts, colours, directions, yes/no, object kinds), and per
+  key-word category the share of answers with exactly the right key words (``kw_colour`` etc.);
+- a blind baseline: the most frequent ground-truth answer of each question in the evaluated samples
+  (what a model that ignores the clip could reach at best);
+
+and between the two models: token agreement (share of target positions where the draft's greedy
+token equals the target's), answer agreement (identical answers) and the mean common prefix.
+
+Writes results/evaluate_pair/<task_name>_<timestamp>/ (config.json, records.jsonl, results.json,
+RESULTS.md) and prints the table; an interrupted run resumes (``--no_resume`` starts a new folder).
+Defaults: the shipped pair and the default synthetic split (common/defaults.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from common.training import KEYWORDS, QUESTION_GROUPS, question_group, score_answer
+
+MODELS = (("egpt", "eventgpt"), ("videollava", "videollava"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.cli import add_common_args
+
+    p = argparse.ArgumentParser(prog="python -m scripts.evaluate_pair", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.set_defaults(max_questions=10)
+    p.add_argument("--max_new_tokens", type=int, default=48, help="greedy tokens per answer at most (default 48)")
+    return p
+
+
+def _agreement(draft: list[int], target: list[int]) -> tuple[int, int, int]:
+    """(positions where draft == target, target positions, common prefix length)."""
+    from common.speculative import common_prefix_length
+
+    same = sum(1 for a, b in zip(draft, target, strict=False) if a == b)
+    return same, len(target), common_prefix_length(draft, target)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _model_stats(records: list[dict], prefix: str) -> dict[str, Any]:
+    stats: dict[str, Any] = {"exact": _mean(r[f"{prefix}_exact"] for r in records),
+                             "f1": _mean(r[f"{prefix}_f1"] for r in records),
+                             "key": _mean(r[f"{prefix}_key"] for r in records)}
+    for name in KEYWORDS:
+        stats[f"kw_{name}"] = _mean(r[f"{prefix}_keywords"].get(name) for r in records)
+    return stats
+
+
+def _blind_baseline(records: list[dict]) -> list[dict]:
+    """Scores of answering every question with its most frequent ground-truth answer."""
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        by_question[r["query"]][r["answer"]] += 1
+    out = []
+    for r in records:
+        guess = by_question[r["query"]].most_common(1)[0][0]
+        s = score_answer(guess, r["answer"])
+        out.append({"blind_exact": s["exact"], "blind_f1": s["f1"], "blind_key": s["key"],
+                    "blind_keywords": s["keywords"], "group": r["group"]})
+    return out
+
+
+def statistics(records: list[dict]) -> dict[str, Any]:
+    """Overall and per-group scores of both models, their agreement and the blind baseline."""
+    blind = _blind_baseline(records)
+
+    def block(rs: list[dict], bs: list[dict]) -> dict[str, Any]:
+        same = sum(r["token_matches"] for r in rs)
+        positions = sum(r["target_positions"] for r in rs)
+        return {
+            "samples": len(rs),
+            "eventgpt": _model_stats(rs, "egpt"),
+            "videollava": _model_stats(rs, "videollava"),
+            "blind": _model_stats(bs, "blind"),
+            "token_agreement": same / positions if positions else None,
+            "answer_agreement": _mean(float(r["answers_agree"]) for r in rs),
+            "mean_common_prefix": _mean(r["common_prefix"] for r in rs),
+            "mean_tokens": {"eventgpt": _mean(len(r["egpt_token_ids"]) for r in rs),
+                            "videollava": _mean(len(r["videollava_token_ids"]) for r in rs)},
+        }
+
+    stats = {"overall": block(records, blind), "groups": {}}
+    for g in QUESTION_GROUPS:
+        idx = [i for i, r in enumerate(records) if r["group"] == g]
+        if idx:
+            stats["groups"][g] = block([records[i] for i in idx], [blind[i] for i in idx])
+    return stats
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(stats: dict[str, Any]) -> str:
+    """Two tables: scores per model and group, and draft/target agreement per group."""
+    rows = [("all", stats["overall"])] + list(stats["groups"].items())
+    cols = ["exact", "f1", "key", "kw_count", "kw_colour", "kw_direction", "kw_yes_no", "kw_kind"]
+    lines = ["| group | n | model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    for name, block in rows:
+        for model in ("videollava", "eventgpt", "blind"):
+            vals = [_fmt(block[model].get(c)) for c in cols]
+            lines.append(f"| {name} | {block['samples']} | {model} | " + " | ".join(vals) + " |")
+    lines += ["", "| group | n | token agreement | answer agreement | mean common prefix | "
+              "mean tokens eventgpt | mean tokens videollava |", "|---|---|---|---|---|---|---|"]
+    for name, block in rows:
+        lines.append(f"| {name} | {block['samples']} | {_fmt(block['token_agreement'])} | "
+                     f"{_fmt(block['answer_agreement'])} | {_fmt(block['mean_common_prefix'])} | "
+                     f"{_fmt(block['mean_tokens']['eventgpt'])} | {_fmt(block['mean_tokens']['videollava'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate; returns {"run_dir", "statistics", "samples"}."""
+    from tqdm import tqdm
+
+    from common.cli import resolve_device, resolve_quant, set_seed, shard
+    from common.data import ClipDataset, default_frame_cache
+    from common.defaults import resolve_dataset_dir, resolve_model_paths
+    from common.models.loader import load_vlm
+    from common.results import RunFolder
+    from common.speculative import autoregressive_generate
+
+    args = build_parser().parse_args(argv)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    quant = resolve_quant(args)
+    dataset_dir = resolve_dataset_dir(args.dataset_dir)
+    egpt_path, vl_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
+    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
+                          allow_pickle=args.allow_pickle)
+    samples = list(dataset.iter_samples())
+    samples = [s for s in samples if s.answer]
+    if args.max_samples is not None:
+        samples = samples[: args.max_samples]
+    samples = shard(samples, args.num_chunks, args.chunk_idx)
+    models = {
+        "egpt": load_vlm("eventgpt", egpt_path, quant=quant, device=device, allow_pickle=args.allow_pickle),
+        "videollava": load_vlm("videollava", vl_path, quant=quant, device=device,
+                               frame_cache=default_frame_cache(dataset_dir)),
+    }
+    run = RunFolder.create("evaluate_pair", args.task_name or "evaluate_pair", args.output_dir, resume=args.resume)
+    run.write_config({**vars(args), "dataset_dir": str(dataset_dir), "eventgpt_path": str(egpt_path),
+                      "videollava_path": str(vl_path), "quant": quant}, argv)
+    done = run.finished_ids()
+    visual_cache: dict[str, tuple[str, Any]] = {}
+    for sample in tqdm(samples, desc="evaluate_pair", unit="sample"):
+        if sample.id in done:
+            continue
+        record: dict[str, Any] = {"id": sample.id, "split": sample.split, "query": sample.question,
+                                  "answer": sample.answer, "group": question_group(sample.question),
+                                  "event_data": str(sample.event_path), "video_data": str(sample.video_path)}
+        for prefix, model in models.items():
+            t0 = time.perf_counter()
+            cached = visual_cache.get(prefix)
+            if cached is None or cached[0] != sample.clip_id:
+                cached = visual_cache[prefix] = (sample.clip_id, model.encode(sample))
+            state = model.prefill(cached[1], sample.question)
+            result = autoregressive_generate(model, state, max_new_tokens=args.max_new_tokens)
+            tokens = [int(t) for t in result.tokens]
+            text = model.decode_text([t for t in tokens if t != model.eos_token_id])
+            scores = score_answer(text, sample.answer)
+            record.update({prefix: text, f"{prefix}_token_ids": tokens, f"{prefix}_time": time.perf_counter() - t0,
+                           f"{prefix}_exact": scores["exact"], f"{prefix}_f1": scores["f1"],
+                           f"{prefix}_key": scores["key"], f"{prefix}_keywords": scores["keywords"]})
+        same, positions, prefix_len = _agreement(record["egpt_token_ids"], record["videollava_token_ids"])
+        record.update({"token_matches": same, "target_positions": positions, "common_prefix": prefix_len,
+                       "answers_agree": record["egpt_token_ids"] == record["videollava_token_ids"]})
+        run.append_record(record)
+    wanted = {s.id for s in samples}
+    records = [r for r in run.load_records() if r["id"] in wanted]
+    stats = statistics(records) if records else {}
+    table = markdown(stats) if records else "no samples\n"
+    header = (f"# evaluate_pair\n\ndataset `{dataset_dir}` (split {args.split or 'all'}, {len(records)} samples, "
+              f"{args.max_questions} questions per clip); eventgpt `{egpt_path}`, videollava `{vl_path}`; "
+              f"{quant} on {device}; greedy, at most {args.max_new_tokens} new tokens.\n\n")
+    run.write_results(records, stats)
+    run.write_markdown(header + table)
+    run.mark_done()
+    print(table, file=sys.stdout)
+    print(f"run folder: {run.path}", file=sys.stderr)
+    return {"run_dir": str(run.path), "statistics": stats, "samples": len(records)}
+
+
+if __name__ == "__main__":
+    main()

@@ -135,6 +135,15 @@ def test_killed_extraction_resumes_without_loss_or_duplicates(tokens, dataset, m
     assert _content(out) == _content(tokens["train"])
 
 
+def test_resuming_with_other_models_is_refused(tokens, dataset, model_paths, tmp_path):
+    out = tmp_path / "mixed.jsonl"
+    rec = dict(read_jsonl(tokens["test"])[0], egpt_model={"path": "/elsewhere/eventgpt", "weights_bytes": 1})
+    append_jsonl(out, rec)
+    with pytest.raises(SystemExit, match="other|not"):
+        extract_tokens.main(_extract_args(dataset, model_paths, "test", out))
+    assert read_jsonl(tokens["test"])[0]["egpt_model"]["path"] == str(model_paths["eventgpt"].resolve())
+
+
 def test_file_lock_makes_a_second_writer_wait(tmp_path):
     target = tmp_path / "x.jsonl"
     got = threading.Event()

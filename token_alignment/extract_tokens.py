@@ -10,6 +10,8 @@ Sequential mode (default) keeps one model in memory at a time: all EventGPT answ
 all Video-LLaVA answers, then EventGPT teacher forced on each Video-LLaVA answer (its greedy next
 token at every target position: what a live EventGPT drafter proposes there), each appended to
 the same file as record parts; when all are in, the file is compacted into one line per sample.
+Records name the checkpoints that wrote them (egpt_model, videollava_model); resuming a file
+with other checkpoints is refused.
 ``--parallel`` keeps both models loaded and writes complete lines directly.
 
 Every line is flushed and fsynced as it is written. A rerun resumes: finished samples (and
@@ -153,6 +155,24 @@ def _phase_part(kind: str, model: Any, cache: _VisualCache, sample: ClipSample, 
     return _draft_teacher_forced(model, cache, sample, rec["videollava_token_ids"], rec["videollava_base_vocab_size"])
 
 
+def model_id(path: str | Path) -> dict[str, Any]:
+    """What identifies a checkpoint cheaply: its resolved folder and the total size of its weight files."""
+    folder = Path(path).resolve()
+    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+    return {"path": str(folder), "weights_bytes": size}
+
+
+def check_same_models(have: dict, output: Path, ids: dict[str, dict]) -> None:
+    """Refuse to resume a file that other checkpoints wrote (its pairs would silently mix two model pairs)."""
+    for rec in have.values():
+        for key, want in ids.items():
+            found = rec.get(key)
+            if found is not None and found != want:
+                raise SystemExit(f"{output}: was extracted with {key} {found['path']} "
+                                 f"({found['weights_bytes']} weight bytes), not {want['path']} "
+                                 f"({want['weights_bytes']}); pass another --output_file or delete it")
+
+
 def _complete(have: dict, sample: ClipSample) -> bool:
     return all(k in have.get(sample.id, {}) for k in ALL_KEYS)
 
@@ -198,14 +218,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
             errors.append((sample.id, str(exc)))
             return None
 
+    ids = {"egpt_model": model_id(egpt_path), "videollava_model": model_id(vllava_path)}
     with file_lock(output):
         have = merge_parts(read_jsonl(output))
+        check_same_models(have, output, ids)
 
         def pending(keys: Sequence[str]) -> list[ClipSample]:
             return [s for s in samples if not all(k in have.get(s.id, {}) for k in keys)]
 
         def save(sample: ClipSample, part: dict, kind: str) -> None:
             record = {**_sample_fields(sample, args), **part}
+            if kind in ("draft", "draft_tf", "complete"):
+                record["egpt_model"] = ids["egpt_model"]
+            if kind in ("target", "complete"):
+                record["videollava_model"] = ids["videollava_model"]
             append_jsonl(output, record)
             have.setdefault(sample.id, {}).update(record)
             written[kind] += 1

@@ -14,6 +14,9 @@
 # (FORCE_TRAIN=1 retrains).
 set -euo pipefail
 
+# The whole script is one function, parsed before it runs: editing this file while a run is in
+# flight cannot derail that run.
+main() {
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
@@ -92,9 +95,14 @@ for pair in "$TRAIN_SPLIT:$SYNTH_TRAIN_CLIPS" "$TEST_SPLIT:$SYNTH_TEST_CLIPS"; d
 done
 
 # ---- 2. token pairs (resumable; waits for a concurrent run of the same output) -------------------
+# File names tell the dataset and the model pair apart (a file written by other checkpoints is refused).
 DATA_NAME="$(basename "$DATASET_DIR")"
-TRAIN_TOKENS="$TOKENS_DIR/${DATA_NAME}_${TRAIN_SPLIT}_${MAX_QUESTIONS}q_${MAX_NEW_TOKENS}t.jsonl"
-TEST_TOKENS="$TOKENS_DIR/${DATA_NAME}_${TEST_SPLIT}_${MAX_QUESTIONS}q_${MAX_NEW_TOKENS}t.jsonl"
+if [[ -z "${PAIR_TAG:-}" ]]; then
+  if [[ -z "$EVENTGPT_PATH$VIDEOLLAVA_PATH" ]]; then PAIR_TAG=defaultpair
+  else PAIR_TAG="pair$(printf '%s|%s' "$EVENTGPT_PATH" "$VIDEOLLAVA_PATH" | cksum | cut -d' ' -f1)"; fi
+fi
+TRAIN_TOKENS="$TOKENS_DIR/${DATA_NAME}_${PAIR_TAG}_${TRAIN_SPLIT}_${MAX_QUESTIONS}q_${MAX_NEW_TOKENS}t.jsonl"
+TEST_TOKENS="$TOKENS_DIR/${DATA_NAME}_${PAIR_TAG}_${TEST_SPLIT}_${MAX_QUESTIONS}q_${MAX_NEW_TOKENS}t.jsonl"
 extract() {  # extract SPLIT OUTPUT MAX_SAMPLES
   local args=(--dataset_dir "$DATASET_DIR" --split "$1" --max_questions "$MAX_QUESTIONS"
               --max_new_tokens "$MAX_NEW_TOKENS" --output_file "$2" "${MODEL_ARGS[@]}")
@@ -121,3 +129,6 @@ say "training $TASK_NAME"
 RUN_DIR="$(ls -td "$TASK_ROOT/${TASK_NAME}_"*/ 2>/dev/null | head -n 1)"
 echo "${RUN_DIR%/}" > "$MARKER"
 say "done: ${RUN_DIR%/} (RESULTS.md there); log $LOG"
+}
+
+main "$@"

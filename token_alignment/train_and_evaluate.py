@@ -28,6 +28,7 @@ token_alignment/task/starred/.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
@@ -447,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         val_source = f"{args.val_fraction:.0%} of train clips held out"
     if not train_records or not val_records:
         raise SystemExit("no complete training/validation records: finish the extraction first")
+    pairs_used = {json.dumps([r.get("egpt_model"), r.get("videollava_model")], sort_keys=True)
+                  for r in train_records + val_records}
+    if len(pairs_used) > 1:
+        warnings.warn(f"the training/validation records come from {len(pairs_used)} different model pairs",
+                      stacklevel=1)
     overlap = {clip_of(r) for r in train_records} & {clip_of(r) for r in val_records}
     if overlap:
         warnings.warn(f"{len(overlap)} clips are in both train and validation", stacklevel=1)
@@ -460,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     val_report = teacher_forced_report(best, val_records, args.gamma)
     # --- the test split is read only now, after selection ---
     test_records = load_token_pairs(args.test_tokens)
+    test_pairs = {json.dumps([r.get("egpt_model"), r.get("videollava_model")], sort_keys=True) for r in test_records}
+    if test_pairs - pairs_used:
+        warnings.warn("the test records come from another model pair than the training records", stacklevel=1)
     leaked = {clip_of(r) for r in test_records} & {clip_of(r) for r in train_records + val_records}
     if leaked:
         warnings.warn(f"{len(leaked)} test clips also appear in train/validation: test numbers are optimistic",

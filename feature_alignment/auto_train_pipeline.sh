@@ -17,6 +17,7 @@ TRAIN_DIR="${TRAIN_DIR:-$REPO_DIR/feature_alignment/hidden/train}"
 TEST_DIR="${TEST_DIR-$REPO_DIR/feature_alignment/hidden/test}"      # "" = no offline test evaluation
 DATASET_DIR="${DATASET_DIR-}"                                       # "" = the default synthetic split
 LIVE_SPLIT="${LIVE_SPLIT:-test}"
+LIVE_MAX_QUESTIONS="${LIVE_MAX_QUESTIONS:-1}"                        # 1: one sample per clip (the clip's own question)
 EVENTGPT_PATH="${EVENTGPT_PATH-}"                                   # "" = the default pair
 VIDEOLLAVA_PATH="${VIDEOLLAVA_PATH-}"
 TASKS_DIR="${TASKS_DIR:-$REPO_DIR/feature_alignment/tasks}"
@@ -65,7 +66,7 @@ model_args=()
 [[ -n "$EVENTGPT_PATH" ]] && model_args+=(--eventgpt_path "$EVENTGPT_PATH")
 [[ -n "$VIDEOLLAVA_PATH" ]] && model_args+=(--videollava_path "$VIDEOLLAVA_PATH")
 [[ -n "$QUANT" ]] && model_args+=(--quant "$QUANT")
-data_args=(--split "$LIVE_SPLIT")
+data_args=(--split "$LIVE_SPLIT" --max_questions "$LIVE_MAX_QUESTIONS")
 [[ -n "$DATASET_DIR" ]] && data_args+=(--dataset_dir "$DATASET_DIR")
 
 for level in $LEVELS; do

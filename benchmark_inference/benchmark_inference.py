@@ -27,7 +27,13 @@ from tqdm import tqdm
 from common.cli import add_common_args, set_seed, shard
 from common.data import ClipDataset
 from common.defaults import resolve_dataset_dir
-from common.drafters import add_drafter_args, drafter_factory
+from common.drafters import (
+    DrafterFactory,
+    add_drafter_args,
+    aligned_fields,
+    aligned_statistics,
+    drafter_factory,
+)
 from common.errors import DataError
 from common.pipeline import (
     STAGE_NAMES,
@@ -63,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult]:
+def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult, Any]:
     """Target + draft prefilled afresh, then the speculative loop; times are end to end."""
     start = time.perf_counter()
     tgt = prefill_sample(target, sample)
@@ -87,7 +93,7 @@ def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[
         "sd_target_forwards": result.target_forwards,
         "sd_iterations": [list(it) for it in result.iterations],
     }
-    return fields, result
+    return fields, result, drafter
 
 
 def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult]:
@@ -103,7 +109,10 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
     record.update(token_match_rate(in_target_vocab, record["videollava_token_ids"]))
     with lossless_numerics(target, args) as step:
         reference = reference_tokens(target, sample, args.max_new_tokens) if step else record["videollava_token_ids"]
-        sd_fields, result = speculative_sample(draft, target, sample, args, make_drafter)
+        sd_fields, result, drafter = speculative_sample(draft, target, sample, args, make_drafter)
+        if make_drafter.kind == "token_adapter":  # the raw EventGPT drafter on the same sample, for comparison
+            _, raw_result, _ = speculative_sample(draft, target, sample, args, DrafterFactory("eventgpt"))
+            record.update(aligned_fields(make_drafter, drafter, result, raw_result))
     record.update(sd_fields)
     record["videollava_reference_token_ids"] = reference
     record["sd_identical"] = record["sd_token_ids"] == reference
@@ -147,6 +156,7 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int) -> dict[str, A
     stats["sd_cost_ratio_c"] = c
     stats["sd_token_acceptance_probability"] = a
     stats["sd_speedup_predicted"] = None if a is None else predicted_speedup(a, gamma, c)
+    stats.update(aligned_statistics(ok, "sd_acceptance_rate", "sd_mean_accepted_length"))
     return stats
 
 

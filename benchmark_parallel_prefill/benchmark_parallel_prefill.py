@@ -25,7 +25,13 @@ from tqdm import tqdm
 from common.cli import add_common_args, set_seed, shard
 from common.data import ClipDataset, default_frame_cache
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.drafters import add_drafter_args, drafter_factory
+from common.drafters import (
+    DrafterFactory,
+    add_drafter_args,
+    aligned_fields,
+    aligned_statistics,
+    drafter_factory,
+)
 from common.errors import DataError
 from common.models.loader import load_vlm
 from common.parallel import run_parallel, timed
@@ -86,6 +92,11 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
         out = run_parallel(draft, target, sample, make_drafter, max_new_tokens=args.max_new_tokens,
                            gamma=args.gamma_after_prefill if args.gamma_after_prefill is not None else args.gamma,
                            max_free_tokens=args.max_free_tokens)
+        aligned = {}
+        if make_drafter.kind == "token_adapter":  # the raw EventGPT drafter on the same sample, for comparison
+            raw = run_parallel(draft, target, sample, DrafterFactory("eventgpt"), max_new_tokens=args.max_new_tokens,
+                               gamma=args.gamma, max_free_tokens=args.max_free_tokens)
+            aligned = aligned_fields(make_drafter, out.drafter, out.result, raw.result)
     res = out.result
     record: dict[str, Any] = {
         "id": sample.id, "split": sample.split, "query": sample.question,
@@ -111,6 +122,7 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
         record[f"egpt_{stage}_time"] = out.draft.times[stage]
         record[f"videollava_alone_{stage}_time"] = alone_stages[stage]
     record["target_prefill_slowdown"] = out.target.times["stage4"] / alone_stages["stage4"]
+    record.update(aligned)
     return record, out.intervals
 
 
@@ -142,6 +154,7 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int, cost_ratio: fl
     for model in ("egpt", "videollava"):
         for stage in STAGES[:4]:
             stats[f"{model}_{stage}_time_avg"] = summarize(r[f"{model}_{stage}_time"] for r in ok)["mean"]
+    stats.update(aligned_statistics(ok, "acceptance_rate", "mean_accepted_length"))
     return stats
 
 

@@ -77,3 +77,25 @@ def drafter_factory(args: argparse.Namespace, device: Any = "cpu") -> DrafterFac
         adapter = load_any_adapter(args.hidden_adapter, device)
         return DrafterFactory(kind, adapter=adapter, hidden_layers=adapter_input_layers(adapter))
     return DrafterFactory(kind)
+
+
+def aligned_fields(factory: DrafterFactory, drafter: Any, result: Any, raw_result: Any) -> dict[str, Any]:
+    """Per-sample fields behind the TokenAdapter's aligned metrics (empty for other drafters)."""
+    if factory.kind != "token_adapter":
+        return {}
+    annotated = drafter.annotate(result)
+    return {"aligned_top5_rate": annotated.get("top5_rate"), "raw_acceptance_rate": raw_result.acceptance_rate,
+            "raw_mean_accepted_length": raw_result.mean_accepted_length}
+
+
+def aligned_statistics(records: list[dict[str, Any]], rate_key: str, length_key: str) -> dict[str, Any]:
+    """``aligned_acceptance_rate_avg/std``, ``aligned_top5_rate_avg``, ``aligned_improvement``, ... over records."""
+    rows = [r for r in records if "raw_acceptance_rate" in r]
+    if not rows:
+        return {}
+    from token_alignment.drafter import aligned_metrics
+
+    return aligned_metrics(
+        ({"acceptance_rate": r["raw_acceptance_rate"], "mean_accepted_length": r["raw_mean_accepted_length"]},
+         {"acceptance_rate": r[rate_key], "mean_accepted_length": r[length_key],
+          "top5_rate": r.get("aligned_top5_rate")}) for r in rows)

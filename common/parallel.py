@@ -39,6 +39,7 @@ class ParallelOutcome:
     target_prefill_end: float  # seconds on the run's clock
     draft_prefill_end: float
     timings: dict[str, float] = field(default_factory=dict)
+    drafter: Any = None
 
     @property
     def overlap_window(self) -> float:
@@ -141,7 +142,8 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
     clock.record("speculative decode", spec_start, end, "target")
     return ParallelOutcome(result=result, target=box["target"], draft=box["draft"], free_tokens=free,
                            intervals=clock.intervals, wall_seconds=end, target_prefill_end=box["target_end"],
-                           draft_prefill_end=box["draft_end"], timings={"speculative_seconds": end - spec_start})
+                           draft_prefill_end=box["draft_end"], timings={"speculative_seconds": end - spec_start},
+                           drafter=box["drafter"])
 
 
 def timed(fn, device: torch.device) -> tuple[float, Any]:

@@ -70,3 +70,21 @@ def test_bad_sample_is_recorded_and_skipped(tiny_models_dir, tiny_dataset, tmp_p
     bad = [s for s in samples if "error" in s]
     assert len(bad) == 1 and str(mp4.name) in bad[0]["error"]
     assert out["statistics"]["num_samples"] == 1 and out["statistics"]["num_failed"] == 1
+
+
+def test_token_adapter_drafter_reports_aligned_metrics(tiny_models_dir, tiny_dataset, tmp_path):  # noqa: F811
+    from common.models.loader import load_vlm
+    from token_alignment.token_adapter import TokenAdapter, TokenAdapterConfig
+
+    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", device="cpu")
+    target = load_vlm("videollava", tiny_models_dir / "videollava", device="cpu")
+    TokenAdapter(TokenAdapterConfig(draft_vocab_size=draft.vocab_size, target_vocab_size=target.vocab_size,
+                                    vocab_limit=min(draft.base_vocab_size, target.base_vocab_size), d_model=32,
+                                    n_layers=1, n_heads=2)).save_pretrained(tmp_path / "adapter")
+    out = bi.main(_argv(tiny_models_dir, tiny_dataset, tmp_path / "out", "--max_samples", "1",
+                        "--use_token_adapter", "--token_adapter_path", str(tmp_path / "adapter")))
+    stats = out["statistics"]
+    assert stats["drafter"] == "token_adapter" and stats["sd_lossless_rate"] == 1.0
+    for key in ("aligned_acceptance_rate_avg", "aligned_acceptance_rate_std", "aligned_top5_rate_avg",
+                "aligned_improvement"):
+        assert key in stats

@@ -17,6 +17,11 @@ the index (finished samples skipped, same deterministic order and batches); SIGT
 or SIGHUP finish the current batch, write what is buffered as a chunk and exit cleanly; a
 killed run loses at most the unfinished chunk. ``--num_chunks N --chunk_idx K`` (sharding for
 parallel jobs) writes into ``OUTPUT_DIR/part_KK_of_NN/``; readers merge the shards.
+
+Several GPUs: ``accelerate launch --num_processes N -m feature_alignment.extract_hidden_states ...``
+(or torchrun) with no --num_chunks: rank r takes shard r of N (``part_RR_of_NN/``, one GPU each),
+every rank resumes its own shard, and rank 0 waits for all ranks, then checks that the shards
+together hold every planned sample (readers merge them in global sample order).
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from tqdm import tqdm
 from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
 from common.data import ClipDataset
 from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
+from common.distributed import barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
 from common.speculative import autoregressive_generate
 from feature_alignment.hidden_store import (
     LM_HEAD_FILE,
     LOCK_FILE,
+    HiddenStore,
     SampleRecord,
     chunk_name,
     load_index,
@@ -288,10 +295,11 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
     if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
+    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
     set_seed(args.seed)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     egpt_path, vl_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
-    device = resolve_device(args.device)
+    device = resolve_device(local_device(args.device))
     quant = resolve_quant(args)
     split = _resolve_split(dataset_dir, args.split)
     dataset = ClipDataset(dataset_dir, split=split, max_questions=args.max_questions,
@@ -308,11 +316,37 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     stop = StopFlag()
     stop.install()
     try:
-        return _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path,
-                    stop, models)
+        summary = _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path,
+                       vl_path, stop, models)
     finally:
         stop.restore()
         lock.unlink(missing_ok=True)
+    if launched:
+        summary.update(merge_launched(root, args, dataset))
+    return summary
+
+
+def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset) -> dict[str, Any]:
+    """After every rank finished its shard: rank 0 checks the merged view (all shards, global order)."""
+    rank, size, _ = world()
+    barrier()
+    out: dict[str, Any] = {"rank": rank, "world_size": size}
+    if rank == 0:
+        planned = list(range(len(dataset)))
+        if args.max_samples is not None:
+            planned = planned[: args.max_samples]
+        store = HiddenStore.open(root)
+        failed = {f["id"] for i in store.indexes for f in i["failed"]}
+        want = [dataset.samples[i].id for i in planned if dataset.samples[i].id not in failed]
+        merged_ok = store.complete and store.sample_ids() == want
+        out.update(merged_complete=merged_ok, merged_samples=store.num_samples,
+                   merged_positions=store.num_positions)
+        if not merged_ok:
+            log.warning("%s: the shards do not hold every planned sample yet (complete=%s, %d/%d samples); "
+                        "rerun the same command to resume", root, store.complete, store.num_samples, len(want))
+    barrier()
+    destroy()
+    return out
 
 
 def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,

@@ -19,7 +19,13 @@ finished parts) are skipped, a truncated last line from a killed run is dropped,
 written twice. A lock file (OUTPUT.lock) makes a second run for the same output wait for the
 first. Model paths and the dataset default to the embedded pair and synthetic split
 (common.defaults). ``--num_chunks/--chunk_idx`` shard the samples: give each shard its own
---output_file; training accepts several token files.
+--output_file; training accepts several token files (or merge them with
+``python -m token_alignment.merge_tokens PARTS... --output_file F``).
+
+Several GPUs: ``accelerate launch --num_processes N -m token_alignment.extract_tokens ...`` (or
+torchrun) with no --num_chunks: rank r takes shard r of N and writes ``F.part_RR_of_NN.jsonl``
+(resumable per rank); when all ranks are done rank 0 writes the merged ``F`` atomically, in global
+sample order.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from tqdm import tqdm
 from common.cli import add_common_args, set_seed, shard
 from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
 from common.speculative import autoregressive_generate
 from token_alignment.pairs import (
@@ -78,6 +85,11 @@ def default_output_file(split: str | None, max_questions: int, num_chunks: int =
     if num_chunks > 1:
         name += f"_chunk{chunk_idx}of{num_chunks}"
     return DEFAULT_OUTPUT_DIR / f"{name}.jsonl"
+
+
+def part_file(output: Path, num_chunks: int, chunk_idx: int) -> Path:
+    """The file rank ``chunk_idx`` of a launched run writes: ``F.part_KK_of_NN.jsonl`` beside ``F``."""
+    return output.with_name(f"{output.stem}.part_{chunk_idx:02d}_of_{num_chunks:02d}{output.suffix or '.jsonl'}")
 
 
 def _rel(path: Path | None, root: Path) -> str | None:
@@ -196,10 +208,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     set_seed(args.seed)
     if args.max_new_tokens < 1:
         raise SystemExit("--max_new_tokens must be >= 1")
+    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    args.device = local_device(args.device)
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
-    output = Path(args.output_file) if args.output_file else default_output_file(
-        args.split, args.max_questions, args.num_chunks, args.chunk_idx)
+    merged_output = Path(args.output_file) if args.output_file else default_output_file(args.split, args.max_questions)
+    if launched:
+        output = part_file(merged_output, args.num_chunks, args.chunk_idx)
+    else:
+        output = Path(args.output_file) if args.output_file else default_output_file(
+            args.split, args.max_questions, args.num_chunks, args.chunk_idx)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
                           allow_pickle=args.allow_pickle)
     errors: list[tuple[str, str]] = []
@@ -293,7 +311,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
           f"{summary['raw_position_match_rate']}")
+    if launched:
+        summary.update(_merge_launched(merged_output, args.num_chunks, complete=len(done) == len(samples)))
     return summary
+
+
+def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dict:
+    """Every rank waits; rank 0 then writes the merged file from all parts (global order), atomically."""
+    rank, size, _ = world()
+    barrier()
+    all_complete = all_true(complete)  # every rank's "all my samples complete" flag
+    out: dict[str, Any] = {"rank": rank, "world_size": size, "merged_file": str(merged_output),
+                           "merged_complete": all_complete}
+    if rank == 0:
+        if all_complete:
+            from token_alignment.merge_tokens import merge_token_files
+
+            parts = [part_file(merged_output, num_chunks, k) for k in range(num_chunks)]
+            out["merged_samples"] = merge_token_files(parts, merged_output)["num_samples"]
+            print(f"{merged_output}: merged {out['merged_samples']} samples from {num_chunks} parts")
+        else:
+            print(f"{merged_output}: not merged, some ranks have unfinished or failed samples; rerun the same "
+                  "command to resume (or merge the parts with python -m token_alignment.merge_tokens)")
+    barrier()
+    destroy()
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""Multi-process helpers for scripts started by ``accelerate launch`` or ``torchrun``.
+
+The launchers set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (plus ``MASTER_ADDR``/``MASTER_PORT``);
+plain ``python -m ...`` sets none of them and every helper here is then a no-op (world size 1),
+so a script behaves exactly as before when run alone.
+
+Extraction scripts use :func:`launcher_shard` (rank r takes shard r of WORLD_SIZE, the same
+contiguous :func:`common.cli.shard`) and :func:`barrier` (a CPU ``gloo`` group, so waiting for
+slower ranks never hits a GPU collective's timeout). Training scripts use ``accelerate.Accelerator``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+
+BARRIER_TIMEOUT = datetime.timedelta(hours=float(os.environ.get("BARRIER_TIMEOUT_HOURS", "24")))
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment; (0, 1, 0) when not launched."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
+    return rank, size, local
+
+
+def launcher_shard(args: Any) -> bool:
+    """Under a launcher with no explicit ``--num_chunks`` (> 1): set ``args.num_chunks/chunk_idx`` to
+    (WORLD_SIZE, RANK). Returns True when the launcher picked the shard."""
+    rank, size, _ = world()
+    if size > 1 and int(getattr(args, "num_chunks", 1) or 1) == 1:
+        args.num_chunks, args.chunk_idx = size, rank
+        return True
+    return False
+
+
+def local_device(name: str | torch.device | None) -> str | torch.device | None:
+    """``auto``/``cuda`` become ``cuda:LOCAL_RANK`` under a launcher (one GPU per process)."""
+    _, size, local = world()
+    if size > 1 and torch.cuda.is_available() and str(name).lower() in ("auto", "none", "cuda"):
+        return f"cuda:{local % torch.cuda.device_count()}"
+    return name
+
+
+def init_group() -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_available() or world()[1] <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    return True
+
+
+def barrier() -> None:
+    """Wait for every rank (CPU gloo group created on first use); no-op in a single process."""
+    if init_group():
+        import torch.distributed as dist
+
+        if dist.get_backend() == "gloo":
+            dist.barrier()
+        else:  # a group made by someone else (e.g. nccl): a CPU-side collective through a gloo subgroup
+            group = dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
+            dist.barrier(group=group)
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (a gloo all-reduce); ``flag`` itself in one process."""
+    if not init_group():
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([int(bool(flag))], dtype=torch.long)
+    if dist.get_backend() == "gloo":
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT))
+    return bool(int(t))
+
+
+def destroy() -> None:
+    """Tear down the group made by :func:`barrier` (call once at the end of a launched script)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

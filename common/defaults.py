@@ -19,6 +19,9 @@ DEFAULT_DATASET_DIR = REPO_ROOT / "data" / "synthetic_default"
 DEFAULT_DATASET_ARGS = ["--num_clips", "12", "--duration", "1s", "--split", "test", "--seed", "1000",
                         "--width", "320", "--height", "240"]
 
+# A small train split in the same folder (different seed), for the demo's alignment runs.
+DEFAULT_TRAIN_ARGS = ["--num_clips", "24", "--duration", "1s", "--split", "train", "--seed", "2000"]
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +48,20 @@ def default_dataset_dir() -> Path:
         log.warning("generating the default synthetic dataset in %s (first use)", DEFAULT_DATASET_DIR)
         make_dataset(["--output_dir", str(DEFAULT_DATASET_DIR), *DEFAULT_DATASET_ARGS])
     return DEFAULT_DATASET_DIR
+
+
+def default_train_split() -> Path:
+    """The default folder with its small synthetic train split added (generated on first use)."""
+    folder = default_dataset_dir()
+    index = folder / "EventGPT_Instruction_Subset.json"
+    if '"split": "train"' not in index.read_text():
+        from scripts.make_synthetic_dataset import main as make_dataset
+
+        size = [a for flag in ("--width", "--height") if flag in DEFAULT_DATASET_ARGS
+                for a in (flag, DEFAULT_DATASET_ARGS[DEFAULT_DATASET_ARGS.index(flag) + 1])]
+        log.warning("adding a small synthetic train split to %s (first use)", folder)
+        make_dataset(["--output_dir", str(folder), *DEFAULT_TRAIN_ARGS, *size])
+    return folder
 
 
 def resolve_model_paths(eventgpt_path: str | None, videollava_path: str | None) -> tuple[Path, Path]:

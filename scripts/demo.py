@@ -12,7 +12,6 @@ then writes ``results/demo/SUMMARY.md`` with the key numbers of THIS run and lin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common.defaults import default_dataset_dir, default_model_path
+from common.defaults import default_dataset_dir, default_model_path, default_train_split
 from common.results import atomic_write_text, markdown_table
 
 
@@ -32,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_samples", type=int, default=6, help="samples per benchmark (default 6)")
     p.add_argument("--max_new_tokens", type=int, default=30, help="tokens per answer (default 30)")
     p.add_argument("--gamma", type=int, default=3, help="draft tokens per step (default 3)")
+    p.add_argument("--align_train_samples", type=int, default=16,
+                   help="train samples extracted for the small alignment runs (default 16)")
     p.add_argument("--skip_alignment", action="store_true", help="only the two benchmarks")
     return p
 
@@ -89,17 +90,48 @@ def run_benchmarks(args, common_argv: list[str], out: Path) -> tuple[list[dict],
     return rows, pngs
 
 
-def run_alignment(args, out: Path) -> list[dict]:
-    """Small token- and feature-alignment runs, when those stages are installed."""
+def run_alignment(args, model_argv: list[str], out: Path) -> list[dict]:
+    """A small token-alignment and a small feature-alignment run on the default train/test splits."""
+    from feature_alignment.extract_hidden_states import main as extract_hidden
+    from feature_alignment.train_hidden_adapter import main as train_hidden
+    from token_alignment.extract_tokens import main as extract_tokens
+    from token_alignment.train_and_evaluate import main as train_tokens
+
+    dataset = str(default_train_split())
+    base = ["--dataset_dir", dataset, *model_argv, "--device", "cpu", "--max_new_tokens", str(args.max_new_tokens)]
     rows: list[dict] = []
-    if importlib.util.find_spec("token_alignment.demo_run") is not None:
-        from token_alignment.demo_run import run as token_demo
-
-        rows += token_demo(out / "token_alignment")
-    if importlib.util.find_spec("feature_alignment.demo_run") is not None:
-        from feature_alignment.demo_run import run as feature_demo
-
-        rows += feature_demo(out / "feature_alignment")
+    t0 = time.perf_counter()
+    files = {}
+    for split, n in (("train", args.align_train_samples), ("test", args.max_samples)):
+        files[split] = out / "token_alignment" / f"tokens_{split}.jsonl"
+        extract_tokens([*base, "--split", split, "--max_samples", str(n), "--parallel",
+                        "--output_file", str(files[split])])
+    result = train_tokens(["--train_tokens", str(files["train"]), "--test_tokens", str(files["test"]),
+                           "--task_name", "demo", "--output_dir", str(out / "token_alignment" / "task"),
+                           "--epochs", "8", "--d_model", "64", "--n_layers", "2", "--live_samples", "3",
+                           "--gamma", str(args.gamma), *base])
+    stats = result["statistics"]
+    tf, live = stats["test_teacher_forced"], stats.get("live") or {}
+    rows.append({"stage": "token_alignment", "metric": "teacher-forced top-1 on test: raw draft token / TokenAdapter",
+                 "value": f"{_fmt(tf.get('baseline_position_match'))} / {_fmt(tf.get('adapter_top1'))}"})
+    raw, ada = live.get("raw", {}), live.get("adapter", {})
+    rows.append({"stage": "token_alignment", "metric": "live acceptance: raw EventGPT / TokenAdapter (lossless rate)",
+                 "value": f"{_fmt(raw.get('acceptance_rate'))} / {_fmt(ada.get('acceptance_rate'))} "
+                          f"({_fmt(ada.get('lossless_rate'))})"})
+    rows.append({"stage": "token_alignment", "metric": "seconds", "value": f"{time.perf_counter() - t0:.0f}"})
+    t0 = time.perf_counter()
+    hidden = {}
+    for split, n in (("train", args.align_train_samples), ("test", args.max_samples)):
+        hidden[split] = out / "feature_alignment" / f"hidden_{split}"
+        extract_hidden([*base, "--split", split, "--max_samples", str(n), "--layers", "-1",
+                        "--output_dir", str(hidden[split])])
+    trained = train_hidden(["--train_dir", str(hidden["train"]), "--test_dir", str(hidden["test"]),
+                            "--adapter_level", "1", "--epochs", "8", "--output_dir",
+                            str(out / "feature_alignment" / "L1")])
+    test = trained.get("test") or {}
+    rows.append({"stage": "feature_alignment", "metric": "L1 adapter on test: cosine / acc@0.90 / top-1 via target LM head",
+                 "value": f"{_fmt(test.get('cos'))} / {_fmt(test.get('acc@0.90'))} / {_fmt(test.get('top1'))}"})
+    rows.append({"stage": "feature_alignment", "metric": "seconds", "value": f"{time.perf_counter() - t0:.0f}"})
     return rows
 
 
@@ -118,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "--gamma", str(args.gamma), "--task_name", "demo", "--no_resume", "--device", "cpu"]
     rows, pngs = run_benchmarks(args, common_argv, out)
     if not args.skip_alignment:
-        rows += run_alignment(args, out)
+        rows += run_alignment(args, common_argv[2:6], out)
     seconds = time.perf_counter() - started
     trained = "the shipped trained pair (models/)" if egpt.parent.name == "models" else \
         "RANDOM tiny models (no shipped pair found): acceptance numbers are noise"

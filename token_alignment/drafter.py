@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -40,21 +41,38 @@ def _resolve_root(root: str | os.PathLike) -> Path:
     return root
 
 
-def find_latest_adapter(root: str | os.PathLike = DEFAULT_ROOT) -> Path | None:
+def _trained_with(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / CONFIG_NAME).read_text()).get("extra", {}).get("trained_with", {}) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def find_latest_adapter(root: str | os.PathLike = DEFAULT_ROOT, *, eventgpt_path: str | os.PathLike | None = None,
+                        videollava_path: str | os.PathLike | None = None) -> Path | None:
     """The checkpoint folder of the newest FINISHED training run under ``root`` (starred copies included).
 
     A run counts when ``<run>/DONE`` exists and ``<run>/checkpoint`` holds config.json and
-    model.safetensors; newest = latest checkpoint weights modification time. A relative ``root``
-    that does not exist from the current directory is tried relative to the repository.
+    model.safetensors; newest = latest checkpoint weights modification time. With
+    ``eventgpt_path``/``videollava_path`` only adapters trained on token pairs of those checkpoints
+    count (an adapter made for another pair proposes poorly). A relative ``root`` that does not
+    exist from the current directory is tried relative to the repository.
     """
     root = _resolve_root(root)
     if not root.is_dir():
         return None
+    want = {k: str(Path(p).resolve()) for k, p in (("egpt_model", eventgpt_path), ("videollava_model", videollava_path))
+            if p is not None}
     found = []
     for run in list(root.iterdir()) + (list((root / "starred").iterdir()) if (root / "starred").is_dir() else []):
         ckpt = run / CHECKPOINT_DIR
-        if run.is_dir() and (run / "DONE").is_file() and _is_checkpoint(ckpt):
-            found.append(((ckpt / WEIGHTS_NAME).stat().st_mtime, run.name, ckpt))
+        if not (run.is_dir() and (run / "DONE").is_file() and _is_checkpoint(ckpt)):
+            continue
+        if want:
+            made = _trained_with(ckpt)
+            if any((made.get(k) or {}).get("path") != v for k, v in want.items()):
+                continue
+        found.append(((ckpt / WEIGHTS_NAME).stat().st_mtime, run.name, ckpt))
     return max(found)[2] if found else None
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -348,6 +349,10 @@ class TokenAdapterDrafter:
         if needs_model and (draft_model is None or draft_state is None):
             raise ValueError("this adapter needs the draft model and its freshly prefilled state "
                              "(draft_model=, draft_state=)")
+        if draft_model is not None and int(getattr(draft_model, "vocab_size", c.draft_vocab_size)) != c.draft_vocab_size:
+            warnings.warn(f"this TokenAdapter was trained for a draft model with {c.draft_vocab_size} vocabulary rows, "
+                          f"not {draft_model.vocab_size}: its proposals will be poor (the output stays lossless)",
+                          stacklevel=2)
         self.model = SafeDraftModel(draft_model, c.vocab_limit) if draft_model is not None else None
         self.state = draft_state
         if draft_state is not None and draft_state.length != draft_state.prompt_length:

@@ -116,7 +116,9 @@ def _config_from(records: Sequence[dict], args: argparse.Namespace) -> TokenAdap
                 for r in records)
     max_new = max(int(r.get("max_new_tokens") or len(r["egpt_token_ids"])) for r in records)
     longest = max(max(len(r["egpt_token_ids"]), len(r["videollava_token_ids"])) for r in records)
+    models = {key: records[0].get(key) for key in ("egpt_model", "videollava_model") if records[0].get(key)}
     return TokenAdapterConfig(
+        extra={"trained_with": models},
         draft_vocab_size=max(int(r["egpt_vocab_size"]) for r in records),
         target_vocab_size=max(int(r["videollava_vocab_size"]) for r in records),
         vocab_limit=limit, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,

@@ -23,6 +23,13 @@ LM head (saved by the extraction; ids outside the shared base vocabulary are mas
 drafter masks them). Outputs in ``--output_dir``: config.json, history.json, results.json,
 RESULTS.md, training_curves.png, best.safetensors, and last.safetensors +
 last_optimizer.safetensors + train_state.json to resume (on by default).
+
+Several GPUs (DistributedDataParallel through accelerate; plain python = one process):
+    accelerate launch --num_processes N -m feature_alignment.train_hidden_adapter ...
+Every rank streams the same chunk order and takes its contiguous share of each global batch
+(``--batch_size`` stays the global batch); each rank's loss is its share of the global batch's
+position sums, so the averaged gradients equal one process's update on the whole batch. Metrics
+are summed across ranks; only the main process writes checkpoints, plots and RESULTS.md.
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common.cli import resolve_device, set_seed
+from common.cli import resolve_device, set_seed, shard
 from common.defaults import REPO_ROOT
+from common.distributed import local_device
 from common.plots import plot_training_curves
 from common.results import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from feature_alignment.hidden_adapter import (
@@ -179,16 +187,24 @@ class Meter:
 
 def position_terms(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lm_head: torch.Tensor | None,
                    vocab_limit: int | None, weights: dict[str, float], meter: Meter | None, tag: str = "",
-                   ) -> torch.Tensor:
-    """Loss over valid positions (pred/target (N, H), ids (N,)) and metric sums into ``meter``."""
+                   denom: float | None = None) -> torch.Tensor:
+    """Loss over valid positions (pred/target (N, H), ids (N,)) and metric sums into ``meter``.
+
+    ``denom``: divide the position sums by this count instead of N (a rank's share of a global
+    batch of ``denom`` positions); None = the mean over these N positions.
+    """
     rel = ((pred - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-6)
     cos = F.cosine_similarity(pred, target, dim=-1)
-    loss = weights["mse"] * rel.mean() + weights["cos"] * (1.0 - cos).mean()
+    if denom is None:
+        loss = weights["mse"] * rel.mean() + weights["cos"] * (1.0 - cos).mean()
+    else:
+        loss = (weights["mse"] * rel.sum() + weights["cos"] * (1.0 - cos).sum()) / denom
     logits = None
     if lm_head is not None:
         logits = pred @ lm_head.t()
         if weights["token"] > 0:
-            loss = loss + weights["token"] * F.cross_entropy(logits, ids)
+            ce = F.cross_entropy(logits, ids) if denom is None else F.cross_entropy(logits, ids, reduction="sum") / denom
+            loss = loss + weights["token"] * ce
     if meter is not None:
         n = pred.shape[0]
         with torch.no_grad():
@@ -209,15 +225,22 @@ def position_terms(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, 
 
 def batch_loss(adapter: BaseAdapter, x: torch.Tensor, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                lm_head: torch.Tensor | None, vocab_limit: int | None, weights: dict[str, float],
-               meter: Meter | None) -> torch.Tensor:
-    """Loss of one padded batch (x (B, T, H_in), h (B, T, H_out), ids/mask (B, T))."""
-    aligned, nxt = adapter(x, tokens=ids if adapter.predicts_next else None)
-    loss = position_terms(aligned[mask], h[mask], ids[mask], lm_head, vocab_limit, weights, meter)
+               meter: Meter | None, denoms: tuple[float, float] | None = None) -> torch.Tensor:
+    """Loss of one padded batch (x (B, T, H_in), h (B, T, H_out), ids/mask (B, T)).
+
+    ``denoms``: (positions, next-state positions) of the global batch this is a share of; None =
+    means over this batch.
+    """
+    module = getattr(adapter, "module", adapter)  # DistributedDataParallel wraps the adapter
+    aligned, nxt = adapter(x, tokens=ids if module.predicts_next else None)
+    loss = position_terms(aligned[mask], h[mask], ids[mask], lm_head, vocab_limit, weights, meter,
+                          denom=denoms[0] if denoms else None)
     if nxt is not None and weights["next"] > 0 and mask.shape[1] > 1:
         m = mask[:, 1:]
         if m.any():
             loss = loss + weights["next"] * position_terms(nxt[:, :-1][m], h[:, 1:][m], ids[:, 1:][m], lm_head,
-                                                           vocab_limit, weights, meter, tag="next_")
+                                                           vocab_limit, weights, meter, tag="next_",
+                                                           denom=denoms[1] if denoms else None)
     return loss
 
 
@@ -240,12 +263,20 @@ def pad_batch(chunk, spans: Sequence[tuple[int, int]], device: torch.device):
 def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None, *, batch_size: int,
              input_layer: int, target_layer: int, lm_head: torch.Tensor | None, vocab_limit: int | None,
              weights: dict[str, float], device: torch.device, optimizer: torch.optim.Optimizer | None = None,
-             grad_clip: float = 0.0, rng: np.random.Generator | None = None, desc: str = "") -> dict[str, Any]:
+             grad_clip: float = 0.0, rng: np.random.Generator | None = None, desc: str = "",
+             accelerator: Any = None) -> dict[str, Any]:
     """One streamed pass over ``store`` (training when ``optimizer`` is given); returns metric means.
 
     ``selected``: sample ids to use (None = all). Chunks are visited in a shuffled order and
     samples shuffled within a chunk when ``rng`` is given; one chunk is held at a time.
+    ``accelerator`` with several processes: every rank takes its contiguous share of each
+    global batch; metric sums are added up across ranks.
     """
+    if accelerator is not None and accelerator.num_processes > 1:
+        return _run_pass_distributed(adapter, store, selected, batch_size=batch_size, input_layer=input_layer,
+                                     target_layer=target_layer, lm_head=lm_head, vocab_limit=vocab_limit,
+                                     weights=weights, device=device, optimizer=optimizer, grad_clip=grad_clip,
+                                     rng=rng, desc=desc, accelerator=accelerator)
     train = optimizer is not None
     adapter.train(train)
     meter = Meter()
@@ -274,6 +305,69 @@ def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
                 positions += int(mask.sum())
             del chunk  # hold one chunk at a time
             bar.update(1)
+    out = meter.result("train" if train else "val")
+    out["positions"] = positions
+    return out
+
+
+def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, target_layer, lm_head, vocab_limit,
+                          weights, device, optimizer, grad_clip, rng, desc, accelerator) -> dict[str, Any]:
+    """run_pass with DDP: the same global batches as one process, split contiguously across ranks."""
+    import torch.distributed as dist
+
+    train = optimizer is not None
+    world, rank = accelerator.num_processes, accelerator.process_index
+    module = getattr(adapter, "module", adapter)
+    model = adapter if train else module  # evaluation needs no gradient sync
+    model.train(train)
+    next_on = module.predicts_next and weights["next"] > 0
+    meter = Meter()
+    order = list(range(len(store.chunks)))
+    if rng is not None:
+        order = [int(i) for i in rng.permutation(len(order))]
+    positions = 0
+    local_loss = 0.0
+    with tqdm(total=len(order), desc=desc, unit="chunk", disable=None if accelerator.is_main_process else True,
+              leave=False) as bar:
+        for chunk in store.iter_chunks(input_layer, target_layer, order):
+            spans = [chunk.span(i) for i, sid in enumerate(chunk.sample_ids) if selected is None or sid in selected]
+            spans = [s for s in spans if s[1] > s[0]]
+            if rng is not None:
+                spans = [spans[int(i)] for i in rng.permutation(len(spans))]
+            for b in range(0, len(spans), batch_size):
+                batch = spans[b:b + batch_size]
+                lengths = [e - a for a, e in batch]
+                denoms = (float(sum(lengths)), float(sum(max(n - 1, 0) for n in lengths)) if next_on else 1.0)
+                mine = shard(batch, world, rank)
+                with torch.set_grad_enabled(train):
+                    if mine:
+                        x, h, ids, mask = pad_batch(chunk, mine, device)
+                        loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, meter, denoms)
+                        positions += int(mask.sum())
+                    else:  # more ranks than samples in this batch: a forward on the batch's first sample,
+                        # weighted 0, so DDP's gradient sync still sees this rank (zero gradients)
+                        x, h, ids, mask = pad_batch(chunk, batch[:1], device)
+                        loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, None, denoms) * 0.0
+                if train:
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss * world)  # DDP averages gradients over ranks: undo the 1/world
+                    if grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    optimizer.step()
+                local_loss += float(loss.detach())
+                meter.loss_batches += 1
+            del chunk  # hold one chunk at a time
+            bar.update(1)
+    # add up the metric sums of every rank (keys in a fixed order known to all ranks)
+    keys: list[list[str]] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(keys, sorted(meter.sums))
+    names = sorted({k for ks in keys for k in ks})
+    values = [local_loss, float(positions)] + [meter.sums.get(k, 0.0) for k in names] + \
+        [float(meter.counts.get(k, 0)) for k in names]
+    total = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduction="sum").tolist()
+    meter.loss_sum, positions = total[0], int(round(total[1]))
+    meter.sums = dict(zip(names, total[2:2 + len(names)]))
+    meter.counts = {k: int(round(v)) for k, v in zip(names, total[2 + len(names):])}
     out = meter.result("train" if train else "val")
     out["positions"] = positions
     return out
@@ -404,9 +498,12 @@ def _lm_head(store: HiddenStore, device: torch.device) -> tuple[torch.Tensor | N
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     set_seed(args.seed)
-    device = resolve_device(args.device)
+    accelerator = make_accelerator(args.device)
+    main_process = accelerator.is_main_process
+    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
     out = Path(args.output_dir) if args.output_dir else REPO_ROOT / "feature_alignment" / "tasks" / f"L{args.adapter_level}"
-    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
     train_dir = Path(args.train_dir) if args.train_dir else REPO_ROOT / "feature_alignment" / "hidden" / "train"
     store = HiddenStore.open(train_dir)
     if not store.complete:
@@ -452,9 +549,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "draft_hidden_size": cfg["draft_hidden_size"], "target_hidden_size": cfg["target_hidden_size"]}
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     run_args["train_dir"] = str(train_dir)
-    atomic_write_json(out / "config.json", {"args": run_args, "argv": list(argv) if argv is not None else sys.argv[1:],
-                                            "adapter_config": adapter.config.to_dict(), "meta": meta,
-                                            "extraction": cfg, "device": str(device)})
+    if main_process:
+        atomic_write_json(out / "config.json", {"args": run_args,
+                                                "argv": list(argv) if argv is not None else sys.argv[1:],
+                                                "adapter_config": adapter.config.to_dict(), "meta": meta,
+                                                "extraction": cfg, "device": str(device),
+                                                "num_processes": accelerator.num_processes})
 
     state = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "finished": False,
              "stop_reason": None}
@@ -473,18 +573,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             load_optimizer(optimizer, out / "last_optimizer.safetensors")
         log.info("resuming %s after epoch %d", out, state["epoch"])
     history: list[dict[str, Any]] = state["history"]
+    bare = adapter  # what checkpoints save (DDP wraps the model it trains)
+    if accelerator.num_processes > 1:
+        adapter, optimizer = accelerator.prepare(adapter, optimizer)
+        bare = accelerator.unwrap_model(adapter)
 
     shared = dict(batch_size=args.batch_size, input_layer=args.input_layer, target_layer=args.target_layer,
                   lm_head=lm_head, vocab_limit=vocab_limit, weights=weights, device=device)
+    dist_kw = {"accelerator": accelerator} if accelerator.num_processes > 1 else {}
     epoch = state["epoch"]
     while not state["finished"] and epoch < args.epochs:
         epoch += 1
         start = time.perf_counter()
         rng = np.random.default_rng([args.seed, epoch])
         train_stats = run_pass(adapter, store, train_ids, optimizer=optimizer, grad_clip=args.grad_clip, rng=rng,
-                               desc=f"epoch {epoch} train", **shared)
+                               desc=f"epoch {epoch} train", **shared, **dist_kw)
         with torch.no_grad():
-            val_stats = run_pass(adapter, val_store, val_ids, desc=f"epoch {epoch} val", **shared) \
+            val_stats = run_pass(bare, val_store, val_ids, desc=f"epoch {epoch} val", **shared, **dist_kw) \
                 if (val_ids is None or val_ids) else {}
         row = {"epoch": epoch, **{k: v for k, v in train_stats.items() if k != "positions"},
                **{k: v for k, v in val_stats.items() if k != "positions"},
@@ -495,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         epoch_meta = {**meta, "epoch": epoch, "metrics": to_jsonable(row)}
         if _better(monitor_value, state["best_value"], args.monitor if val_stats else "val_loss"):
             state.update(best_value=monitor_value, best_epoch=epoch, bad_epochs=0)
-            save_adapter(adapter, out / "best.safetensors", epoch_meta)
+            if main_process:
+                save_adapter(bare, out / "best.safetensors", epoch_meta)
         else:
             state["bad_epochs"] += 1
         if args.early_stopping > 0 and state["bad_epochs"] >= args.early_stopping:
@@ -504,14 +610,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         elif epoch >= args.epochs:
             state.update(finished=True, stop_reason="max epochs")
         state["epoch"] = epoch
-        save_adapter(adapter, out / "last.safetensors", epoch_meta)
-        save_optimizer(optimizer, out / "last_optimizer.safetensors")
-        atomic_write_json(state_file, {"args": run_args, "state": state})
-        atomic_write_json(out / "history.json", history)
+        if main_process:
+            save_adapter(bare, out / "last.safetensors", epoch_meta)
+            save_optimizer(optimizer, out / "last_optimizer.safetensors")
+            atomic_write_json(state_file, {"args": run_args, "state": state})
+            atomic_write_json(out / "history.json", history)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     if not state["finished"]:
         state.update(finished=True, stop_reason=state.get("stop_reason") or "max epochs")
-        atomic_write_json(state_file, {"args": run_args, "state": state})
+        if main_process:
+            atomic_write_json(state_file, {"args": run_args, "state": state})
+    accelerator.wait_for_everyone()  # best.safetensors is written before anyone reads it
 
     best_row = next((h for h in history if h["epoch"] == state["best_epoch"]), None)
     test_metrics = None
@@ -520,18 +629,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         test_store = HiddenStore.open(args.test_dir)
         test_metrics = evaluate(best, test_store, None, **shared)
     summary = {
-        "output_dir": str(out), "adapter_level": args.adapter_level, "adapter_config": adapter.config.to_dict(),
-        "num_parameters": adapter.num_parameters(), "input_layer": args.input_layer, "target_layer": args.target_layer,
+        "output_dir": str(out), "adapter_level": args.adapter_level, "adapter_config": bare.config.to_dict(),
+        "num_parameters": bare.num_parameters(), "num_processes": accelerator.num_processes, "input_layer": args.input_layer, "target_layer": args.target_layer,
         "train_samples": len(train_ids), "val_samples": len(val_ids) if val_ids is not None else val_store.num_samples,
         "val_source": val_source, "num_chunks": len(store.chunks), "epochs_run": state["epoch"],
         "stop_reason": state["stop_reason"], "monitor": args.monitor, "best_epoch": state["best_epoch"],
         "best": best_row, "test": test_metrics, "checkpoint": str(out / "best.safetensors"),
     }
-    atomic_write_json(out / "results.json", {"statistics": summary, "history": history})
-    atomic_write_text(out / "RESULTS.md", results_markdown(summary, history))
-    if history:
-        plot_history(history, out / "training_curves.png", f"L{args.adapter_level} hidden adapter")
+    if main_process:
+        atomic_write_json(out / "results.json", {"statistics": summary, "history": history})
+        atomic_write_text(out / "RESULTS.md", results_markdown(summary, history))
+        if history:
+            plot_history(history, out / "training_curves.png", f"L{args.adapter_level} hidden adapter")
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        accelerator.end_training()
     return summary
+
+
+def make_accelerator(device_name: str):
+    """An ``accelerate.Accelerator``: DDP under ``accelerate launch``/torchrun, a pass-through in one process.
+
+    Device placement stays ours, so one process keeps honouring ``--device`` (e.g. cuda:1).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    name = str(local_device(device_name))
+    cpu = name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+    # some ranks may skip a head in a step (e.g. L5's next-state terms on one-token answers)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=cpu, device_placement=False, kwargs_handlers=[ddp])
 
 
 if __name__ == "__main__":

@@ -462,5 +462,6 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = main()
-    print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks")})
+    print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks",
+                                  "rank", "merged_complete", "merged_samples") if k in result})
     sys.exit(0)

@@ -8,6 +8,11 @@
 # train (resumable: a rerun continues where it stopped), evaluate offline on TEST_DIR and live
 # on the dataset. Outputs go to feature_alignment/tasks/L<N>/, logs to feature_alignment/logs/.
 # Override any variable from the environment, e.g. LEVELS="1 5" EPOCHS=20 bash ...
+# Several GPUs: NUM_GPUS=4 trains each level with DDP under `accelerate launch --num_processes 4`
+# (BATCH_SIZE stays the global batch); multi-node: NUM_GPUS = total processes over all machines plus
+# ACCELERATE_ARGS="--num_machines 2 --machine_rank R --main_process_ip HOST --main_process_port 29500".
+# Extraction with several GPUs (run before this script, it waits for it):
+#   accelerate launch --num_processes 4 -m feature_alignment.extract_hidden_states --output_dir TRAIN_DIR ...
 set -euo pipefail
 
 # ---- paths and settings ---------------------------------------------------------------
@@ -29,6 +34,8 @@ LR="${LR:-1e-3}"
 EARLY_STOPPING="${EARLY_STOPPING:-5}"
 VAL_FRACTION="${VAL_FRACTION:-0.1}"
 DEVICE="${DEVICE:-auto}"
+NUM_GPUS="${NUM_GPUS:-1}"                                            # > 1: accelerate launch --num_processes
+ACCELERATE_ARGS="${ACCELERATE_ARGS-}"                                # extra accelerate launch flags
 QUANT="${QUANT-}"                                                   # "" = bf16 on CUDA, fp32 on CPU
 LIVE_SAMPLES="${LIVE_SAMPLES:-20}"
 GAMMA="${GAMMA:-5}"
@@ -59,6 +66,15 @@ wait_for() {  # $1 = extraction folder
   log "extraction complete: $1"
 }
 
+run_module() {  # run_module MODULE ARGS...: plain python, or accelerate launch when NUM_GPUS > 1
+  if [[ "$NUM_GPUS" -gt 1 ]]; then
+    # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
+    "$PYTHON" -m accelerate.commands.launch --num_processes "$NUM_GPUS" $ACCELERATE_ARGS -m "$@"
+  else
+    "$PYTHON" -m "$@"
+  fi
+}
+
 wait_for "$TRAIN_DIR"
 [[ -n "$TEST_DIR" ]] && wait_for "$TEST_DIR"
 
@@ -75,7 +91,7 @@ for level in $LEVELS; do
   test_args=()
   [[ -n "$TEST_DIR" ]] && test_args=(--test_dir "$TEST_DIR")
   # shellcheck disable=SC2086
-  if ! "$PYTHON" -m feature_alignment.train_hidden_adapter --train_dir "$TRAIN_DIR" --adapter_level "$level" \
+  if ! run_module feature_alignment.train_hidden_adapter --train_dir "$TRAIN_DIR" --adapter_level "$level" \
       --output_dir "$out" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
       --early_stopping "$EARLY_STOPPING" --val_fraction "$VAL_FRACTION" --device "$DEVICE" \
       "${test_args[@]}" $EXTRA_TRAIN_ARGS >> "$LOG_DIR/train_L$level.log" 2>&1; then

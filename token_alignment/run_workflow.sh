@@ -12,6 +12,10 @@
 # extraction resumes where it stopped (and a second extraction of the same output waits for the
 # first through OUTPUT.lock), training is skipped when a finished run is newer than its token files
 # (FORCE_TRAIN=1 retrains).
+# Several GPUs: NUM_GPUS=4 bash token_alignment/run_workflow.sh runs extraction and training under
+# `accelerate launch --num_processes $NUM_GPUS` (one shard / one DDP rank per GPU); multi-node: NUM_GPUS is
+# the total over all machines and ACCELERATE_ARGS="--num_machines 2 --machine_rank R --main_process_ip HOST
+# --main_process_port 29500" goes to accelerate launch (run the same command on every machine).
 set -euo pipefail
 
 # The whole script is one function, parsed before it runs: editing this file while a run is in
@@ -28,6 +32,8 @@ EVENTGPT_PATH="${EVENTGPT_PATH:-}"            # empty: the embedded default pair
 VIDEOLLAVA_PATH="${VIDEOLLAVA_PATH:-}"
 QUANT="${QUANT:-}"                            # 4bit, 8bit, bf16, fp16, fp32; empty: bf16 on CUDA, fp32 on CPU
 DEVICE="${DEVICE:-auto}"
+NUM_GPUS="${NUM_GPUS:-1}"                     # > 1: accelerate launch --num_processes NUM_GPUS
+ACCELERATE_ARGS="${ACCELERATE_ARGS:-}"        # extra accelerate launch flags (multi-node: --num_machines ...)
 DATASET_DIR="${DATASET_DIR:-data/synthetic_token_alignment}"  # holds both splits (train and test)
 TRAIN_SPLIT="${TRAIN_SPLIT:-train}"
 TEST_SPLIT="${TEST_SPLIT:-test}"
@@ -66,6 +72,14 @@ say() { echo "[$(date '+%F %T')] $*"; }
 say "workflow $TASK_NAME: MAX_QUESTIONS=$MAX_QUESTIONS DATASET_DIR=$DATASET_DIR PYTHON=$PYTHON log=$LOG"
 
 MODEL_ARGS=(--device "$DEVICE")
+run_module() {  # run_module MODULE ARGS...: plain python, or accelerate launch when NUM_GPUS > 1
+  if [[ "$NUM_GPUS" -gt 1 ]]; then
+    # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
+    "$PYTHON" -m accelerate.commands.launch --num_processes "$NUM_GPUS" $ACCELERATE_ARGS -m "$@"
+  else
+    "$PYTHON" -m "$@"
+  fi
+}
 [[ -n "$EVENTGPT_PATH" ]] && MODEL_ARGS+=(--eventgpt_path "$EVENTGPT_PATH")
 [[ -n "$VIDEOLLAVA_PATH" ]] && MODEL_ARGS+=(--videollava_path "$VIDEOLLAVA_PATH")
 [[ -n "$QUANT" ]] && MODEL_ARGS+=(--quant "$QUANT")
@@ -109,7 +123,7 @@ extract() {  # extract SPLIT OUTPUT MAX_SAMPLES
   [[ -n "$3" ]] && args+=(--max_samples "$3")
   [[ "$PARALLEL" == 1 ]] && args+=(--parallel)
   say "extracting $1 token pairs -> $2"
-  "$PYTHON" -m token_alignment.extract_tokens "${args[@]}"
+  run_module token_alignment.extract_tokens "${args[@]}"
 }
 extract "$TRAIN_SPLIT" "$TRAIN_TOKENS" "$MAX_TRAIN_SAMPLES"
 extract "$TEST_SPLIT" "$TEST_TOKENS" "$MAX_TEST_SAMPLES"
@@ -121,7 +135,7 @@ if [[ "$FORCE_TRAIN" != 1 && -f "$MARKER" && "$MARKER" -nt "$TRAIN_TOKENS" && "$
   exit 0
 fi
 say "training $TASK_NAME"
-"$PYTHON" -m token_alignment.train_and_evaluate --train_tokens "$TRAIN_TOKENS" --test_tokens "$TEST_TOKENS" \
+run_module token_alignment.train_and_evaluate --train_tokens "$TRAIN_TOKENS" --test_tokens "$TEST_TOKENS" \
   --task_name "$TASK_NAME" --output_dir "$TASK_ROOT" --dataset_dir "$DATASET_DIR" \
   --epochs "$EPOCHS" --early_stopping "$EARLY_STOPPING" --batch_size "$BATCH_SIZE" \
   --d_model "$D_MODEL" --n_layers "$N_LAYERS" --live_samples "$LIVE_SAMPLES" --gamma "$GAMMA" \

@@ -24,9 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.cli import add_common_args, set_seed, shard
-from common.data import ClipDataset
-from common.defaults import resolve_dataset_dir
+from common.cli import add_common_args
 from common.drafters import (
     DrafterFactory,
     add_drafter_args,
@@ -45,10 +43,11 @@ from common.pipeline import (
     prefill_sample,
     reference_tokens,
     run_model,
+    start_benchmark,
     token_match_rate,
 )
 from common.plots import plot_stage_breakdown
-from common.results import RunFolder, markdown_table, summarize
+from common.results import markdown_table, summarize
 from common.speculative import SpecResult, aggregate_metrics, predicted_speedup, speculative_generate
 from common.timing import sync
 
@@ -196,14 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the statistics and the run folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_seed(args.seed)
-    dataset_dir = resolve_dataset_dir(args.dataset_dir)
-    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle)
-    samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
-    run = RunFolder.create(STAGE, args.task_name or "benchmark", args.output_dir, resume=args.resume)
-    run.write_config(args, argv)
+    dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="benchmark")
     draft, target = load_pair(args, dataset_dir)
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma)
     make_drafter = drafter_factory(args, device=target.device)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.cli import add_common_args, set_seed, shard
-from common.data import ClipDataset, default_frame_cache
-from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.cli import add_common_args
+from common.data import default_frame_cache
+from common.defaults import resolve_model_paths
 from common.drafters import (
     DrafterFactory,
     add_drafter_args,
@@ -42,9 +42,10 @@ from common.pipeline import (
     lossless_numerics,
     prefill_sample,
     reference_tokens,
+    start_benchmark,
 )
 from common.plots import plot_speedup_vs_acceptance, plot_timelines
-from common.results import RunFolder, markdown_table, summarize
+from common.results import markdown_table, summarize
 from common.speculative import aggregate_metrics, autoregressive_generate, predicted_speedup
 from common.timing import sync
 
@@ -188,14 +189,7 @@ def render_markdown(stats: dict[str, Any], argv: list[str], name: str, drafter: 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_seed(args.seed)
-    dataset_dir = resolve_dataset_dir(args.dataset_dir)
-    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle)
-    samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
-    run = RunFolder.create(STAGE, args.task_name or "parallel", args.output_dir, resume=args.resume)
-    run.write_config(args, argv)
+    dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="parallel")
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=args.draft_device or args.device,
                      allow_pickle=args.allow_pickle)

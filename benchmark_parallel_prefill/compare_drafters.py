@@ -43,18 +43,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.cli import add_common_args, set_seed, shard
+from common.cli import add_common_args
 from common.compression import PooledVideoLlava, pooled_drafter
-from common.data import ClipDataset, default_frame_cache
-from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.data import default_frame_cache
+from common.defaults import resolve_model_paths
 from common.drafters import DrafterFactory
 from common.errors import DataError
 from common.hybrid import HybridFactory, run_hybrid
 from common.models.loader import load_vlm
 from common.parallel import run_parallel, timed
-from common.pipeline import add_decode_args, configure_decode, lossless_numerics, prefill_sample
+from common.pipeline import (
+    add_decode_args,
+    configure_decode,
+    lossless_numerics,
+    prefill_sample,
+    start_benchmark,
+)
 from common.plots import plot_bars
-from common.results import RunFolder, markdown_table
+from common.results import markdown_table
 from common.speculative import (
     SpecResult,
     aggregate_metrics,
@@ -437,14 +443,7 @@ def render_markdown(stats: dict[str, Any], specs: list[Spec], notes: list[str], 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_seed(args.seed)
-    dataset_dir = resolve_dataset_dir(args.dataset_dir)
-    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle)
-    samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
-    run = RunFolder.create(STAGE, args.task_name or "compare_drafters", args.output_dir, resume=args.resume)
-    run.write_config(args, argv)
+    dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="compare_drafters")
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=args.device, allow_pickle=args.allow_pickle)
     target = load_vlm("videollava", vllava_path, quant=args.quant, device=args.device,

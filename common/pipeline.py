@@ -8,6 +8,7 @@ Stages (synchronised timers): 1 data load, 2 preprocess, 3 vision encode, 4 LLM 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,6 +80,26 @@ def run_model(vlm: VisionLanguageModel, sample: Any, prefix: str, max_new_tokens
     record[f"{prefix}_num_tokens"] = len(gen.tokens)
     record[f"{prefix}_decode_ms_per_token"] = 1000 * gen.seconds / max(gen.steps, 1)
     return record
+
+
+def start_benchmark(stage: str, args: argparse.Namespace, argv: list[str], default_task: str
+                    ) -> tuple[Any, list[Any], Any]:
+    """What every benchmark does first: logging, seed, dataset (default if none), this shard's samples,
+    and the run folder with its config.json. Returns (dataset_dir, samples, run)."""
+    from common.cli import set_seed, shard
+    from common.data import ClipDataset
+    from common.defaults import resolve_dataset_dir
+    from common.results import RunFolder
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    set_seed(args.seed)
+    dataset_dir = resolve_dataset_dir(args.dataset_dir)
+    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
+                          allow_pickle=args.allow_pickle)
+    samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
+    run = RunFolder.create(stage, args.task_name or default_task, args.output_dir, resume=args.resume)
+    run.write_config(args, argv)
+    return dataset_dir, samples, run
 
 
 def add_decode_args(group) -> None:

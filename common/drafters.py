@@ -61,11 +61,13 @@ def drafter_factory(args: argparse.Namespace, device: Any = "cpu") -> DrafterFac
     kind = args.drafter or ("hidden_adapter" if args.hidden_adapter else
                             "token_adapter" if args.use_token_adapter else "eventgpt")
     if kind == "token_adapter":
+        from common.defaults import resolve_model_paths
         from token_alignment.drafter import find_latest_adapter, load_token_adapter
 
-        path = args.token_adapter_path or find_latest_adapter()
+        egpt, vllava = resolve_model_paths(args.eventgpt_path, args.videollava_path)
+        path = args.token_adapter_path or find_latest_adapter(eventgpt_path=egpt, videollava_path=vllava)
         if path is None:
-            raise SystemExit("no TokenAdapter found under token_alignment/task: train one "
+            raise SystemExit("no TokenAdapter for this model pair under token_alignment/task: train one "
                              "(python -m token_alignment.train_and_evaluate) or pass --token_adapter_path")
         return DrafterFactory(kind, adapter=load_token_adapter(path, device))
     if kind == "hidden_adapter":

@@ -8,6 +8,11 @@ import torch
 from scripts.make_tiny_models import make_tiny_models
 
 
+def pytest_configure(config):
+    """Tiny models on a small CPU: one intra-op thread is several times faster than oversubscribing."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory):
     """DIR with eventgpt/ and videollava/ tiny random-weight checkpoints (real on-disk formats)."""

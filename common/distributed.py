@@ -88,3 +88,19 @@ def destroy() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def make_accelerator(device_name: str | None = "auto"):
+    """An ``accelerate.Accelerator``: DDP under ``accelerate launch``/torchrun, a pass-through in one process.
+
+    Device placement stays with the caller, so one process keeps honouring ``--device`` (e.g.
+    cuda:1); under a launcher use ``accelerator.device`` (cuda:LOCAL_RANK, or the CPU with gloo).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    name = str(local_device(device_name))
+    cpu = name == "cpu" or (name in ("auto", "None") and not torch.cuda.is_available())
+    # some ranks may skip a head in a step (e.g. L5's next-state terms on one-token answers)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=cpu, device_placement=False, kwargs_handlers=[ddp])

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from common.cli import resolve_device, set_seed, shard
 from common.defaults import REPO_ROOT
-from common.distributed import local_device
+from common.distributed import make_accelerator
 from common.plots import plot_training_curves
 from common.results import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from feature_alignment.hidden_adapter import (
@@ -645,21 +645,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if accelerator.num_processes > 1:
         accelerator.end_training()
     return summary
-
-
-def make_accelerator(device_name: str):
-    """An ``accelerate.Accelerator``: DDP under ``accelerate launch``/torchrun, a pass-through in one process.
-
-    Device placement stays ours, so one process keeps honouring ``--device`` (e.g. cuda:1).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    name = str(local_device(device_name))
-    cpu = name == "cpu" or (name == "auto" and not torch.cuda.is_available())
-    # some ranks may skip a head in a step (e.g. L5's next-state terms on one-token answers)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=cpu, device_placement=False, kwargs_handlers=[ddp])
 
 
 if __name__ == "__main__":

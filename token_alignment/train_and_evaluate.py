@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-from common.cli import add_common_args, resolve_device, set_seed
+from common.cli import add_common_args, resolve_device, set_seed, shard
+from common.distributed import make_accelerator
 from common.results import RunFolder
 from common.speculative import SpecResult, aggregate_metrics
 from token_alignment.pairs import clip_of, load_token_pairs, split_by_clip
@@ -199,13 +200,17 @@ def teacher_forced_report(adapter: TokenAdapter, records: Sequence[dict], gamma:
 # ----------------------------------------------------------------------------------------
 
 def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Sequence[dict],
-          args: argparse.Namespace, checkpoint_dir: Path, log=print) -> dict[str, Any]:
+          args: argparse.Namespace, checkpoint_dir: Path | None, log=print, accelerator: Any = None) -> dict[str, Any]:
     """Train; after every epoch evaluate on val and save the checkpoint when val top-1 improves (ties: lower loss).
 
     Only ``train_records`` and ``val_records`` are seen here: the test split cannot influence selection.
+    ``accelerator`` with several processes: DDP, every rank takes its contiguous share of each global
+    batch (same updates as one process); only the main process saves (``checkpoint_dir``).
     """
     examples = [to_example(r) for r in train_records]
     opt = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if accelerator is not None and accelerator.num_processes > 1:
+        return _train_distributed(adapter, examples, val_records, args, checkpoint_dir, log, accelerator, opt)
     steps_per_epoch = max(1, math.ceil(len(examples) / args.batch_size))
     total_steps = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -253,6 +258,73 @@ def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Seq
         if args.early_stopping and since_best >= args.early_stopping:
             log(f"early stopping: no better validation top-1 for {since_best} epochs")
             break
+    return {"history": history, "best_epoch": best_epoch, "epochs_run": len(history)}
+
+
+def _train_distributed(adapter: TokenAdapter, examples: list, val_records: Sequence[dict], args: argparse.Namespace,
+                       checkpoint_dir: Path | None, log, accelerator: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``train`` under DDP: global batches split across ranks, token sums reduced, main process saves."""
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    steps_per_epoch = max(1, math.ceil(len(examples) / args.batch_size))
+    total_steps = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per global step (not wrapped: same schedule)
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
+                                                                                        / max(1, total_steps))))
+    model, dopt = accelerator.prepare(adapter, opt)
+    gen = torch.Generator().manual_seed(args.seed)
+    history: list[dict[str, Any]] = []
+    best: tuple[float, float] | None = None
+    best_epoch, since_best = None, 0
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, hits of this rank
+        for i in range(0, len(order), args.batch_size):
+            batch_ids = order[i:i + args.batch_size]
+            whole = adapter.collate([examples[j] for j in batch_ids])
+            count = max(1, int((whole["labels"] != IGNORE).sum()))  # tokens of the global batch
+            mine = shard(batch_ids, world, rank) or batch_ids[:1]  # no share: a zero-weighted forward
+            weight = 1.0 if shard(batch_ids, world, rank) else 0.0
+            batch = adapter.collate([examples[j] for j in mine])
+            logits = model(batch)
+            labels = batch["labels"].to(logits.device)
+            valid = labels != IGNORE
+            ce = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum") if bool(valid.any()) \
+                else logits.sum() * 0.0
+            loss = ce * weight / count
+            dopt.zero_grad(set_to_none=True)
+            accelerator.backward(loss * world)  # DDP averages over ranks: undo the 1/world
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            dopt.step()
+            sched.step()
+            if weight:
+                sums += torch.tensor([float(ce.detach()), float(valid.sum()),
+                                      float((logits.argmax(-1) == labels)[valid].sum())], dtype=torch.float64)
+        loss_sum, n_tok, hit = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
+        val = teacher_forced_report(adapter, val_records, args.gamma)  # every rank: same weights, same selection
+        row = {"epoch": epoch, "train_loss": loss_sum / n_tok if n_tok else None,
+               "train_top1": hit / n_tok if n_tok else None, "val_loss": val["loss"],
+               "val_top1": val["adapter_top1"], "val_top5": val["adapter_top5"],
+               "val_baseline_draft_next": val["baseline_draft_next_match"], "lr": sched.get_last_lr()[0]}
+        history.append(row)
+        key = (row["val_top1"] or 0.0, -(row["val_loss"] if row["val_loss"] is not None else math.inf))
+        improved = best is None or key > best
+        if improved:
+            best, best_epoch, since_best = key, epoch, 0
+            if main and checkpoint_dir is not None:
+                adapter.save_pretrained(checkpoint_dir, extra={"best_epoch": epoch, "val_top1": row["val_top1"],
+                                                               "val_loss": row["val_loss"]})
+        else:
+            since_best += 1
+        if main:
+            log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} top1 {row['train_top1']:.3f}  "
+                f"val loss {row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
+                f"top1 {row['val_top1']:.3f} top5 {row['val_top5']:.3f}{'  *' if improved else ''}")
+        if args.early_stopping and since_best >= args.early_stopping:
+            if main:
+                log(f"early stopping: no better validation top-1 for {since_best} epochs")
+            break
+    accelerator.wait_for_everyone()
     return {"history": history, "best_epoch": best_epoch, "epochs_run": len(history)}
 
 
@@ -440,7 +512,8 @@ def _plots(history: list[dict], run: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     set_seed(args.seed)
-    device = resolve_device(args.device)
+    accelerator = make_accelerator(args.device)
+    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
     started = time.perf_counter()
     train_records = load_token_pairs(args.train_tokens)
     if args.val_tokens:
@@ -459,11 +532,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if overlap:
         warnings.warn(f"{len(overlap)} clips are in both train and validation", stacklevel=1)
     output_dir = Path(args.output_dir) if args.output_dir else TASK_ROOT
-    run = RunFolder.create(STAGE, args.task_name, output_dir=output_dir, resume=False)
-    run.write_config(args, list(argv) if argv is not None else None)
-    print(f"run folder {run.path}; train {len(train_records)} samples, val {len(val_records)} ({val_source})")
     adapter = TokenAdapter(_config_from(train_records + val_records, args)).to(device)
-    trained = train(adapter, train_records, val_records, args, run.path / "checkpoint")
+    if accelerator.num_processes > 1:  # DDP: every rank trains its share; the main process does the rest
+        run = RunFolder.create(STAGE, args.task_name, output_dir=output_dir, resume=False) \
+            if accelerator.is_main_process else None
+        if run is not None:
+            run.write_config(args, list(argv) if argv is not None else None)
+        trained = train(adapter, train_records, val_records, args, run.path / "checkpoint" if run else None,
+                        accelerator=accelerator)
+        if run is None:  # no barrier: the main process may evaluate live for a long time
+            accelerator.end_training()
+            return {"run_dir": None, "rank": accelerator.process_index, "best_epoch": trained["best_epoch"],
+                    "history": trained["history"]}
+    else:
+        run = RunFolder.create(STAGE, args.task_name, output_dir=output_dir, resume=False)
+        run.write_config(args, list(argv) if argv is not None else None)
+    print(f"run folder {run.path}; train {len(train_records)} samples, val {len(val_records)} ({val_source})")
+    if accelerator.num_processes == 1:
+        trained = train(adapter, train_records, val_records, args, run.path / "checkpoint")
     best = TokenAdapter.from_pretrained(run.path / "checkpoint", device=device)
     val_report = teacher_forced_report(best, val_records, args.gamma)
     # --- the test split is read only now, after selection ---
@@ -500,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         shutil.copytree(run.path, starred, dirs_exist_ok=True)
         print(f"starred: {starred}")
     print((run.path / "RESULTS.md").read_text())
+    if accelerator.num_processes > 1:
+        accelerator.end_training()
     return {"run_dir": str(run.path), "checkpoint": str(run.path / "checkpoint"), "best_epoch": trained["best_epoch"],
             "statistics": stats, "history": trained["history"]}
 

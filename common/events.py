@@ -8,10 +8,8 @@ scalars time_start, time_end, duration_ms, width, height.
 
 from __future__ import annotations
 
-import functools
 import io
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
+from common.results import atomic_write_bytes  # noqa: F401  (re-exported: the data layer's writers use it)
 
 __all__ = [
     "DEFAULT_WIDTH",
@@ -187,29 +186,6 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
             zf.writestr(info, member.getvalue())
     return buf.getvalue()
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to ``path`` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_events_npz(path: str | os.PathLike, stream: EventStream) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import importlib
 import importlib.util
 import json
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,24 +90,63 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; 0o022 is the safe value meanwhile
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temp file in the same folder, which is
+    fsynced, given the usual permissions and renamed over ``path``; on any error the temp file is
+    removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Lines of a JSON Lines file; a truncated last line (a killed run) is skipped with a warning,
+    a corrupt line elsewhere raises an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: ignoring truncated last line (a killed run?)", stacklevel=2)
+            else:
+                raise ValueError(f"corrupt JSON in {path} at line {i + 1}; delete that line or the file") from None
+    return out
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
@@ -301,23 +341,7 @@ class RunFolder:
 
     def load_records(self) -> list[dict]:
         """Records in ``records.jsonl``; a truncated/corrupt last line is skipped with a warning."""
-        if not self.records_path.exists():
-            return []
-        lines = self.records_path.read_text(encoding="utf-8").splitlines()
-        records = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    warnings.warn(
-                        f"{self.records_path}: ignoring truncated last line (a killed run?)", stacklevel=2
-                    )
-                else:
-                    raise ValueError(f"corrupt JSON in {self.records_path} at line {i + 1}") from None
-        return records
+        return read_jsonl(self.records_path)
 
     def append_record(self, record: Mapping[str, Any]) -> None:
         """Append one record as a JSON line, then flush and fsync.

@@ -19,8 +19,6 @@ counted (live count and bytes, with peaks), so tests can show that memory stays 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -32,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.results import atomic_write_json, read_json
+from common.results import atomic_write, atomic_write_json, read_json
 
 INDEX_FILE = "index.json"
 LOCK_FILE = "extract.lock"
@@ -73,20 +71,7 @@ class SampleRecord:
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def write_chunk(path: str | Path, records: Sequence[SampleRecord], layers: Sequence[int]) -> dict[str, Any]:

@@ -17,7 +17,6 @@ which is exactly what a live draft model proposes there.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 import warnings
@@ -27,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common.results import atomic_write_text, dumps_json
+from common.results import atomic_write_text, dumps_json, read_jsonl  # noqa: F401  (read_jsonl re-exported)
 
 # Which keys each extraction part writes (the part is complete when all are present).
 DRAFT_KEYS = ("egpt_token_ids",)
@@ -66,26 +65,6 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Lines of a JSONL file as dicts; a truncated last line (killed run) is skipped with a warning."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: ignoring a truncated last line (a killed run?)", stacklevel=2)
-            else:
-                raise ValueError(f"{path}: corrupt JSON at line {i + 1}; delete that line or the file") from None
-    return out
 
 
 def merge_parts(lines: Iterable[Mapping[str, Any]]) -> dict[str, dict]:

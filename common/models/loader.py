@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from common.cli import resolve_device  # noqa: F401  (used by the model loaders)
 from common.models.errors import ModelLoadError
 from common.models.quant import compute_dtype, default_quant, quantization_config
 
@@ -71,13 +72,6 @@ def load_pretrained(model_cls, path: str | Path, kwargs: dict[str, Any], flag: s
                              "the checkpoint is incomplete or of another model")
     model.eval()
     return model
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> cuda when available, else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_vlm(kind: str, path: str | Path, quant: str | None = None, device: str | torch.device | None = None,

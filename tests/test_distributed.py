@@ -48,12 +48,6 @@ def launch(module: str, argv: list[str], nproc: int = 2, timeout: int = 180) -> 
     return proc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

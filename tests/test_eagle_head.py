@@ -28,12 +28,6 @@ from feature_alignment.train_eagle_head import main as train_main
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

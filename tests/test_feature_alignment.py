@@ -46,13 +46,6 @@ from feature_alignment.train_hidden_adapter import main as train_main
 MAX_NEW = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny ops: one intra-op thread avoids thread-pool spin-waits on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

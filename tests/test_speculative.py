@@ -292,13 +292,6 @@ def test_model_drafter_needs_fresh_state():
 
 # ----- temperature > 0: the output distribution is exactly the target's -----
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny ops: one intra-op thread avoids pool spin-waits on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def chi_square(counts: dict, expected_probs: dict, n: int) -> tuple[float, int]:
@@ -346,7 +339,7 @@ def small_pair():
     return target, draft
 
 
-def test_sampling_matches_target_distribution_two_tokens(one_thread):
+def test_sampling_matches_target_distribution_two_tokens():
     target, draft = small_pair()
     prompt, temperature, n = [1, 2], 0.8, 3000
     p1 = probs_from_logits(target.context_logits(prompt), temperature)
@@ -373,7 +366,7 @@ def test_sampling_matches_target_distribution_two_tokens(one_thread):
     assert stat_q > chi_square_critical(df_q)
 
 
-def test_sampling_with_greedy_static_draft_matches_target(one_thread):
+def test_sampling_with_greedy_static_draft_matches_target():
     """A deterministic draft (q one-hot) is also corrected to the target's distribution."""
     target, _ = small_pair()
     prompt, n = [4], 3000
@@ -479,7 +472,7 @@ class TinyTextVLM:
         return model
 
 
-def test_real_kv_cache_greedy_lossless(one_thread):
+def test_real_kv_cache_greedy_lossless():
     target, other = TinyTextVLM.make(0), TinyTextVLM.make(1)
     from common.vlm import VisualInput
     visual = VisualInput(embeds=torch.zeros(3, 32))

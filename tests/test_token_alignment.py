@@ -39,13 +39,6 @@ MAX_NEW = 8
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny ops: one intra-op thread is ~5x faster on a shared 2-core machine than the default."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

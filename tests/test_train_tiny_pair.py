@@ -25,7 +25,6 @@ def trained(tmp_path_factory):
     argv = ["--dataset_dir", str(root / "data"), "--output_dir", str(out), "--size_preset", "tiny",
             "--batch_size", "4", "--questions_per_clip", "4", "--lr", "5e-3", "--lr_warmup_steps", "1",
             "--num_workers", "1", "--device", "cpu", "--seed", "0"]
-    torch.set_num_threads(1)
     first = main([*argv, "--epochs", "3"])
     resumed = main([*argv, "--epochs", "4"])
     return root, out, first, resumed

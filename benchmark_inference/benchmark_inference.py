@@ -62,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     add_drafter_args(parser)
     g = parser.add_argument_group("decoding")
-    g.add_argument("--max_new_tokens", type=int, default=50, help="tokens generated per answer (default 50)")
-    g.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
     add_decode_args(g)
     return parser
 

@@ -59,16 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group("parallel decoding")
-    g.add_argument("--max_new_tokens", type=int, default=50, help="tokens per answer (default 50)")
-    g.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
-    g.add_argument("--max_free_tokens", type=int, default=64,
-                   help="cap on tokens drafted during the target's prefill (default 64)")
     g.add_argument("--gamma_after_prefill", type=int, default=None,
                    help="draft length once the free tokens are verified (default --gamma; 0 = use only the "
                         "free tokens, then plain decoding: for drafters as costly as the target)")
     g.add_argument("--draft_device", default=None, help="device of EventGPT (default: --device)")
     g.add_argument("--target_device", default=None, help="device of Video-LLaVA (default: --device)")
-    add_decode_args(g)
+    add_decode_args(g, free_tokens=True)
     add_drafter_args(parser)
     return parser
 

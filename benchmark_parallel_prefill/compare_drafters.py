@@ -81,14 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group("decoding")
-    g.add_argument("--max_new_tokens", type=int, default=50, help="tokens per answer (default 50)")
-    g.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
-    g.add_argument("--max_free_tokens", type=int, default=64,
-                   help="cap on tokens drafted during the target's prefill (default 64)")
     g.add_argument("--harness", choices=["parallel", "sequential"], default="parallel",
                    help="drafters with a draft model prefill concurrently with the target (parallel, default) "
                         "or after it (sequential)")
-    add_decode_args(g)
+    add_decode_args(g, free_tokens=True)
     g = parser.add_argument_group("drafters")
     g.add_argument("--drafters", default=None,
                    help="comma list of drafters to run (default: every one available): eventgpt, token_adapter, "

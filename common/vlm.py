@@ -20,6 +20,7 @@ Hidden-state layer indices: 0 = token embeddings, i = output of decoder layer i,
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -271,6 +272,42 @@ class VisionLanguageModel(ABC):
         if logits:
             result.logits = [self.lm_head(final[i, a:b]).float() for i, (a, b) in enumerate(spans)]
         return result
+
+    @torch.no_grad()
+    def generate_greedy_batch(self, visuals: Sequence[VisualInput], questions: Sequence[str],
+                              max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers of several samples decoded together (one decode step serves the whole batch).
+
+        Prompts are left-padded with positions counted from each prompt's first token, through
+        transformers' own cache (batched decoding is bandwidth bound, so B answers cost about one).
+        Each answer stops after the eos token, as ``autoregressive_generate`` does. Used where
+        throughput matters (feature extraction); the speculative engine stays batch-1.
+        """
+        lm, eos = self.runner.language_model, self.eos_token_id
+        prompts = [self.prompt_embeds(v, q) for v, q in zip(visuals, questions, strict=True)]
+        longest, count = max(p.shape[0] for p in prompts), len(prompts)
+        batch = prompts[0].new_zeros((count, longest, prompts[0].shape[1]))
+        mask = torch.zeros((count, longest), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            batch[i, longest - p.shape[0]:] = p
+            mask[i, longest - p.shape[0]:] = 1
+        cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        cache, answers, done = None, [[] for _ in prompts], torch.zeros(count, dtype=torch.bool, device=self.device)
+        inputs = batch
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
+            out = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{cache_arg: cache})
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            tokens = self.lm_head(out.last_hidden_state[:, -1]).float().argmax(-1)
+            for i in (~done).nonzero().flatten().tolist():
+                answers[i].append(int(tokens[i]))
+            done |= tokens == eos
+            if bool(done.all()):
+                break
+            inputs = self.embed_tokens(tokens)[:, None].to(batch.dtype)
+            mask = torch.cat([mask, torch.ones((count, 1), dtype=mask.dtype, device=self.device)], dim=1)
+        return answers
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (for answers and targets)."""

@@ -174,3 +174,17 @@ def test_fused_projections_give_the_same_logits(tiny_models_dir):
     assert torch.allclose(before, after, atol=1e-5)
     q = vlm.runner.layers[0].self_attn.q_proj.weight
     assert q.data_ptr() == vlm.runner._fused[0][0].data_ptr()  # a view: no duplicated memory
+
+
+@pytest.mark.parametrize("kind", ["eventgpt", "videollava"])
+def test_batched_greedy_equals_one_at_a_time(tiny_models_dir, kind):
+    """Left-padded batched decoding gives each sample exactly its own greedy answer."""
+    from common.speculative import autoregressive_generate
+
+    vlm = load_vlm(kind, tiny_models_dir / kind, quant="fp32", device="cpu")
+    visual = _visual(vlm)
+    questions = ["How many cars?", QUESTION, "Is anything moving to the left of the truck?"]
+    with torch.no_grad():
+        batched = vlm.generate_greedy_batch([visual] * 3, questions, max_new_tokens=12)
+        single = [autoregressive_generate(vlm, vlm.prefill(visual, q), max_new_tokens=12).tokens for q in questions]
+    assert batched == single

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +21,16 @@ def clip_image_processor(folder: str | Path | None, image_size: int):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
-                return AutoImageProcessor.from_pretrained(str(folder))
+            config = Path(folder) / "preprocessor_config.json" if folder is not None else None
+            if config is not None and config.is_file():
+                try:
+                    return AutoImageProcessor.from_pretrained(str(folder))
+                except ImportError:  # some 5.x releases' auto class wants torchvision; the classes don't
+                    from transformers import VideoLlavaImageProcessor
+
+                    kind = json.loads(config.read_text()).get("image_processor_type", "")
+                    cls = VideoLlavaImageProcessor if kind.startswith("VideoLlava") else CLIPImageProcessor
+                    return cls.from_pretrained(str(folder))
             return CLIPImageProcessor(size={"shortest_edge": image_size},
                                       crop_size={"height": image_size, "width": image_size})
     finally:

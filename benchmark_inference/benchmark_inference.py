@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult, Any]:
     """Target + draft prefilled afresh, then the speculative loop; times are end to end."""
     start = time.perf_counter()
-    tgt = prefill_sample(target, sample)
+    engine_target = make_drafter.engine_target(target)
+    tgt = prefill_sample(engine_target, sample)
     drf = prefill_sample(draft, sample, hidden_layers=make_drafter.hidden_layers)
-    drafter = make_drafter(draft, drf.state, target)
-    result = speculative_generate(target, tgt.state, drafter, max_new_tokens=args.max_new_tokens,
+    drafter = make_drafter(draft, drf.state, engine_target)
+    result = speculative_generate(engine_target, tgt.state, drafter, max_new_tokens=args.max_new_tokens,
                                   gamma=args.gamma, sync=lambda: sync(target.device))
     sync(target.device)
     total = time.perf_counter() - start

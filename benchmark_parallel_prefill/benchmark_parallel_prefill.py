@@ -86,7 +86,8 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
     alone_s, alone_tokens, alone_stages = target_alone(target, sample, args.max_new_tokens)
     with lossless_numerics(target, args) as step:
         reference = reference_tokens(target, sample, args.max_new_tokens) if step else alone_tokens
-        out = run_parallel(draft, target, sample, make_drafter, max_new_tokens=args.max_new_tokens,
+        out = run_parallel(draft, make_drafter.engine_target(target), sample, make_drafter,
+                           max_new_tokens=args.max_new_tokens,
                            gamma=args.gamma_after_prefill if args.gamma_after_prefill is not None else args.gamma,
                            max_free_tokens=args.max_free_tokens)
         aligned = {}

@@ -15,7 +15,7 @@ from typing import Any
 from common.speculative import Drafter, ModelDrafter
 from common.timing import sync_current_stream
 
-DRAFTER_CHOICES = ("eventgpt", "token_adapter", "hidden_adapter")
+DRAFTER_CHOICES = ("eventgpt", "token_adapter", "hidden_adapter", "eagle")
 
 
 def add_drafter_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,9 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
                    help="TokenAdapter checkpoint or run folder (default: the latest under token_alignment/task)")
     g.add_argument("--hidden_adapter", default=None,
                    help="hidden-state adapter checkpoint (L1-L5); implies --drafter hidden_adapter")
+    g.add_argument("--eagle_head", default=None,
+                   help="EAGLE-style head over Video-LLaVA's own features (python -m feature_alignment."
+                        "train_eagle_head); implies --drafter eagle")
 
 
 @dataclass
@@ -39,6 +42,15 @@ class DrafterFactory:
     kind: str
     adapter: Any = None
     hidden_layers: list[int] = field(default_factory=list)
+
+    def engine_target(self, target: Any) -> Any:
+        """The object the engine verifies with: for EAGLE a fresh wrapper recording the target's
+        features on every forward (the head drafts from them); the target itself otherwise."""
+        if self.kind != "eagle":
+            return target
+        from feature_alignment.eagle_head import EagleTarget
+
+        return EagleTarget(target, self.adapter.config.feature_layer)
 
     def __call__(self, draft: Any, draft_state: Any, target: Any) -> Drafter:
         limit = min(draft.base_vocab_size, target.base_vocab_size)
@@ -52,13 +64,18 @@ class DrafterFactory:
             from feature_alignment.drafter import load_hidden_adapter_drafter
 
             return load_hidden_adapter_drafter(self.adapter, draft, draft_state, target, sync=draft_sync)
+        if self.kind == "eagle":  # ``target`` is the wrapper from engine_target; no draft model is used
+            from feature_alignment.eagle_head import make_eagle_drafter
+
+            return make_eagle_drafter(self.adapter, None, target, None,
+                                      sync=partial(sync_current_stream, target.device))
         return ModelDrafter(draft, draft_state, vocab_limit=limit, target_vocab_size=target.vocab_size,
                             name="eventgpt", sync=draft_sync)
 
 
 def drafter_factory(args: argparse.Namespace, device: Any = "cpu") -> DrafterFactory:
     """Resolve the drafter flags (loading an adapter once) into a per-sample factory."""
-    kind = args.drafter or ("hidden_adapter" if args.hidden_adapter else
+    kind = args.drafter or ("eagle" if args.eagle_head else "hidden_adapter" if args.hidden_adapter else
                             "token_adapter" if args.use_token_adapter else "eventgpt")
     if kind == "token_adapter":
         from common.defaults import resolve_model_paths
@@ -78,6 +95,12 @@ def drafter_factory(args: argparse.Namespace, device: Any = "cpu") -> DrafterFac
 
         adapter = load_any_adapter(args.hidden_adapter, device)
         return DrafterFactory(kind, adapter=adapter, hidden_layers=adapter_input_layers(adapter))
+    if kind == "eagle":
+        if not args.eagle_head:
+            raise SystemExit("--drafter eagle needs --eagle_head PATH (python -m feature_alignment.train_eagle_head)")
+        from feature_alignment.eagle_head import load_eagle_head
+
+        return DrafterFactory(kind, adapter=load_eagle_head(args.eagle_head))
     return DrafterFactory(kind)
 
 

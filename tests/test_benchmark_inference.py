@@ -88,3 +88,17 @@ def test_token_adapter_drafter_reports_aligned_metrics(tiny_models_dir, tiny_dat
     for key in ("aligned_acceptance_rate_avg", "aligned_acceptance_rate_std", "aligned_top5_rate_avg",
                 "aligned_improvement"):
         assert key in stats
+
+
+def test_eagle_drafter_flag_is_lossless_in_both_benchmarks(tiny_models_dir, tiny_dataset, tmp_path):  # noqa: F811
+    from benchmark_parallel_prefill import benchmark_parallel_prefill as bp
+    from common.models.loader import load_vlm
+    from feature_alignment.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
+
+    target = load_vlm("videollava", tiny_models_dir / "videollava", device="cpu")
+    save_eagle_head(EagleHead(EagleHeadConfig.for_target(target)), tmp_path / "eagle")
+    flags = ["--max_samples", "2", "--drafter", "eagle", "--eagle_head", str(tmp_path / "eagle")]
+    sequential = bi.main(_argv(tiny_models_dir, tiny_dataset, tmp_path / "seq", *flags))["statistics"]
+    parallel = bp.main(_argv(tiny_models_dir, tiny_dataset, tmp_path / "par", *flags))["statistics"]
+    assert sequential["drafter"] == parallel["drafter"] == "eagle"
+    assert sequential["sd_lossless_rate"] == 1.0 and parallel["lossless_rate"] == 1.0

@@ -199,6 +199,54 @@ def teacher_forced_report(adapter: TokenAdapter, records: Sequence[dict], gamma:
 # Training
 # ----------------------------------------------------------------------------------------
 
+def _lr_schedule(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+    """One epoch of linear warm-up, then cosine decay over all steps (stepped once per global step)."""
+    total = steps_per_epoch * epochs
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)) * 0.5 * (1 + math.cos(math.pi * min(s, total)
+                                                                                        / max(1, total))))
+
+
+class _Selection:
+    """Epoch-end bookkeeping of both training loops: history row, best checkpoint (main process), early stop."""
+
+    def __init__(self, adapter: TokenAdapter, args: argparse.Namespace, checkpoint_dir: Path | None, log,
+                 main: bool = True):
+        self.adapter, self.args, self.checkpoint_dir, self.log, self.main = adapter, args, checkpoint_dir, log, main
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[float, float] | None = None
+        self.best_epoch: int | None = None
+        self.since_best = 0
+
+    def end_epoch(self, epoch: int, loss_sum: float, n_tok: float, hit: float, val: dict, lr: float) -> bool:
+        """Record the epoch; save on a better val top-1 (ties: lower loss); return True to stop early."""
+        row = {"epoch": epoch, "train_loss": loss_sum / n_tok if n_tok else None,
+               "train_top1": hit / n_tok if n_tok else None, "val_loss": val["loss"],
+               "val_top1": val["adapter_top1"], "val_top5": val["adapter_top5"],
+               "val_baseline_draft_next": val["baseline_draft_next_match"], "lr": lr}
+        self.history.append(row)
+        key = (row["val_top1"] or 0.0, -(row["val_loss"] if row["val_loss"] is not None else math.inf))
+        improved = self.best is None or key > self.best
+        if improved:
+            self.best, self.best_epoch, self.since_best = key, epoch, 0
+            if self.main and self.checkpoint_dir is not None:
+                self.adapter.save_pretrained(self.checkpoint_dir, extra={
+                    "best_epoch": epoch, "val_top1": row["val_top1"], "val_loss": row["val_loss"]})
+        else:
+            self.since_best += 1
+        if self.main:
+            self.log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} top1 {row['train_top1']:.3f}  "
+                     f"val loss {row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
+                     f"top1 {row['val_top1']:.3f} top5 {row['val_top5']:.3f}{'  *' if improved else ''}")
+        stop = bool(self.args.early_stopping and self.since_best >= self.args.early_stopping)
+        if stop and self.main:
+            self.log(f"early stopping: no better validation top-1 for {self.since_best} epochs")
+        return stop
+
+    def result(self) -> dict[str, Any]:
+        return {"history": self.history, "best_epoch": self.best_epoch, "epochs_run": len(self.history)}
+
+
 def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Sequence[dict],
           args: argparse.Namespace, checkpoint_dir: Path | None, log=print, accelerator: Any = None) -> dict[str, Any]:
     """Train; after every epoch evaluate on val and save the checkpoint when val top-1 improves (ties: lower loss).
@@ -211,15 +259,9 @@ def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Seq
     opt = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if accelerator is not None and accelerator.num_processes > 1:
         return _train_distributed(adapter, examples, val_records, args, checkpoint_dir, log, accelerator, opt)
-    steps_per_epoch = max(1, math.ceil(len(examples) / args.batch_size))
-    total_steps = steps_per_epoch * args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
-                                                                                        / max(1, total_steps))))
+    sched = _lr_schedule(opt, max(1, math.ceil(len(examples) / args.batch_size)), args.epochs)
     gen = torch.Generator().manual_seed(args.seed)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] | None = None
-    best_epoch, since_best = None, 0
+    selection = _Selection(adapter, args, checkpoint_dir, log)
     for epoch in range(1, args.epochs + 1):
         adapter.train()
         order = torch.randperm(len(examples), generator=gen).tolist()
@@ -239,42 +281,19 @@ def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Seq
             n_tok += k
             hit += int((logits.argmax(-1) == labels)[valid].sum())
         val = teacher_forced_report(adapter, val_records, args.gamma)
-        row = {"epoch": epoch, "train_loss": loss_sum / n_tok if n_tok else None,
-               "train_top1": hit / n_tok if n_tok else None, "val_loss": val["loss"],
-               "val_top1": val["adapter_top1"], "val_top5": val["adapter_top5"],
-               "val_baseline_draft_next": val["baseline_draft_next_match"], "lr": sched.get_last_lr()[0]}
-        history.append(row)
-        key = (row["val_top1"] or 0.0, -(row["val_loss"] if row["val_loss"] is not None else math.inf))
-        improved = best is None or key > best
-        if improved:
-            best, best_epoch, since_best = key, epoch, 0
-            adapter.save_pretrained(checkpoint_dir, extra={"best_epoch": epoch, "val_top1": row["val_top1"],
-                                                           "val_loss": row["val_loss"]})
-        else:
-            since_best += 1
-        log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} top1 {row['train_top1']:.3f}  "
-            f"val loss {row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
-            f"top1 {row['val_top1']:.3f} top5 {row['val_top5']:.3f}{'  *' if improved else ''}")
-        if args.early_stopping and since_best >= args.early_stopping:
-            log(f"early stopping: no better validation top-1 for {since_best} epochs")
+        if selection.end_epoch(epoch, loss_sum, n_tok, hit, val, sched.get_last_lr()[0]):
             break
-    return {"history": history, "best_epoch": best_epoch, "epochs_run": len(history)}
+    return selection.result()
 
 
 def _train_distributed(adapter: TokenAdapter, examples: list, val_records: Sequence[dict], args: argparse.Namespace,
                        checkpoint_dir: Path | None, log, accelerator: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """``train`` under DDP: global batches split across ranks, token sums reduced, main process saves."""
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    steps_per_epoch = max(1, math.ceil(len(examples) / args.batch_size))
-    total_steps = steps_per_epoch * args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per global step (not wrapped: same schedule)
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
-                                                                                        / max(1, total_steps))))
+    sched = _lr_schedule(opt, max(1, math.ceil(len(examples) / args.batch_size)), args.epochs)  # not wrapped
     model, dopt = accelerator.prepare(adapter, opt)
     gen = torch.Generator().manual_seed(args.seed)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] | None = None
-    best_epoch, since_best = None, 0
+    selection = _Selection(adapter, args, checkpoint_dir, log, main=main)
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = torch.randperm(len(examples), generator=gen).tolist()
@@ -302,30 +321,10 @@ def _train_distributed(adapter: TokenAdapter, examples: list, val_records: Seque
                                       float((logits.argmax(-1) == labels)[valid].sum())], dtype=torch.float64)
         loss_sum, n_tok, hit = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
         val = teacher_forced_report(adapter, val_records, args.gamma)  # every rank: same weights, same selection
-        row = {"epoch": epoch, "train_loss": loss_sum / n_tok if n_tok else None,
-               "train_top1": hit / n_tok if n_tok else None, "val_loss": val["loss"],
-               "val_top1": val["adapter_top1"], "val_top5": val["adapter_top5"],
-               "val_baseline_draft_next": val["baseline_draft_next_match"], "lr": sched.get_last_lr()[0]}
-        history.append(row)
-        key = (row["val_top1"] or 0.0, -(row["val_loss"] if row["val_loss"] is not None else math.inf))
-        improved = best is None or key > best
-        if improved:
-            best, best_epoch, since_best = key, epoch, 0
-            if main and checkpoint_dir is not None:
-                adapter.save_pretrained(checkpoint_dir, extra={"best_epoch": epoch, "val_top1": row["val_top1"],
-                                                               "val_loss": row["val_loss"]})
-        else:
-            since_best += 1
-        if main:
-            log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} top1 {row['train_top1']:.3f}  "
-                f"val loss {row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
-                f"top1 {row['val_top1']:.3f} top5 {row['val_top5']:.3f}{'  *' if improved else ''}")
-        if args.early_stopping and since_best >= args.early_stopping:
-            if main:
-                log(f"early stopping: no better validation top-1 for {since_best} epochs")
+        if selection.end_epoch(epoch, loss_sum, n_tok, hit, val, sched.get_last_lr()[0]):
             break
     accelerator.wait_for_everyone()
-    return {"history": history, "best_epoch": best_epoch, "epochs_run": len(history)}
+    return selection.result()
 
 
 # ----------------------------------------------------------------------------------------

@@ -246,6 +246,23 @@ def _drop_partial_last_line(path: Path, block: int = 1 << 16) -> None:
         os.fsync(f.fileno())
 
 
+def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one record as a JSON line, then flush and fsync (a kill loses at most this line).
+
+    A partial last line left by a killed run is cut off first (with a warning), so the file
+    stays valid JSON Lines.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = dumps_json(record, indent=None)
+    if path.exists():
+        _drop_partial_last_line(path)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 # --------------------------------------------------------------------------- run folder
 
 
@@ -349,14 +366,7 @@ class RunFolder:
         A partial last line left by a killed run is cut off first (with a warning), so the
         file stays valid JSON Lines.
         """
-        line = dumps_json(record, indent=None)
-        path = self.records_path
-        if path.exists():
-            _drop_partial_last_line(path)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.records_path, record)
 
     def finished_ids(self) -> set[str]:
         """The ``id`` of every stored record (as str), for skipping finished work on resume."""

@@ -26,45 +26,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common.results import atomic_write_text, dumps_json, read_jsonl  # noqa: F401  (read_jsonl re-exported)
+from common.results import (  # noqa: F401  (append_jsonl, read_jsonl re-exported)
+    append_jsonl,
+    atomic_write_text,
+    dumps_json,
+    read_jsonl,
+)
 
 # Which keys each extraction part writes (the part is complete when all are present).
 DRAFT_KEYS = ("egpt_token_ids",)
 TARGET_KEYS = ("videollava_token_ids",)
 DRAFT_TF_KEYS = ("egpt_tf_token_ids",)
 COMPLETE_KEYS = DRAFT_KEYS + TARGET_KEYS + DRAFT_TF_KEYS
-
-
-def _drop_partial_tail(path: Path) -> None:
-    """Cut a last line that lacks its newline (a run killed mid-write) so appends stay valid JSONL."""
-    with open(path, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        data = f.read()
-        cut = data.rfind(b"\n") + 1
-        warnings.warn(f"{path}: dropping a truncated last line ({size - cut} bytes) left by a killed run",
-                      stacklevel=3)
-        f.truncate(cut)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
-    """Append one record as a JSON line, then flush and fsync (a kill loses at most this line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = dumps_json(record, indent=None)
-    if path.exists():
-        _drop_partial_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def merge_parts(lines: Iterable[Mapping[str, Any]]) -> dict[str, dict]:

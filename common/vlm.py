@@ -20,7 +20,6 @@ Hidden-state layer indices: 0 = token embeddings, i = output of decoder layer i,
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
+from common.models.greedy_batch import BatchedGreedyDecoder, GreedyBatch
 
 # Room reserved in a fresh KV cache beyond the prompt (it grows by doubling past this).
 DEFAULT_DECODE_ROOM = 128
@@ -90,6 +90,7 @@ class VisionLanguageModel(ABC):
         self.decode_room = DEFAULT_DECODE_ROOM
         self.graphs: CudaGraphDecoder | None = None
         self.fixed_step: int | None = None
+        self._greedy_batch: BatchedGreedyDecoder | None = None
 
     # ----- fast decode -----
     def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,), compile: bool = False,
@@ -275,39 +276,22 @@ class VisionLanguageModel(ABC):
 
     @torch.no_grad()
     def generate_greedy_batch(self, visuals: Sequence[VisualInput], questions: Sequence[str],
-                              max_new_tokens: int) -> list[list[int]]:
+                              max_new_tokens: int, hidden_layers: Sequence[int] = ()) -> GreedyBatch:
         """Greedy answers of several samples decoded together (one decode step serves the whole batch).
 
-        Prompts are left-padded with positions counted from each prompt's first token, through
-        transformers' own cache (batched decoding is bandwidth bound, so B answers cost about one).
-        Each answer stops after the eos token, as ``autoregressive_generate`` does. Used where
-        throughput matters (feature extraction); the speculative engine stays batch-1.
+        Each prompt is prefilled alone into its row of a batched static KV cache; decode steps run
+        every row at its own position (a CUDA graph on CUDA). Each answer stops after the eos
+        token, as ``autoregressive_generate`` does. With ``hidden_layers``, also returns each
+        answer's states (row t = the state before answer token t): the target teacher-forced on
+        its own answer, without a second prompt pass. Used where throughput matters (feature
+        extraction); the speculative engine stays batch-1.
         """
-        lm, eos = self.runner.language_model, self.eos_token_id
+        if self._greedy_batch is None:
+            if self.device.type == "cuda":
+                self.runner.fuse_projections()  # no-op for quantized layers
+            self._greedy_batch = BatchedGreedyDecoder(self.runner)
         prompts = [self.prompt_embeds(v, q) for v, q in zip(visuals, questions, strict=True)]
-        longest, count = max(p.shape[0] for p in prompts), len(prompts)
-        batch = prompts[0].new_zeros((count, longest, prompts[0].shape[1]))
-        mask = torch.zeros((count, longest), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            batch[i, longest - p.shape[0]:] = p
-            mask[i, longest - p.shape[0]:] = 1
-        cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        cache, answers, done = None, [[] for _ in prompts], torch.zeros(count, dtype=torch.bool, device=self.device)
-        inputs = batch
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
-            out = lm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                     **{cache_arg: cache})
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            tokens = self.lm_head(out.last_hidden_state[:, -1]).float().argmax(-1)
-            for i in (~done).nonzero().flatten().tolist():
-                answers[i].append(int(tokens[i]))
-            done |= tokens == eos
-            if bool(done.all()):
-                break
-            inputs = self.embed_tokens(tokens)[:, None].to(batch.dtype)
-            mask = torch.cat([mask, torch.ones((count, 1), dtype=mask.dtype, device=self.device)], dim=1)
-        return answers
+        return self._greedy_batch.generate(prompts, max_new_tokens, self.eos_token_id, hidden_layers)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (for answers and targets)."""

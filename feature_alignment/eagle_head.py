@@ -428,7 +428,7 @@ def _feature_graphs(target: Any, layer: int):
     def step(embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         x, hidden = runner._layers(embeds, positions, cache.capacity, cache, set() if idx == n else {idx})
         logits = runner.lm_head(x[0]).float()
-        feature = x[0] if idx == n else hidden[idx]
+        feature = x[0] if idx == n else hidden[idx][0]
         return torch.cat([logits, feature.float()], dim=-1)
 
     compiled = getattr(graphs, "_step_fn", None) != runner.static_step

@@ -49,3 +49,40 @@ def test_speculative_with_graphs_is_lossless(tiny_models_dir):
                                target_vocab_size=target.vocab_size)
         spec = speculative_generate(target, target.prefill(tv, QUESTION), drafter, max_new_tokens=24, gamma=3)
         assert spec.tokens == plain.tokens
+
+
+def test_batched_greedy_graph_matches_eager(tiny_models_dir):
+    """The CUDA-graph batched decode gives the eager batched decode's answers and states, graph reused."""
+    from common.models.greedy_batch import BatchedGreedyDecoder
+
+    vlm = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
+    questions = ["How many cars?", QUESTION, "Is anything moving to the left of the truck?"]
+    with torch.no_grad():
+        visual = _visual(vlm)
+        prompts = [vlm.prompt_embeds(visual, q) for q in questions]
+        eager = BatchedGreedyDecoder(vlm.runner, use_cuda_graph=False).generate(prompts, 16, vlm.eos_token_id, [-1, 1])
+        graphed = BatchedGreedyDecoder(vlm.runner)
+        for _ in range(2):  # the second call replays the kept graph
+            out = graphed.generate(prompts, 16, vlm.eos_token_id, [-1, 1])
+            assert out.answers == eager.answers
+            for layer in (-1, 1):
+                for a, b in zip(out.hidden[layer], eager.hidden[layer]):
+                    assert torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graphs_on_a_second_gpu(tiny_models_dir):
+    """Graphs of a model on cuda:1 capture and replay while cuda:0 is the current device."""
+    from common.models.greedy_batch import BatchedGreedyDecoder
+
+    torch.cuda.set_device(0)
+    vlm = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda:1")
+    with torch.no_grad():
+        visual = _visual(vlm)
+        eager = autoregressive_generate(vlm, vlm.prefill(visual, QUESTION), max_new_tokens=12)
+        prompts = [vlm.prompt_embeds(visual, QUESTION)] * 2
+        batched = BatchedGreedyDecoder(vlm.runner).generate(prompts, 12, vlm.eos_token_id)
+        vlm.enable_cuda_graphs(512, step_sizes=(1, 4))
+        graphed = autoregressive_generate(vlm, vlm.prefill(visual, QUESTION), max_new_tokens=12)
+    assert graphed.tokens == eager.tokens
+    assert batched.answers == [eager.tokens] * 2

@@ -17,8 +17,9 @@ normed state that feeds the LM head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,16 @@ class DecoderShape:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, batch 1, growing by reallocation when full."""
+    """Preallocated keys and values of every layer, growing by reallocation when full.
 
-    def __init__(self, shape: DecoderShape, capacity: int, dtype: torch.dtype, device: torch.device):
+    ``batch`` rows share one capacity; the speculative engine uses batch 1 (``length`` is then
+    the cache's fill), batched greedy decoding tracks each row's length itself.
+    """
+
+    def __init__(self, shape: DecoderShape, capacity: int, dtype: torch.dtype, device: torch.device,
+                 batch: int = 1):
         self.shape = shape
-        size = (shape.num_layers, 1, shape.num_kv_heads, max(int(capacity), 1), shape.head_dim)
+        size = (shape.num_layers, int(batch), shape.num_kv_heads, max(int(capacity), 1), shape.head_dim)
         self.keys = torch.zeros(size, dtype=dtype, device=device)
         self.values = torch.zeros(size, dtype=dtype, device=device)
         self.length = 0
@@ -79,6 +85,13 @@ class KVCache:
         if length < 0 or length > self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
         self.length = length
+
+    def row(self, index: int) -> KVCache:
+        """A batch-1 cache viewing row ``index`` (shares storage; must not grow), empty."""
+        other = KVCache.__new__(KVCache)
+        other.shape, other.length = self.shape, 0
+        other.keys, other.values = self.keys[:, index:index + 1], self.values[:, index:index + 1]
+        return other
 
     def clone(self) -> KVCache:
         """An independent copy (for tests and branching)."""
@@ -147,27 +160,33 @@ class LlamaRunner:
                    mask: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
         s = self.shape
-        k_new = x.shape[1]
+        rows, k_new = x.shape[0], x.shape[1]
         if self._fused is not None:  # one GEMV for q, k, v and one rotary pass over q and k
-            qkv = F.linear(x, self._fused[layer_idx][0]).view(1, k_new, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+            qkv = F.linear(x, self._fused[layer_idx][0]).view(rows, k_new, s.num_heads + 2 * s.num_kv_heads,
+                                                               s.head_dim)
             qk = _apply_rope(qkv[:, :, : s.num_heads + s.num_kv_heads].transpose(1, 2), cos, sin)
             q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
             v = qkv[:, :, s.num_heads + s.num_kv_heads:].transpose(1, 2)
         else:
-            q = attn.q_proj(x).view(1, k_new, s.num_heads, s.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(1, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(rows, k_new, s.num_heads, s.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         keys, values = cache.keys[layer_idx], cache.values[layer_idx]
-        keys.index_copy_(2, positions, k.to(keys.dtype))
-        values.index_copy_(2, positions, v.to(values.dtype))
+        if positions.dim() == 1:  # one row (or rows at the same positions)
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+        else:  # each row writes at its own positions (rows, k)
+            row_ids = torch.arange(rows, device=positions.device)[:, None]
+            keys[row_ids, :, positions] = k.transpose(1, 2).to(keys.dtype)
+            values[row_ids, :, positions] = v.transpose(1, 2).to(values.dtype)
         keys, values = keys[:, :, :attend_len], values[:, :, :attend_len]
         if s.num_kv_heads != s.num_heads:
             rep = s.num_heads // s.num_kv_heads
             keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                              is_causal=mask is None)
-        return attn.o_proj(out.transpose(1, 2).reshape(1, k_new, s.num_heads * s.head_dim))
+        return attn.o_proj(out.transpose(1, 2).reshape(rows, k_new, s.num_heads * s.head_dim))
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """transformers' RMSNorm; with fused projections, torch's fused rms_norm (same math in float32)."""
@@ -184,25 +203,34 @@ class LlamaRunner:
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend_len: int, cache: KVCache,
                 wanted: set[int], causal_prefill: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """All decoder layers and the final norm over x (1, k, H) written at ``positions``."""
+        """All decoder layers and the final norm over x (rows, k, H) written at ``positions``.
+
+        ``positions`` is (k,) when every row sits at the same positions, or (rows, k). Returns the
+        normed output (rows, k, H) and the wanted layers' states, each (rows, k, H).
+        """
         if causal_prefill:
             mask = None  # a fresh prompt: plain causal attention (flash kernels)
-        else:
+            position_ids = positions[None, :]
+        elif positions.dim() == 1:
             mask = torch.arange(attend_len, device=x.device)[None, :] <= positions[:, None]
-        cos, sin = self.language_model.rotary_emb(x, positions[None, :])
+            position_ids = positions[None, :]
+        else:
+            mask = (torch.arange(attend_len, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]
+            position_ids = positions
+        cos, sin = self.language_model.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
         hidden: dict[int, torch.Tensor] = {}
         if 0 in wanted:
-            hidden[0] = x[0]
+            hidden[0] = x
         for idx, layer in enumerate(self.layers):
             h = self._norm(layer.input_layernorm, x)
             x = x + self._attention(layer, h, cache, idx, positions, cos, sin, attend_len, mask)
             x = x + self._mlp(layer, idx, self._norm(layer.post_attention_layernorm, x))
             if idx + 1 in wanted and idx + 1 != self.shape.num_layers:
-                hidden[idx + 1] = x[0]
+                hidden[idx + 1] = x
         x = self.language_model.norm(x)
         if self.shape.num_layers in wanted:
-            hidden[self.shape.num_layers] = x[0]
+            hidden[self.shape.num_layers] = x
         return x, hidden
 
     def run(self, inputs_embeds: torch.Tensor, cache: KVCache, hidden_layers: Sequence[int] = (),
@@ -225,7 +253,7 @@ class LlamaRunner:
         cache.length = start + k_new
         head_in = x[0] if all_logits else x[0, -1:]
         logits = self.lm_head(head_in).float()
-        return logits, {i: hidden[self._layer_index(i)] for i in hidden_layers} if hidden_layers else {}
+        return logits, {i: hidden[self._layer_index(i)][0] for i in hidden_layers} if hidden_layers else {}
 
     def static_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +270,26 @@ class LlamaRunner:
         if not 0 <= idx <= n:
             raise ValueError(f"hidden layer {i} is out of range for a decoder of {n} layers")
         return idx
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm ``fn`` up on a side stream, then capture it as a CUDA graph on ``device``; (graph, outputs).
+
+    Runs with ``device`` as the current device, so models on a second GPU capture on their own GPU
+    whatever device the calling thread has current. Replay with ``device`` current as well.
+    """
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # torch.cuda.graph's default capture stream is created once, on whichever GPU came first
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            outputs = fn()
+    return graph, outputs
 
 
 class CudaGraphDecoder:
@@ -273,19 +321,12 @@ class CudaGraphDecoder:
 
     def _capture(self, size: int):
         cache, hidden = self.cache, self.runner.shape.hidden_size
-        embeds = torch.zeros((1, size, hidden), dtype=cache.keys.dtype, device=cache.keys.device)
+        device = cache.keys.device
+        embeds = torch.zeros((1, size, hidden), dtype=cache.keys.dtype, device=device)
         # capture writes at the end of the capacity, never over live positions
-        positions = torch.arange(cache.capacity - size, cache.capacity, device=cache.keys.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._step_fn(embeds, positions, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._step_fn(embeds, positions, cache)
-        self._graphs[size] = (graph, embeds, positions, logits)
+        positions = torch.arange(cache.capacity - size, cache.capacity, device=device)
+        self._graphs[size] = (*capture_graph(lambda: self._step_fn(embeds, positions, cache), device),
+                              embeds, positions)
 
     def capture_all(self) -> None:
         """Capture every size now (keeps capture cost out of timed regions)."""
@@ -321,14 +362,15 @@ class CudaGraphDecoder:
             raise ValueError(f"no captured size serves {k} tokens at length {self.cache.length}")
         if size not in self._graphs:
             self._capture(size)
-        graph, embeds_buf, positions_buf, outputs = self._graphs[size]
+        graph, outputs, embeds_buf, positions_buf = self._graphs[size]
         # a custom step function may return one tensor instead of (logits, final hidden)
         logits_buf, hidden_buf = outputs if isinstance(outputs, tuple) else (outputs, None)
         start = self.cache.length
         embeds_buf.zero_()
         embeds_buf[0, :k].copy_(embeds)
         positions_buf.copy_(torch.arange(start, start + size, device=positions_buf.device))
-        graph.replay()
+        with torch.cuda.device(positions_buf.device):
+            graph.replay()
         self.cache.length = start + k
         self.last_hidden = hidden_buf[:k].clone() if hidden_buf is not None else None
         return logits_buf[:k].clone()

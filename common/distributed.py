@@ -39,9 +39,10 @@ def launcher_shard(args: Any) -> bool:
 
 
 def local_device(name: str | torch.device | None) -> str | torch.device | None:
-    """``auto``/``cuda`` become ``cuda:LOCAL_RANK`` under a launcher (one GPU per process)."""
+    """``auto``/``cuda`` become ``cuda:LOCAL_RANK`` under a launcher (one GPU per process, made current)."""
     _, size, local = world()
     if size > 1 and torch.cuda.is_available() and str(name).lower() in ("auto", "none", "cuda"):
+        torch.cuda.set_device(local % torch.cuda.device_count())
         return f"cuda:{local % torch.cuda.device_count()}"
     return name
 
@@ -68,18 +69,29 @@ def barrier() -> None:
             dist.barrier(group=group)
 
 
-def all_true(flag: bool) -> bool:
-    """True when ``flag`` is true on every rank (a gloo all-reduce); ``flag`` itself in one process."""
+def _cpu_all_reduce(value: float, op_name: str) -> float:
+    """``value`` reduced over every rank with the named ``ReduceOp`` through a CPU gloo collective."""
     if not init_group():
-        return bool(flag)
+        return value
     import torch.distributed as dist
 
-    t = torch.tensor([int(bool(flag))], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.float64)
+    op = getattr(dist.ReduceOp, op_name)
     if dist.get_backend() == "gloo":
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=op)
     else:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT))
-    return bool(int(t))
+        dist.all_reduce(t, op=op, group=dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT))
+    return float(t)
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank; ``flag`` itself in one process."""
+    return bool(_cpu_all_reduce(float(bool(flag)), "MIN"))
+
+
+def all_sum(value: float) -> float:
+    """The sum of ``value`` over every rank; ``value`` itself in one process."""
+    return _cpu_all_reduce(float(value), "SUM")
 
 
 def destroy() -> None:

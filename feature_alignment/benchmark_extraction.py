@@ -1,16 +1,18 @@
 """Extraction throughput at the real 7B shapes (random weights), per teacher-forcing batch size.
 
-    python -m feature_alignment.benchmark_extraction [--batch_sizes 1,8,16 --num_samples 16 \\
-        --max_new_tokens 50 --layers -1,-2 --device cuda --output_dir results/feature_alignment]
+    python -m feature_alignment.benchmark_extraction [--batch_sizes 1,8,16,24 --num_samples 48 \\
+        --max_new_tokens 50 --layers -1,-2 --questions_per_clip 10 --target_states greedy_pass \\
+        --device cuda --output_dir results/feature_alignment]
 
 Builds EventGPT (Vicuna-7B shapes: hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000,
 CLIP ViT-L/14-336 tower, projector, feature adaptor; 5 event frames -> 582 event tokens) and
 Video-LLaVA (Vicuna-7B shapes, vocab 32064, CLIP ViT-L/14-224, 8 frames -> 2056 video tokens)
 with random bf16 weights directly on the device (nothing is downloaded or written to disk),
-then runs the extraction's own code path (:func:`extract_batch`: the target's greedy answer
-one sample at a time, then both models teacher-forced in one padded batch each, then the
-chunk write) over random frames, and reports per batch size: samples/s, seconds per sample
-split into encode / greedy answer / teacher-forced passes / chunk write, and peak GPU memory.
+then runs the extraction's own code path (:func:`extract_batch`: the target's batched greedy
+answers with its states recorded on the way, the draft teacher-forced in one padded batch, then
+the chunk write) over random frames, and reports per batch size: samples/s, seconds per sample
+split into encode / target greedy pass / draft teacher-forced pass / chunk write, and peak GPU
+memory. As in the extraction, a clip is encoded once for its ``--questions_per_clip`` questions.
 A short untimed warm-up runs first; the device is synchronised around every timer.
 
 ``--tiny`` runs the same path with small random models on CPU (a smoke test of the script).
@@ -35,7 +37,12 @@ import torch
 
 from common.results import atomic_write_json, to_jsonable
 from common.timing import sync
-from feature_alignment.extract_hidden_states import extract_batch, join_list_flags, parse_layers
+from feature_alignment.extract_hidden_states import (
+    TARGET_STATES,
+    extract_batch,
+    join_list_flags,
+    parse_layers,
+)
 from feature_alignment.hidden_store import write_chunk
 
 log = logging.getLogger(__name__)
@@ -133,7 +140,8 @@ def _frames(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def run_batch_size(draft, target, batch_size: int, num_samples: int, layers: Sequence[int], max_new_tokens: int,
-                   device: torch.device, folder: Path, seed: int = 0) -> dict[str, Any]:
+                   device: torch.device, folder: Path, seed: int = 0, questions_per_clip: int = 10,
+                   target_states: str = "greedy_pass") -> dict[str, Any]:
     """Extraction over ``num_samples`` random samples in batches of ``batch_size``; timings and memory."""
     rng = np.random.default_rng(seed)
     if device.type == "cuda":
@@ -144,17 +152,23 @@ def run_batch_size(draft, target, batch_size: int, num_samples: int, layers: Seq
     sync(device)
     start = time.perf_counter()
     done = 0
+    clip: tuple[Any, ...] = ()
     while done < num_samples:
         n = min(batch_size, num_samples - done)
         t0 = time.perf_counter()
+        d_vis, t_vis = [], []
         with torch.no_grad():
-            d_vis = [draft.encode_pixels(draft.preprocess(list(_frames(rng, 5)))) for _ in range(n)]
-            t_vis = [target.encode_pixels(target.preprocess(_frames(rng, 8))) for _ in range(n)]
+            for i in range(done, done + n):
+                if i % questions_per_clip == 0 or not clip:  # a new clip
+                    clip = (draft.encode_pixels(draft.preprocess(list(_frames(rng, 5)))),
+                            target.encode_pixels(target.preprocess(_frames(rng, 8))))
+                d_vis.append(clip[0])
+                t_vis.append(clip[1])
         sync(device)
         times["encode"] += time.perf_counter() - t0
         questions = [QUESTIONS[(done + i) % len(QUESTIONS)] for i in range(n)]
         records = extract_batch(draft, target, [f"s{done + i}" for i in range(n)], d_vis, t_vis, questions, layers,
-                                max_new_tokens, stats)
+                                max_new_tokens, stats, target_states=target_states)
         sync(device)
         t0 = time.perf_counter()
         write_chunk(folder / f"bench_{batch_size}.safetensors", records, layers)
@@ -169,8 +183,8 @@ def run_batch_size(draft, target, batch_size: int, num_samples: int, layers: Seq
         "mean_answer_tokens": positions / num_samples,
         "seconds_per_sample": {
             "encode": times["encode"] / num_samples,
-            "greedy_answer": stats.get("generate_seconds", 0.0) / num_samples,
-            "teacher_forced_both": stats.get("teacher_forced_seconds", 0.0) / num_samples,
+            "target_greedy": stats.get("generate_seconds", 0.0) / num_samples,
+            "teacher_forced": stats.get("teacher_forced_seconds", 0.0) / num_samples,
             "chunk_write": times["chunk_write"] / num_samples,
         },
         "self_check_rate": (stats["self_check_matches"] / stats["self_check_positions"]
@@ -184,8 +198,13 @@ def run_batch_size(draft, target, batch_size: int, num_samples: int, layers: Seq
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m feature_alignment.benchmark_extraction", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--batch_sizes", default="1,8,16", help="teacher-forcing batch sizes. Default: 1,8,16.")
-    p.add_argument("--num_samples", type=int, default=16, help="samples timed per batch size. Default: 16.")
+    p.add_argument("--batch_sizes", default="1,8,16,24",
+                   help="samples decoded and teacher-forced together (extraction's --batch_size). Default: 1,8,16,24.")
+    p.add_argument("--num_samples", type=int, default=48, help="samples timed per batch size. Default: 48.")
+    p.add_argument("--questions_per_clip", type=int, default=10,
+                   help="consecutive samples sharing one clip's encoding (extraction's --max_questions). Default: 10.")
+    p.add_argument("--target_states", choices=TARGET_STATES, default="greedy_pass",
+                   help="as extraction's --target_states. Default: greedy_pass.")
     p.add_argument("--max_new_tokens", type=int, default=50, help="target answer length cap. Default: 50.")
     p.add_argument("--layers", type=parse_layers, default=[-1, -2], help="stored layers. Default: -1,-2.")
     p.add_argument("--device", default="cuda", help="Default: cuda.")
@@ -210,19 +229,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "shapes": "tiny" if args.tiny else "7b", "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype), "layers": args.layers, "max_new_tokens": args.max_new_tokens,
+        "questions_per_clip": args.questions_per_clip, "target_states": args.target_states,
         "build_seconds": build_seconds, "torch": torch.__version__, "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        run_batch_size(draft, target, min(sizes), 1, args.layers, 4, device, folder, seed=args.seed + 99)  # warm-up
         for size in sizes:
+            common = dict(questions_per_clip=args.questions_per_clip, target_states=args.target_states)
+            # untimed warm-up of this batch size (kernels, the batched decode's CUDA graph)
+            run_batch_size(draft, target, size, size, args.layers, args.max_new_tokens, device, folder,
+                           seed=args.seed + 99, **common)
             run = run_batch_size(draft, target, size, args.num_samples, args.layers, args.max_new_tokens, device,
-                                 folder, seed=args.seed)
+                                 folder, seed=args.seed, **common)
             result["runs"].append(run)
             sp = run["seconds_per_sample"]
             print(f"batch {size:>3}: {run['samples_per_second']:.3f} samples/s | per sample: encode {sp['encode']:.3f}s, "
-                  f"greedy answer {sp['greedy_answer']:.3f}s ({run['mean_answer_tokens']:.0f} tokens), teacher-forced "
-                  f"{sp['teacher_forced_both']:.3f}s, write {sp['chunk_write']:.3f}s"
+                  f"target greedy {sp['target_greedy']:.3f}s ({run['mean_answer_tokens']:.0f} tokens), teacher-forced "
+                  f"{sp['teacher_forced']:.3f}s, write {sp['chunk_write']:.3f}s"
                   + (f" | peak {run['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in run else ""), flush=True)
     if args.output_dir:
         atomic_write_json(Path(args.output_dir) / "benchmark_extraction.json", result)

@@ -5,10 +5,13 @@
         --chunk_size 1000 --batch_size 8 --max_new_tokens 50 --quant 4bit --device cuda]
 
 Pairs are aligned by a shared prefix, never by the index of two free-running outputs: first
-the target answers greedily (its own output, the one speculative decoding must reproduce),
-then both models are teacher-forced on the target's answer ids in batched padded passes, so
-row t of both models holds the state just before the same target token t. Target ids at or
-above the shared base vocabulary are fed to the draft as its unk token.
+the target answers greedily (its own output, the one speculative decoding must reproduce; a
+batch is decoded together), then the draft is teacher-forced on the target's answer ids in a
+batched padded pass, so row t of both models holds the state just before the same target token
+t. The target's rows are recorded while it decodes (``--target_states greedy_pass``: the target
+teacher-forced on its own answer, without a second pass over its prompt) or by a second,
+teacher-forced pass (``teacher_forced``). Target ids at or above the shared base vocabulary are
+fed to the draft as its unk token.
 
 Output (see ``feature_alignment/hidden_store.py``): one safetensors file per chunk (samples
 concatenated along positions, with offsets), ``index.json`` rewritten atomically after each
@@ -43,9 +46,10 @@ from tqdm import tqdm
 from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
 from common.data import ClipDataset
 from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
-from common.distributed import barrier, destroy, launcher_shard, local_device, world
+from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
 from common.speculative import autoregressive_generate
+from common.timing import sync
 from feature_alignment.hidden_store import (
     LM_HEAD_FILE,
     LOCK_FILE,
@@ -64,7 +68,7 @@ log = logging.getLogger(__name__)
 DEFAULT_OUTPUT_ROOT = REPO_ROOT / "feature_alignment" / "hidden"
 # Config keys that must match to resume into an existing folder.
 RESUME_KEYS = ("dataset_dir", "split", "max_questions", "eventgpt_path", "videollava_path", "quant", "layers",
-               "max_new_tokens", "num_chunks", "chunk_idx")
+               "max_new_tokens", "num_chunks", "chunk_idx", "target_states")
 STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s)
 
 
@@ -104,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=parse_layers, default=[-1, -2],
                    help="hidden layers stored for both models, comma-separated (-1 = final normed state "
                         "that feeds the LM head). Default: -1,-2.")
-    g.add_argument("--batch_size", type=int, default=8, help="samples per teacher-forced pass. Default: 8.")
+    g.add_argument("--batch_size", type=int, default=16,
+                   help="samples decoded together and teacher-forced in one pass. Default: 16.")
+    g.add_argument("--target_states", choices=TARGET_STATES, default="greedy_pass",
+                   help="greedy_pass: record the target's states while it decodes its answer (one prompt "
+                        "pass); teacher_forced: run the target again over prompt + answer. Default: greedy_pass.")
     g.add_argument("--max_new_tokens", type=int, default=50, help="length cap of the target's answer. Default: 50.")
     return p
 
@@ -126,13 +134,16 @@ def draft_unk_id(draft: Any) -> int:
     return int(unk) if unk is not None else 0
 
 
+TARGET_STATES = ("greedy_pass", "teacher_forced")
+
+
 @torch.no_grad()
 def target_answers(target: Any, visuals: Sequence[Any], questions: Sequence[str], max_new_tokens: int,
                    ) -> list[list[int]]:
     """The target's own greedy answer ids: one sample with the KV-cached engine, several decoded together
-    (``generate_greedy_batch``: one decode step serves the batch, which is what makes extraction fast)."""
+    (``generate_greedy_batch``: one decode step serves the batch)."""
     if len(visuals) > 1:
-        return target.generate_greedy_batch(visuals, questions, max_new_tokens)
+        return target.generate_greedy_batch(visuals, questions, max_new_tokens).answers
     state = target.prefill(visuals[0], questions[0])
     return [autoregressive_generate(target, state, max_new_tokens=max_new_tokens).tokens]
 
@@ -140,23 +151,42 @@ def target_answers(target: Any, visuals: Sequence[Any], questions: Sequence[str]
 @torch.no_grad()
 def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Sequence[Any],
                   target_visuals: Sequence[Any], questions: Sequence[str], layers: Sequence[int],
-                  max_new_tokens: int, stats: dict[str, Any] | None = None) -> list[SampleRecord]:
-    """Target answers greedily, then both models teacher-forced on them in one batched pass each."""
+                  max_new_tokens: int, stats: dict[str, Any] | None = None,
+                  target_states: str = "greedy_pass") -> list[SampleRecord]:
+    """The target answers greedily, then the draft is teacher-forced on those ids in one batched pass.
+
+    ``target_states``: ``greedy_pass`` records the target's states while it decodes its answer
+    (batched; each prompt goes through the target once); ``teacher_forced`` runs the target again
+    over prompt + answer in a padded batch (the original path; same states up to rounding).
+    """
+    if target_states not in TARGET_STATES:
+        raise ValueError(f"target_states must be one of {TARGET_STATES}, got {target_states!r}")
+    timed = stats is not None  # then wait for the GPU at each timer, so the split is true
     t0 = time.perf_counter()
-    answers = target_answers(target, target_visuals, questions, max_new_tokens)
+    if target_states == "greedy_pass":
+        greedy = target.generate_greedy_batch(target_visuals, questions, max_new_tokens, hidden_layers=layers)
+        answers, target_hidden = greedy.answers, greedy.hidden
+    else:
+        answers = target_answers(target, target_visuals, questions, max_new_tokens)
+    if timed:
+        sync(target.device)
     t1 = time.perf_counter()
+    if target_states == "teacher_forced":
+        target_hidden = target.teacher_forced(target_visuals, questions, answers, hidden_layers=layers,
+                                              logits=False).hidden
     limit, unk = shared_vocab(draft, target), draft_unk_id(draft)
-    tf_target = target.teacher_forced(target_visuals, questions, answers, hidden_layers=layers, logits=False)
     tf_draft = draft.teacher_forced(draft_visuals, questions, [draft_ids(a, limit, unk) for a in answers],
                                     hidden_layers=layers, logits=False)
+    if timed:
+        sync(draft.device)
     t2 = time.perf_counter()
     if stats is not None:
         stats["generate_seconds"] = stats.get("generate_seconds", 0.0) + (t1 - t0)
         stats["teacher_forced_seconds"] = stats.get("teacher_forced_seconds", 0.0) + (t2 - t1)
         final = next((layer for layer in layers if layer in (-1, target.num_layers)), None)
-        if final is not None:  # the target's teacher-forced final state must re-predict its own tokens
+        if final is not None:  # the target's final state must re-predict its own tokens
             for i, answer in enumerate(answers):
-                pred = target.lm_head(tf_target.hidden[final][i]).float().argmax(-1).cpu().tolist()
+                pred = target.lm_head(target_hidden[final][i]).float().argmax(-1).cpu().tolist()
                 stats["self_check_positions"] = stats.get("self_check_positions", 0) + len(pred)
                 stats["self_check_matches"] = stats.get("self_check_matches", 0) + sum(
                     int(a == b) for a, b in zip(pred, answer))
@@ -165,7 +195,7 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
         records.append(SampleRecord(
             id=str(sid), target_ids=[int(t) for t in answers[i]],
             draft={layer: tf_draft.hidden[layer][i].to("cpu", torch.float16) for layer in layers},
-            target={layer: tf_target.hidden[layer][i].to("cpu", torch.float16) for layer in layers}))
+            target={layer: target_hidden[layer][i].to("cpu", torch.float16) for layer in layers}))
     bad = sum(int((~torch.isfinite(t)).sum()) for r in records for t in (*r.draft.values(), *r.target.values()))
     if bad:  # fp16 tops out at 65504: a state beyond it would be stored as inf
         log.warning("%d hidden values overflow fp16 in samples %s", bad, list(ids))
@@ -277,12 +307,14 @@ def run_config(args: argparse.Namespace, dataset_dir: Path, split: str, egpt_pat
         "quant": quant, "layers": list(args.layers), "max_new_tokens": args.max_new_tokens,
         "num_chunks": args.num_chunks, "chunk_idx": args.chunk_idx, "chunk_size": args.chunk_size,
         "batch_size": args.batch_size, "max_samples": args.max_samples,
-        "alignment": "teacher-forced on the target's greedy answer ids; row t = state before target token t",
+        "target_states": args.target_states,
+        "alignment": "target: its greedy answer (states recorded while decoding it, or teacher-forced again); "
+                     "draft: teacher-forced on those ids; row t = state before target token t",
     }
 
 
 def _check_resume(index: dict[str, Any], config: dict[str, Any], folder: Path) -> None:
-    old = index["config"]
+    old = {"target_states": "teacher_forced", **index["config"]}  # folders from before the option
     diff = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
@@ -322,15 +354,23 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
         stop.restore()
         lock.unlink(missing_ok=True)
     if launched:
-        summary.update(merge_launched(root, args, dataset))
+        summary.update(merge_launched(root, args, dataset, summary))
     return summary
 
 
-def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset) -> dict[str, Any]:
-    """After every rank finished its shard: rank 0 checks the merged view (all shards, global order)."""
+def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, summary: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """After every rank finished its shard: rank 0 checks the merged view (all shards, global order).
+
+    Also the whole launch's throughput: new samples of all ranks over the time from the common
+    start of the loops (after every rank loaded its models) to the last rank's end.
+    """
     rank, size, _ = world()
-    barrier()
-    out: dict[str, Any] = {"rank": rank, "world_size": size}
+    new_samples = all_sum(summary["new_samples"])  # returns once every rank is done
+    seconds = time.perf_counter() - summary["loop_start"]
+    out: dict[str, Any] = {"rank": rank, "world_size": size, "all_ranks_new_samples": int(new_samples),
+                           "all_ranks_loop_seconds": seconds,
+                           "all_ranks_samples_per_second": new_samples / seconds if new_samples else None}
     if rank == 0:
         planned = list(range(len(dataset)))
         if args.max_samples is not None:
@@ -381,6 +421,8 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
                           "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
                           "videollava_path": config["videollava_path"]})
     save_index(folder, index)
+    barrier()  # under a launcher every rank starts its loop together (model loading is not timed below)
+    loop_start = time.perf_counter()
 
     # batches are fixed slices of the planned order, so a resumed run forms the same batches
     batches: dict[int, list[int]] = {}
@@ -400,7 +442,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         save_index(folder, index)
         written += len(buffer)
         buffer = []
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - loop_start
         rate = written / elapsed if elapsed > 0 else 0.0
         left = len(planned_ids) - index["num_samples"] - len(index["failed"])
         log.info("%s: %d/%d samples, %.2f samples/s, about %.0f s left", name, index["num_samples"],
@@ -426,7 +468,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
             if samples:
                 buffer.extend(extract_batch(draft, target, [s.id for s in samples], d_vis, t_vis,
                                             [s.question for s in samples], args.layers, args.max_new_tokens,
-                                            stats))
+                                            stats, target_states=args.target_states))
             bar.update(len(members))
             if len(buffer) >= args.chunk_size or stop:
                 flush()
@@ -451,7 +493,8 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         "interrupted": bool(stop), "signal": stop.signal, "planned_samples": len(planned_ids),
         "num_samples": index["num_samples"], "num_positions": index["num_positions"],
         "num_chunks": len(index["chunks"]), "new_samples": written, "failed": len(index["failed"]),
-        "seconds": seconds, "samples_per_second": written / seconds if seconds > 0 and written else None,
+        "seconds": seconds, "loop_seconds": time.perf_counter() - loop_start, "loop_start": loop_start,
+        "samples_per_second": written / (time.perf_counter() - loop_start) if written else None,
         "self_check_rate": run_stats.get("self_check_rate"),
         "lm_head": str(root / LM_HEAD_FILE),
     }
@@ -463,5 +506,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = main()
     print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks",
-                                  "rank", "merged_complete", "merged_samples") if k in result})
+                                  "samples_per_second", "rank", "merged_complete", "merged_samples",
+                                  "all_ranks_samples_per_second") if k in result})
     sys.exit(0)

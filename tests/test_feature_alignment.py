@@ -206,6 +206,34 @@ def test_resume_refuses_other_settings(extracted, dataset, models):
         extract.main(argv, models=models)
 
 
+def test_teacher_forced_target_states_match_the_greedy_pass(extracted, dataset, models, tmp_path):
+    """--target_states teacher_forced (second target pass) stores what the greedy pass recorded."""
+    clean, _ = extracted
+    out = tmp_path / "train"
+    summary = extract.main(extract_argv(dataset, out) + ["--target_states", "teacher_forced"], models=models)
+    assert summary["complete"] and summary["self_check_rate"] == 1.0
+    want, got = per_sample(clean), per_sample(out)
+    assert want.keys() == got.keys()
+    for sid, rows in want.items():
+        assert got[sid]["target_ids"].tolist() == rows["target_ids"].tolist()
+        for name, tensor in rows.items():
+            if name != "target_ids":
+                assert torch.allclose(got[sid][name].float(), tensor.float(), atol=2e-3, rtol=2e-3), (sid, name)
+
+
+def test_folders_from_before_target_states_resume_as_teacher_forced(extracted, dataset, models, tmp_path):
+    import shutil
+
+    out = tmp_path / "train"
+    shutil.copytree(extracted[0], out)
+    index = load_index(out)
+    del index["config"]["target_states"]
+    save_index(out, index)
+    with pytest.raises(ValueError, match="target_states: 'teacher_forced' -> 'greedy_pass'"):
+        extract.main(extract_argv(dataset, out), models=models)
+    assert extract.main(extract_argv(dataset, out) + ["--target_states", "teacher_forced"], models=models)["complete"]
+
+
 # ----------------------------------------------------------------------------- adapters and training
 
 def test_adapter_widths_scale_and_checkpoints_carry_their_config(tmp_path):

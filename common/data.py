@@ -209,7 +209,9 @@ class ClipDataset:
             raise DataError(f"{sample.dataset_dir / INDEX_NAME}: entry {sample.clip_id} has no mp4_data or "
                             "video_data; fix the index")
         if not deep:
-            for path in [sample.event_path, sample.video_path]:
+            video = sample.video_path
+            has_frames = sample.frames_dir is not None and sample.frames_dir.is_dir()
+            for path in [sample.event_path, None if has_frames else video]:  # extracted frames replace the mp4
                 if path is not None and not path.exists():
                     raise DataError(f"{path}: file not found; check the dataset index or regenerate the clip")
             return

@@ -119,3 +119,14 @@ def test_bad_samples_are_skipped_and_recorded(tmp_path, tiny_dataset) -> None:  
     with pytest.raises(DataError, match="--allow_pickle"):
         load_event_frames(ds[20], 3)
     assert len(load_event_frames(ds[20], 3, allow_pickle=True)) == 3
+
+
+def test_extracted_frames_stand_in_for_a_deleted_mp4(tiny_dataset, tmp_path) -> None:  # noqa: F811
+    """A copy without its mp4 files (frames already extracted) still validates and reads."""
+    d = tmp_path / "no_mp4"
+    shutil.copytree(tiny_dataset, d)
+    shutil.rmtree(d / "mp4")
+    ds = ClipDataset(d, max_questions=1)
+    errors: list = []
+    assert len(list(ds.iter_samples(deep=False, errors=errors))) == len(ds) and errors == []
+    assert len(list(ds.iter_samples(errors=errors))) == len(ds) and errors == []

@@ -311,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
           f"{summary['raw_position_match_rate']}")
+    if errors:
+        print(f"{output}: skipped {len(errors)} samples with bad files (listed under 'errors'), e.g. "
+              f"{errors[0][0]}: {errors[0][1]}")
     if launched:
         summary.update(_merge_launched(merged_output, args.num_chunks, complete=len(done) == len(samples)))
     return summary

@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="benchmark")
     draft, target = load_pair(args, dataset_dir)
-    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma)
+    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
+                            vision_graphs=not args.eager_vision)
     make_drafter = drafter_factory(args, device=target.device)
     log.info("run folder %s; decode mode %s; %d samples", run.path, mode, len(samples))
     done = run.finished_ids()

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      allow_pickle=args.allow_pickle)
     target = load_vlm("videollava", vllava_path, quant=args.quant, device=args.target_device or args.device,
                       frame_cache=default_frame_cache(dataset_dir))
-    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma)
+    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
+                            vision_graphs=not args.eager_vision)
     make_drafter = drafter_factory(args, device=target.device)
     done = run.finished_ids()
     todo = [s for s in samples if s.id not in done]

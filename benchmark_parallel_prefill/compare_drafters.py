@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       frame_cache=default_frame_cache(dataset_dir))
     specs, notes = build_specs(args, draft, target)
     models = [draft, target] + [s.draft for s in specs if isinstance(s.draft, PooledVideoLlava)]
-    mode = configure_decode(models, args.decode_mode, max_length=4096, gamma=args.gamma)
+    mode = configure_decode(models, args.decode_mode, max_length=4096, gamma=args.gamma,
+                            vision_graphs=not args.eager_vision)
     for note in notes:
         log.info("%s", note)
     log.info("run folder %s; decode mode %s; drafters: %s; %d samples", run.path, mode,

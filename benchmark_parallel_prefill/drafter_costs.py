@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     draft, target, label = build_models(args)
     pooled = PooledVideoLlava(target, args.pool)
-    mode = configure_decode((draft, target, pooled), args.decode_mode, max_length=4096, gamma=args.gamma)
+    mode = configure_decode((draft, target, pooled), args.decode_mode, max_length=4096, gamma=args.gamma,
+                            vision_graphs=False)
     g, ctx, steps = args.gamma, args.context, args.steps
     rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {}

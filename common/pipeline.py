@@ -113,6 +113,9 @@ def add_decode_args(group, free_tokens: bool = False) -> None:
     group.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
                        help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "
                             "(slower start) (default auto)")
+    group.add_argument("--eager_vision", action="store_true",
+                       help="with CUDA graphs, keep the vision towers eager (default: replay them as CUDA graphs, "
+                            "which keeps two concurrently driven models from holding up each other's launches)")
     group.add_argument("--lossless_reference", choices=["fixed_step", "fastest"], default="fixed_step",
                        help="with CUDA graphs, run the target's reference decode and its speculative verification "
                             "through the same padded (gamma+1)-token step so they agree bitwise in bf16/4-bit "
@@ -120,14 +123,16 @@ def add_decode_args(group, free_tokens: bool = False) -> None:
                             "The baseline is always timed with the fastest decode.")
 
 
-def configure_decode(models, mode: str, max_length: int, gamma: int) -> str:
-    """Turn on CUDA-graph decoding where asked for and possible; returns the mode used."""
+def configure_decode(models, mode: str, max_length: int, gamma: int, vision_graphs: bool = True) -> str:
+    """Turn on CUDA-graph decoding (and graphed vision towers) where asked for and possible; returns the mode."""
     if mode == "auto":
         mode = "cuda_graph" if all(m.device.type == "cuda" for m in models) else "eager"
     if mode == "eager":
         return mode
     for m in models:
         m.enable_cuda_graphs(max_length, step_sizes=(1, gamma + 1), compile=mode == "compiled_graph")
+        if vision_graphs:
+            m.enable_vision_graphs()
     return mode
 
 

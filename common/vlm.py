@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
+from common.models.graphed_vision import GraphedVisionEncoder
 from common.models.greedy_batch import BatchedGreedyDecoder, GreedyBatch
 
 # Room reserved in a fresh KV cache beyond the prompt (it grows by doubling past this).
@@ -125,8 +126,20 @@ class VisionLanguageModel(ABC):
         self.fixed_step = size
 
     def disable_cuda_graphs(self) -> None:
-        """Back to eager decoding with a fresh cache per prefill."""
+        """Back to eager decoding with a fresh cache per prefill (and an eager vision path)."""
         self.graphs = None
+        self.__dict__.pop("encode_pixels", None)
+
+    def enable_vision_graphs(self) -> None:
+        """Run ``encode_pixels`` as CUDA-graph replays (one capture per pixel shape; same kernels as eager).
+
+        Cuts the host time of the vision tower, which matters when two models are driven from two
+        threads at once (``common.parallel``). Undone by ``disable_cuda_graphs``.
+        """
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        if "encode_pixels" not in self.__dict__:  # the instance attribute shadows the eager method
+            self.encode_pixels = GraphedVisionEncoder(type(self).encode_pixels.__get__(self), self.device)
 
     # ----- properties every consumer may rely on -----
     @property

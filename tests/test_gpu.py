@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.models.graphed_vision import GraphedVisionEncoder
 from common.models.loader import load_vlm
 from common.speculative import ModelDrafter, autoregressive_generate, speculative_generate
 
@@ -86,3 +87,20 @@ def test_graphs_on_a_second_gpu(tiny_models_dir):
         graphed = autoregressive_generate(vlm, vlm.prefill(visual, QUESTION), max_new_tokens=12)
     assert graphed.tokens == eager.tokens
     assert batched.answers == [eager.tokens] * 2
+
+
+@pytest.mark.parametrize("kind", ["eventgpt", "videollava"])
+def test_graphed_vision_encode_matches_eager(tiny_models_dir, kind):
+    """enable_vision_graphs gives the eager visual embeddings, for each new input."""
+    vlm = load_vlm(kind, tiny_models_dir / kind, quant="fp32", device="cuda")
+    frames = np.random.default_rng(0).integers(0, 255, (8, 48, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        pixels = vlm.preprocess(list(frames[:5]) if kind == "eventgpt" else frames)
+        eager = vlm.encode_pixels(pixels).embeds
+        vlm.enable_vision_graphs()
+        first, second = vlm.encode_pixels(pixels).embeds, vlm.encode_pixels(pixels * 0.5).embeds
+        assert isinstance(vlm.encode_pixels, GraphedVisionEncoder)
+        assert torch.allclose(first, eager, atol=1e-5)
+        assert not torch.allclose(second, first)  # replays read the new input
+        vlm.disable_cuda_graphs()
+        assert torch.allclose(vlm.encode_pixels(pixels * 0.5).embeds, second, atol=1e-5)

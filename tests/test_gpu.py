@@ -9,6 +9,7 @@ import torch
 from common.models.graphed_vision import GraphedVisionEncoder
 from common.models.loader import load_vlm
 from common.speculative import ModelDrafter, autoregressive_generate, speculative_generate
+from tests.data_fixtures import tiny_dataset  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.gpu
 QUESTION = "What are the key elements in this scene?"
@@ -104,3 +105,21 @@ def test_graphed_vision_encode_matches_eager(tiny_models_dir, kind):
         assert not torch.allclose(second, first)  # replays read the new input
         vlm.disable_cuda_graphs()
         assert torch.allclose(vlm.encode_pixels(pixels * 0.5).embeds, second, atol=1e-5)
+
+
+def test_parallel_run_captures_vision_graphs_while_the_other_model_runs(tiny_models_dir, tiny_dataset):  # noqa: F811
+    """First concurrent run: one thread captures its vision graph while the other launches kernels."""
+    from common.data import ClipDataset
+    from common.drafters import DrafterFactory
+    from common.parallel import run_parallel
+    from common.pipeline import configure_decode, prefill_sample
+
+    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cuda")
+    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
+    sample = ClipDataset(tiny_dataset)[0]
+    with torch.no_grad():
+        plain = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=16)
+        assert configure_decode((draft, target), "cuda_graph", max_length=1024, gamma=3) == "cuda_graph"
+        for _ in range(2):  # the first run captures both vision graphs concurrently, the second replays them
+            out = run_parallel(draft, target, sample, DrafterFactory("eventgpt"), max_new_tokens=16, gamma=3)
+            assert out.result.tokens == plain.tokens

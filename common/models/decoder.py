@@ -276,7 +276,9 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) 
     """Warm ``fn`` up on a side stream, then capture it as a CUDA graph on ``device``; (graph, outputs).
 
     Runs with ``device`` as the current device, so models on a second GPU capture on their own GPU
-    whatever device the calling thread has current. Replay with ``device`` current as well.
+    whatever device the calling thread has current. Replay with ``device`` current as well. The
+    capture only restricts the calling thread, so a model may capture while another thread runs
+    the other model (parallel prefill).
     """
     with torch.cuda.device(device):
         side = torch.cuda.Stream(device)
@@ -286,8 +288,9 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) 
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph's default capture stream is created once, on whichever GPU came first
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+        # torch.cuda.graph's default capture stream is created once, on whichever GPU came first;
+        # thread_local: another thread driving the other model may keep launching during the capture
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
             outputs = fn()
     return graph, outputs
 

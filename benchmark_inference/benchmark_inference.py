@@ -49,7 +49,7 @@ from common.pipeline import (
 from common.plots import plot_stage_breakdown
 from common.results import markdown_table, summarize
 from common.speculative import SpecResult, aggregate_metrics, predicted_speedup, speculative_generate
-from common.timing import sync
+from common.timing import gc_paused, sync
 
 STAGE = "benchmark_inference"
 MODELS = ("egpt", "videollava")
@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
         for sample in tqdm(todo, desc=STAGE, unit="sample"):
             try:
-                record, _ = process_sample(draft, target, sample, args, make_drafter)
+                with gc_paused():  # no collector pause inside the timed stages
+                    record, _ = process_sample(draft, target, sample, args, make_drafter)
             except DataError as exc:
                 log.warning("skipping %s: %s", sample.id, exc)
                 record = {"id": sample.id, "split": sample.split, "query": sample.question, "error": str(exc)}

@@ -47,7 +47,7 @@ from common.pipeline import (
 from common.plots import plot_speedup_vs_acceptance, plot_timelines
 from common.results import markdown_table, summarize
 from common.speculative import aggregate_metrics, autoregressive_generate, predicted_speedup
-from common.timing import sync
+from common.timing import gc_paused, sync
 
 STAGE = "benchmark_parallel_prefill"
 log = logging.getLogger(STAGE)
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cost_ratio = measure_cost_ratio(draft, target, todo[0], make_drafter)
         for sample in tqdm(todo, desc=STAGE, unit="sample"):
             try:
-                record, intervals = process_sample(draft, target, sample, args, make_drafter)
+                with gc_paused():  # no collector pause inside the timed stages
+                    record, intervals = process_sample(draft, target, sample, args, make_drafter)
                 if len(timelines) < TIMELINE_SAMPLES:
                     timelines.append((sample.id, intervals))
                     record["timeline"] = intervals

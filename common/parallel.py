@@ -54,8 +54,21 @@ class ParallelOutcome:
         return int(self.result.iterations[0][1])
 
 
-def _new_stream(device: torch.device):
-    return torch.cuda.Stream(device=device) if device.type == "cuda" else None
+_STREAMS: dict[tuple[str, str], Any] = {}
+
+
+def _lane_stream(device: torch.device, lane: str):
+    """The CUDA stream of one lane on one device, made once and reused for every sample.
+
+    A fresh stream per sample would strand the caching allocator's blocks (they are kept per
+    stream), so each sample would allocate anew.
+    """
+    if device.type != "cuda":
+        return None
+    key = (str(device), lane)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device=device)
+    return _STREAMS[key]
 
 
 @contextmanager
@@ -82,7 +95,7 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
     """
     clock = Clock()
     target_done = threading.Event()
-    t_stream, d_stream = _new_stream(target.device), _new_stream(draft.device)
+    t_stream, d_stream = _lane_stream(target.device, "target"), _lane_stream(draft.device, "draft")
     box: dict[str, Any] = {}
     errors: list[BaseException] = []
 

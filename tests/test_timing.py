@@ -142,3 +142,15 @@ def test_clock_spans_on_two_streams() -> None:
     with timer("cuda") as t:
         torch.randn(1024, 1024, device="cuda").sum()
     assert t.seconds > 0
+
+
+def test_gc_paused_keeps_the_collector_off_inside_and_restores_it():
+    import gc
+
+    from common.timing import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.unfreeze()

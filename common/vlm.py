@@ -274,15 +274,22 @@ class VisionLanguageModel(ABC):
         for i, s in enumerate(seqs):
             batch[i, : s.shape[0]] = s
             mask[i, : s.shape[0]] = 1
-        out = self.runner.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False,
-                                         output_hidden_states=bool(hidden_layers))
-        final = out.last_hidden_state
+        wanted = {self.runner._layer_index(layer) for layer in hidden_layers}
+        states, hooks = {0: batch}, []  # forward hooks keep only the wanted layers (not all 33)
+        for idx in wanted - {0, self.num_layers}:
+            def keep(module, args, output, idx=idx):
+                states[idx] = output[0] if isinstance(output, tuple) else output
+            hooks.append(self.runner.layers[idx - 1].register_forward_hook(keep))
+        try:
+            out = self.runner.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        final = states[self.num_layers] = out.last_hidden_state
         result = TeacherForced(spans=spans)
-        n = self.num_layers
         for layer in hidden_layers:
-            idx = layer + n + 1 if layer < 0 else layer
-            states = final if idx == n else out.hidden_states[idx]
-            result.hidden[layer] = [states[i, a:b] for i, (a, b) in enumerate(spans)]
+            chosen = states[self.runner._layer_index(layer)]
+            result.hidden[layer] = [chosen[i, a:b] for i, (a, b) in enumerate(spans)]
         if logits:
             result.logits = [self.lm_head(final[i, a:b]).float() for i, (a, b) in enumerate(spans)]
         return result

@@ -185,12 +185,12 @@ def test_batched_greedy_equals_one_at_a_time(tiny_models_dir, kind):
     visual = _visual(vlm)
     questions = ["How many cars?", QUESTION, "Is anything moving to the left of the truck?"]
     with torch.no_grad():
-        batched = vlm.generate_greedy_batch([visual] * 3, questions, max_new_tokens=12, hidden_layers=[-1, 1])
+        batched = vlm.generate_greedy_batch([visual] * 3, questions, max_new_tokens=12, hidden_layers=[-1, 0, 1])
         single = [autoregressive_generate(vlm, vlm.prefill(visual, q), max_new_tokens=12).tokens for q in questions]
-        forced = vlm.teacher_forced([visual] * 3, questions, batched.answers, hidden_layers=[-1, 1], logits=False)
+        forced = vlm.teacher_forced([visual] * 3, questions, batched.answers, hidden_layers=[-1, 0, 1], logits=False)
     assert batched.answers == single
     # the states recorded while decoding are the states of the model teacher-forced on its own answer
-    for layer in (-1, 1):
+    for layer in (-1, 0, 1):
         for got, want, answer in zip(batched.hidden[layer], forced.hidden[layer], single):
             assert got.shape == (len(answer), vlm.hidden_size)
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -274,7 +274,7 @@ class VisionLanguageModel(ABC):
         for i, s in enumerate(seqs):
             batch[i, : s.shape[0]] = s
             mask[i, : s.shape[0]] = 1
-        wanted = {self.runner._layer_index(layer) for layer in hidden_layers}
+        wanted = {self.runner.layer_index(layer) for layer in hidden_layers}
         states, hooks = {0: batch}, []  # forward hooks keep only the wanted layers (not all 33)
         for idx in wanted - {0, self.num_layers}:
             def keep(module, args, output, idx=idx):
@@ -288,7 +288,7 @@ class VisionLanguageModel(ABC):
         final = states[self.num_layers] = out.last_hidden_state
         result = TeacherForced(spans=spans)
         for layer in hidden_layers:
-            chosen = states[self.runner._layer_index(layer)]
+            chosen = states[self.runner.layer_index(layer)]
             result.hidden[layer] = [chosen[i, a:b] for i, (a, b) in enumerate(spans)]
         if logits:
             result.logits = [self.lm_head(final[i, a:b]).float() for i, (a, b) in enumerate(spans)]

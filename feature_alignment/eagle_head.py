@@ -423,10 +423,10 @@ def _feature_graphs(target: Any, layer: int):
         return per_target[key]
     runner = target.runner
     n = runner.shape.num_layers
-    idx = runner._layer_index(layer)
+    idx = runner.layer_index(layer)
 
     def step(embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        x, hidden = runner._layers(embeds, positions, cache.capacity, cache, set() if idx == n else {idx})
+        x, hidden = runner.run_layers(embeds, positions, cache.capacity, cache, set() if idx == n else {idx})
         logits = runner.lm_head(x[0]).float()
         feature = x[0] if idx == n else hidden[idx][0]
         return torch.cat([logits, feature.float()], dim=-1)

@@ -201,7 +201,7 @@ class LlamaRunner:
         gate, up = F.linear(x, self._fused[idx][1]).chunk(2, dim=-1)
         return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend_len: int, cache: KVCache,
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend_len: int, cache: KVCache,
                 wanted: set[int], causal_prefill: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """All decoder layers and the final norm over x (rows, k, H) written at ``positions``.
 
@@ -247,13 +247,13 @@ class LlamaRunner:
         start = cache.length
         cache.ensure_capacity(start + k_new)
         positions = torch.arange(start, start + k_new, device=inputs_embeds.device)
-        wanted = {self._layer_index(i) for i in hidden_layers}
-        x, hidden = self._layers(inputs_embeds, positions, start + k_new, cache, wanted,
+        wanted = {self.layer_index(i) for i in hidden_layers}
+        x, hidden = self.run_layers(inputs_embeds, positions, start + k_new, cache, wanted,
                                  causal_prefill=start == 0 and k_new > 1)
         cache.length = start + k_new
         head_in = x[0] if all_logits else x[0, -1:]
         logits = self.lm_head(head_in).float()
-        return logits, {i: hidden[self._layer_index(i)][0] for i in hidden_layers} if hidden_layers else {}
+        return logits, {i: hidden[self.layer_index(i)][0] for i in hidden_layers} if hidden_layers else {}
 
     def static_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,10 +261,11 @@ class LlamaRunner:
 
         Returns float32 logits and the final normed hidden state (the LM head's input, layer -1).
         """
-        x, _ = self._layers(embeds, positions, cache.capacity, cache, set())
+        x, _ = self.run_layers(embeds, positions, cache.capacity, cache, set())
         return self.lm_head(x[0]).float(), x[0]
 
-    def _layer_index(self, i: int) -> int:
+    def layer_index(self, i: int) -> int:
+        """Hidden-layer index as stored: 0 embeddings, i layer i, -1 (and num_layers) the final normed state."""
         n = self.shape.num_layers
         idx = i + n + 1 if i < 0 else i
         if not 0 <= idx <= n:

@@ -65,7 +65,7 @@ class BatchedGreedyDecoder:
         runner = self.runner
 
         def step(embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-            x, hidden = runner._layers(embeds, positions, cache.capacity, cache, set(wanted))
+            x, hidden = runner.run_layers(embeds, positions, cache.capacity, cache, set(wanted))
             return runner.lm_head(x[:, -1]).float(), {i: h[:, -1] for i, h in hidden.items()}
 
         return step
@@ -102,7 +102,7 @@ class BatchedGreedyDecoder:
         lengths = [int(p.shape[0]) for p in prompts]
         capacity = -(-(max(lengths) + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP
         device, dtype = prompts[0].device, prompts[0].dtype
-        wanted = frozenset(runner._layer_index(i) for i in hidden_layers)
+        wanted = frozenset(runner.layer_index(i) for i in hidden_layers)
         cache, step = self._prepare(rows, capacity, dtype, device, wanted)
         first_logits, first_states = [], []
         for b, prompt in enumerate(prompts):
@@ -120,7 +120,7 @@ class BatchedGreedyDecoder:
             if n == max_new_tokens - 1 or bool(done.all()):
                 break
             logits, hidden = step(runner.language_model.embed_tokens(tokens)[:, None].to(dtype), positions)
-            steps_hidden.append({i: hidden[runner._layer_index(i)] for i in hidden_layers})
+            steps_hidden.append({i: hidden[runner.layer_index(i)] for i in hidden_layers})
             tokens, positions = logits.argmax(-1), positions + 1
         token_grid = torch.stack(steps_tokens, 1).tolist()
         stopped = torch.stack(steps_done, 1).tolist()  # row already finished before this step

@@ -354,12 +354,12 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
         stop.restore()
         lock.unlink(missing_ok=True)
     if launched:
-        summary.update(merge_launched(root, args, dataset, summary))
+        summary.update(merge_launched(root, args, dataset, summary, time.perf_counter()))
     return summary
 
 
-def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, summary: dict[str, Any]
-                   ) -> dict[str, Any]:
+def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, summary: dict[str, Any],
+                   finished: float) -> dict[str, Any]:
     """After every rank finished its shard: rank 0 checks the merged view (all shards, global order).
 
     Also the whole launch's throughput: new samples of all ranks over the time from the common
@@ -367,7 +367,7 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
     """
     rank, size, _ = world()
     new_samples = all_sum(summary["new_samples"])  # returns once every rank is done
-    seconds = time.perf_counter() - summary["loop_start"]
+    seconds = summary["loop_seconds"] + time.perf_counter() - finished  # this rank's loop + waiting for the rest
     out: dict[str, Any] = {"rank": rank, "world_size": size, "all_ranks_new_samples": int(new_samples),
                            "all_ranks_loop_seconds": seconds,
                            "all_ranks_samples_per_second": new_samples / seconds if new_samples else None}
@@ -477,7 +477,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         flush()
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
+    seconds, loop_seconds = time.perf_counter() - start, time.perf_counter() - loop_start
     finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
     index["complete"] = all(s in finished for s in planned_ids)
     run_stats = index.setdefault("stats", {})
@@ -493,8 +493,8 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         "interrupted": bool(stop), "signal": stop.signal, "planned_samples": len(planned_ids),
         "num_samples": index["num_samples"], "num_positions": index["num_positions"],
         "num_chunks": len(index["chunks"]), "new_samples": written, "failed": len(index["failed"]),
-        "seconds": seconds, "loop_seconds": time.perf_counter() - loop_start, "loop_start": loop_start,
-        "samples_per_second": written / (time.perf_counter() - loop_start) if written else None,
+        "seconds": seconds, "loop_seconds": loop_seconds,
+        "samples_per_second": written / loop_seconds if written else None,
         "self_check_rate": run_stats.get("self_check_rate"),
         "lm_head": str(root / LM_HEAD_FILE),
     }

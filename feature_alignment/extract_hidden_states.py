@@ -48,6 +48,7 @@ from common.data import ClipDataset
 from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
 from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
+from common.prefetch import prefetched
 from common.speculative import autoregressive_generate
 from common.timing import sync
 from feature_alignment.hidden_store import (
@@ -202,6 +203,36 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
         if stats is not None:
             stats["nonfinite_values"] = stats.get("nonfinite_values", 0) + bad
     return records
+
+
+class ClipPixelLoader:
+    """Per batch of dataset indices: each sample, its clip's pixels for both models, or its error.
+
+    Pixels are read and preprocessed once per clip: a clip whose questions continue from the
+    previous batch gets ``None`` (the caller still holds its encodings). Called in batch order
+    from one worker thread (``common.prefetch``).
+    """
+
+    def __init__(self, dataset: ClipDataset, draft: Any, target: Any):
+        self.dataset, self.draft, self.target = dataset, draft, target
+        self.last_clip: str | None = None
+
+    def __call__(self, members: Sequence[int]) -> list[tuple[Any, Any, str | None]]:
+        out = []
+        for i in members:
+            sample = self.dataset.samples[i]
+            try:
+                sample = self.dataset[i]
+                pixels = None
+                if sample.clip_id != self.last_clip:
+                    self.last_clip = None
+                    pixels = (self.draft.preprocess(self.draft.load_visual(sample)),
+                              self.target.preprocess(self.target.load_visual(sample)))
+                    self.last_clip = sample.clip_id
+                out.append((sample, pixels, None))
+            except DataError as exc:
+                out.append((sample, None, str(exc)))
+        return out
 
 
 # ----------------------------------------------------------------------------- run control
@@ -450,21 +481,21 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
 
     visuals: dict[str, tuple[Any, Any]] = {}  # the current clip's encodings (its questions are consecutive)
     try:
-        for members in batches.values():
+        # disk reads and pixel preprocessing of the next batches run on a thread beside the GPU work
+        work = prefetched(batches.values(), ClipPixelLoader(dataset, *models)) if batches else iter(())
+        for members, loaded in work:
             samples, d_vis, t_vis = [], [], []
-            for i in members:
-                sample = dataset.samples[i]
-                try:
-                    sample = dataset[i]
-                    if sample.clip_id not in visuals:
-                        visuals.clear()
-                        visuals[sample.clip_id] = (draft.encode(sample), target.encode(sample))
-                    d_vis.append(visuals[sample.clip_id][0])
-                    t_vis.append(visuals[sample.clip_id][1])
-                    samples.append(sample)
-                except DataError as exc:
-                    index["failed"].append({"id": sample.id, "error": str(exc)})
-                    log.warning("skipping %s: %s", sample.id, exc)
+            for sample, pixels, error in loaded:
+                if error is not None:
+                    index["failed"].append({"id": sample.id, "error": error})
+                    log.warning("skipping %s: %s", sample.id, error)
+                    continue
+                if sample.clip_id not in visuals:
+                    visuals.clear()
+                    visuals[sample.clip_id] = (draft.encode_pixels(pixels[0]), target.encode_pixels(pixels[1]))
+                d_vis.append(visuals[sample.clip_id][0])
+                t_vis.append(visuals[sample.clip_id][1])
+                samples.append(sample)
             if samples:
                 buffer.extend(extract_batch(draft, target, [s.id for s in samples], d_vis, t_vis,
                                             [s.question for s in samples], args.layers, args.max_new_tokens,

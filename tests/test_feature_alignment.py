@@ -198,6 +198,27 @@ def test_sharded_extraction_merges_in_order(extracted, dataset, models, tmp_path
     assert per_sample(root / "part_01_of_02").keys() <= per_sample(clean).keys()
 
 
+def test_a_bad_clip_is_recorded_and_the_rest_extracted(extracted, dataset, models, tmp_path):
+    """A truncated mp4: its sample is listed under failed with the file named; the others match."""
+    import shutil
+
+    from common.data import ClipDataset
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    bad = ClipDataset(data, split="train")[1]
+    bad.video_path.write_bytes(bad.video_path.read_bytes()[:300])
+    out = tmp_path / "train"
+    summary = extract.main(extract_argv(data, out), models=models)
+    index = load_index(out)
+    assert summary["complete"] and summary["failed"] == 1 and summary["num_samples"] == 3
+    assert [f["id"] for f in index["failed"]] == [bad.id] and str(bad.video_path) in index["failed"][0]["error"]
+    want, got = per_sample(extracted[0]), per_sample(out)
+    assert got.keys() == want.keys() - {bad.id}
+    for sid in got:
+        assert got[sid]["target_ids"].tolist() == want[sid]["target_ids"].tolist()
+
+
 def test_resume_refuses_other_settings(extracted, dataset, models):
     out, _ = extracted
     argv = extract_argv(dataset, out)

@@ -109,6 +109,14 @@ def test_sequential_and_parallel_agree(tokens, dataset, model_paths, tmp_path):
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
 
 
+def test_batched_extraction_writes_the_same_records(tokens, dataset, model_paths, tmp_path):
+    """--batch_size 2 over 3 samples (a full and a partial batch): the records equal one at a time."""
+    out = tmp_path / "train_batched.jsonl"
+    extract_tokens.main(_extract_args(dataset, model_paths, "train", out, "--batch_size", "2"))
+    assert _ids(out) == _ids(tokens["train"])
+    assert _content(out) == _content(tokens["train"])
+
+
 def test_killed_extraction_resumes_without_loss_or_duplicates(tokens, dataset, model_paths, tmp_path, monkeypatch):
     out = tmp_path / "train.jsonl"
     real = extract_tokens._answer

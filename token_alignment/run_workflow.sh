@@ -50,6 +50,7 @@ MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-50}"
 MAX_TRAIN_SAMPLES="${MAX_TRAIN_SAMPLES:-}"    # empty: all
 MAX_TEST_SAMPLES="${MAX_TEST_SAMPLES:-}"
 PARALLEL="${PARALLEL:-0}"                     # 1: both models loaded during extraction
+EXTRACT_BATCH_SIZE="${EXTRACT_BATCH_SIZE:-1}"  # sequential extraction: samples answered together (e.g. 16 on a GPU)
 EPOCHS="${EPOCHS:-50}"
 EARLY_STOPPING="${EARLY_STOPPING:-10}"
 BATCH_SIZE="${BATCH_SIZE:-32}"
@@ -122,6 +123,7 @@ extract() {  # extract SPLIT OUTPUT MAX_SAMPLES
               --max_new_tokens "$MAX_NEW_TOKENS" --output_file "$2" "${MODEL_ARGS[@]}")
   [[ -n "$3" ]] && args+=(--max_samples "$3")
   [[ "$PARALLEL" == 1 ]] && args+=(--parallel)
+  [[ "$EXTRACT_BATCH_SIZE" != 1 ]] && args+=(--batch_size "$EXTRACT_BATCH_SIZE")
   say "extracting $1 token pairs -> $2"
   run_module token_alignment.extract_tokens "${args[@]}"
 }

@@ -2,7 +2,7 @@
 
     python -m feature_alignment.extract_hidden_states --dataset_dir D --split train \\
         --max_questions 10 --output_dir feature_alignment/hidden/train [--layers -1,-2 \\
-        --chunk_size 1000 --batch_size 8 --max_new_tokens 50 --quant 4bit --device cuda]
+        --chunk_size 1000 --batch_size 16 --max_new_tokens 50 --quant 4bit --device cuda]
 
 Pairs are aligned by a shared prefix, never by the index of two free-running outputs: first
 the target answers greedily (its own output, the one speculative decoding must reproduce; a
@@ -181,7 +181,7 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
     if timed:
         sync(draft.device)
     t2 = time.perf_counter()
-    if stats is not None:
+    if timed:
         stats["generate_seconds"] = stats.get("generate_seconds", 0.0) + (t1 - t0)
         stats["teacher_forced_seconds"] = stats.get("teacher_forced_seconds", 0.0) + (t2 - t1)
         final = next((layer for layer in layers if layer in (-1, target.num_layers)), None)

@@ -23,8 +23,6 @@ import torch
 from tqdm import tqdm
 
 from common.cli import add_common_args
-from common.data import default_frame_cache
-from common.defaults import resolve_model_paths
 from common.drafters import (
     DrafterFactory,
     add_drafter_args,
@@ -33,12 +31,12 @@ from common.drafters import (
     drafter_factory,
 )
 from common.errors import DataError
-from common.models.loader import load_vlm
 from common.parallel import run_parallel, timed
 from common.pipeline import (
     STAGES,
     add_decode_args,
     configure_decode,
+    load_pair,
     lossless_numerics,
     prefill_sample,
     reference_tokens,
@@ -187,11 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="parallel")
-    egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
-    draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=args.draft_device or args.device,
-                     allow_pickle=args.allow_pickle)
-    target = load_vlm("videollava", vllava_path, quant=args.quant, device=args.target_device or args.device,
-                      frame_cache=default_frame_cache(dataset_dir))
+    draft, target = load_pair(args, dataset_dir)
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
                             vision_graphs=not args.eager_vision)
     make_drafter = drafter_factory(args, device=target.device)

@@ -45,16 +45,14 @@ from tqdm import tqdm
 
 from common.cli import add_common_args
 from common.compression import PooledVideoLlava, pooled_drafter
-from common.data import default_frame_cache
-from common.defaults import resolve_model_paths
 from common.drafters import DrafterFactory
 from common.errors import DataError
 from common.hybrid import HybridFactory, run_hybrid
-from common.models.loader import load_vlm
 from common.parallel import run_parallel, timed
 from common.pipeline import (
     add_decode_args,
     configure_decode,
+    load_pair,
     lossless_numerics,
     prefill_sample,
     start_benchmark,
@@ -440,10 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="compare_drafters")
-    egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
-    draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=args.device, allow_pickle=args.allow_pickle)
-    target = load_vlm("videollava", vllava_path, quant=args.quant, device=args.device,
-                      frame_cache=default_frame_cache(dataset_dir))
+    draft, target = load_pair(args, dataset_dir)
     specs, notes = build_specs(args, draft, target)
     models = [draft, target] + [s.draft for s in specs if isinstance(s.draft, PooledVideoLlava)]
     mode = configure_decode(models, args.decode_mode, max_length=4096, gamma=args.gamma,

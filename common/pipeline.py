@@ -37,11 +37,15 @@ class Prefilled:
 
 
 def load_pair(args: argparse.Namespace, dataset_dir) -> tuple[VisionLanguageModel, VisionLanguageModel]:
-    """(EventGPT draft, Video-LLaVA target) from the flags, defaulting to the embedded pair."""
+    """(EventGPT draft, Video-LLaVA target) from the flags, defaulting to the embedded pair.
+
+    ``--draft_device`` / ``--target_device``, where a script has them, override ``--device``.
+    """
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
-    draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=args.device,
+    draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=getattr(args, "draft_device", None) or args.device,
                      allow_pickle=getattr(args, "allow_pickle", False))
-    target = load_vlm("videollava", vllava_path, quant=args.quant, device=args.device,
+    target = load_vlm("videollava", vllava_path, quant=args.quant,
+                      device=getattr(args, "target_device", None) or args.device,
                       frame_cache=default_frame_cache(dataset_dir))
     return draft, target
 

@@ -129,21 +129,26 @@ class _VisualCache:
         return self.value
 
 
+def _answer_record(model: Any, sample: ClipSample, ids: Sequence[int], seconds: float, stop_reason: str,
+                   prefix: str) -> dict:
+    """One model's answer part of a record: prompt, ids, text, seconds, stop reason, vocabulary sizes."""
+    return {
+        f"{prefix}_prompt": model.build_prompt(sample.question),
+        f"{prefix}_token_ids": list(ids),
+        prefix: model.decode_text(ids),
+        f"{prefix}_time": seconds,
+        f"{prefix}_stop_reason": stop_reason,
+        f"{prefix}_vocab_size": int(model.vocab_size),
+        f"{prefix}_base_vocab_size": int(model.base_vocab_size),
+    }
+
+
 def _answer(model: Any, visual: Any, sample: ClipSample, max_new_tokens: int, prefix: str) -> dict:
     """Greedy answer of ``model`` (generated ids only) with its prompt, text and seconds."""
     start = time.perf_counter()
     state = model.prefill(visual, sample.question)
     gen = autoregressive_generate(model, state, max_new_tokens=max_new_tokens)
-    seconds = time.perf_counter() - start
-    return {
-        f"{prefix}_prompt": model.build_prompt(sample.question),
-        f"{prefix}_token_ids": list(gen.tokens),
-        prefix: model.decode_text(gen.tokens),
-        f"{prefix}_time": seconds,
-        f"{prefix}_stop_reason": gen.stop_reason,
-        f"{prefix}_vocab_size": int(model.vocab_size),
-        f"{prefix}_base_vocab_size": int(model.base_vocab_size),
-    }
+    return _answer_record(model, sample, gen.tokens, time.perf_counter() - start, gen.stop_reason, prefix)
 
 
 def _answers(model: Any, visuals: Sequence[Any], samples: Sequence[ClipSample], max_new_tokens: int,
@@ -152,15 +157,9 @@ def _answers(model: Any, visuals: Sequence[Any], samples: Sequence[ClipSample], 
     start = time.perf_counter()
     answers = model.generate_greedy_batch(visuals, [s.question for s in samples], max_new_tokens).answers
     share = (time.perf_counter() - start) / len(samples)
-    return [{
-        f"{prefix}_prompt": model.build_prompt(s.question),
-        f"{prefix}_token_ids": list(ids),
-        prefix: model.decode_text(ids),
-        f"{prefix}_time": share,
-        f"{prefix}_stop_reason": "stop_token" if ids and ids[-1] == model.eos_token_id else "max_new_tokens",
-        f"{prefix}_vocab_size": int(model.vocab_size),
-        f"{prefix}_base_vocab_size": int(model.base_vocab_size),
-    } for s, ids in zip(samples, answers, strict=True)]
+    return [_answer_record(model, s, ids, share,
+                           "stop_token" if ids and ids[-1] == model.eos_token_id else "max_new_tokens", prefix)
+            for s, ids in zip(samples, answers, strict=True)]
 
 
 @torch.no_grad()

@@ -24,8 +24,10 @@ from common.models.tiny import (
 )
 
 # The random pair: the target is larger and sees ~6x more visual tokens, like the real pair.
+# Every width the 4-bit path quantizes is a multiple of 64, so bitsandbytes' packed CPU path
+# (AVX512-BF16 CPUs: 64-wide blocks along in_features, 32-row blocks along out_features) runs.
 EVENTGPT_SIZE = TinySize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
-VIDEOLLAVA_SIZE = TinySize(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=192)
+VIDEOLLAVA_SIZE = TinySize(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=256)
 
 
 def tokenizer_corpus_default() -> list[str]:

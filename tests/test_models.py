@@ -194,3 +194,70 @@ def test_batched_greedy_equals_one_at_a_time(tiny_models_dir, kind):
         for got, want, answer in zip(batched.hidden[layer], forced.hidden[layer], single):
             assert got.shape == (len(answer), vlm.hidden_size)
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _packed_gemv_reference(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+    """bitsandbytes' packed CPU matmul, emulated where its AVX512-BF16 kernel is absent.
+
+    The packed weight goes back through bnb's own inverse of the packing, then bnb's dequantizer;
+    like the real kernel, it computes in bf16.
+    """
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    assert state.packing_format_for_cpu, "the packed path was not taken"
+    unpack_state = copy.copy(state)
+    unpack_state.original_nested = False  # keep the bf16 absmax the kernel reads (no re-quantization)
+    qweight, _ = _convert_weight_packed_for_cpu_inverse(B.data, unpack_state)
+    absmax = state.absmax.T.reshape(-1).float()
+    weight = torch.ops.bitsandbytes.dequantize_4bit.default(qweight, absmax, state.blocksize, state.quant_type,
+                                                           list(state.shape), torch.bfloat16)
+    result = torch.nn.functional.linear(A.to(torch.bfloat16), weight).to(A.dtype)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
+
+
+@pytest.mark.parametrize("kind", ["videollava", "eventgpt"])
+def test_4bit_packed_cpu_path_matches_unpacked(tiny_models_dir, monkeypatch, kind):
+    """The AVX512-BF16 CPU path (weights re-packed in 64-wide blocks) runs on the tiny models and
+    matches the unpacked 4-bit output, on any CPU: bnb's capability check is forced on; where the CPU
+    lacks the packed kernel, its matmul is emulated from bnb's own unpacking."""
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.nn.modules as bnb_modules
+    from bitsandbytes.nn import Linear4bit
+
+    tokens = [5, 17, 42]
+    plain = load_vlm(kind, tiny_models_dir / kind, quant="4bit", device="cpu")
+    visual = _visual(plain)
+    with torch.no_grad():
+        want = torch.cat([plain.prefill(visual, QUESTION).logits[None], plain.forward(plain.prefill(visual, QUESTION),
+                                                                                     tokens)])
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in plain.model.modules() if isinstance(m, Linear4bit))
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    if not bnb_functional.has_avx512bf16():
+        monkeypatch.setattr(bnb_functional, "gemv_4bit", _packed_gemv_reference)
+    packed = load_vlm(kind, tiny_models_dir / kind, quant="4bit", device="cpu")
+    with torch.no_grad():
+        state = packed.prefill(visual, QUESTION)
+        got = torch.cat([state.logits[None], packed.forward(state, tokens)])
+    layers = [m for m in packed.model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    scale = want.abs().max().clamp_min(1.0)
+    assert ((got - want).abs().max() / scale).item() < 5e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.75
+
+
+def test_tiny_sizes_pack_for_the_4bit_cpu_path():
+    """Every width the 4-bit path quantizes in the random pair is packable by bnb's AVX512-BF16 CPU path."""
+    from common.models.quant import cpu_4bit_packable
+    from common.training import SHIPPED_SIZES
+    from scripts.make_tiny_models import EVENTGPT_SIZE, VIDEOLLAVA_SIZE
+
+    for size in (EVENTGPT_SIZE, VIDEOLLAVA_SIZE, *SHIPPED_SIZES.values()):
+        h, i = size.hidden_size, size.intermediate_size
+        assert cpu_4bit_packable(h, h) and cpu_4bit_packable(h, i) and cpu_4bit_packable(i, h), size
+    assert not cpu_4bit_packable(96, 96)  # the old tiny Video-LLaVA width: 144 absmax blocks for 96 rows

@@ -17,8 +17,9 @@ Every clip's preprocessed frames are computed once (the models' own loaders and 
 Writes OUTPUT_DIR/eventgpt and OUTPUT_DIR/videollava (config.json, model.safetensors, tokenizer,
 processor configs: ``load_vlm`` loads them), OUTPUT_DIR/train_tiny_pair.json (args, sizes, parameter
 counts, per-epoch losses and held-out scores, timing) after every epoch, and
-OUTPUT_DIR/training_state.pt (fp32 weights + optimizer; not part of a shipped pair). A rerun with the
-same OUTPUT_DIR resumes after the last finished epoch (``--no_resume`` starts over).
+OUTPUT_DIR/training_state.safetensors (fp32 weights + optimizer, with the rest as JSON metadata: loading it
+runs no code; not part of a shipped pair). A rerun with the same OUTPUT_DIR resumes after the last finished
+epoch (``--no_resume`` starts over).
 
 ``--init_from DIR`` starts from a trained pair (e.g. models/) instead of random weights and ``--models``
 trains only some of the two. ``--teacher_forcing interface`` runs every sample through
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import math
 import sys
@@ -59,7 +59,8 @@ from common.training import (
     teacher_forced_loss,
 )
 
-STATE_FILE = "training_state.pt"
+STATE_FILE = "training_state.safetensors"
+LEGACY_STATE_FILE = "training_state.pt"  # pickled by older versions: never loaded
 SUMMARY_FILE = "train_tiny_pair.json"
 
 
@@ -145,12 +146,30 @@ def _save_pair(vlms: dict, sizes: dict, out: Path, save_dtype: str) -> None:
         savers[kind](model, vlm.tokenizer, out / kind, sizes[kind])
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    from common.events import atomic_write_bytes
+def _load_resume_state(out: Path) -> dict | None:
+    """The unfinished run's state in ``out`` (None if there is none); one line for anything unreadable.
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    The state is a safetensors file with JSON metadata (``common.models.state_file``): nothing in it is
+    unpickled, so a planted file cannot run code. Pickled states of older versions are refused unread.
+    """
+    from common.models.errors import ModelLoadError
+    from common.models.state_file import load_state
+
+    path = out / STATE_FILE
+    if not path.is_file():
+        if (out / LEGACY_STATE_FILE).is_file():
+            raise SystemExit(f"{out / LEGACY_STATE_FILE}: a pickled training state of an older version is not "
+                             "loaded (unpickling can run code); pass --no_resume to start over")
+        return None
+    fix = "delete it or pass --no_resume to start over"
+    try:
+        state = load_state(path, fix)
+    except ModelLoadError as exc:
+        raise SystemExit(str(exc)) from exc
+    needed = ("epoch", "epochs", "step", "seed", "size_preset", "history", "models", "optimizers", "schedulers")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise SystemExit(f"{path}: not a training state of this script (keys {', '.join(needed)} expected); {fix}")
+    return state
 
 
 def _split_arg(split: str | None) -> str | None:
@@ -245,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from common.cli import resolve_device, set_seed
     from common.models.loader import load_vlm
+    from common.models.state_file import save_state
     from common.models.tiny import (
         build_eventgpt,
         build_tokenizer,
@@ -288,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- models: fresh (built, saved, loaded back through load_vlm) or resumed
     state = None
-    if args.resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    if args.resume:
+        state = _load_resume_state(out)
+    if state is not None:
         if state.get("size_preset") != args.size_preset or state.get("seed") != args.seed:
             raise SystemExit(f"{state_path}: a run with other sizes or seed; use another --output_dir or --no_resume")
     if state is None and args.init_from:
@@ -428,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
         epoch += 1
         if not stopped_early:
             _save_pair({k: vlms[k] for k in train_kinds}, sizes, out, args.save_dtype)
-            _atomic_torch_save({
+            save_state({
                 "epoch": epoch, "epochs": epochs, "step": global_step, "seed": args.seed,
                 "size_preset": args.size_preset, "history": history, "train_seconds": train_seconds,
                 "step_losses": step_losses,

@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     from common.cli import resolve_device, set_seed
+    from common.models.errors import ModelLoadError
     from common.models.loader import load_vlm
     from common.models.state_file import save_state
     from common.models.tiny import (
@@ -327,10 +328,17 @@ def main(argv: list[str] | None = None) -> dict:
         save_videollava(vllava, vllava_tok, out / "videollava", sizes["videollava"])
         del egpt, vllava
     # Training runs on the objects the loader gives, so tokenizer and prompt handling are the inference ones.
-    vlms = {kind: memoize_prompts(load_vlm(kind, out / kind, quant="fp32", device=device)) for kind in KINDS}
+    try:
+        vlms = {kind: memoize_prompts(load_vlm(kind, out / kind, quant="fp32", device=device)) for kind in KINDS}
+    except ModelLoadError as exc:
+        raise SystemExit(f"{exc} (the pair of {out}; pass --no_resume to rebuild it)") from exc
     if state is not None:
         for kind in train_kinds:
-            vlms[kind].model.load_state_dict(state["models"][kind])
+            try:
+                vlms[kind].model.load_state_dict(state["models"][kind])
+            except (KeyError, RuntimeError) as exc:
+                raise SystemExit(f"{out / STATE_FILE}: its {kind} weights do not fit the model in {out / kind} "
+                                 f"({' '.join(str(exc).split())[:160]}); pass --no_resume to start over") from exc
     for vlm in vlms.values():
         vlm.model.train()
     if vlms["eventgpt"].base_vocab_size != vlms["videollava"].base_vocab_size:

@@ -273,23 +273,47 @@ def _state_of_another_script(out: Path, marker: Path, name: str) -> None:
     save_state({"something": [1, 2, 3]}, out / name)
 
 
+def _good_state(**extra) -> dict:
+    return {"epoch": 1, "epochs": 2, "step": 1, "seed": 0, "size_preset": "tiny", "history": [],
+            "optimizers": {}, "schedulers": {}, **extra}
+
+
+def _state_without_pair(out: Path, marker: Path, name: str) -> None:
+    from common.models.state_file import save_state
+
+    save_state(_good_state(models={}), out / name)
+
+
+def _state_weights_do_not_fit(out: Path, marker: Path, name: str, pair: Path | None = None) -> None:
+    from common.models.state_file import save_state
+
+    for kind in ("eventgpt", "videollava"):
+        shutil.copytree(pair / kind, out / kind)
+    save_state(_good_state(models={"eventgpt": {"model.stray.weight": torch.ones(2)}}), out / name)
+
+
 STATE_CASES = {
     "planted_pickle": (_planted_pickle, "training_state.safetensors", "not a readable training state"),
     "planted_pickle_old_name": (_planted_pickle, "training_state.pt", "is not loaded"),
     "truncated_state": (_truncated_state, "training_state.safetensors", "not a readable training state"),
     "foreign_safetensors": (_foreign_safetensors, "training_state.safetensors", "format"),
     "state_of_another_script": (_state_of_another_script, "training_state.safetensors", "not a training state"),
+    "state_without_its_pair": (_state_without_pair, "eventgpt", "no such checkpoint folder"),
+    "state_weights_do_not_fit": (_state_weights_do_not_fit, "training_state.safetensors", "do not fit"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(STATE_CASES))
-def test_bad_training_state_is_refused_with_one_line(train_data, tmp_path, case):
+def test_bad_training_state_is_refused_with_one_line(train_data, tiny_models_dir, tmp_path, case):
     from scripts.train_tiny_pair import main
 
     make, name, expected = STATE_CASES[case]
     out, marker = tmp_path / "pair", tmp_path / "marker"
     out.mkdir()
-    make(out, marker, name)
+    if make is _state_weights_do_not_fit:
+        make(out, marker, "training_state.safetensors", pair=tiny_models_dir)
+    else:
+        make(out, marker, "training_state.safetensors" if name == "eventgpt" else name)
     before = _snapshot(out)
     with pytest.raises(SystemExit) as info:
         main(["--dataset_dir", str(train_data), "--output_dir", str(out), "--size_preset", "tiny",

@@ -130,6 +130,17 @@ def _wider_config(folder: Path) -> str:
     return "another shape"
 
 
+def _vision_config_removed(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    if config["model_type"] == "EventChat_llama":  # then the tower is looked up by name: an unknown one
+        config.pop("visual_tower_config")
+        config["mm_visual_tower"] = "nobody/no-such-clip"
+    else:  # then transformers' default CLIP (768 wide) is built: other shapes than the weights
+        config.pop("vision_config")
+    (folder / "config.json").write_text(json.dumps(config))
+    return "config.json"
+
+
 def _config_not_json(folder: Path) -> str:
     (folder / "config.json").write_text("{'model_type': 'llama',")
     return "config.json"
@@ -177,6 +188,7 @@ CASES = {
     "more_layers_in_config": _more_layers,
     "wrong_shape": _wrong_shape,
     "config_wider_than_weights": _wider_config,
+    "vision_config_removed": _vision_config_removed,
     "config_not_json": _config_not_json,
     "config_a_json_list": _config_a_list,
     "unknown_model_type": _unknown_model_type,

@@ -199,8 +199,10 @@ def load_pretrained(model_cls, path: str | Path, kwargs: dict[str, Any], flag: s
     try:
         _check_shapes(model_cls, path, shapes, flag)
         model, info = model_cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
-    except ModelLoadError:
-        raise
+    except ModelLoadError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ModelLoadError(f"{Path(path) / 'config.json'}: {exc}") from exc
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ModelLoadError(f"{path}: could not load the checkpoint ({_one_line(exc)}); check {flag}") from exc
     _check_loading_info(path, info)

@@ -18,7 +18,14 @@ import numpy as np
 
 from common.errors import DataError
 from common.events import load_events, render_event_frames, render_event_image
-from common.video import FrameCache, check_frame_size, count_mp4_frames, read_mp4_frames, sample_frame_indices
+from common.video import (
+    MAX_FRAME_PIXELS,
+    FrameCache,
+    check_frame_size,
+    count_mp4_frames,
+    read_mp4_frames,
+    sample_frame_indices,
+)
 
 __all__ = [
     "INDEX_NAME",
@@ -374,8 +381,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: image is far above the size limit ({exc}); downscale it or regenerate the "
-                        "clip's images") from exc
+        raise DataError(f"{path}: image size is far outside the limit of {MAX_FRAME_PIXELS} pixels (PIL: {exc}); "
+                        "downscale the images or regenerate the clip") from exc
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: corrupt or unreadable image ({exc}); regenerate the clip's images") from exc
 

@@ -42,6 +42,7 @@ __all__ = [
     "read_image",
     "sample_fields",
     "event_images_disagreement",
+    "check_event_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -407,7 +408,8 @@ def event_images_disagreement(stored: list[np.ndarray], rendered: list[np.ndarra
     for k, (a, b) in enumerate(zip(stored, rendered)):
         if a.shape != b.shape:
             return f"frame {k} is {a.shape[1]}x{a.shape[0]} but the events render {b.shape[1]}x{b.shape[0]}"
-        touched_a, touched_b = (a != 255).any(axis=2), (b != 255).any(axis=2)
+        touched_a = (a[..., 0] & a[..., 1] & a[..., 2]) != 255  # not white (fast: no reduction over RGB)
+        touched_b = (b[..., 0] & b[..., 1] & b[..., 2]) != 255
         union = int((touched_a | touched_b).sum())
         differ = int((touched_a ^ touched_b).sum())
         if differ > IMAGE_AGREEMENT_TOLERANCE * max(union, 1):
@@ -416,40 +418,48 @@ def event_images_disagreement(stored: list[np.ndarray], rendered: list[np.ndarra
     return None
 
 
-def _check_agreement(sample: ClipSample, num_frames: int, stored: list[Path], frames: list[np.ndarray],
-                     allow_pickle: bool) -> None:
-    """Compare a clip's stored event PNGs with a rendering of its events, once per clip and frame count.
+def check_event_images(sample: ClipSample, num_frames: int = 5, allow_pickle: bool = False,
+                       frames: list[np.ndarray] | None = None) -> str | None:
+    """Compare a clip's stored event PNGs with a rendering of its events, once per clip and frame count
+    (the verdict is shared by the clip's samples); returns the one-line disagreement, or None when
+    they agree, one side is absent, or the side not used is unreadable. Under --event_source events
+    a disagreement is logged as one warning line. ``frames``: the used side, when already loaded.
 
-    Under --event_source events the PNGs are unused: a disagreement is one warning line. Under
-    images the frames fed to the model are not those of the events file the record names: DataError.
+    ``load_event_frames`` calls it; a run loop may call it first, outside its timers, so that the
+    timed load does not pay for the comparison.
     """
+    stored = _stored_event_images(sample, num_frames)
     key = ("event_images_disagree", num_frames)
+    if stored is None or sample.event_path is None:
+        return None
     if key not in sample.clip_checks:
         problem = None
         try:
-            if sample.event_source == "events":
-                problem = event_images_disagreement([read_image(p) for p in stored], frames)
-            elif sample.event_path is not None:
-                problem = event_images_disagreement(frames, _render(load_events(sample.event_path, allow_pickle),
-                                                                    num_frames))
+            images = frames if frames is not None and sample.event_source == "images" else None
+            rendered = frames if frames is not None and sample.event_source == "events" else None
+            images = images if images is not None else [read_image(p) for p in stored]
+            if rendered is None:
+                rendered = _render(load_events(sample.event_path, allow_pickle=allow_pickle), num_frames)
+            problem = event_images_disagreement(images, rendered)
         except DataError:
-            problem = None  # the unused side is unreadable: nothing to compare (the used side loaded fine)
+            problem = None  # a side is unreadable: nothing to compare (loading the used side reports it)
         if problem:
             problem = (f"sample {sample.id}: event PNGs {stored[0].parent} disagree with the events "
                        f"{sample.event_path} ({problem})")
             if sample.event_source == "events":
                 log.warning("%s; the events are used (--event_source events); regenerate the PNGs", problem)
         sample.clip_checks[key] = problem
-    problem = sample.clip_checks[key]
-    if problem and sample.event_source == "images":
-        raise DataError(f"{problem}; the PNGs were not rendered from these events: regenerate them "
-                        "or use --event_source events")
+    return sample.clip_checks[key]
 
 
 def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: bool = False) -> list[np.ndarray]:
     """Event images (HxWx3 uint8 RGB) of a sample from its ``event_source``: rendered from the events
-    file (equal-count chunks, the default), or the stored PNGs (event_image_1f for 1 frame). When
-    both exist they are compared once per clip (see ``_check_agreement``)."""
+    file (equal-count chunks, the default), or the stored PNGs (event_image_1f for 1 frame).
+
+    When both exist they are compared once per clip (``check_event_images``): under events a
+    disagreement is a warning (the PNGs are unused, the result is right); under images it is a
+    DataError, since the frames would not come from the events file the record names.
+    """
     stored = _stored_event_images(sample, num_frames)
     if sample.event_source == "images":
         if stored is None:
@@ -461,8 +471,10 @@ def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: boo
             raise DataError(f"{sample.index_path}: sample {sample.id} has no events file; fix the index "
                             "or use --event_source images")
         frames = _render(load_events(sample.event_path, allow_pickle=allow_pickle), num_frames)
-    if stored is not None:
-        _check_agreement(sample, num_frames, stored, frames, allow_pickle)
+    problem = check_event_images(sample, num_frames, allow_pickle, frames)
+    if problem and sample.event_source == "images":
+        raise DataError(f"{problem}; the PNGs were not rendered from these events: regenerate them "
+                        "or use --event_source events")
     return frames
 
 

@@ -60,8 +60,9 @@ def _open(path: Path):
         raise DataError(f"{path}: mp4 has no video stream; re-encode or regenerate the clip")
     stream = container.streams.video[0]
     try:
-        check_frame_size(path, int(stream.codec_context.width or 0), int(stream.codec_context.height or 0),
-                         "video frame")
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        if width and height:  # 0 = not declared in the header: each decoded frame is checked instead
+            check_frame_size(path, width, height, "video frame")
         _check_frame_count(path, int(stream.frames or 0))
     except DataError:
         container.close()

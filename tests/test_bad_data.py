@@ -23,6 +23,8 @@ import common.video as video
 from common.data import (
     INDEX_NAME,
     ClipDataset,
+    check_event_images,
+    event_images_disagreement,
     load_event_frames,
     load_video_frames,
     read_image,
@@ -469,3 +471,26 @@ def test_images_source_validates_the_pngs_not_the_events(data) -> None:
     good = [s.id for s in ds.iter_samples(errors=errors)]
     assert good == [ds[i].id for i in (1, 2, 3)]
     assert errors[0][0] == ds[0].id and str(ds[0].event_image_paths[0]) in errors[0][1]
+
+
+def test_agreement_tolerance_accepts_other_renderers_and_rejects_other_clips(data) -> None:
+    ds = ClipDataset(data)
+    stream = load_events(ds[0].event_path)
+    ours = render_event_frames(stream, 5)
+    # another renderer of the same events: swapped colours, chunk boundaries moved by a few events
+    shifted = [render_event_frames(stream.select(slice(3, None)), 5)[k][..., ::-1] for k in range(5)]
+    assert event_images_disagreement(shifted, ours) is None
+    other = render_event_frames(load_events(ds[1].event_path), 5)
+    problem = event_images_disagreement(other, ours)
+    assert problem is not None and float(problem.split("(")[1].split("%")[0]) > 20, problem
+
+
+def test_untimed_check_first_then_the_load_does_not_compare_again(data, caplog) -> None:
+    sample_id, _ = _swap_pngs(data, 0, 1)
+    sample = ClipDataset(data)[0]
+    with caplog.at_level(logging.WARNING):
+        problem = check_event_images(sample, 5)
+        load_event_frames(sample, 5)
+    assert problem is not None and f"sample {sample_id}" in problem
+    assert len(caplog.records) == 1
+    assert check_event_images(ClipDataset(data)[2], 5) is None

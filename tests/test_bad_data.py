@@ -494,3 +494,30 @@ def test_untimed_check_first_then_the_load_does_not_compare_again(data, caplog) 
     assert problem is not None and f"sample {sample_id}" in problem
     assert len(caplog.records) == 1
     assert check_event_images(ClipDataset(data)[2], 5) is None
+
+
+# ---- the synthetic dataset maker ----
+
+def test_maker_refuses_a_sensor_the_loader_would_refuse(tmp_path) -> None:
+    from tests.data_fixtures import make_dataset
+
+    with pytest.raises(SystemExit, match="2..4096"):
+        make_dataset(tmp_path, num_clips=1, extra=["--width", "10000"])
+    assert not (tmp_path / INDEX_NAME).exists()
+
+
+def test_maker_refuses_a_malformed_existing_index_and_redoes_damaged_clips(tmp_path) -> None:
+    from tests.data_fixtures import make_dataset
+
+    make_dataset(tmp_path, num_clips=1)
+    index = tmp_path / INDEX_NAME
+    good = index.read_text()
+    index.write_text("[1, 2]")
+    with pytest.raises(DataError) as e:
+        make_dataset(tmp_path, num_clips=1)
+    _one_line(e, str(index), "move it away")
+    index.write_text(good)
+    gt = next((tmp_path / "ground_truth").rglob("*.json"))
+    gt.write_text("{not json")
+    assert make_dataset(tmp_path, num_clips=1)["generated"] == 1  # the damaged clip was made again
+    assert json.loads(gt.read_text())

@@ -125,8 +125,11 @@ def load_questions(dataset_dir: str | os.PathLike | None = None,
 class _Entry:
     """One index entry being turned into samples: names it in errors and resolves its paths safely."""
 
-    def __init__(self, index: Path, dataset_dir: Path, entry, position: int) -> None:
+    def __init__(self, index: Path, dataset_dir: Path, entry, position: int,
+                 real_dirs: dict[str, str] | None = None) -> None:
         self.index, self.dir, self.entry = index, dataset_dir, entry
+        self.root = str(dataset_dir)  # already resolved
+        self.real_dirs = {} if real_dirs is None else real_dirs
         self.name = f"#{position}"
         if not isinstance(entry, dict):
             raise self.error(f"is a {type(entry).__name__}, expected an object with id, conversations and paths")
@@ -162,23 +165,32 @@ class _Entry:
         """DIR/rel, refused (DataError) when absolute or when it or its link target leaves DIR."""
         if not rel:
             return None
-        if Path(rel).is_absolute():
+        if os.path.isabs(rel):
             raise self.error(f"{key} {rel!r} is an absolute path; nothing outside the dataset folder {self.dir} "
                              "is read", "make the path relative to the dataset folder")
-        path = self.dir / rel
-        if path.suffix in (".npy", ".npz") and not path.exists():
-            alt = path.with_suffix(".npz" if path.suffix == ".npy" else ".npy")
-            path = alt if alt.exists() else path
-        return self.inside(key, path)
+        path = os.path.normpath(os.path.join(self.root, rel))
+        stem, suffix = os.path.splitext(path)
+        if suffix in (".npy", ".npz") and not os.path.exists(path):
+            alt = stem + (".npz" if suffix == ".npy" else ".npy")
+            path = alt if os.path.exists(alt) else path
+        return self.inside(key, path, rel)
 
-    def inside(self, key: str, path: Path) -> Path:
-        """``path`` when it, resolved through links, stays inside the dataset folder; else DataError."""
-        real = path.resolve()
-        if not real.is_relative_to(self.dir):
-            raise self.error(f"{key} {str(path.relative_to(self.dir)) if path.is_relative_to(self.dir) else path}"
-                             f" leads to {real}, outside the dataset folder {self.dir}; nothing outside it is read",
+    def inside(self, key: str, path: str | Path, shown: str | None = None) -> Path:
+        """``path`` when it, resolved through links, stays inside the dataset folder; else DataError.
+        Folders are resolved once per dataset (``real_dirs``), files with one lstat."""
+        path = str(path)
+        parent, name = os.path.split(path)
+        real_parent = self.real_dirs.get(parent)
+        if real_parent is None:
+            real_parent = self.real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_parent, name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if real != self.root and not real.startswith(self.root + os.sep):
+            raise self.error(f"{key} {shown or path!r} leads to {real}, outside the dataset folder {self.dir} "
+                             "(nothing outside it is read)",
                              "copy the file into the dataset folder and use a relative path without '..'")
-        return path
+        return Path(path)
 
 
 def _question_answer(entry: dict) -> tuple[str, str | None]:
@@ -223,7 +235,8 @@ class ClipDataset:
         if not isinstance(entries, list):
             raise DataError(f"{index}: index must be a JSON list of clip entries; regenerate the dataset")
         # entries of other splits are left alone, but every entry must be an object to have a split
-        checked = [_Entry(index, self.dataset_dir, e, i) for i, e in enumerate(entries)
+        real_dirs: dict[str, str] = {}
+        checked = [_Entry(index, self.dataset_dir, e, i, real_dirs) for i, e in enumerate(entries)
                    if split is None or not isinstance(e, dict) or e.get("split") == split]
         if split is not None:
             splits = sorted({str(e.get("split")) for e in entries})

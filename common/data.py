@@ -166,8 +166,8 @@ class _Entry:
         if not rel:
             return None
         if os.path.isabs(rel):
-            raise self.error(f"{key} {rel!r} is an absolute path; nothing outside the dataset folder {self.dir} "
-                             "is read", "make the path relative to the dataset folder")
+            raise self.error(f"{key} {rel!r} is an absolute path (nothing outside the dataset folder {self.dir} "
+                             "is read)", "make the path relative to the dataset folder")
         path = os.path.normpath(os.path.join(self.root, rel))
         stem, suffix = os.path.splitext(path)
         if suffix in (".npy", ".npz") and not os.path.exists(path):

@@ -84,9 +84,9 @@ def _read_header(f) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) declared by the .npy header at the start of file object ``f`` (reads no data)."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=100_000)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
     else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=100_000)
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
     return tuple(int(n) for n in shape), dtype
 
 

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import add_common_args
+from common.data import sample_fields
 from common.drafters import (
     DrafterFactory,
     add_drafter_args,
@@ -96,11 +97,7 @@ def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[
 
 def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult]:
     """Everything measured for one sample."""
-    record: dict[str, Any] = {
-        "id": sample.id, "split": sample.split, "query": sample.question,
-        "event_data": str(sample.event_path) if sample.event_path else None,
-        "video_data": str(sample.video_path or sample.frames_dir),
-    }
+    record: dict[str, Any] = sample_fields(sample)
     record.update(run_model(draft, sample, "egpt", args.max_new_tokens))
     record.update(run_model(target, sample, "videollava", args.max_new_tokens))
     in_target_vocab = target.tokenize(record["egpt"])  # the draft's text in the target's tokenizer

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import add_common_args
+from common.data import sample_fields
 from common.drafters import (
     DrafterFactory,
     add_drafter_args,
@@ -95,9 +96,7 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
             aligned = aligned_fields(make_drafter, out.drafter, out.result, raw.result)
     res = out.result
     record: dict[str, Any] = {
-        "id": sample.id, "split": sample.split, "query": sample.question,
-        "event_data": str(sample.event_path) if sample.event_path else None,
-        "video_data": str(sample.video_path or sample.frames_dir),
+        **sample_fields(sample),
         "videollava": target.decode_text(alone_tokens), "videollava_token_ids": alone_tokens,
         "videollava_time": alone_s,
         "parallel_videollava": target.decode_text(res.tokens), "parallel_token_ids": list(res.tokens),

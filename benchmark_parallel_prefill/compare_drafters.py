@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from common.cli import add_common_args
 from common.compression import PooledVideoLlava, pooled_drafter
+from common.data import sample_fields
 from common.drafters import DrafterFactory
 from common.errors import DataError
 from common.hybrid import HybridFactory, run_hybrid
@@ -285,9 +286,7 @@ def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> 
 
 
 def _base_record(sample: Any, name: str) -> dict[str, Any]:
-    return {"id": sample.id, "split": sample.split, "query": sample.question, "drafter": name,
-            "event_data": str(sample.event_path) if sample.event_path else None,
-            "video_data": str(sample.video_path or sample.frames_dir)}
+    return {**sample_fields(sample), "drafter": name}
 
 
 def process_target(target: Any, sample: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 QUANT_CHOICES = ("4bit", "8bit", "bf16", "fp16", "fp32")
+EVENT_SOURCE_CHOICES = ("events", "images")  # common.data.EVENT_SOURCES (cli stays free of the data layer)
 MAX_QUESTIONS_CHOICES = (1, 10, 50)
 
 T = TypeVar("T")
@@ -56,6 +57,12 @@ def add_common_args(
             "--allow_pickle", action="store_true",
             help="Allow loading pickled .npy event files. Pickle can run arbitrary code: "
                  "use only for trusted upstream .npy files. Default: off.",
+        )
+        g.add_argument(
+            "--event_source", choices=EVENT_SOURCE_CHOICES, default="events",
+            help="Where EventGPT's event frames come from: 'events' renders them from the clip's events file "
+                 "(what each record's event_data names); 'images' reads the stored event PNGs and refuses a "
+                 "clip whose PNGs disagree with its events. Default: events.",
         )
         g.add_argument(
             "--num_chunks", type=int, default=1,

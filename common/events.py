@@ -22,6 +22,8 @@ from common.results import atomic_write_bytes  # noqa: F401  (re-exported: the d
 __all__ = [
     "DEFAULT_WIDTH",
     "DEFAULT_HEIGHT",
+    "MAX_EVENTS",
+    "MAX_SENSOR_SIDE",
     "EventStream",
     "load_events",
     "save_events_npz",
@@ -35,7 +37,14 @@ DEFAULT_HEIGHT = 480
 _REQUIRED_KEYS = ("x", "y", "t", "p")
 # RGB colours of the two polarities: 0 (darker) blue, 1 (brighter) red, on a white canvas.
 _POLARITY_RGB = np.array([[0, 0, 255], [255, 0, 0]], dtype=np.uint8)
-_PICKLE_FIX = "pass --allow_pickle (allow_pickle=True) only if you trust this file, or convert it to .npz"
+_PICKLE_FIX = ("pass --allow_pickle (allow_pickle=True) only if you trust this file, convert it to .npz, "
+               "or read the clip's event PNGs with --event_source images")
+# Sane limits, checked on the sizes a file declares BEFORE anything of that size is allocated.
+# DSEC clips hold ~1-20 M events per second on a 640x480 sensor; 100 M events (~1.3 GB as loaded)
+# and 4096 px per side (the biggest event sensors today are 1280x720) leave ample headroom.
+MAX_EVENTS = 100_000_000
+MAX_SENSOR_SIDE = 4096
+_U16 = 1 << 16  # a 16-bit timestamp counter wraps after 65536 us
 
 
 @dataclass
@@ -71,21 +80,49 @@ def _fail(path: Path, problem: str, fix: str) -> DataError:
     return DataError(f"{path}: {problem}; {fix}")
 
 
-def _read_npy_header(path: Path) -> np.dtype:
-    """The dtype declared in a .npy header (reads no data, unpickles nothing)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            _, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            _, _, dtype = np.lib.format.read_array_header_2_0(f)
-    return dtype
+def _read_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) declared by the .npy header at the start of file object ``f`` (reads no data)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(int(n) for n in shape), dtype
+
+
+def _check_count(path: Path, name: str, shape: tuple[int, ...]) -> None:
+    """DataError when an array declares more elements than MAX_EVENTS (checked before loading it)."""
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    if count > MAX_EVENTS:
+        raise _fail(path, f"{name} declares {count} elements, more than the limit of {MAX_EVENTS} events",
+                    "split the clip into shorter clips or re-export it")
+
+
+def _npz_headers(path: Path) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(member, shape, dtype) of every array in an .npz, read from the headers alone."""
+    out = []
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                shape, dtype = _read_header(f)
+            out.append((info.filename[: -len(".npy")], shape, dtype))
+    return out
 
 
 def _load_mapping(path: Path, allow_pickle: bool) -> dict:
     """Read the raw key -> value mapping of an events file (.npz or .npy)."""
     regenerate = "regenerate or re-export the clip"
     if path.suffix == ".npz":
+        try:
+            headers = _npz_headers(path)
+        except (OSError, ValueError, EOFError, SyntaxError, zipfile.BadZipFile, KeyError) as exc:
+            raise _fail(path, f"corrupt or unreadable npz ({type(exc).__name__}: {exc})", regenerate) from exc
+        for name, shape, dtype in headers:
+            if dtype.hasobject:
+                raise _fail(path, "npz holds pickled objects", _PICKLE_FIX)
+            _check_count(path, name, shape)
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
@@ -96,12 +133,15 @@ def _load_mapping(path: Path, allow_pickle: bool) -> dict:
         except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
             raise _fail(path, f"corrupt or unreadable npz ({type(exc).__name__}: {exc})", regenerate) from exc
     try:
-        dtype = _read_npy_header(path)
+        with open(path, "rb") as f:
+            shape, dtype = _read_header(f)
     except (OSError, ValueError, EOFError, SyntaxError) as exc:
         raise _fail(path, f"corrupt or unreadable npy header ({exc})", regenerate) from exc
     if dtype.hasobject and not allow_pickle:
         raise _fail(path, "npy holds a pickled object (upstream dict format) and loading it can run code",
                     _PICKLE_FIX)
+    if not dtype.hasobject:
+        _check_count(path, "the array", shape)
     try:
         arr = np.load(path, allow_pickle=allow_pickle)
     except Exception as exc:  # unpickling a corrupt payload can raise almost anything
@@ -117,18 +157,52 @@ def _load_mapping(path: Path, allow_pickle: bool) -> dict:
                 regenerate)
 
 
-def _scalar(value, default: int) -> int:
+def _scalar(path: Path, name: str, value, default: int) -> int:
     if value is None:
         return default
-    return int(np.asarray(value).reshape(-1)[0])
+    try:
+        return int(np.asarray(value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise _fail(path, f"{name} is not a number ({exc})", "re-export the clip") from exc
+
+
+def _sensor_size(path: Path, data: dict) -> tuple[int, int]:
+    """(width, height) stored in the file (default 640x480), refused outside 1..MAX_SENSOR_SIDE."""
+    width = _scalar(path, "width", data.get("width"), DEFAULT_WIDTH)
+    height = _scalar(path, "height", data.get("height"), DEFAULT_HEIGHT)
+    if not (0 < width <= MAX_SENSOR_SIDE and 0 < height <= MAX_SENSOR_SIDE):
+        raise _fail(path, f"sensor size {width}x{height} is outside the limit of 1..{MAX_SENSOR_SIDE} px per side",
+                    "store the real sensor width/height in the file")
+    return width, height
+
+
+def _monotonic_time(path: Path, t: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(t, order): timestamps made non-decreasing. A clean 16-bit counter wrap (every step back is
+    a drop of more than half of 65536 us, all values inside 0..65535) is unwrapped in place;
+    other steps back inside that range are ambiguous and refused; larger timestamps slightly out
+    of order (merged sources) are sorted stably, ``order`` being the permutation applied."""
+    step = np.diff(t)
+    back = step < 0
+    if not back.any():
+        return t, None
+    if t.min() >= 0 and t.max() < _U16:
+        if np.all(step[back] <= -(_U16 // 2)):
+            return t + _U16 * np.concatenate([[0], np.cumsum(back)]), None
+        raise _fail(path, f"timestamps step back at {int(back.sum())} places by up to {int(-step.min())} us "
+                    "inside the uint16 range, so a 16-bit counter wrap cannot be told from disorder",
+                    "re-export the clip with monotonic int64 microsecond timestamps")
+    order = np.argsort(t, kind="stable")
+    return t[order], order
 
 
 def load_events(path: str | os.PathLike, allow_pickle: bool = False) -> EventStream:
     """Load and validate an events file (.npz safe format, or upstream pickled-dict .npy).
 
     Raises DataError (one line: file, problem, fix) for a missing file, an unreadable file,
-    a pickled file without ``allow_pickle``, missing keys, an empty stream or out-of-range
-    coordinates. Unsorted timestamps are sorted with a stable argsort.
+    a pickled file without ``allow_pickle``, missing keys, an empty stream, out-of-range
+    coordinates, sizes beyond MAX_EVENTS / MAX_SENSOR_SIDE (checked before allocating) and
+    ambiguous 16-bit timestamps. A clean uint16 timestamp wrap is unwrapped; larger timestamps
+    slightly out of order are sorted with a stable argsort.
     """
     path = Path(path)
     if not path.is_file():
@@ -148,8 +222,8 @@ def load_events(path: str | os.PathLike, allow_pickle: bool = False) -> EventStr
                     "re-export the clip")
     if n == 0:
         raise _fail(path, "empty event stream (0 events)", "drop this clip or re-export it with its events")
-    width = _scalar(data.get("width"), DEFAULT_WIDTH)
-    height = _scalar(data.get("height"), DEFAULT_HEIGHT)
+    _check_count(path, "t", (n,))
+    width, height = _sensor_size(path, data)
     for name, arr in (("x", x), ("y", y), ("t", t), ("p", p)):
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
                 or arr.dtype == bool):
@@ -164,12 +238,11 @@ def load_events(path: str | os.PathLike, allow_pickle: bool = False) -> EventStr
     bad_p = ~np.isin(pi, (-1, 0, 1))
     if bad_p.any():
         raise _fail(path, f"polarity values outside 0/1: {np.unique(pi[bad_p])[:5].tolist()}", "re-export the clip")
-    t = t.astype(np.int64)
-    if np.any(np.diff(t) < 0):
-        order = np.argsort(t, kind="stable")
-        xi, yi, t, pi = xi[order], yi[order], t[order], pi[order]
-    time_start = _scalar(data.get("time_start"), int(t[0]))
-    time_end = _scalar(data.get("time_end"), int(t[-1]))
+    t, order = _monotonic_time(path, t.astype(np.int64))
+    if order is not None:
+        xi, yi, pi = xi[order], yi[order], pi[order]
+    time_start = _scalar(path, "time_start", data.get("time_start"), int(t[0]))
+    time_end = _scalar(path, "time_end", data.get("time_end"), int(t[-1]))
     return EventStream(
         x=xi.astype(np.uint16), y=yi.astype(np.uint16), t=t, p=(pi > 0).astype(np.uint8),
         width=width, height=height, time_start=time_start, time_end=time_end,

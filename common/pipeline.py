@@ -99,7 +99,7 @@ def start_benchmark(stage: str, args: argparse.Namespace, argv: list[str], defau
     set_seed(args.seed)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, event_source=args.event_source)
     samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
     run = RunFolder.create(stage, args.task_name or default_task, args.output_dir, resume=args.resume)
     run.write_config(args, argv)

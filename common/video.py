@@ -15,9 +15,28 @@ import numpy as np
 
 from common.errors import DataError
 
-__all__ = ["sample_frame_indices", "read_mp4_frames", "count_mp4_frames", "FrameCache", "write_mp4", "mp4_codec"]
+__all__ = ["sample_frame_indices", "read_mp4_frames", "count_mp4_frames", "FrameCache", "write_mp4", "mp4_codec",
+           "MAX_FRAME_PIXELS", "MAX_VIDEO_FRAMES", "check_frame_size"]
 
 log = logging.getLogger(__name__)
+
+# Sane limits on what a file declares, checked before decoding: 40 M pixels per frame or image is
+# above 8K UHD (33 M; DSEC frames are 1.6 M), and 36,000 frames is 30 minutes at 20 fps (a clip is 20).
+MAX_FRAME_PIXELS = 40_000_000
+MAX_VIDEO_FRAMES = 36_000
+
+
+def check_frame_size(path: Path, width: int, height: int, what: str = "frame") -> None:
+    """DataError when a declared width x height is empty or above MAX_FRAME_PIXELS."""
+    if width <= 0 or height <= 0 or width * height > MAX_FRAME_PIXELS:
+        raise DataError(f"{path}: {what} size {width}x{height} is outside the limit of {MAX_FRAME_PIXELS} pixels; "
+                        f"downscale the {what}s or regenerate the clip")
+
+
+def _check_frame_count(path: Path, frames: int) -> None:
+    if frames > MAX_VIDEO_FRAMES:
+        raise DataError(f"{path}: mp4 holds {frames} frames, more than the limit of {MAX_VIDEO_FRAMES}; "
+                        "cut the video into clips")
 
 
 def sample_frame_indices(total: int, n: int = 8) -> np.ndarray:
@@ -39,6 +58,15 @@ def _open(path: Path):
     if not container.streams.video:
         container.close()
         raise DataError(f"{path}: mp4 has no video stream; re-encode or regenerate the clip")
+    stream = container.streams.video[0]
+    try:
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        if width and height:  # 0 = not declared in the header: each decoded frame is checked instead
+            check_frame_size(path, width, height, "video frame")
+        _check_frame_count(path, int(stream.frames or 0))
+    except DataError:
+        container.close()
+        raise
     return container
 
 
@@ -49,7 +77,11 @@ def count_mp4_frames(path: str | os.PathLike) -> int:
     path = Path(path)
     container = _open(path)
     try:
-        return sum(1 for pkt in container.demux(video=0) if pkt.size)
+        count = 0
+        for pkt in container.demux(video=0):
+            count += bool(pkt.size)
+            _check_frame_count(path, count)
+        return count
     except av.error.FFmpegError as exc:
         raise DataError(f"{path}: corrupt or truncated mp4 ({exc}); re-encode or regenerate the clip") from exc
     finally:
@@ -59,38 +91,34 @@ def count_mp4_frames(path: str | os.PathLike) -> int:
 def read_mp4_frames(path: str | os.PathLike, n: int = 8) -> np.ndarray:
     """Decode ``n`` frames sampled as Video-LLaVA does: (n, H, W, 3) uint8 RGB.
 
-    Raises DataError for a missing, truncated or corrupt mp4, or one with fewer than ``n`` frames.
+    Raises DataError for a missing, truncated or corrupt mp4, one with fewer than ``n`` frames, or
+    one whose declared frame size or count is beyond MAX_FRAME_PIXELS / MAX_VIDEO_FRAMES. Only the
+    sampled frames are kept (a file without a frame count is counted by demuxing first).
     """
     import av
 
     path = Path(path)
     container = _open(path)
     try:
-        stream = container.streams.video[0]
-        total = int(stream.frames or 0)
-        if total > 0:
-            wanted = sample_frame_indices(total, n)
-            wanted_set = set(wanted.tolist())
-            got: dict[int, np.ndarray] = {}
-            count = 0
-            for i, frame in enumerate(container.decode(video=0)):
-                count = i + 1
-                if i in wanted_set:
-                    got[i] = frame.to_ndarray(format="rgb24")
-            if count < total:
-                raise DataError(f"{path}: truncated mp4 (decoded {count} of {total} frames); "
-                                "re-encode or regenerate the clip")
-            if total < n:
-                raise DataError(f"{path}: only {total} frames, need {n}; use fewer frames or a longer clip")
-            return np.stack([got[i] for i in wanted.tolist()])
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        total = int(container.streams.video[0].frames or 0) or count_mp4_frames(path)
+        if total < n:
+            raise DataError(f"{path}: only {total} frames, need {n}; use fewer frames or a longer clip")
+        wanted = sample_frame_indices(total, n)
+        wanted_set = set(wanted.tolist())
+        got: dict[int, np.ndarray] = {}
+        count = 0
+        for i, frame in enumerate(container.decode(video=0)):
+            count = i + 1
+            if i in wanted_set:
+                check_frame_size(path, frame.width, frame.height, "video frame")
+                got[i] = frame.to_ndarray(format="rgb24")
     except av.error.FFmpegError as exc:
         raise DataError(f"{path}: corrupt or truncated mp4 ({exc}); re-encode or regenerate the clip") from exc
     finally:
         container.close()
-    if len(frames) < n:
-        raise DataError(f"{path}: only {len(frames)} frames, need {n}; use fewer frames or a longer clip")
-    return np.stack([frames[i] for i in sample_frame_indices(len(frames), n).tolist()])
+    if count < total:
+        raise DataError(f"{path}: truncated mp4 (decoded {count} of {total} frames); re-encode or regenerate the clip")
+    return np.stack([got[i] for i in wanted.tolist()])
 
 
 class FrameCache:
@@ -123,11 +151,12 @@ class FrameCache:
         """Frames of ``mp4_path`` (n, H, W, 3) uint8; decodes only on a cache miss."""
         entry = self.path_for(mp4_path, n)
         if entry.is_file():
-            try:
-                frames = np.load(entry, allow_pickle=False)
-                if frames.ndim == 4 and frames.shape[0] == n and frames.dtype == np.uint8:
+            try:  # memory-mapped first: a damaged entry's declared shape is checked before anything is read
+                mapped = np.load(entry, mmap_mode="r", allow_pickle=False)
+                if (mapped.ndim == 4 and mapped.shape[0] == n and mapped.shape[3] == 3 and mapped.dtype == np.uint8
+                        and 0 < mapped.shape[1] * mapped.shape[2] <= MAX_FRAME_PIXELS):
                     self.hits += 1
-                    return frames
+                    return np.array(mapped)
             except (OSError, ValueError, EOFError):
                 pass  # a damaged cache entry is rebuilt below
         self.misses += 1

@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     on = None
     if n_live > 0:
         dataset = ClipDataset(resolve_dataset_dir(args.dataset_dir), split=args.split, max_questions=args.max_questions,
-                              allow_pickle=args.allow_pickle)
+                              allow_pickle=args.allow_pickle, event_source=args.event_source)
         samples = shard([dataset[i] for i in range(min(n_live, len(dataset)))], args.num_chunks, args.chunk_idx)
         if models is None:
             from common.models.loader import load_vlm

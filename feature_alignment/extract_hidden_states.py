@@ -339,6 +339,7 @@ def run_config(args: argparse.Namespace, dataset_dir: Path, split: str, egpt_pat
         "num_chunks": args.num_chunks, "chunk_idx": args.chunk_idx, "chunk_size": args.chunk_size,
         "batch_size": args.batch_size, "max_samples": args.max_samples,
         "target_states": args.target_states,
+        "event_source": args.event_source,
         "alignment": "target: its greedy answer (states recorded while decoding it, or teacher-forced again); "
                      "draft: teacher-forced on those ids; row t = state before target token t",
     }
@@ -366,7 +367,7 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     quant = resolve_quant(args)
     split = _resolve_split(dataset_dir, args.split)
     dataset = ClipDataset(dataset_dir, split=split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, event_source=args.event_source)
     planned = list(range(len(dataset)))
     if args.max_samples is not None:
         planned = planned[: args.max_samples]

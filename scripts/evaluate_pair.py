@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     from common.cli import resolve_device, resolve_quant, set_seed, shard
-    from common.data import ClipDataset, default_frame_cache
+    from common.data import ClipDataset, default_frame_cache, sample_fields
     from common.defaults import resolve_dataset_dir, resolve_model_paths
     from common.models.loader import load_vlm
     from common.results import RunFolder
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     egpt_path, vl_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, event_source=args.event_source)
     samples = list(dataset.iter_samples())
     samples = [s for s in samples if s.answer]
     if args.max_samples is not None:
@@ -169,9 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     for sample in tqdm(samples, desc="evaluate_pair", unit="sample"):
         if sample.id in done:
             continue
-        record: dict[str, Any] = {"id": sample.id, "split": sample.split, "query": sample.question,
-                                  "answer": sample.answer, "group": question_group(sample.question),
-                                  "event_data": str(sample.event_path), "video_data": str(sample.video_path)}
+        record: dict[str, Any] = {**sample_fields(sample), "answer": sample.answer,
+                                  "group": question_group(sample.question)}
         for prefix, model in models.items():
             t0 = time.perf_counter()
             cached = visual_cache.get(prefix)

@@ -25,7 +25,13 @@ from PIL import Image
 
 from common.data import INDEX_NAME
 from common.errors import DataError
-from common.events import atomic_write_bytes, render_event_frames, render_event_image, save_events_npz
+from common.events import (
+    MAX_SENSOR_SIDE,
+    atomic_write_bytes,
+    render_event_frames,
+    render_event_image,
+    save_events_npz,
+)
 from common.synthetic import answer_question, generate_clip, load_top_questions
 from common.video import encode_mp4_bytes
 
@@ -112,8 +118,11 @@ def _make_clip(job: dict) -> tuple[dict, bool]:
     files = [paths["event_data"], paths["mp4_data"], paths["event_image_1f"], paths["ground_truth"],
              *paths["event_image"], *[f"{paths['video_data']}/{k:04d}.png" for k in range(num_frames)]]
     if all((out / f).is_file() for f in files):
-        gt = json.loads((out / paths["ground_truth"]).read_text())
-        return _entry(split, index, gt, job["questions"], seed), False
+        try:
+            gt = json.loads((out / paths["ground_truth"]).read_text())
+            return _entry(split, index, gt, job["questions"], seed), False
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged ground truth: generate the clip again
     ss = _seed_sequence(seed, split, index)
     gt, frames, events = generate_clip(ss.spawn(3)[0], job["width"], job["height"], job["duration_ms"], FPS,
                                        job["noise_rate"], job["ego_motion"], job["threshold"])
@@ -136,6 +145,10 @@ def _merge_index(index_path: Path, new_entries: list[dict]) -> list[dict]:
             existing = json.loads(index_path.read_text())
         except ValueError as exc:
             raise DataError(f"{index_path}: unreadable existing index ({exc}); move it away and rerun") from exc
+    if not isinstance(existing, list) or not all(isinstance(e, dict) and isinstance(e.get("id"), str)
+                                                 for e in existing):
+        raise DataError(f"{index_path}: existing index is not a list of entries with string ids; "
+                        "move it away and rerun")
     by_id = {e["id"]: e for e in existing}
     merged = list(existing)
     for entry in new_entries:
@@ -156,6 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.width % 2 or args.height % 2:
         raise SystemExit("--width and --height must be even (yuv420p video)")
+    if not (2 <= args.width <= MAX_SENSOR_SIDE and 2 <= args.height <= MAX_SENSOR_SIDE):
+        raise SystemExit(f"--width and --height must be in 2..{MAX_SENSOR_SIDE} (the event loader's sensor limit)")
+    if args.num_clips < 1 or args.num_workers < 1:
+        raise SystemExit("--num_clips and --num_workers must be >= 1")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     questions = load_top_questions()

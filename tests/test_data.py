@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,20 @@ def test_extracted_frames_stand_in_for_a_deleted_mp4(tiny_dataset, tmp_path) -> 
     errors: list = []
     assert len(list(ds.iter_samples(deep=False, errors=errors))) == len(ds) and errors == []
     assert len(list(ds.iter_samples(errors=errors))) == len(ds) and errors == []
+
+
+def test_event_source_reaches_records_and_config(tiny_models_dir, tiny_dataset, tmp_path) -> None:  # noqa: F811
+    """--event_source images: the benchmark's record and config.json say so; frames equal the rendered ones."""
+    import benchmark_inference.benchmark_inference as bi
+
+    argv = ["--dataset_dir", str(tiny_dataset), "--eventgpt_path", str(tiny_models_dir / "eventgpt"),
+            "--videollava_path", str(tiny_models_dir / "videollava"), "--output_dir", str(tmp_path),
+            "--max_new_tokens", "4", "--gamma", "2", "--warmup_steps", "0", "--max_samples", "1",
+            "--event_source", "images"]
+    run = Path(bi.main(argv)["run_dir"])
+    record = json.loads((run / "results.json").read_text())["samples"][0]
+    assert record["event_source"] == "images" and "error" not in record
+    assert record["event_data"] == str(ClipDataset(tiny_dataset)[0].event_path)
+    assert json.loads((run / "config.json").read_text())["args"]["event_source"] == "images"
+    default = bi.build_parser().parse_args([])
+    assert default.event_source == "events"

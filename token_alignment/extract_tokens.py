@@ -112,6 +112,7 @@ def _sample_fields(sample: ClipSample, args: argparse.Namespace) -> dict[str, An
         "question": sample.question, "query": sample.question,
         "event_data": _rel(sample.event_path, sample.dataset_dir),
         "video_data": _rel(sample.video_path or sample.frames_dir, sample.dataset_dir),
+        "event_source": sample.event_source,
         "dataset_dir": str(sample.dataset_dir), "max_questions": args.max_questions,
         "max_new_tokens": args.max_new_tokens,
     }
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         output = Path(args.output_file) if args.output_file else default_output_file(
             args.split, args.max_questions, args.num_chunks, args.chunk_idx)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, event_source=args.event_source)
     errors: list[tuple[str, str]] = []
     samples = list(dataset.iter_samples(deep=False, errors=errors))
     if args.max_samples is not None:

@@ -175,9 +175,14 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     return result
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    res = main()
+def _cli(argv: Sequence[str]) -> None:
+    res = main(argv)
     print(json.dumps(to_jsonable({"offline": res["offline"], "live": res["live"] and {
         k: res["live"][k] for k in ("acceptance_rate", "mean_accepted_length", "identical_outputs", "num_samples")}}),
         indent=2))
+
+
+if __name__ == "__main__":
+    from common.cli import run_cli
+
+    run_cli(_cli)

@@ -1,8 +1,10 @@
 """Extract aligned hidden states of EventGPT (draft) and Video-LLaVA (target) for adapter training.
 
     python -m feature_alignment.extract_hidden_states --dataset_dir D --split train \\
-        --max_questions 10 --output_dir feature_alignment/hidden/train [--layers -1,-2 \\
+        --max_questions 10 [--output_dir data/feature_alignment/hidden/train --layers -1,-2 \\
         --chunk_size 1000 --batch_size 16 --max_new_tokens 50 --quant 4bit --device cuda]
+
+Default output: ``data/feature_alignment/hidden/<split>`` (an extracted dataset, so under data/).
 
 Pairs are aligned by a shared prefix, never by the index of two free-running outputs: first
 the target answers greedily (its own output, the one speculative decoding must reproduce; a
@@ -41,14 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
 from common.data import ClipDataset
-from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
+from common.defaults import resolve_dataset_dir, resolve_model_paths
 from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
+from common.locations import data_dir
 from common.prefetch import prefetched
+from common.progress import progress_bar
 from common.speculative import autoregressive_generate
 from common.timing import sync
 from feature_alignment.hidden_store import (
@@ -66,7 +69,8 @@ from feature_alignment.hidden_store import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUT_ROOT = REPO_ROOT / "feature_alignment" / "hidden"
+DEFAULT_OUTPUT_ROOT = data_dir("feature_alignment") / "hidden"  # data/feature_alignment/hidden/<split>
+LEGACY_OUTPUT_ROOT = Path("feature_alignment") / "hidden"
 # Config keys that must match to resume into an existing folder.
 RESUME_KEYS = ("dataset_dir", "split", "max_questions", "eventgpt_path", "videollava_path", "quant", "layers",
                "max_new_tokens", "num_chunks", "chunk_idx", "target_states")
@@ -461,8 +465,8 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         batches.setdefault(pos // args.batch_size, []).append(i)
     buffer: list[SampleRecord] = []
     written = 0
-    bar = tqdm(total=len(planned_ids), initial=len(planned_ids) - len(todo), unit="sample",
-               desc=f"extract {config['split']}", disable=None)
+    bar = progress_bar(len(planned_ids), f"extract {config['split']}", "sample",
+                       initial=len(planned_ids) - len(todo))
 
     def flush() -> None:
         nonlocal buffer, written
@@ -533,10 +537,15 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     return summary
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = main()
+def _cli(argv: Sequence[str]) -> None:
+    result = main(argv)
     print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks",
                                   "samples_per_second", "rank", "merged_complete", "merged_samples",
                                   "all_ranks_samples_per_second") if k in result})
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    from common.cli import run_cli
+
+    run_cli(_cli)

@@ -382,4 +382,6 @@ def _f(v: float | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

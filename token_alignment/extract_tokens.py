@@ -39,13 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from common.cli import add_common_args, set_seed, shard
 from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
 from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
+from common.progress import progress, progress_bar
 from common.speculative import autoregressive_generate
 from token_alignment.pairs import (
     DRAFT_KEYS,
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                  [rec["videollava_base_vocab_size"]])[0])
                 return rec
 
-            for s in tqdm(todo, desc="token pairs", unit="sample"):
+            for s in progress(todo, "token pairs", "sample"):
                 rec = run_sample(whole, s)
                 if rec is not None:
                     save(s, rec, "complete")
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     continue
                 model = _load(model_kind, path, args)
                 cache = _VisualCache(model)
-                bar = tqdm(total=len(todo_phase), desc=desc, unit="sample")
+                bar = progress_bar(len(todo_phase), desc, "sample")
                 for at in range(0, len(todo_phase), args.batch_size):
                     batch = todo_phase[at:at + args.batch_size]
                     visuals = [run_sample(cache.get, s) for s in batch]  # None: bad files, recorded
@@ -380,4 +380,6 @@ def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

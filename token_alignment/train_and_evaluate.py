@@ -19,10 +19,10 @@ samples with the raw EventGPT drafter and with the adapter drafter, acceptance r
 accepted length of each, and the lossless check: every live output must equal the target's own
 greedy output.
 
-Writes token_alignment/task/<task_name>_<YYYYMMDD_HHMMSS>/: checkpoint/ (config.json +
+Writes results/token_alignment/<task_name>_<YYYYMMDD_HHMMSS>/ (``--output_dir`` sets the base): checkpoint/ (config.json +
 model.safetensors, the best epoch), config.json (run args), results.json, RESULTS.md,
 training_curves.png, loss_curve.png, accuracy_curve.png, DONE. --star copies the run to
-token_alignment/task/starred/.
+results/token_alignment/starred/ (the benchmarks' --use_token_adapter finds runs there too).
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ from typing import Any
 
 import torch
 
-from common.cli import add_common_args, resolve_device, set_seed, shard
+from common.cli import add_common_args, resolve_device, run_cli, set_seed, shard
 from common.distributed import make_accelerator
+from common.locations import results_dir
+from common.progress import progress
 from common.results import RunFolder
+from common.run_index import results_root_of, update_index
 from common.speculative import SpecResult, aggregate_metrics
 from token_alignment.pairs import clip_of, load_token_pairs, split_by_clip
 from token_alignment.token_adapter import (
@@ -52,8 +55,8 @@ from token_alignment.token_adapter import (
     simulate_live_acceptance,
 )
 
-TASK_ROOT = Path(__file__).resolve().parent / "task"
 STAGE = "token_alignment"
+TASK_ROOT = results_dir(STAGE)  # results/token_alignment (older versions wrote token_alignment/task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--task_name", type=str, default="token_adapter", help="Run name. Default: token_adapter.")
     g.add_argument("--output_dir", type=str, default=None,
-                   help="Folder of the run folders. Default: token_alignment/task.")
+                   help="Folder of the run folders. Default: results/token_alignment.")
     g.add_argument("--star", action="store_true", help="Also copy the finished run to <output_dir>/starred/.")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=50, help="Maximum epochs. Default: 50.")
@@ -349,9 +352,7 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
     datasets: dict[tuple, dict] = {}
     samples, pairs, raw_results, ada_results = [], [], [], []
     lossless_raw = lossless_ada = ref_same = answer_same = 0
-    from tqdm import tqdm
-
-    for r in tqdm(records, desc="live speculative decoding", unit="sample"):
+    for r in progress(records, "live speculative decoding", "sample"):
         key = (args.dataset_dir or r.get("dataset_dir"), r.get("split"), int(r.get("max_questions") or 1))
         if key not in datasets:
             if key[0] is None:
@@ -580,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run.write_markdown(markdown(stats, args, run.path))
     _plots(trained["history"], run.path)
     run.mark_done()
+    update_index(results_root_of(run.path))
     if args.star:
         starred = output_dir / "starred" / run.path.name
         shutil.copytree(run.path, starred, dirs_exist_ok=True)
@@ -592,4 +594,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,0 +1,63 @@
+"""Turn off third-party noise in our command-line runs, in one place.
+
+``quiet_third_party()`` (called by :func:`common.cli.run_cli` before a CLI's ``main``) silences,
+through public APIs only:
+- transformers' per-checkpoint "Loading weights" progress bars and its info/warning logging
+  (``transformers.utils.logging``), unless ``--debug`` or ``TRANSFORMERS_VERBOSITY`` is set;
+- known harmless warnings: torchvision's video-decoding deprecation notes and the
+  ``pixel_values_images`` note Video-LLaVA's processor prints when only video is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# (message regex, category) pairs of warnings that say nothing a user can act on in this toolkit.
+HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r".*torchvision.*", UserWarning),
+    (r".*torchvision.*", DeprecationWarning),
+    (r".*video decoding and encoding capabilities of torchvision.*", UserWarning),
+    (r".*pixel_values_images.*", UserWarning),
+    (r".*pixel_values_images.*", FutureWarning),
+)
+HARMLESS_LOGGERS = ("torchvision",)
+
+
+def quiet_warnings() -> None:
+    """Ignore the warnings in :data:`HARMLESS_WARNINGS` (process wide)."""
+    for message, category in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def quiet_transformers() -> None:
+    """transformers: errors only, no progress bars (unless ``TRANSFORMERS_VERBOSITY`` is set)."""
+    if os.environ.get("TRANSFORMERS_VERBOSITY"):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # transformers is a requirement, but --help must not depend on it
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class _DropHarmless(logging.Filter):
+    """Drops log records that repeat a harmless warning (some libraries log instead of warn)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "pixel_values_images" not in text and "torchvision" not in text
+
+
+def quiet_third_party(debug: bool = False) -> None:
+    """Everything above; with ``debug`` nothing is silenced."""
+    if debug:
+        return
+    quiet_warnings()
+    for name in HARMLESS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().addFilter(_DropHarmless())
+    quiet_transformers()

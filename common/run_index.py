@@ -168,10 +168,11 @@ def update_index(results_root: str | os.PathLike = "results") -> Path | None:
     return atomic_write_text(root / INDEX_FILE, render_index(entries))
 
 
-def results_root_of(run_dir: str | os.PathLike) -> Path:
-    """The results root a run folder belongs to: the nearest ancestor named ``results``, else its grandparent."""
-    run = Path(run_dir).resolve()
-    for parent in run.parents:
-        if parent.name == "results":
-            return parent
-    return run.parent.parent
+def results_root_of(path: str | os.PathLike, fallback: str | os.PathLike | None = None) -> Path:
+    """The results root of a run folder (or other output): the nearest of ``path`` and its ancestors named
+    ``results``; else ``fallback``, else the grandparent (``<base>/<stage>/<run>`` -> ``<base>``)."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if folder.name == "results":
+            return folder
+    return Path(fallback) if fallback is not None else path.parent.parent

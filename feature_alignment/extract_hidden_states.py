@@ -533,7 +533,9 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         "self_check_rate": run_stats.get("self_check_rate"),
         "lm_head": str(root / LM_HEAD_FILE),
     }
-    log.info("extraction: %s", summary)
+    log.info("extraction: %s samples (%s positions) in %s, %.2f samples/s%s", summary.get("num_samples"),
+             summary.get("num_positions"), summary.get("output_dir"), summary.get("samples_per_second") or 0.0,
+             "" if summary.get("complete") else " (not complete: rerun to continue)")
     return summary
 
 

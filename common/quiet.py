@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # (message regex, category) pairs of warnings that say nothing a user can act on in this toolkit.
@@ -32,14 +33,19 @@ def quiet_warnings() -> None:
 
 
 def quiet_transformers() -> None:
-    """transformers: errors only, no progress bars (unless ``TRANSFORMERS_VERBOSITY`` is set)."""
-    if os.environ.get("TRANSFORMERS_VERBOSITY"):
+    """transformers: errors only, no progress bars (a ``TRANSFORMERS_VERBOSITY`` the user set wins).
+
+    Before transformers is imported this only sets its documented environment variables (so a
+    ``--help`` does not pay for importing it); once imported, its logging API is used.
+    """
+    if os.environ.get("TRANSFORMERS_VERBOSITY") and os.environ.get("TRANSFORMERS_VERBOSITY") != "error":
         return
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # transformers is a requirement, but --help must not depend on it
+    if "transformers" not in sys.modules:
         return
+    from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 

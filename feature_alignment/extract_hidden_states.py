@@ -35,37 +35,27 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
-from common.data import ClipDataset
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
+from common.lazy import no_grad
 from common.locations import data_dir
-from common.prefetch import prefetched
 from common.progress import progress_bar
-from common.speculative import autoregressive_generate
-from common.timing import sync
-from feature_alignment.hidden_store import (
-    LM_HEAD_FILE,
-    LOCK_FILE,
-    HiddenStore,
-    SampleRecord,
-    chunk_name,
-    load_index,
-    new_index,
-    save_index,
-    save_lm_head,
-    write_chunk,
-)
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+
+    import torch
+
+    from common.data import ClipDataset
+    from feature_alignment.hidden_store import (
+        SampleRecord,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +132,20 @@ def draft_unk_id(draft: Any) -> int:
 TARGET_STATES = ("greedy_pass", "teacher_forced")
 
 
-@torch.no_grad()
+@no_grad
 def target_answers(target: Any, visuals: Sequence[Any], questions: Sequence[str], max_new_tokens: int,
                    ) -> list[list[int]]:
     """The target's own greedy answer ids: one sample with the KV-cached engine, several decoded together
     (``generate_greedy_batch``: one decode step serves the batch)."""
+    from common.speculative import autoregressive_generate
+
     if len(visuals) > 1:
         return target.generate_greedy_batch(visuals, questions, max_new_tokens).answers
     state = target.prefill(visuals[0], questions[0])
     return [autoregressive_generate(target, state, max_new_tokens=max_new_tokens).tokens]
 
 
-@torch.no_grad()
+@no_grad
 def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Sequence[Any],
                   target_visuals: Sequence[Any], questions: Sequence[str], layers: Sequence[int],
                   max_new_tokens: int, stats: dict[str, Any] | None = None,
@@ -164,6 +156,11 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
     (batched; each prompt goes through the target once); ``teacher_forced`` runs the target again
     over prompt + answer in a padded batch (the original path; same states up to rounding).
     """
+    import torch
+
+    from common.timing import sync
+    from feature_alignment.hidden_store import SampleRecord
+
     if target_states not in TARGET_STATES:
         raise ValueError(f"target_states must be one of {TARGET_STATES}, got {target_states!r}")
     timed = stats is not None  # then wait for the GPU at each timer, so the split is true
@@ -282,6 +279,10 @@ def _pid_alive(pid: int) -> bool:
 
 def acquire_lock(folder: Path) -> Path:
     """Create ``extract.lock`` (pid, host); a stale lock of a dead local process is taken over."""
+    import socket
+
+    from feature_alignment.hidden_store import LOCK_FILE
+
     lock = folder / LOCK_FILE
     folder.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
@@ -316,6 +317,8 @@ def load_models(args: argparse.Namespace, egpt_path: Path, vl_path: Path, device
 
 
 def _resolve_split(dataset_dir: Path, split: str | None) -> str:
+    from common.data import ClipDataset
+
     if split:
         return split
     probe = ClipDataset(dataset_dir, split=None)
@@ -360,6 +363,9 @@ def _check_resume(index: dict[str, Any], config: dict[str, Any], folder: Path) -
 def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) an extraction; returns a summary dict. ``models`` = (draft, target) already loaded."""
     args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
+    from common.data import ClipDataset
+    from common.distributed import launcher_shard, local_device
+
     if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
     launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
@@ -400,6 +406,9 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
     Also the whole launch's throughput: new samples of all ranks over the time from the common
     start of the loops (after every rank loaded its models) to the last rank's end.
     """
+    from common.distributed import all_sum, barrier, destroy, world
+    from feature_alignment.hidden_store import HiddenStore
+
     rank, size, _ = world()
     new_samples = all_sum(summary["new_samples"])  # returns once every rank is done
     seconds = summary["loop_seconds"] + time.perf_counter() - finished  # this rank's loop + waiting for the rest
@@ -426,6 +435,18 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
 
 def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
          models) -> dict[str, Any]:
+    from common.distributed import barrier
+    from common.prefetch import prefetched
+    from feature_alignment.hidden_store import (
+        LM_HEAD_FILE,
+        chunk_name,
+        load_index,
+        new_index,
+        save_index,
+        save_lm_head,
+        write_chunk,
+    )
+
     index = load_index(folder)
     if index is None:
         index = new_index(config, planned_ids)

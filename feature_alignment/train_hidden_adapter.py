@@ -47,33 +47,28 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from common.cli import resolve_device, run_cli, set_seed, shard
-from common.distributed import make_accelerator
+from common.lazy import no_grad
 from common.locations import find_with_legacy, results_dir
-from common.plots import plot_training_curves
 from common.progress import progress
 from common.results import RunFolder, atomic_write_json, atomic_write_text, read_json, to_jsonable
 from common.run_index import results_root_of, update_index
-from feature_alignment.hidden_adapter import (
-    LEVELS,
-    BaseAdapter,
-    create_adapter,
-    load_any_adapter,
-    save_adapter,
-)
-from feature_alignment.hidden_store import HiddenStore, load_lm_head
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+    import numpy as np
+    import torch
+
+    from feature_alignment.hidden_adapter import (
+        BaseAdapter,
+    )
+    from feature_alignment.hidden_store import HiddenStore
 
 log = logging.getLogger(__name__)
 
 STAGE = "feature_alignment"
+ADAPTER_LEVELS = (1, 2, 3, 4, 5)  # the keys of feature_alignment.hidden_adapter.LEVELS (kept torch-free for --help)
 DEFAULT_TRAIN_DIR = Path("data") / STAGE / "hidden" / "train"
 LEGACY_TRAIN_DIR = Path(STAGE) / "hidden" / "train"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
@@ -104,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target_layer", type=int, default=-1,
                    help="Video-LLaVA layer it predicts (-1 feeds the LM head: needed for token metrics). Default: -1.")
     g = p.add_argument_group("adapter")
-    g.add_argument("--adapter_level", type=int, choices=sorted(LEVELS), required=True,
+    g.add_argument("--adapter_level", type=int, choices=ADAPTER_LEVELS, required=True,
                    help="1 bottleneck, 2 three bottlenecks, 3 wide bottleneck, 4 attention, 5 EAGLE-style.")
     g.add_argument("--bottleneck", type=int, default=None,
                    help="bottleneck width. Default: 256 (L3: 1024), shrunk for tiny hidden sizes.")
@@ -205,6 +200,9 @@ def position_terms(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, 
     ``denom``: divide the position sums by this count instead of N (a rank's share of a global
     batch of ``denom`` positions); None = the mean over these N positions.
     """
+    import torch
+    import torch.nn.functional as F
+
     rel = ((pred - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-6)
     cos = F.cosine_similarity(pred, target, dim=-1)
     if denom is None:
@@ -258,6 +256,8 @@ def batch_loss(adapter: BaseAdapter, x: torch.Tensor, h: torch.Tensor, ids: torc
 
 def pad_batch(chunk, spans: Sequence[tuple[int, int]], device: torch.device):
     """Right-padded float32 tensors of some samples of a chunk."""
+    import torch
+
     longest = max(b - a for a, b in spans)
     n = len(spans)
     x = torch.zeros((n, longest, chunk.x.shape[1]), dtype=torch.float32)
@@ -284,6 +284,8 @@ def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
     ``accelerator`` with several processes: every rank takes its contiguous share of each
     global batch; metric sums are added up across ranks.
     """
+    import torch
+
     if accelerator is not None and accelerator.num_processes > 1:
         return _run_pass_distributed(adapter, store, selected, batch_size=batch_size, input_layer=input_layer,
                                      target_layer=target_layer, lm_head=lm_head, vocab_limit=vocab_limit,
@@ -323,6 +325,7 @@ def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
 def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, target_layer, lm_head, vocab_limit,
                           weights, device, optimizer, grad_clip, rng, desc, accelerator) -> dict[str, Any]:
     """run_pass with DDP: the same global batches as one process, split contiguously across ranks."""
+    import torch
     import torch.distributed as dist
 
     train = optimizer is not None
@@ -381,12 +384,14 @@ def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, 
     return out
 
 
-@torch.no_grad()
+@no_grad
 def evaluate(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None = None, *, batch_size: int = 64,
              input_layer: int = -1, target_layer: int = -1, lm_head: torch.Tensor | None = None,
              vocab_limit: int | None = None, weights: dict[str, float] | None = None,
              device: torch.device | str = "cpu") -> dict[str, Any]:
     """Offline metrics of ``adapter`` on a hidden-state folder (keys without the ``val_`` prefix)."""
+    import torch
+
     weights = weights or {"mse": 1.0, "cos": 1.0, "token": 1.0, "next": 1.0}
     out = run_pass(adapter, store, selected, batch_size=batch_size, input_layer=input_layer,
                    target_layer=target_layer, lm_head=lm_head, vocab_limit=vocab_limit, weights=weights,
@@ -398,6 +403,9 @@ def evaluate(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Optimizer state as safetensors (tensors) + JSON metadata (param groups, scalars)."""
+    import torch
+    from safetensors.torch import save_file
+
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
@@ -413,6 +421,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
     state: dict[int, dict[str, Any]] = {}
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
@@ -444,6 +454,8 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def results_markdown(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    from feature_alignment.hidden_adapter import LEVELS
+
     c = summary["adapter_config"]
     best = summary.get("best") or {}
     lines = [
@@ -485,6 +497,8 @@ def results_markdown(summary: dict[str, Any], history: list[dict[str, Any]]) -> 
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    from common.plots import plot_training_curves
+
     panels = [("loss", ["train_loss", "val_loss"]),
               ("cosine similarity", ["train_cos", "val_cos", "val_next_cos"]),
               ("acceptance proxies", [*(f"val_acc@{t:.2f}" for t in THRESHOLDS), "val_top1", "val_top5",
@@ -495,6 +509,10 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 def _lm_head(store: HiddenStore, device: torch.device) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    import torch
+
+    from feature_alignment.hidden_store import load_lm_head
+
     path = store.lm_head_path()
     if path is None:
         log.warning("%s: no lm_head.safetensors; token loss and top-1/top-5 are off", store.root)
@@ -534,6 +552,13 @@ def epoch_line(row: dict[str, Any], monitor: str, best: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    import numpy as np
+    import torch
+
+    from common.distributed import make_accelerator
+    from feature_alignment.hidden_adapter import create_adapter, load_any_adapter, save_adapter
+    from feature_alignment.hidden_store import HiddenStore
+
     set_seed(args.seed)
     accelerator = make_accelerator(args.device)
     main_process = accelerator.is_main_process

@@ -30,9 +30,11 @@ import argparse
 import sys
 import time
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.training import KEYWORDS, QUESTION_GROUPS, question_group, score_answer
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+    pass
+
 
 MODELS = (("egpt", "eventgpt"), ("videollava", "videollava"))
 
@@ -65,6 +67,8 @@ def _mean(values) -> float | None:
 
 
 def _model_stats(records: list[dict], prefix: str) -> dict[str, Any]:
+    from common.training import KEYWORDS
+
     stats: dict[str, Any] = {"exact": _mean(r[f"{prefix}_exact"] for r in records),
                              "f1": _mean(r[f"{prefix}_f1"] for r in records),
                              "key": _mean(r[f"{prefix}_key"] for r in records)}
@@ -83,6 +87,8 @@ def fit_blind_baseline(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 def _blind_baseline(records: list[dict], guesses: dict[str, str]) -> list[dict]:
     """Scores of answering every question with its fitted guess ("" for a question never seen in training)."""
+    from common.training import score_answer
+
     out = []
     for r in records:
         guess = guesses.get(r["query"], "")
@@ -94,6 +100,8 @@ def _blind_baseline(records: list[dict], guesses: dict[str, str]) -> list[dict]:
 
 def statistics(records: list[dict], guesses: dict[str, str] | None) -> dict[str, Any]:
     """Overall and per-group scores of both models, their agreement and the blind baseline (None: left out)."""
+    from common.training import QUESTION_GROUPS
+
     blind = _blind_baseline(records, guesses) if guesses else None
 
     def block(rs: list[dict], bs: list[dict]) -> dict[str, Any]:
@@ -185,16 +193,16 @@ def load_blind_guesses(dataset_dir: Any, split: str, max_questions: int, scored_
 
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate; returns {"run_dir", "statistics", "samples"}."""
-    from tqdm import tqdm
-
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help prints fast
     from common.cli import resolve_device, resolve_quant, set_seed, shard
     from common.data import ClipDataset, default_frame_cache
     from common.defaults import resolve_dataset_dir, resolve_model_paths
     from common.models.loader import load_vlm
+    from common.progress import progress
     from common.results import RunFolder
     from common.speculative import autoregressive_generate
+    from common.training import question_group, score_answer
 
-    args = build_parser().parse_args(argv)
     set_seed(args.seed)
     device = resolve_device(args.device)
     quant = resolve_quant(args)
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "videollava_path": str(vl_path), "quant": quant}, argv)
     done = run.finished_ids()
     visual_cache: dict[str, tuple[str, Any]] = {}
-    for sample in tqdm(samples, desc="evaluate_pair", unit="sample"):
+    for sample in progress(samples, "evaluate_pair", "sample"):
         if sample.id in done:
             continue
         record: dict[str, Any] = {"id": sample.id, "split": sample.split, "query": sample.question,

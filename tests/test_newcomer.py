@@ -345,3 +345,25 @@ def test_merged_shards_render_the_single_run_readouts(tiny_models_dir, tmp_path)
     assert merged["num_samples"] == n == merged["statistics"]["num_samples"]
     index = (tmp_path / "results" / "INDEX.md").read_text()
     assert f"| merged | done | {n} |" in index
+
+
+def test_help_needs_no_torch():
+    code = ("import sys, runpy; sys.argv = [sys.argv[0], '--help']\n"
+            "for m in ('token_alignment.extract_tokens', 'token_alignment.train_and_evaluate',\n"
+            "          'feature_alignment.extract_hidden_states', 'feature_alignment.train_hidden_adapter',\n"
+            "          'scripts.merge_results', 'scripts.evaluate_pair', 'scripts.demo'):\n"
+            "    try:\n"
+            "        runpy.run_module(m, run_name='__main__')\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(k for k in ('torch', 'transformers', 'numpy') if k in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_adapter_level_choices_match_the_adapters():
+    from feature_alignment.hidden_adapter import LEVELS
+    from feature_alignment.train_hidden_adapter import ADAPTER_LEVELS
+
+    assert ADAPTER_LEVELS == tuple(sorted(LEVELS))

@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     from common.models.loader import load_vlm
     from common.progress import progress
     from common.results import RunFolder
+    from common.run_index import results_root_of, update_index
     from common.speculative import autoregressive_generate
     from common.training import question_group, score_answer
 
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     if records:
         score_plot(stats, run.path / "scores.png")
     run.mark_done()
+    update_index(results_root_of(run.path))
     print(table, file=sys.stdout)
     print(f"run folder: {run.path}", file=sys.stderr)
     return {"run_dir": str(run.path), "statistics": stats, "samples": len(records)}

@@ -4,8 +4,9 @@
 through public APIs only:
 - transformers' per-checkpoint "Loading weights" progress bars and its info/warning logging
   (``transformers.utils.logging``), unless ``--debug`` or ``TRANSFORMERS_VERBOSITY`` is set;
-- known harmless warnings: torchvision's video-decoding deprecation notes and the
-  ``pixel_values_images`` note Video-LLaVA's processor prints when only video is given.
+- known harmless notes: "CLIPImageProcessor requires torchvision" and Video-LLaVA's
+  "returning pixel_values_images is deprecated" (transformers logs both: errors-only verbosity
+  drops them), plus the same texts where they come as Python warnings.
 """
 
 from __future__ import annotations
@@ -50,14 +51,6 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-class _DropHarmless(logging.Filter):
-    """Drops log records that repeat a harmless warning (some libraries log instead of warn)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return "pixel_values_images" not in text and "torchvision" not in text
-
-
 def quiet_third_party(debug: bool = False) -> None:
     """Everything above; with ``debug`` nothing is silenced."""
     if debug:
@@ -65,5 +58,4 @@ def quiet_third_party(debug: bool = False) -> None:
     quiet_warnings()
     for name in HARMLESS_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().addFilter(_DropHarmless())
     quiet_transformers()

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = "the shipped trained pair (models/)" if egpt.parent.name == "models" else \
         "RANDOM tiny models (no shipped pair found): acceptance numbers are noise"
     header = [f"Models: {trained}: `{egpt}`, `{vllava}`. Data: `{dataset}` (synthetic, test split).",
-              f"Command: `python -m scripts.demo {' '.join(argv or [])}`; {seconds:.0f} s on this machine "
+              f"Command: `{' '.join(['python -m scripts.demo', *(argv or [])])}`; {seconds:.0f} s on this machine "
               f"(1 torch thread, CPU): benchmarks {inf['seconds']:.0f} + {par['seconds']:.0f} s"
               + (f", alignment {align['token_seconds']:.0f} + {align['feature_seconds']:.0f} s." if align else ".")]
     text = render_summary(header, run_sizes(args, inf["records"], align and align["token"]), rows, drafters,

@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+# Quiet set-up: no pip version notice, no setuptools deprecation banners from the build backend.
+PIP := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip
 # CPU machines get this torch first (a plain `torch` requirement may pull a multi-GB CUDA build).
 TORCH_CPU_SPEC ?= torch==2.13.0
 # Optional extra pip arguments for the CPU torch, e.g. an index URL serving CPU wheels.

@@ -173,8 +173,9 @@ def render_markdown(stats: dict[str, Any], argv: list[str], run_path) -> str:
         {"metric": "raw token agreement (index-aligned)", "value": stats["acceptance_rate_avg"]},
         {"metric": "SD lossless rate (identical to the target's own output)", "value": stats["sd_lossless_rate"]},
         {"metric": "identical to the fastest 1-token decode", "value": stats["sd_identical_to_fastest_rate"]},
-        {"metric": "SD draft acceptance rate (vLLM)", "value": stats["sd_acceptance_rate_avg"]},
-        {"metric": "SD mean accepted length (bonus included)", "value": stats["sd_mean_accepted_length_avg"]},
+        {"metric": "SD draft acceptance rate (vLLM: accepted / drafted)", "value": stats["sd_acceptance_rate_avg"]},
+        {"metric": "SD mean accepted length (1 + accepted / verify steps)",
+         "value": stats["sd_mean_accepted_length_avg"]},
         {"metric": "draft/target step cost ratio c (measured)", "value": stats["sd_cost_ratio_c"]},
         {"metric": "end-to-end speedup, measured", "value": stats["sd_speedup_measured"]},
         {"metric": "decode-phase speedup, measured", "value": stats["sd_decode_speedup_measured"]},
@@ -185,6 +186,15 @@ def render_markdown(stats: dict[str, Any], argv: list[str], run_path) -> str:
               "The prediction uses the measured per-token acceptance and the measured cost ratio; "
               "the measured speedups are wall clock on this run.", ""]
     return "\n".join(lines)
+
+
+def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any], argv: list[str]) -> None:
+    """results.json, RESULTS.md and stage_breakdown.png of a run (also what scripts.merge_results writes)."""
+    run.write_results(records, stats, extra={"stage": STAGE})
+    run.write_markdown(render_markdown(stats, argv, run.path))
+    if stats["num_samples"]:
+        means = {m: {f"{s} {STAGE_NAMES[s]}": stats[f"{m}_{s}_time_avg"] for s in STAGES} for m in MODELS}
+        plot_stage_breakdown(means, run.path / "stage_breakdown.png", title="Stage times per model")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,15 +227,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stats = compute_statistics(records, args.gamma)
     stats["decode_mode"] = mode
     stats["drafter"] = make_drafter.kind
-    run.write_results(records, stats, extra={"stage": STAGE})
-    run.write_markdown(render_markdown(stats, argv, run.path))
-    if stats["num_samples"]:
-        means = {m: {f"{s} {STAGE_NAMES[s]}": stats[f"{m}_{s}_time_avg"] for s in STAGES} for m in MODELS}
-        plot_stage_breakdown(means, run.path / "stage_breakdown.png", title="Stage times per model")
+    write_readouts(run, records, stats, argv)
     run.mark_done()
     log.info("results: %s", run.path / "RESULTS.md")
     return {"run_dir": str(run.path), "statistics": stats}
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 from typing import Any
 
@@ -153,14 +154,19 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int, cost_ratio: fl
     return stats
 
 
-def measure_cost_ratio(draft, target, sample, make_drafter, steps: int = 8) -> float:
-    """c = draft step seconds / target step seconds, measured on this sample (1-token steps)."""
+def measure_cost_ratio(draft, target, sample, make_drafter, steps: int = 8, repeats: int = 5) -> float:
+    """c = draft step seconds / target step seconds, measured on this sample (1-token steps).
+
+    The median of ``repeats`` interleaved measurements: one 8-step ratio moved by +-25% between
+    repeats on a busy CPU (0.30-0.49 over 12 repeats of the demo pair), and the Leviathan
+    prediction with it."""
+    states = {id(vlm): prefill_sample(vlm, sample).state for vlm in (draft, target)}
+
     def per_step(vlm):
-        state = prefill_sample(vlm, sample).state
-        seconds, _ = timed(lambda: [vlm.forward(state, [5]) for _ in range(steps)], vlm.device)
+        seconds, _ = timed(lambda: [vlm.forward(states[id(vlm)], [5]) for _ in range(steps)], vlm.device)
         return seconds / steps
 
-    return per_step(draft) / per_step(target)
+    return statistics.median(per_step(draft) / per_step(target) for _ in range(repeats))
 
 
 def render_markdown(stats: dict[str, Any], argv: list[str], name: str, drafter: str) -> str:
@@ -173,11 +179,33 @@ def render_markdown(stats: dict[str, Any], argv: list[str], name: str, drafter: 
         "free_draft_tokens_avg", "accepted_free_tokens_avg", "acceptance_rate_avg", "mean_accepted_length_avg",
         "target_prefill_slowdown_avg")]
     lines += [markdown_table(rows, floatfmt=".3f"), "",
+              f"acceptance_rate = accepted draft tokens / drafted tokens, the free tokens drafted during the "
+              f"target's prefill included in the denominator (vLLM's draft acceptance rate); mean_accepted_length "
+              f"= 1 + accepted / verify steps, at gamma {stats['gamma']}. Averages are over samples "
+              f"(acceptance_rate_std {stats.get('acceptance_rate_std') or 0:.3f}, speedup_std "
+              f"{stats.get('speedup_std') or 0:.3f}).", "",
               "speedup_measured = target-alone wall time / concurrent speculative wall time, summed over "
               "samples, both measured in this run. speedup_predicted is Leviathan's decode-phase formula "
               "from the measured acceptance and cost ratio (it ignores the prefill overlap).", "",
               "Timeline: timeline.png (both models' stages on one axis); speedup_vs_acceptance.png.", ""]
     return "\n".join(lines)
+
+
+def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any], argv: list[str],
+                   drafter: str) -> None:
+    """results.json, RESULTS.md, timeline.png (the records' stored timelines) and speedup_vs_acceptance.png
+    of a run; also what scripts.merge_results writes for merged shards."""
+    run.write_results(records, stats, extra={"stage": STAGE})
+    run.write_markdown(render_markdown(stats, argv, run.path.name, drafter))
+    timelines = [(r["id"], r["timeline"]) for r in records if "timeline" in r][:TIMELINE_SAMPLES]
+    if timelines:
+        plot_timelines([t for _, t in timelines], run.path / "timeline.png", titles=[i for i, _ in timelines])
+    ok = [r for r in records if "error" not in r]
+    cost_ratio = stats.get("cost_ratio_c")
+    if ok and cost_ratio is not None:
+        points = [{"acceptance": r["token_acceptance_probability"] or 0.0, "speedup": r["speedup"]} for r in ok]
+        plot_speedup_vs_acceptance(points, run.path / "speedup_vs_acceptance.png", gamma=stats["gamma"],
+                                   cost_ratio=cost_ratio)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -214,21 +242,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stats = compute_statistics(records, args.gamma, cost_ratio)
     stats.update(decode_mode=mode, drafter=make_drafter.kind, draft_device=str(draft.device),
                  target_device=str(target.device))
-    run.write_results(records, stats, extra={"stage": STAGE})
-    run.write_markdown(render_markdown(stats, argv, run.path.name, make_drafter.kind))
-    timelines = timelines or [(r["id"], r["timeline"]) for r in records if "timeline" in r][:TIMELINE_SAMPLES]
-    if timelines:
-        plot_timelines([t for _, t in timelines], run.path / "timeline.png", titles=[i for i, _ in timelines])
-    ok = [r for r in records if "error" not in r]
-    if ok and cost_ratio is not None:
-        points = [{"acceptance": r["token_acceptance_probability"] or 0.0, "speedup": r["speedup"]} for r in ok]
-        plot_speedup_vs_acceptance(points, run.path / "speedup_vs_acceptance.png", gamma=args.gamma,
-                                   cost_ratio=cost_ratio)
+    write_readouts(run, records, stats, argv, make_drafter.kind)
     run.mark_done()
     log.info("results: %s", run.path / "RESULTS.md")
     return {"run_dir": str(run.path), "statistics": stats}
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)
 

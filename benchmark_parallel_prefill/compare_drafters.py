@@ -59,7 +59,7 @@ from common.pipeline import (
     start_benchmark,
 )
 from common.plots import plot_bars
-from common.results import markdown_table
+from common.results import markdown_table, summarize
 from common.speculative import (
     SpecResult,
     aggregate_metrics,
@@ -369,6 +369,7 @@ def compute_statistics(records: list[dict[str, Any]], names: list[str], gamma: i
             "token_acceptance_probability": a, "per_position_acceptance": pooled["per_position_acceptance"],
             "cost_ratio_c": c, "draft_ms_per_token": 1000 * draft_s / drafted if drafted else None,
             "speedup_measured": base / sum(r["wall_time"] for r in rows),
+            "speedup_std": summarize(targets[r["id"]]["wall_time"] / r["wall_time"] for r in rows)["std"],
             "decode_speedup_measured": base_decode / sum(r["speculative_decode_time"] for r in rows),
             "speedup_predicted": predicted_speedup(a, gamma, c) if a is not None and c is not None else None,
             "free_draft_tokens_avg": _mean(r.get("free_draft_tokens") for r in rows),
@@ -491,8 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per = stats.get("drafters", {})
     if per:
         plot_bars({n: s["speedup_measured"] for n, s in per.items()}, run.path / "speedup.png",
-                  title=f"Measured end-to-end speedup vs target alone (gamma {args.gamma})", ylabel="speedup (x)",
-                  ref=1.0)
+                  title=f"Measured end-to-end speedup vs target alone (gamma {args.gamma}; error bars: per-sample "
+                        "std)", ylabel="speedup (x)", ref=1.0, errors={n: s.get("speedup_std") for n, s in per.items()})
         plot_bars({n: s["acceptance_rate"] for n, s in per.items()}, run.path / "acceptance.png",
                   title="Draft acceptance rate", ylabel="accepted / drafted")
     run.mark_done()
@@ -503,4 +504,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Drafter baselines end to end: extract the target's features -> train the EAGLE head -> compare every drafter.
 #
-#   nohup bash benchmark_parallel_prefill/run_drafter_comparison.sh > /dev/null 2>&1 &
+#   mkdir -p results/logs && nohup bash benchmark_parallel_prefill/run_drafter_comparison.sh > results/logs/run_drafter_comparison.out 2>&1 &
 #
 # 1. feature_alignment.extract_hidden_states on TRAIN_DATASET_DIR (split TRAIN_SPLIT) into HIDDEN_DIR
 #    (resumable: a rerun continues the extraction; skipped when it is already complete);
@@ -27,18 +27,18 @@ EVENTGPT_PATH="${EVENTGPT_PATH-}"                         # "" = the default pai
 VIDEOLLAVA_PATH="${VIDEOLLAVA_PATH-}"
 QUANT="${QUANT-}"                                         # "" = bf16 on CUDA, fp32 on CPU
 DEVICE="${DEVICE:-auto}"
-HIDDEN_DIR="${HIDDEN_DIR:-$REPO_DIR/feature_alignment/hidden/eagle_train}"
+HIDDEN_DIR="${HIDDEN_DIR:-$REPO_DIR/data/feature_alignment/hidden/eagle_train}"
 FEATURE_LAYER="${FEATURE_LAYER:--1}"
 MAX_QUESTIONS="${MAX_QUESTIONS:-10}"
 EXTRACT_MAX_SAMPLES="${EXTRACT_MAX_SAMPLES-}"             # "" = all
-HEAD_DIR="${HEAD_DIR:-$REPO_DIR/feature_alignment/eagle}"
+HEAD_DIR="${HEAD_DIR:-$REPO_DIR/results/feature_alignment/eagle_head}"
 EPOCHS="${EPOCHS:-20}"
 LR="${LR:-3e-4}"
 BATCH_SIZE="${BATCH_SIZE:-16}"
 EARLY_STOPPING="${EARLY_STOPPING:-5}"
 RETRAIN="${RETRAIN:-0}"
-TOKEN_ADAPTER_PATH="${TOKEN_ADAPTER_PATH-}"               # "" = the newest under token_alignment/task; "none" = skip
-HIDDEN_ADAPTERS="${HIDDEN_ADAPTERS-}"                     # e.g. L1=feature_alignment/tasks/L1,L5=feature_alignment/tasks/L5
+TOKEN_ADAPTER_PATH="${TOKEN_ADAPTER_PATH-}"               # "" = the newest under results/token_alignment; "none" = skip
+HIDDEN_ADAPTERS="${HIDDEN_ADAPTERS-}"                     # e.g. L1=results/feature_alignment/L1_<timestamp>,L5=...
 POOL="${POOL:-2}"
 MAX_SAMPLES="${MAX_SAMPLES:-20}"
 GAMMA="${GAMMA:-5}"
@@ -46,7 +46,7 @@ MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-50}"
 HARNESS="${HARNESS:-parallel}"
 OUTPUT_DIR="${OUTPUT_DIR:-$REPO_DIR/results/benchmark_parallel_prefill}"
 TASK_NAME="${TASK_NAME:-compare_drafters}"
-LOG_DIR="${LOG_DIR:-$REPO_DIR/benchmark_parallel_prefill/logs}"
+LOG_DIR="${LOG_DIR:-$REPO_DIR/results/logs}"
 # -----------------------------------------------------------------------------------------
 
 cd "$REPO_DIR"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Whole-split parallel-prefill benchmark, nohup-friendly and resumable.
-#   nohup benchmark_parallel_prefill/run_full_1s_benchmark.sh > /dev/null 2>&1 &
+#   mkdir -p results/logs && nohup benchmark_parallel_prefill/run_full_1s_benchmark.sh > results/logs/run_full_1s_benchmark.out 2>&1 &
 # Rerunning continues the unfinished run folder of the same TASK_NAME (finished samples are kept).
 # Every setting below can be overridden from the environment.
 set -euo pipefail
@@ -20,7 +20,7 @@ EXTRA_ARGS="${EXTRA_ARGS:-}"                                 # e.g. "--use_token
 TASK_NAME="${TASK_NAME:-full_${DURATION}_${QUANT}}"
 OUTPUT_DIR="${OUTPUT_DIR:-results/benchmark_parallel_prefill}"
 PYTHON="${PYTHON:-python}"
-LOG_DIR="${LOG_DIR:-benchmark_parallel_prefill/logs}"
+LOG_DIR="${LOG_DIR:-results/logs}"
 
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/${TASK_NAME}_$(date +%Y%m%d_%H%M%S).log"

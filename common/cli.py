@@ -7,12 +7,14 @@ the same everywhere (underscores, as users already type them).
 from __future__ import annotations
 
 import argparse
+import logging
 import random
-from collections.abc import Sequence
-from typing import Any, TypeVar
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch and numpy load only when a function needs them, so --help prints fast
+    import torch
 
 QUANT_CHOICES = ("4bit", "8bit", "bf16", "fp16", "fp32")
 EVENT_SOURCE_CHOICES = ("events", "images")  # common.data.EVENT_SOURCES (cli stays free of the data layer)
@@ -120,6 +122,8 @@ def add_common_args(
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """Turn a ``--device`` value into a :class:`torch.device` ("auto"/None -> cuda if available, else cpu)."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     if name is None or str(name).lower() == "auto":
@@ -140,6 +144,9 @@ def resolve_quant(args: argparse.Namespace | Any) -> str:
 
 def set_seed(seed: int) -> None:
     """Seed ``random``, ``numpy`` and ``torch`` (all CUDA devices too)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -163,3 +170,61 @@ def shard(items: Sequence[T], num_chunks: int = 1, chunk_idx: int = 0) -> list[T
     start = chunk_idx * base + min(chunk_idx, extra)
     stop = start + base + (1 if chunk_idx < extra else 0)
     return items[start:stop]
+
+
+# --------------------------------------------------------------------------- entry point
+
+DEBUG_FLAG = "--debug"
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The project's error types: bad input whose message already names the file or flag and the fix."""
+    from common.errors import DataError
+
+    types: list[type[BaseException]] = [DataError, FileNotFoundError]
+    try:
+        from common.models.errors import ModelLoadError
+    except ImportError:  # the models package is optional for --help and for data-only tools
+        pass
+    else:
+        types.append(ModelLoadError)
+    return tuple(types)
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a CLI's ``main(argv)`` the same way for every script; returns the exit code (also exits).
+
+    Third-party noise is turned off (:mod:`common.quiet`); an expected error (see
+    :func:`expected_errors`) prints ONE line ``error: <message>`` and exits with code 2; with
+    ``--debug`` anywhere in the arguments the full traceback is shown and nothing is silenced.
+    Use as ``if __name__ == "__main__": run_cli(main)``.
+    """
+    from common.quiet import quiet_third_party
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
+    quiet_third_party(debug=debug)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(args)
+    except expected_errors() as exc:
+        if debug:
+            raise
+        print(f"error: {one_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message (first line), or its type name when it has none."""
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or 'not found'}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -10,6 +10,22 @@ from pathlib import Path
 from typing import Any
 
 _DPI = 120
+# What the timed stages are (the benchmarks' stage1..stage5); legends show these names.
+STAGE_LABELS = {"stage1": "1 data load", "stage2": "2 preprocess", "stage3": "3 vision encode",
+                "stage4": "4 LLM prefill", "stage5": "5 decode"}
+
+
+def stage_label(label: str) -> str:
+    """The legend text of an interval or stage label: ``stage4`` -> ``4 LLM prefill``; others unchanged."""
+    return STAGE_LABELS.get(label, label)
+
+
+def _wrap_title(title: str, fig_width_in: float, fontsize: float = 12.0) -> str:
+    """``title`` broken into lines that fit a figure ``fig_width_in`` inches wide (no cut-off titles)."""
+    import textwrap
+
+    width = max(20, int(fig_width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.wrap(title, width)) if title else title
 
 
 def _plt() -> Any:
@@ -72,7 +88,7 @@ def plot_stage_breakdown(
                 continue
             w = float(v) * 1000.0
             ax.barh(y, w, left=left, height=0.5, color=colors[stage], edgecolor="white",
-                    label=stage if y == _first_model_with(stage_means, models, stage) else None)
+                    label=stage_label(stage) if y == _first_model_with(stage_means, models, stage) else None)
             if w >= min_label_w and w > 0:
                 ax.text(left + w / 2, y, f"{w:.1f}", ha="center", va="center", fontsize=8)
             elif w > 0:  # sliver: label outside the bar, alternating above/below
@@ -111,7 +127,7 @@ def _draw_timeline(ax: Any, intervals: Sequence[Mapping[str, Any]], colors: dict
         start, end = float(it["start"]) * scale, float(it["end"]) * scale
         label = str(it["label"])
         ax.barh(y, max(end - start, 0.0), left=start, height=0.6, color=colors[label],
-                edgecolor="black", linewidth=0.5, label=label if label not in seen else None)
+                edgecolor="black", linewidth=0.5, label=stage_label(label) if label not in seen else None)
         seen.add(label)
     ax.set_yticks(range(len(lanes)), lanes)
     ax.invert_yaxis()
@@ -155,7 +171,8 @@ def plot_timelines(
             ax.set_title(titles[k], fontsize=10)
     if labels:
         handles = [plt.Rectangle((0, 0), 1, 1, color=colors[lab]) for lab in labels]
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8,
+        fig.legend(handles, [stage_label(lab) for lab in labels], loc="lower center", ncol=min(len(labels), 4),
+                   fontsize=8,
                    bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, 0.08 if labels else 0, 1, 1))
     path = Path(path)
@@ -242,23 +259,31 @@ def plot_training_curves(
 
 
 def plot_bars(
-    values: Mapping[str, float], path: str | Path, title: str = "", ylabel: str = "", *, ref: float | None = None
+    values: Mapping[str, float], path: str | Path, title: str = "", ylabel: str = "", *, ref: float | None = None,
+    errors: Mapping[str, float | None] | None = None,
 ) -> Path:
-    """A bar chart of ``values`` (e.g. speedup per drafter), each bar annotated; optional dashed ``ref`` line."""
+    """A bar chart of ``values`` (e.g. speedup per drafter), each bar annotated; optional dashed ``ref`` line.
+
+    ``errors`` (same keys, e.g. the per-sample std) draws error bars; the title wraps to the figure width.
+    """
     plt = _plt()
     names = list(values)
     vals = [float(values[k]) if values[k] is not None else 0.0 for k in names]
-    fig, ax = plt.subplots(figsize=(max(5, 1.0 + 0.9 * len(names)), 4))
-    bars = ax.bar(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))])
-    for b, v in zip(bars, vals):
-        ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
+    errs = [float((errors or {}).get(k) or 0.0) for k in names]
+    width = max(5, 1.0 + 0.9 * len(names))
+    fig, ax = plt.subplots(figsize=(width, 4))
+    bars = ax.bar(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))],
+                  yerr=errs if errors else None, capsize=4 if errors else 0)
+    for b, v, e in zip(bars, vals, errs):
+        text = f"{v:.3g} ± {e:.2g}" if errors and e else f"{v:.3g}"
+        ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height() + e),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     if ref is not None:
         ax.axhline(ref, color="gray", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0,
                   ha="right" if len(names) > 4 else "center")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(_wrap_title(title, width))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

@@ -151,9 +151,8 @@ def precompute_pixels_all(clips: Sequence[ClipQA], specs: dict[str, tuple[str | 
 
     Cache files are keyed by the model kind, the processor's configuration and the clip ids.
     """
-    from tqdm import tqdm
-
     from common.events import atomic_write_bytes
+    from common.progress import progress_bar
 
     result: dict[str, torch.Tensor] = {}
     files: dict[str, Path | None] = {}
@@ -175,7 +174,7 @@ def precompute_pixels_all(clips: Sequence[ClipQA], specs: dict[str, tuple[str | 
         return result
     samples = [c.sample for c in clips]
     out: dict[str, list[np.ndarray]] = {kind: [] for kind in todo}
-    bar = tqdm(total=len(samples), desc=desc, unit="clip")
+    bar = progress_bar(len(samples), desc, "clip")
     if num_workers <= 1 or len(samples) < 64:
         processors = {kind: load_image_processor(folder, size) for kind, (folder, size) in todo.items()}
         for s in samples:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Train the hidden-state adapters L1..L5 in turn once extraction has finished, evaluating each.
 #
-#   nohup bash feature_alignment/auto_train_pipeline.sh > feature_alignment/logs/pipeline.out 2>&1 &
+#   mkdir -p results/logs && nohup bash feature_alignment/auto_train_pipeline.sh > results/logs/auto_train_pipeline.out 2>&1 &
 #
 # Waits until every index.json under TRAIN_DIR (and TEST_DIR, if set) says complete and no
 # extract.lock is left (an extraction running elsewhere, e.g. under nohup), then for each level:
 # train (resumable: a rerun continues where it stopped), evaluate offline on TEST_DIR and live
-# on the dataset. Outputs go to feature_alignment/tasks/L<N>/, logs to feature_alignment/logs/.
+# on the dataset. Outputs go to results/feature_alignment/L<N>_<timestamp>/ (a rerun continues the
+# newest unfinished one), logs to results/logs/.
 # Override any variable from the environment, e.g. LEVELS="1 5" EPOCHS=20 bash ...
 # Several GPUs: NUM_GPUS=4 trains each level with DDP under `accelerate launch --num_processes 4`
 # (BATCH_SIZE stays the global batch); multi-node: NUM_GPUS = total processes over all machines plus
@@ -18,15 +19,15 @@ set -euo pipefail
 # ---- paths and settings ---------------------------------------------------------------
 REPO_DIR="${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 PYTHON="${PYTHON:-$REPO_DIR/.venv/bin/python}"
-TRAIN_DIR="${TRAIN_DIR:-$REPO_DIR/feature_alignment/hidden/train}"
-TEST_DIR="${TEST_DIR-$REPO_DIR/feature_alignment/hidden/test}"      # "" = no offline test evaluation
+TRAIN_DIR="${TRAIN_DIR:-$REPO_DIR/data/feature_alignment/hidden/train}"
+TEST_DIR="${TEST_DIR-$REPO_DIR/data/feature_alignment/hidden/test}"      # "" = no offline test evaluation
 DATASET_DIR="${DATASET_DIR-}"                                       # "" = the default synthetic split
 LIVE_SPLIT="${LIVE_SPLIT:-test}"
 LIVE_MAX_QUESTIONS="${LIVE_MAX_QUESTIONS:-1}"                        # 1: one sample per clip (the clip's own question)
 EVENTGPT_PATH="${EVENTGPT_PATH-}"                                   # "" = the default pair
 VIDEOLLAVA_PATH="${VIDEOLLAVA_PATH-}"
-TASKS_DIR="${TASKS_DIR:-$REPO_DIR/feature_alignment/tasks}"
-LOG_DIR="${LOG_DIR:-$REPO_DIR/feature_alignment/logs}"
+TASKS_DIR="${TASKS_DIR:-$REPO_DIR/results/feature_alignment}"
+LOG_DIR="${LOG_DIR:-$REPO_DIR/results/logs}"
 LEVELS="${LEVELS:-1 2 3 4 5}"
 EPOCHS="${EPOCHS:-50}"
 BATCH_SIZE="${BATCH_SIZE:-64}"
@@ -86,17 +87,17 @@ data_args=(--split "$LIVE_SPLIT" --max_questions "$LIVE_MAX_QUESTIONS")
 [[ -n "$DATASET_DIR" ]] && data_args+=(--dataset_dir "$DATASET_DIR")
 
 for level in $LEVELS; do
-  out="$TASKS_DIR/L$level"
-  log "L$level: training -> $out (log $LOG_DIR/train_L$level.log)"
+  log "L$level: training -> $TASKS_DIR/L${level}_<timestamp> (log $LOG_DIR/train_L$level.log)"
   test_args=()
   [[ -n "$TEST_DIR" ]] && test_args=(--test_dir "$TEST_DIR")
   # shellcheck disable=SC2086
   if ! run_module feature_alignment.train_hidden_adapter --train_dir "$TRAIN_DIR" --adapter_level "$level" \
-      --output_dir "$out" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
+      --results_dir "$TASKS_DIR" --task_name "L$level" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
       --early_stopping "$EARLY_STOPPING" --val_fraction "$VAL_FRACTION" --device "$DEVICE" \
       "${test_args[@]}" $EXTRA_TRAIN_ARGS >> "$LOG_DIR/train_L$level.log" 2>&1; then
     log "L$level: training FAILED (see $LOG_DIR/train_L$level.log); next level"; continue
   fi
+  out="$(ls -td "$TASKS_DIR/L${level}_"*/ 2>/dev/null | head -n 1)"; out="${out%/}"
   log "L$level: evaluating -> $out/eval (log $LOG_DIR/eval_L$level.log)"
   eval_args=(--adapter "$out" --output_dir "$out/eval" --live_samples "$LIVE_SAMPLES" --gamma "$GAMMA"
              --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" "${model_args[@]}" "${data_args[@]}")

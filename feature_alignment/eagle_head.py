@@ -23,7 +23,7 @@ drops them. Pass the wrapper, not the bare target, to ``prefill_sample`` /
 proxy: no weights are copied; CUDA graphs that also return the features are captured once
 per target and reused). :class:`EagleDrafter` implements the engine's ``Drafter`` protocol.
 
-    head = load_eagle_head("feature_alignment/eagle/best", target)     # bound to the target
+    head = load_eagle_head("results/feature_alignment/eagle_head/best", target)     # bound to the target
     proxy = EagleTarget(target, head.config.feature_layer)
     state = prefill_sample(proxy, sample).state
     drafter = make_eagle_drafter(head, None, proxy, state)

@@ -1,8 +1,8 @@
 """Evaluate a trained hidden adapter: offline metrics on extracted states, and live speculative decoding.
 
-    python -m feature_alignment.evaluate_hidden_adapter --adapter feature_alignment/tasks/L1 \\
-        --hidden_dir feature_alignment/hidden/test --dataset_dir D --split test --max_samples 20 \\
-        --gamma 5 --max_new_tokens 50 --output_dir feature_alignment/tasks/L1/eval
+    python -m feature_alignment.evaluate_hidden_adapter --adapter results/feature_alignment/L1_<timestamp> \\
+        --hidden_dir data/feature_alignment/hidden/test --dataset_dir D --split test --max_samples 20 \\
+        --gamma 5 --max_new_tokens 50 [--output_dir results/feature_alignment/L1_<timestamp>/eval]
 
 Offline (``--hidden_dir``): cosine, acc@0.80-0.95 and token top-1/top-5 through the target's LM
 head over every position of the folder. Live (``--dataset_dir``, skipped with
@@ -175,9 +175,14 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     return result
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    res = main()
+def _cli(argv: Sequence[str]) -> None:
+    res = main(argv)
     print(json.dumps(to_jsonable({"offline": res["offline"], "live": res["live"] and {
         k: res["live"][k] for k in ("acceptance_rate", "mean_accepted_length", "identical_outputs", "num_samples")}}),
         indent=2))
+
+
+if __name__ == "__main__":
+    from common.cli import run_cli
+
+    run_cli(_cli)

@@ -1,8 +1,10 @@
 """Extract aligned hidden states of EventGPT (draft) and Video-LLaVA (target) for adapter training.
 
     python -m feature_alignment.extract_hidden_states --dataset_dir D --split train \\
-        --max_questions 10 --output_dir feature_alignment/hidden/train [--layers -1,-2 \\
+        --max_questions 10 [--output_dir data/feature_alignment/hidden/train --layers -1,-2 \\
         --chunk_size 1000 --batch_size 16 --max_new_tokens 50 --quant 4bit --device cuda]
+
+Default output: ``data/feature_alignment/hidden/<split>`` (an extracted dataset, so under data/).
 
 Pairs are aligned by a shared prefix, never by the index of two free-running outputs: first
 the target answers greedily (its own output, the one speculative decoding must reproduce; a
@@ -33,40 +35,32 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
-from common.data import ClipDataset
-from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
-from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
+from common.defaults import resolve_dataset_dir, resolve_model_paths
 from common.errors import DataError
-from common.prefetch import prefetched
-from common.speculative import autoregressive_generate
-from common.timing import sync
-from feature_alignment.hidden_store import (
-    LM_HEAD_FILE,
-    LOCK_FILE,
-    HiddenStore,
-    SampleRecord,
-    chunk_name,
-    load_index,
-    new_index,
-    save_index,
-    save_lm_head,
-    write_chunk,
-)
+from common.lazy import no_grad
+from common.locations import data_dir
+from common.progress import progress_bar
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+
+    import torch
+
+    from common.data import ClipDataset
+    from feature_alignment.hidden_store import (
+        SampleRecord,
+    )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUT_ROOT = REPO_ROOT / "feature_alignment" / "hidden"
+DEFAULT_OUTPUT_ROOT = data_dir("feature_alignment") / "hidden"  # data/feature_alignment/hidden/<split>
+LEGACY_OUTPUT_ROOT = Path("feature_alignment") / "hidden"
 # Config keys that must match to resume into an existing folder.
 RESUME_KEYS = ("dataset_dir", "split", "max_questions", "eventgpt_path", "videollava_path", "quant", "layers",
                "max_new_tokens", "num_chunks", "chunk_idx", "target_states")
@@ -138,18 +132,20 @@ def draft_unk_id(draft: Any) -> int:
 TARGET_STATES = ("greedy_pass", "teacher_forced")
 
 
-@torch.no_grad()
+@no_grad
 def target_answers(target: Any, visuals: Sequence[Any], questions: Sequence[str], max_new_tokens: int,
                    ) -> list[list[int]]:
     """The target's own greedy answer ids: one sample with the KV-cached engine, several decoded together
     (``generate_greedy_batch``: one decode step serves the batch)."""
+    from common.speculative import autoregressive_generate
+
     if len(visuals) > 1:
         return target.generate_greedy_batch(visuals, questions, max_new_tokens).answers
     state = target.prefill(visuals[0], questions[0])
     return [autoregressive_generate(target, state, max_new_tokens=max_new_tokens).tokens]
 
 
-@torch.no_grad()
+@no_grad
 def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Sequence[Any],
                   target_visuals: Sequence[Any], questions: Sequence[str], layers: Sequence[int],
                   max_new_tokens: int, stats: dict[str, Any] | None = None,
@@ -160,6 +156,11 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
     (batched; each prompt goes through the target once); ``teacher_forced`` runs the target again
     over prompt + answer in a padded batch (the original path; same states up to rounding).
     """
+    import torch
+
+    from common.timing import sync
+    from feature_alignment.hidden_store import SampleRecord
+
     if target_states not in TARGET_STATES:
         raise ValueError(f"target_states must be one of {TARGET_STATES}, got {target_states!r}")
     timed = stats is not None  # then wait for the GPU at each timer, so the split is true
@@ -278,6 +279,10 @@ def _pid_alive(pid: int) -> bool:
 
 def acquire_lock(folder: Path) -> Path:
     """Create ``extract.lock`` (pid, host); a stale lock of a dead local process is taken over."""
+    import socket
+
+    from feature_alignment.hidden_store import LOCK_FILE
+
     lock = folder / LOCK_FILE
     folder.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
@@ -312,6 +317,8 @@ def load_models(args: argparse.Namespace, egpt_path: Path, vl_path: Path, device
 
 
 def _resolve_split(dataset_dir: Path, split: str | None) -> str:
+    from common.data import ClipDataset
+
     if split:
         return split
     probe = ClipDataset(dataset_dir, split=None)
@@ -357,6 +364,9 @@ def _check_resume(index: dict[str, Any], config: dict[str, Any], folder: Path) -
 def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) an extraction; returns a summary dict. ``models`` = (draft, target) already loaded."""
     args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
+    from common.data import ClipDataset
+    from common.distributed import launcher_shard, local_device
+
     if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
     launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
@@ -397,6 +407,9 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
     Also the whole launch's throughput: new samples of all ranks over the time from the common
     start of the loops (after every rank loaded its models) to the last rank's end.
     """
+    from common.distributed import all_sum, barrier, destroy, world
+    from feature_alignment.hidden_store import HiddenStore
+
     rank, size, _ = world()
     new_samples = all_sum(summary["new_samples"])  # returns once every rank is done
     seconds = summary["loop_seconds"] + time.perf_counter() - finished  # this rank's loop + waiting for the rest
@@ -423,6 +436,18 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
 
 def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
          models) -> dict[str, Any]:
+    from common.distributed import barrier
+    from common.prefetch import prefetched
+    from feature_alignment.hidden_store import (
+        LM_HEAD_FILE,
+        chunk_name,
+        load_index,
+        new_index,
+        save_index,
+        save_lm_head,
+        write_chunk,
+    )
+
     index = load_index(folder)
     if index is None:
         index = new_index(config, planned_ids)
@@ -462,8 +487,8 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         batches.setdefault(pos // args.batch_size, []).append(i)
     buffer: list[SampleRecord] = []
     written = 0
-    bar = tqdm(total=len(planned_ids), initial=len(planned_ids) - len(todo), unit="sample",
-               desc=f"extract {config['split']}", disable=None)
+    bar = progress_bar(len(planned_ids), f"extract {config['split']}", "sample",
+                       initial=len(planned_ids) - len(todo))
 
     def flush() -> None:
         nonlocal buffer, written
@@ -530,14 +555,21 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         "self_check_rate": run_stats.get("self_check_rate"),
         "lm_head": str(root / LM_HEAD_FILE),
     }
-    log.info("extraction: %s", summary)
+    log.info("extraction: %s samples (%s positions) in %s, %.2f samples/s%s", summary.get("num_samples"),
+             summary.get("num_positions"), summary.get("output_dir"), summary.get("samples_per_second") or 0.0,
+             "" if summary.get("complete") else " (not complete: rerun to continue)")
     return summary
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = main()
+def _cli(argv: Sequence[str]) -> None:
+    result = main(argv)
     print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks",
                                   "samples_per_second", "rank", "merged_complete", "merged_samples",
                                   "all_ranks_samples_per_second") if k in result})
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    from common.cli import run_cli
+
+    run_cli(_cli)

@@ -1,7 +1,7 @@
 """Train the EAGLE-style draft head on Video-LLaVA's own extracted features.
 
-    python -m feature_alignment.train_eagle_head --train_dir feature_alignment/hidden/train \\
-        --output_dir feature_alignment/eagle [--val_dir DIR --epochs 20 --lr 3e-4 --batch_size 16 \\
+    python -m feature_alignment.train_eagle_head --train_dir data/feature_alignment/hidden/train \\
+        --output_dir results/feature_alignment/eagle_head [--val_dir DIR --epochs 20 --lr 3e-4 --batch_size 16 \\
         --feature_layer -1 --videollava_path P --token_weight 0.1 --early_stopping 5]
 
 Data: an extraction of ``feature_alignment.extract_hidden_states`` (the target's greedy answers,
@@ -382,4 +382,6 @@ def _f(v: float | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

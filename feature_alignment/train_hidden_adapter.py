@@ -1,7 +1,7 @@
 """Train a hidden-state adapter (L1-L5) from extracted states, streaming one chunk at a time.
 
-    python -m feature_alignment.train_hidden_adapter --train_dir feature_alignment/hidden/train \\
-        --adapter_level 1 --output_dir feature_alignment/tasks/L1 [--epochs 50 --batch_size 64 \\
+    python -m feature_alignment.train_hidden_adapter --train_dir data/feature_alignment/hidden/train \\
+        --adapter_level 1 [--task_name L1 --epochs 50 --batch_size 64 \\
         --lr 1e-3 --early_stopping 5 --val_fraction 0.1 --val_dir DIR --test_dir DIR]
 
 Data: chunks are read one at a time in a shuffled order (per epoch) and shuffled within, so
@@ -20,9 +20,13 @@ needs). L5 adds the same terms for its next-state prediction (row t -> state t +
 Metrics per epoch (train and validation): loss, mean cosine, acc@0.80/0.85/0.90/0.95 (share of
 positions whose cosine exceeds the threshold), and token top-1/top-5 through the target's
 LM head (saved by the extraction; ids outside the shared base vocabulary are masked, as the
-drafter masks them). Outputs in ``--output_dir``: config.json, history.json, results.json,
-RESULTS.md, training_curves.png, best.safetensors, and last.safetensors +
-last_optimizer.safetensors + train_state.json to resume (on by default).
+drafter masks them). Outputs in the run folder ``results/feature_alignment/<task_name>_<timestamp>/``
+(``--results_dir``, ``--task_name``; default task L<level>; ``--output_dir DIR`` names the exact folder):
+config.json, history.json, results.json, RESULTS.md, training_curves.png, best.safetensors, and
+last.safetensors + last_optimizer.safetensors + train_state.json to resume (on by default: the
+newest unfinished folder of the task continues), DONE when finished.
+Default ``--train_dir``: data/feature_alignment/hidden/train (the old feature_alignment/hidden/train
+is still found, with a deprecation line).
 
 Several GPUs (DistributedDataParallel through accelerate; plain python = one process):
     accelerate launch --num_processes N -m feature_alignment.train_hidden_adapter ...
@@ -43,31 +47,30 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
+from common.cli import resolve_device, run_cli, set_seed, shard
+from common.lazy import no_grad
+from common.locations import find_with_legacy, results_dir
+from common.progress import progress
+from common.results import RunFolder, atomic_write_json, atomic_write_text, read_json, to_jsonable
+from common.run_index import results_root_of, update_index
 
-from common.cli import resolve_device, set_seed, shard
-from common.defaults import REPO_ROOT
-from common.distributed import make_accelerator
-from common.plots import plot_training_curves
-from common.results import atomic_write_json, atomic_write_text, read_json, to_jsonable
-from feature_alignment.hidden_adapter import (
-    LEVELS,
-    BaseAdapter,
-    create_adapter,
-    load_any_adapter,
-    save_adapter,
-)
-from feature_alignment.hidden_store import HiddenStore, load_lm_head
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+    import numpy as np
+    import torch
+
+    from feature_alignment.hidden_adapter import (
+        BaseAdapter,
+    )
+    from feature_alignment.hidden_store import HiddenStore
 
 log = logging.getLogger(__name__)
 
+STAGE = "feature_alignment"
+ADAPTER_LEVELS = (1, 2, 3, 4, 5)  # the keys of feature_alignment.hidden_adapter.LEVELS (kept torch-free for --help)
+DEFAULT_TRAIN_DIR = Path("data") / STAGE / "hidden" / "train"
+LEGACY_TRAIN_DIR = Path(STAGE) / "hidden" / "train"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 STATE_FILE = "train_state.json"
 # Arguments that must match to resume a run folder.
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--train_dir", type=str, default=None,
-                   help="extraction folder of the train split. Default: feature_alignment/hidden/train.")
+                   help="extraction folder of the train split. Default: data/feature_alignment/hidden/train.")
     g.add_argument("--val_dir", type=str, default=None,
                    help="separate validation extraction (never the test split). Default: none, hold out "
                         "--val_fraction of --train_dir.")
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target_layer", type=int, default=-1,
                    help="Video-LLaVA layer it predicts (-1 feeds the LM head: needed for token metrics). Default: -1.")
     g = p.add_argument_group("adapter")
-    g.add_argument("--adapter_level", type=int, choices=sorted(LEVELS), required=True,
+    g.add_argument("--adapter_level", type=int, choices=ADAPTER_LEVELS, required=True,
                    help="1 bottleneck, 2 three bottlenecks, 3 wide bottleneck, 4 attention, 5 EAGLE-style.")
     g.add_argument("--bottleneck", type=int, default=None,
                    help="bottleneck width. Default: 256 (L3: 1024), shrunk for tiny hidden sizes.")
@@ -124,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--next_weight", type=float, default=1.0, help="L5: weight of the next-state terms. Default: 1.")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", type=str, default=None,
-                   help="run folder. Default: feature_alignment/tasks/L<level>.")
+                   help="this exact run folder (kept for old commands). Default: a new "
+                        "<results_dir>/<task_name>_<YYYYMMDD_HHMMSS>/ (or the newest unfinished one, with --resume).")
+    g.add_argument("--results_dir", type=str, default=str(results_dir(STAGE)),
+                   help=f"base folder of the run folders. Default: {results_dir(STAGE)}.")
+    g.add_argument("--task_name", type=str, default=None, help="run name. Default: L<adapter_level>.")
     g.add_argument("--device", type=str, default="auto", help="cpu, cuda, ... Default: auto.")
     g.add_argument("--seed", type=int, default=0, help="seed (init, held-out split, shuffling). Default: 0.")
     g.add_argument("--resume", dest="resume", action="store_true", default=True,
@@ -193,6 +200,9 @@ def position_terms(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, 
     ``denom``: divide the position sums by this count instead of N (a rank's share of a global
     batch of ``denom`` positions); None = the mean over these N positions.
     """
+    import torch
+    import torch.nn.functional as F
+
     rel = ((pred - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-6)
     cos = F.cosine_similarity(pred, target, dim=-1)
     if denom is None:
@@ -246,6 +256,8 @@ def batch_loss(adapter: BaseAdapter, x: torch.Tensor, h: torch.Tensor, ids: torc
 
 def pad_batch(chunk, spans: Sequence[tuple[int, int]], device: torch.device):
     """Right-padded float32 tensors of some samples of a chunk."""
+    import torch
+
     longest = max(b - a for a, b in spans)
     n = len(spans)
     x = torch.zeros((n, longest, chunk.x.shape[1]), dtype=torch.float32)
@@ -272,6 +284,8 @@ def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
     ``accelerator`` with several processes: every rank takes its contiguous share of each
     global batch; metric sums are added up across ranks.
     """
+    import torch
+
     if accelerator is not None and accelerator.num_processes > 1:
         return _run_pass_distributed(adapter, store, selected, batch_size=batch_size, input_layer=input_layer,
                                      target_layer=target_layer, lm_head=lm_head, vocab_limit=vocab_limit,
@@ -284,27 +298,25 @@ def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
     if rng is not None:
         order = [int(i) for i in rng.permutation(len(order))]
     positions = 0
-    with tqdm(total=len(order), desc=desc, unit="chunk", disable=None, leave=False) as bar:
-        for chunk in store.iter_chunks(input_layer, target_layer, order):
-            spans = [chunk.span(i) for i, sid in enumerate(chunk.sample_ids) if selected is None or sid in selected]
-            spans = [s for s in spans if s[1] > s[0]]
-            if rng is not None:
-                spans = [spans[int(i)] for i in rng.permutation(len(spans))]
-            for b in range(0, len(spans), batch_size):
-                x, h, ids, mask = pad_batch(chunk, spans[b:b + batch_size], device)
-                with torch.set_grad_enabled(train):
-                    loss = batch_loss(adapter, x, h, ids, mask, lm_head, vocab_limit, weights, meter)
-                if train:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(adapter.parameters(), grad_clip)
-                    optimizer.step()
-                meter.loss_sum += float(loss.detach())
-                meter.loss_batches += 1
-                positions += int(mask.sum())
-            del chunk  # hold one chunk at a time
-            bar.update(1)
+    for chunk in progress(store.iter_chunks(input_layer, target_layer, order), desc, "chunk", total=len(order)):
+        spans = [chunk.span(i) for i, sid in enumerate(chunk.sample_ids) if selected is None or sid in selected]
+        spans = [s for s in spans if s[1] > s[0]]
+        if rng is not None:
+            spans = [spans[int(i)] for i in rng.permutation(len(spans))]
+        for b in range(0, len(spans), batch_size):
+            x, h, ids, mask = pad_batch(chunk, spans[b:b + batch_size], device)
+            with torch.set_grad_enabled(train):
+                loss = batch_loss(adapter, x, h, ids, mask, lm_head, vocab_limit, weights, meter)
+            if train:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(adapter.parameters(), grad_clip)
+                optimizer.step()
+            meter.loss_sum += float(loss.detach())
+            meter.loss_batches += 1
+            positions += int(mask.sum())
+        del chunk  # hold one chunk at a time
     out = meter.result("train" if train else "val")
     out["positions"] = positions
     return out
@@ -313,6 +325,7 @@ def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
 def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, target_layer, lm_head, vocab_limit,
                           weights, device, optimizer, grad_clip, rng, desc, accelerator) -> dict[str, Any]:
     """run_pass with DDP: the same global batches as one process, split contiguously across ranks."""
+    import torch
     import torch.distributed as dist
 
     train = optimizer is not None
@@ -327,37 +340,35 @@ def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, 
         order = [int(i) for i in rng.permutation(len(order))]
     positions = 0
     local_loss = 0.0
-    with tqdm(total=len(order), desc=desc, unit="chunk", disable=None if accelerator.is_main_process else True,
-              leave=False) as bar:
-        for chunk in store.iter_chunks(input_layer, target_layer, order):
-            spans = [chunk.span(i) for i, sid in enumerate(chunk.sample_ids) if selected is None or sid in selected]
-            spans = [s for s in spans if s[1] > s[0]]
-            if rng is not None:
-                spans = [spans[int(i)] for i in rng.permutation(len(spans))]
-            for b in range(0, len(spans), batch_size):
-                batch = spans[b:b + batch_size]
-                lengths = [e - a for a, e in batch]
-                denoms = (float(sum(lengths)), float(sum(max(n - 1, 0) for n in lengths)) if next_on else 1.0)
-                mine = shard(batch, world, rank)
-                with torch.set_grad_enabled(train):
-                    if mine:
-                        x, h, ids, mask = pad_batch(chunk, mine, device)
-                        loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, meter, denoms)
-                        positions += int(mask.sum())
-                    else:  # more ranks than samples in this batch: a forward on the batch's first sample,
-                        # weighted 0, so DDP's gradient sync still sees this rank (zero gradients)
-                        x, h, ids, mask = pad_batch(chunk, batch[:1], device)
-                        loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, None, denoms) * 0.0
-                if train:
-                    optimizer.zero_grad(set_to_none=True)
-                    accelerator.backward(loss * world)  # DDP averages gradients over ranks: undo the 1/world
-                    if grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    optimizer.step()
-                local_loss += float(loss.detach())
-                meter.loss_batches += 1
-            del chunk  # hold one chunk at a time
-            bar.update(1)
+    for chunk in progress(store.iter_chunks(input_layer, target_layer, order), desc, "chunk", total=len(order),
+                          disable=not accelerator.is_main_process):
+        spans = [chunk.span(i) for i, sid in enumerate(chunk.sample_ids) if selected is None or sid in selected]
+        spans = [s for s in spans if s[1] > s[0]]
+        if rng is not None:
+            spans = [spans[int(i)] for i in rng.permutation(len(spans))]
+        for b in range(0, len(spans), batch_size):
+            batch = spans[b:b + batch_size]
+            lengths = [e - a for a, e in batch]
+            denoms = (float(sum(lengths)), float(sum(max(n - 1, 0) for n in lengths)) if next_on else 1.0)
+            mine = shard(batch, world, rank)
+            with torch.set_grad_enabled(train):
+                if mine:
+                    x, h, ids, mask = pad_batch(chunk, mine, device)
+                    loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, meter, denoms)
+                    positions += int(mask.sum())
+                else:  # more ranks than samples in this batch: a forward on the batch's first sample,
+                    # weighted 0, so DDP's gradient sync still sees this rank (zero gradients)
+                    x, h, ids, mask = pad_batch(chunk, batch[:1], device)
+                    loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, None, denoms) * 0.0
+            if train:
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss * world)  # DDP averages gradients over ranks: undo the 1/world
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+            local_loss += float(loss.detach())
+            meter.loss_batches += 1
+        del chunk  # hold one chunk at a time
     # add up the metric sums of every rank (keys in a fixed order known to all ranks)
     keys: list[list[str]] = [None] * world  # type: ignore[list-item]
     dist.all_gather_object(keys, sorted(meter.sums))
@@ -373,12 +384,14 @@ def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, 
     return out
 
 
-@torch.no_grad()
+@no_grad
 def evaluate(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None = None, *, batch_size: int = 64,
              input_layer: int = -1, target_layer: int = -1, lm_head: torch.Tensor | None = None,
              vocab_limit: int | None = None, weights: dict[str, float] | None = None,
              device: torch.device | str = "cpu") -> dict[str, Any]:
     """Offline metrics of ``adapter`` on a hidden-state folder (keys without the ``val_`` prefix)."""
+    import torch
+
     weights = weights or {"mse": 1.0, "cos": 1.0, "token": 1.0, "next": 1.0}
     out = run_pass(adapter, store, selected, batch_size=batch_size, input_layer=input_layer,
                    target_layer=target_layer, lm_head=lm_head, vocab_limit=vocab_limit, weights=weights,
@@ -390,6 +403,9 @@ def evaluate(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Optimizer state as safetensors (tensors) + JSON metadata (param groups, scalars)."""
+    import torch
+    from safetensors.torch import save_file
+
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
@@ -405,6 +421,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
     state: dict[int, dict[str, Any]] = {}
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
@@ -436,6 +454,8 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def results_markdown(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    from feature_alignment.hidden_adapter import LEVELS
+
     c = summary["adapter_config"]
     best = summary.get("best") or {}
     lines = [
@@ -477,6 +497,8 @@ def results_markdown(summary: dict[str, Any], history: list[dict[str, Any]]) -> 
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    from common.plots import plot_training_curves
+
     panels = [("loss", ["train_loss", "val_loss"]),
               ("cosine similarity", ["train_cos", "val_cos", "val_next_cos"]),
               ("acceptance proxies", [*(f"val_acc@{t:.2f}" for t in THRESHOLDS), "val_top1", "val_top5",
@@ -487,6 +509,10 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 def _lm_head(store: HiddenStore, device: torch.device) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    import torch
+
+    from feature_alignment.hidden_store import load_lm_head
+
     path = store.lm_head_path()
     if path is None:
         log.warning("%s: no lm_head.safetensors; token loss and top-1/top-5 are off", store.root)
@@ -495,16 +521,51 @@ def _lm_head(store: HiddenStore, device: torch.device) -> tuple[torch.Tensor | N
     return weight.to(device, torch.float32), meta
 
 
+def run_folder(args: argparse.Namespace, accelerator: Any) -> Path:
+    """``--output_dir`` as given, else ``<results_dir>/<task_name>_<timestamp>`` (the newest unfinished
+    one with --resume); every rank gets the same folder (rank 0 picks it)."""
+    if args.output_dir:
+        out = Path(args.output_dir)
+    else:
+        task = args.task_name or f"L{args.adapter_level}"
+        out = RunFolder.create(STAGE, task, output_dir=args.results_dir, resume=args.resume).path \
+            if accelerator.is_main_process else Path()
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            out = Path(broadcast_object_list([str(out)])[0])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def epoch_line(row: dict[str, Any], monitor: str, best: bool) -> str:
+    """One short line per epoch, e.g. ``epoch 3: train loss 0.512 | val loss 0.498 cos 0.812 top1 0.41 | 2.1 s *``."""
+    def pick(prefix: str) -> str:
+        parts = [f"{name} {row[f'{prefix}_{key}']:.4g}" for key, name in
+                 (("loss", "loss"), ("cos", "cos"), ("top1", "top1")) if isinstance(row.get(f"{prefix}_{key}"), float)]
+        return f"{prefix} " + " ".join(parts) if parts else ""
+    pieces = [p for p in (pick("train"), pick("val")) if p]
+    return f"epoch {row['epoch']}: " + " | ".join(pieces) + f" | {row.get('seconds', 0.0):.1f} s" + \
+        (f"  * best {monitor}" if best else "")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    import numpy as np
+    import torch
+
+    from common.distributed import make_accelerator
+    from feature_alignment.hidden_adapter import create_adapter, load_any_adapter, save_adapter
+    from feature_alignment.hidden_store import HiddenStore
+
     set_seed(args.seed)
     accelerator = make_accelerator(args.device)
     main_process = accelerator.is_main_process
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
-    out = Path(args.output_dir) if args.output_dir else REPO_ROOT / "feature_alignment" / "tasks" / f"L{args.adapter_level}"
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    train_dir = Path(args.train_dir) if args.train_dir else REPO_ROOT / "feature_alignment" / "hidden" / "train"
+    out = run_folder(args, accelerator)
+    train_dir = Path(args.train_dir) if args.train_dir else find_with_legacy(
+        DEFAULT_TRAIN_DIR, LEGACY_TRAIN_DIR, "the train split's hidden states")
     store = HiddenStore.open(train_dir)
     if not store.complete:
         log.warning("%s: extraction not complete (%d samples so far); training on what is there", train_dir,
@@ -615,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             save_optimizer(optimizer, out / "last_optimizer.safetensors")
             atomic_write_json(state_file, {"args": run_args, "state": state})
             atomic_write_json(out / "history.json", history)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        log.info("%s", epoch_line(row, args.monitor if val_stats else "train_loss", state["best_epoch"] == epoch))
     if not state["finished"]:
         state.update(finished=True, stop_reason=state.get("stop_reason") or "max epochs")
         if main_process:
@@ -641,16 +702,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         atomic_write_text(out / "RESULTS.md", results_markdown(summary, history))
         if history:
             plot_history(history, out / "training_curves.png", f"L{args.adapter_level} hidden adapter")
+        RunFolder(out).mark_done()
+        update_index(results_root_of(out))
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         accelerator.end_training()
     return summary
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = main()
+def _cli(argv: Sequence[str]) -> None:
+    result = main(argv)
     best = result.get("best") or {}
     print(json.dumps(to_jsonable({"output_dir": result["output_dir"], "best_epoch": result["best_epoch"],
                                   "val_cos": best.get("val_cos"), "val_acc@0.90": best.get("val_acc@0.90"),
                                   "val_top1": best.get("val_top1")}), indent=2))
+
+
+if __name__ == "__main__":
+    run_cli(_cli)

@@ -5,23 +5,20 @@
 Runs on the default pair (models/, else random tiny models) and the default synthetic split:
 1. benchmark_inference (stage times, raw agreement, sequential lossless speculation),
 2. benchmark_parallel_prefill (concurrent prefill, free draft tokens, speculation),
-3. a small token-alignment run and a small feature-alignment run, when those stages exist,
-then writes ``results/demo/SUMMARY.md`` with the key numbers of THIS run and links to the PNGs.
+3. a small token-alignment run and a small feature-alignment run,
+then writes ``results/demo/SUMMARY.md`` with the key numbers of THIS run (sizes, n, spread; every
+learned drafter next to raw EventGPT drafting, teacher forced and live) and links to the PNGs, and
+rewrites ``results/INDEX.md``. Run folders: ``<output_dir>/<stage>/demo_<timestamp>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
-
-from common.defaults import default_dataset_dir, default_model_path, default_train_split
-from common.results import atomic_write_text, markdown_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,99 +43,70 @@ def _copy_pngs(run_dir: Path, out: Path, prefix: str) -> list[str]:
     return names
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def _records(run_dir: str | Path) -> list[dict]:
+    return json.loads((Path(run_dir) / "results.json").read_text()).get("samples", [])
 
 
-def run_benchmarks(args, common_argv: list[str], out: Path) -> tuple[list[dict], list[str]]:
-    """Both benchmarks; returns summary rows and the PNGs copied next to SUMMARY.md."""
+def run_benchmarks(common_argv: list[str], out: Path) -> dict[str, Any]:
+    """Both benchmarks; returns their statistics, records, seconds and the PNGs copied next to SUMMARY.md."""
     from benchmark_inference.benchmark_inference import main as bench_inference
     from benchmark_parallel_prefill.benchmark_parallel_prefill import main as bench_parallel
 
-    rows, pngs = [], []
-    t0 = time.perf_counter()
-    inf = bench_inference([*common_argv, "--output_dir", str(out / "benchmark_inference")])
-    s = inf["statistics"]
-    pngs += _copy_pngs(Path(inf["run_dir"]), out, "inference")
-    rows += [
-        {"stage": "benchmark_inference", "metric": "EventGPT prefill / decode ms per token",
-         "value": f"{1000 * s['egpt_stage4_time_avg']:.1f} / {s['egpt_decode_ms_per_token_avg']:.1f}"},
-        {"stage": "benchmark_inference", "metric": "Video-LLaVA prefill / decode ms per token",
-         "value": f"{1000 * s['videollava_stage4_time_avg']:.1f} / {s['videollava_decode_ms_per_token_avg']:.1f}"},
-        {"stage": "benchmark_inference", "metric": "raw token agreement (index-aligned)", "value": _fmt(s["acceptance_rate_avg"])},
-        {"stage": "benchmark_inference", "metric": "SD acceptance rate / mean accepted length",
-         "value": f"{s['sd_acceptance_rate_avg']:.3f} / {s['sd_mean_accepted_length_avg']:.2f}"},
-        {"stage": "benchmark_inference", "metric": "draft/target step cost ratio c (measured)",
-         "value": _fmt(s["sd_cost_ratio_c"])},
-        {"stage": "benchmark_inference", "metric": "SD speedup measured (end to end) / Leviathan predicted (decode)",
-         "value": f"{s['sd_speedup_measured']:.2f} / {_fmt(s['sd_speedup_predicted'])}"},
-        {"stage": "benchmark_inference", "metric": "SD lossless rate", "value": _fmt(s["sd_lossless_rate"])},
-        {"stage": "benchmark_inference", "metric": "seconds", "value": f"{time.perf_counter() - t0:.0f}"},
-    ]
-    t0 = time.perf_counter()
-    par = bench_parallel([*common_argv, "--output_dir", str(out / "benchmark_parallel_prefill")])
-    s = par["statistics"]
-    pngs += _copy_pngs(Path(par["run_dir"]), out, "parallel")
-    rows += [
-        {"stage": "benchmark_parallel_prefill", "metric": "overlap window ms / free draft tokens / accepted free",
-         "value": f"{s['overlap_window_ms_avg']:.1f} / {s['free_draft_tokens_avg']:.2f} / {s['accepted_free_tokens_avg']:.2f}"},
-        {"stage": "benchmark_parallel_prefill", "metric": "acceptance rate / mean accepted length",
-         "value": f"{_fmt(s['acceptance_rate_avg'])} / {_fmt(s['mean_accepted_length_avg'])}"},
-        {"stage": "benchmark_parallel_prefill", "metric": "speedup measured / Leviathan predicted",
-         "value": f"{s['speedup_measured']:.2f} / {_fmt(s['speedup_predicted'])}"},
-        {"stage": "benchmark_parallel_prefill", "metric": "lossless rate", "value": _fmt(s["lossless_rate"])},
-        {"stage": "benchmark_parallel_prefill", "metric": "seconds", "value": f"{time.perf_counter() - t0:.0f}"},
-    ]
-    return rows, pngs
+    done: dict[str, Any] = {"pngs": []}
+    for key, run, folder in (("inference", bench_inference, "benchmark_inference"),
+                             ("parallel", bench_parallel, "benchmark_parallel_prefill")):
+        t0 = time.perf_counter()
+        res = run([*common_argv, "--output_dir", str(out / folder)])
+        done[key] = {"statistics": res["statistics"], "records": _records(res["run_dir"]),
+                     "seconds": time.perf_counter() - t0}
+        done["pngs"] += _copy_pngs(Path(res["run_dir"]), out, key)
+    return done
 
 
-def run_alignment(args, model_argv: list[str], out: Path) -> list[dict]:
+def run_alignment(args: argparse.Namespace, model_argv: list[str], out: Path) -> dict[str, Any]:
     """A small token-alignment and a small feature-alignment run on the default train/test splits."""
+    from common.defaults import default_train_split
     from feature_alignment.extract_hidden_states import main as extract_hidden
     from feature_alignment.train_hidden_adapter import main as train_hidden
     from token_alignment.extract_tokens import main as extract_tokens
     from token_alignment.train_and_evaluate import main as train_tokens
 
-    dataset = str(default_train_split())
-    base = ["--dataset_dir", dataset, *model_argv, "--device", "cpu", "--max_new_tokens", str(args.max_new_tokens)]
-    rows: list[dict] = []
+    base = ["--dataset_dir", str(default_train_split()), *model_argv, "--device", "cpu",
+            "--max_new_tokens", str(args.max_new_tokens)]
+    sizes = (("train", args.align_train_samples), ("test", args.max_samples))
     t0 = time.perf_counter()
     files = {}
-    for split, n in (("train", args.align_train_samples), ("test", args.max_samples)):
-        files[split] = out / "token_alignment" / f"tokens_{split}.jsonl"
+    for split, n in sizes:
+        files[split] = out / "data" / f"tokens_{split}.jsonl"
         extract_tokens([*base, "--split", split, "--max_samples", str(n), "--parallel",
                         "--output_file", str(files[split])])
-    result = train_tokens(["--train_tokens", str(files["train"]), "--test_tokens", str(files["test"]),
-                           "--task_name", "demo", "--output_dir", str(out / "token_alignment" / "task"),
-                           "--epochs", "8", "--d_model", "64", "--n_layers", "2", "--live_samples", "3",
-                           "--gamma", str(args.gamma), *base])
-    stats = result["statistics"]
-    tf, live = stats["test_teacher_forced"], stats.get("live") or {}
-    rows.append({"stage": "token_alignment", "metric": "teacher-forced top-1 on test: raw draft token / TokenAdapter",
-                 "value": f"{_fmt(tf.get('baseline_position_match'))} / {_fmt(tf.get('adapter_top1'))}"})
-    raw, ada = live.get("raw", {}), live.get("adapter", {})
-    rows.append({"stage": "token_alignment", "metric": "live acceptance: raw EventGPT / TokenAdapter (lossless rate)",
-                 "value": f"{_fmt(raw.get('acceptance_rate'))} / {_fmt(ada.get('acceptance_rate'))} "
-                          f"({_fmt(ada.get('lossless_rate'))})"})
-    rows.append({"stage": "token_alignment", "metric": "seconds", "value": f"{time.perf_counter() - t0:.0f}"})
+    token = train_tokens(["--train_tokens", str(files["train"]), "--test_tokens", str(files["test"]),
+                          "--task_name", "demo", "--output_dir", str(out / "token_alignment"),
+                          "--epochs", "8", "--d_model", "64", "--n_layers", "2", "--live_samples", "3",
+                          "--gamma", str(args.gamma), *base])
+    token_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     hidden = {}
-    for split, n in (("train", args.align_train_samples), ("test", args.max_samples)):
-        hidden[split] = out / "feature_alignment" / f"hidden_{split}"
+    for split, n in sizes:
+        hidden[split] = out / "data" / f"hidden_{split}"
         extract_hidden([*base, "--split", split, "--max_samples", str(n), "--layers", "-1",
                         "--output_dir", str(hidden[split])])
-    trained = train_hidden(["--train_dir", str(hidden["train"]), "--test_dir", str(hidden["test"]),
-                            "--adapter_level", "1", "--epochs", "8", "--output_dir",
-                            str(out / "feature_alignment" / "L1")])
-    test = trained.get("test") or {}
-    rows.append({"stage": "feature_alignment", "metric": "L1 adapter on test: cosine / acc@0.90 / top-1 via target LM head",
-                 "value": f"{_fmt(test.get('cos'))} / {_fmt(test.get('acc@0.90'))} / {_fmt(test.get('top1'))}"})
-    rows.append({"stage": "feature_alignment", "metric": "seconds", "value": f"{time.perf_counter() - t0:.0f}"})
-    return rows
+    feature = train_hidden(["--train_dir", str(hidden["train"]), "--test_dir", str(hidden["test"]),
+                            "--adapter_level", "1", "--epochs", "8", "--results_dir",
+                            str(out / "feature_alignment"), "--task_name", "demo_L1", "--no_resume"])
+    return {"token": token["statistics"], "token_seconds": token_seconds, "feature": feature,
+            "feature_seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from common.defaults import default_dataset_dir, default_model_path
+    from common.results import atomic_write_text
+    from common.run_index import results_root_of, update_index
+    from scripts.demo_summary import drafter_rows, inference_rows, parallel_rows, render_summary, run_sizes
+
     started = time.perf_counter()
     torch.set_num_threads(1)  # tiny models on a small CPU: one intra-op thread per model lane
     out = Path(args.output_dir)
@@ -147,32 +115,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True)
     dataset = default_dataset_dir()
     egpt, vllava = default_model_path("eventgpt"), default_model_path("videollava")
-    common_argv = ["--dataset_dir", str(dataset), "--eventgpt_path", str(egpt), "--videollava_path", str(vllava),
-                   "--max_samples", str(args.max_samples), "--max_new_tokens", str(args.max_new_tokens),
-                   "--gamma", str(args.gamma), "--task_name", "demo", "--no_resume", "--device", "cpu"]
-    rows, pngs = run_benchmarks(args, common_argv, out)
-    if not args.skip_alignment:
-        rows += run_alignment(args, common_argv[2:6], out)
+    common_argv = ["--dataset_dir", str(dataset), "--split", "test", "--eventgpt_path", str(egpt),
+                   "--videollava_path", str(vllava), "--max_samples", str(args.max_samples),
+                   "--max_new_tokens", str(args.max_new_tokens), "--gamma", str(args.gamma),
+                   "--task_name", "demo", "--no_resume", "--device", "cpu"]
+    bench = run_benchmarks(common_argv, out)
+    align = None if args.skip_alignment else run_alignment(args, common_argv[4:8], out)
     seconds = time.perf_counter() - started
+    inf, par = bench["inference"], bench["parallel"]
+    rows = inference_rows(inf["statistics"], inf["records"], args.gamma) + \
+        parallel_rows(par["statistics"], par["records"])
+    drafters = drafter_rows(align["token"], align["feature"]) if align else []
     trained = "the shipped trained pair (models/)" if egpt.parent.name == "models" else \
         "RANDOM tiny models (no shipped pair found): acceptance numbers are noise"
-    text = "\n".join([
-        "# Demo summary", "",
-        f"Models: {trained}: `{egpt}`, `{vllava}`.", f"Data: `{dataset}` (synthetic).",
-        f"Command: `python -m scripts.demo {' '.join(argv or [])}`; {seconds:.0f} s on this machine "
-        f"({torch.get_num_threads()} torch thread, CPU).", "",
-        markdown_table(rows), "",
-        "Speedups are wall clock measured in this run on a CPU with tiny models (Python overhead dominates "
-        "their steps, so c is far from the GPU's); predictions are Leviathan's formula from the measured "
-        "acceptance and cost ratio c. Every speculative output is checked against the target's own output "
-        "(lossless rate).", "",
-        "## Plots", "", *[f"![{name}]({name})" for name in pngs], "",
-    ])
+    header = [f"Models: {trained}: `{egpt}`, `{vllava}`. Data: `{dataset}` (synthetic, test split).",
+              f"Command: `{' '.join(['python -m scripts.demo', *(argv or [])])}`; {seconds:.0f} s on this machine "
+              f"(1 torch thread, CPU): benchmarks {inf['seconds']:.0f} + {par['seconds']:.0f} s"
+              + (f", alignment {align['token_seconds']:.0f} + {align['feature_seconds']:.0f} s." if align else ".")]
+    text = render_summary(header, run_sizes(args, inf["records"], align and align["token"]), rows, drafters,
+                          bench["pngs"])
     atomic_write_text(out / "SUMMARY.md", text)
+    update_index(results_root_of(out, fallback=out))
     print(text)
     print(f"\nSummary: {out / 'SUMMARY.md'}")
-    return {"summary": str(out / "SUMMARY.md"), "rows": rows, "seconds": seconds}
+    return {"summary": str(out / "SUMMARY.md"), "rows": rows, "drafters": drafters, "seconds": seconds}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from common.cli import run_cli
+
+    run_cli(main)

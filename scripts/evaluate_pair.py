@@ -12,14 +12,15 @@ question group (colour / static objects and road / motion / open scene descripti
 - f1: word F1 (lower-cased, punctuation dropped);
 - key: F1 over the answer's key words (counts, colours, directions, yes/no, object kinds), and per
   key-word category the share of answers with exactly the right key words (``kw_colour`` etc.);
-- a blind baseline: the most frequent ground-truth answer of each question in the evaluated samples
-  (what a model that ignores the clip could reach at best);
+- a blind baseline: each question answered with its most frequent ground-truth answer on the TRAIN
+  clips (``--blind_split``, default train; never the scored samples), i.e. what a model that
+  ignores the clip reaches; without a train split it is left out;
 
 and between the two models: token agreement (share of target positions where the draft's greedy
 token equals the target's), answer agreement (identical answers) and the mean common prefix.
 
 Writes results/evaluate_pair/<task_name>_<timestamp>/ (config.json, records.jsonl, results.json,
-RESULTS.md) and prints the table; an interrupted run resumes (``--no_resume`` starts a new folder).
+RESULTS.md with a legend, scores.png) and prints the table; an interrupted run resumes (``--no_resume`` starts a new folder).
 Defaults: the shipped pair and the default synthetic split (common/defaults.py).
 """
 
@@ -29,9 +30,11 @@ import argparse
 import sys
 import time
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.training import KEYWORDS, QUESTION_GROUPS, question_group, score_answer
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+    pass
+
 
 MODELS = (("egpt", "eventgpt"), ("videollava", "videollava"))
 
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.set_defaults(max_questions=10)
     p.add_argument("--max_new_tokens", type=int, default=48, help="greedy tokens per answer at most (default 48)")
+    p.add_argument("--blind_split", default="train",
+                   help="split whose ground-truth answers fit the blind baseline (default train; never the scored "
+                        "samples)")
     return p
 
 
@@ -61,6 +67,8 @@ def _mean(values) -> float | None:
 
 
 def _model_stats(records: list[dict], prefix: str) -> dict[str, Any]:
+    from common.training import KEYWORDS
+
     stats: dict[str, Any] = {"exact": _mean(r[f"{prefix}_exact"] for r in records),
                              "f1": _mean(r[f"{prefix}_f1"] for r in records),
                              "key": _mean(r[f"{prefix}_key"] for r in records)}
@@ -69,23 +77,32 @@ def _model_stats(records: list[dict], prefix: str) -> dict[str, Any]:
     return stats
 
 
-def _blind_baseline(records: list[dict]) -> list[dict]:
-    """Scores of answering every question with its most frequent ground-truth answer."""
+def fit_blind_baseline(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Per question, its most frequent answer among ``(question, answer)`` pairs (of train clips)."""
     by_question: dict[str, Counter] = defaultdict(Counter)
-    for r in records:
-        by_question[r["query"]][r["answer"]] += 1
+    for question, answer in pairs:
+        by_question[question][answer] += 1
+    return {q: counts.most_common(1)[0][0] for q, counts in by_question.items()}
+
+
+def _blind_baseline(records: list[dict], guesses: dict[str, str]) -> list[dict]:
+    """Scores of answering every question with its fitted guess ("" for a question never seen in training)."""
+    from common.training import score_answer
+
     out = []
     for r in records:
-        guess = by_question[r["query"]].most_common(1)[0][0]
+        guess = guesses.get(r["query"], "")
         s = score_answer(guess, r["answer"])
         out.append({"blind_exact": s["exact"], "blind_f1": s["f1"], "blind_key": s["key"],
                     "blind_keywords": s["keywords"], "group": r["group"]})
     return out
 
 
-def statistics(records: list[dict]) -> dict[str, Any]:
-    """Overall and per-group scores of both models, their agreement and the blind baseline."""
-    blind = _blind_baseline(records)
+def statistics(records: list[dict], guesses: dict[str, str] | None) -> dict[str, Any]:
+    """Overall and per-group scores of both models, their agreement and the blind baseline (None: left out)."""
+    from common.training import QUESTION_GROUPS
+
+    blind = _blind_baseline(records, guesses) if guesses else None
 
     def block(rs: list[dict], bs: list[dict]) -> dict[str, Any]:
         same = sum(r["token_matches"] for r in rs)
@@ -94,7 +111,7 @@ def statistics(records: list[dict]) -> dict[str, Any]:
             "samples": len(rs),
             "eventgpt": _model_stats(rs, "egpt"),
             "videollava": _model_stats(rs, "videollava"),
-            "blind": _model_stats(bs, "blind"),
+            "blind": _model_stats(bs, "blind") if bs is not None else None,
             "token_agreement": same / positions if positions else None,
             "answer_agreement": _mean(float(r["answers_agree"]) for r in rs),
             "mean_common_prefix": _mean(r["common_prefix"] for r in rs),
@@ -106,7 +123,7 @@ def statistics(records: list[dict]) -> dict[str, Any]:
     for g in QUESTION_GROUPS:
         idx = [i for i, r in enumerate(records) if r["group"] == g]
         if idx:
-            stats["groups"][g] = block([records[i] for i in idx], [blind[i] for i in idx])
+            stats["groups"][g] = block([records[i] for i in idx], [blind[i] for i in idx] if blind else None)
     return stats
 
 
@@ -121,6 +138,8 @@ def markdown(stats: dict[str, Any]) -> str:
     lines = ["| group | n | model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for name, block in rows:
         for model in ("videollava", "eventgpt", "blind"):
+            if block[model] is None:
+                continue
             vals = [_fmt(block[model].get(c)) for c in cols]
             lines.append(f"| {name} | {block['samples']} | {model} | " + " | ".join(vals) + " |")
     lines += ["", "| group | n | token agreement | answer agreement | mean common prefix | "
@@ -132,18 +151,59 @@ def markdown(stats: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LEGEND = """How to read these tables:
+- exact: share of answers equal to the ground truth (whitespace-normalised).
+- f1: word F1 against the ground truth (lower-cased, punctuation dropped); key: F1 over the key words
+  (counts, colours, directions, yes/no, object kinds); kw_<category>: share of answers whose key words of
+  that category are exactly right (empty: the category does not occur).
+- model videollava = the target, eventgpt = the draft; blind = every question answered with its most
+  frequent answer on the train clips ({blind_source}): a model must beat it to show it uses the clip.
+- token agreement: share of target positions where the draft's greedy token equals the target's (by
+  index, no alignment); answer agreement: identical answers; mean common prefix: tokens before the first
+  difference (what plain speculative decoding with the raw draft could accept at the start).
+"""
+
+
+def score_plot(stats: dict[str, Any], path: Any) -> Any:
+    """scores.png: overall f1 and key-word F1 of target, draft and blind baseline."""
+    from common.plots import plot_bars
+
+    overall = stats["overall"]
+    values = {f"{model} {metric}": overall[model][metric] for metric in ("f1", "key")
+              for model in ("videollava", "eventgpt", "blind") if overall.get(model)}
+    return plot_bars(values, path, title=f"Answer scores against the ground truth ({overall['samples']} samples)",
+                     ylabel="score (0-1)")
+
+
+def load_blind_guesses(dataset_dir: Any, split: str, max_questions: int, scored_split: str | None
+                       ) -> tuple[dict[str, str], str]:
+    """(guesses, where they come from): fitted on ``split``; empty when that split is missing or is the scored one."""
+    from common.data import ClipDataset
+    from common.errors import DataError
+
+    if scored_split == split:
+        return {}, f"left out: the scored split is the blind baseline's split {split!r}"
+    try:
+        train = [s for s in ClipDataset(dataset_dir, split=split, max_questions=max_questions).iter_samples()
+                 if s.answer]
+    except DataError:
+        return {}, f"left out: no {split!r} split in {dataset_dir}"
+    return fit_blind_baseline([(s.question, s.answer) for s in train]), f"fitted on {len(train)} {split} samples"
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate; returns {"run_dir", "statistics", "samples"}."""
-    from tqdm import tqdm
-
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help prints fast
     from common.cli import resolve_device, resolve_quant, set_seed, shard
     from common.data import ClipDataset, default_frame_cache, sample_fields
     from common.defaults import resolve_dataset_dir, resolve_model_paths
     from common.models.loader import load_vlm
+    from common.progress import progress
     from common.results import RunFolder
+    from common.run_index import results_root_of, update_index
     from common.speculative import autoregressive_generate
+    from common.training import question_group, score_answer
 
-    args = build_parser().parse_args(argv)
     set_seed(args.seed)
     device = resolve_device(args.device)
     quant = resolve_quant(args)
@@ -166,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "videollava_path": str(vl_path), "quant": quant}, argv)
     done = run.finished_ids()
     visual_cache: dict[str, tuple[str, Any]] = {}
-    for sample in tqdm(samples, desc="evaluate_pair", unit="sample"):
+    for sample in progress(samples, "evaluate_pair", "sample"):
         if sample.id in done:
             continue
         record: dict[str, Any] = {**sample_fields(sample), "answer": sample.answer,
@@ -190,18 +250,27 @@ def main(argv: list[str] | None = None) -> dict:
         run.append_record(record)
     wanted = {s.id for s in samples}
     records = [r for r in run.load_records() if r["id"] in wanted]
-    stats = statistics(records) if records else {}
+    guesses, blind_source = load_blind_guesses(dataset_dir, args.blind_split, args.max_questions, args.split)
+    stats = statistics(records, guesses) if records else {}
+    if stats:
+        stats["blind_source"] = blind_source
     table = markdown(stats) if records else "no samples\n"
     header = (f"# evaluate_pair\n\ndataset `{dataset_dir}` (split {args.split or 'all'}, {len(records)} samples, "
               f"{args.max_questions} questions per clip); eventgpt `{egpt_path}`, videollava `{vl_path}`; "
               f"{quant} on {device}; greedy, at most {args.max_new_tokens} new tokens.\n\n")
     run.write_results(records, stats)
-    run.write_markdown(header + table)
+    run.write_markdown(header + table + ("\n" + LEGEND.format(blind_source=blind_source) +
+                                         "\n![scores](scores.png)\n" if records else ""))
+    if records:
+        score_plot(stats, run.path / "scores.png")
     run.mark_done()
+    update_index(results_root_of(run.path))
     print(table, file=sys.stdout)
     print(f"run folder: {run.path}", file=sys.stderr)
     return {"run_dir": str(run.path), "statistics": stats, "samples": len(records)}
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.results import RunFolder, read_json
+from common.run_index import results_root_of, update_index
 
 STAGES = ("benchmark_inference", "benchmark_parallel_prefill")
 
@@ -57,6 +58,25 @@ def recompute(stage: str, records: list[dict], args: dict, chunk_stats: list[dic
     return compute_statistics(records, gamma, sum(costs) / len(costs) if costs else None)
 
 
+def write_readouts(stage: str, run: RunFolder, records: list[dict], stats: dict[str, Any], args: dict,
+                   argv: list[str]) -> None:
+    """results.json, RESULTS.md and PNGs through the benchmark's own renderer (as a single run writes them)."""
+    for key in ("decode_mode", "drafter", "draft_device", "target_device"):
+        stats.setdefault(key, args.get(key))
+    if stage == "benchmark_inference":
+        from benchmark_inference.benchmark_inference import write_readouts as write
+
+        write(run, records, stats, argv)
+    else:
+        from benchmark_parallel_prefill.benchmark_parallel_prefill import write_readouts as write
+
+        write(run, records, stats, argv, str(stats.get("drafter") or args.get("drafter") or "eventgpt"))
+    text = (run.path / "RESULTS.md").read_text()
+    note = f"Merged from {len(stats['merged_from'])} run folders: " + ", ".join(
+        f"`{p}`" for p in stats["merged_from"]) + "; statistics recomputed over all samples.\n"
+    run.write_markdown(text.rstrip("\n") + "\n\n" + note)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m scripts.merge_results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,14 +99,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stats = recompute(stage, records, runs[0][2], chunk_stats)
     stats["merged_from"] = [str(r) for r, _, _ in runs]
     out = RunFolder.create(stage, args.task_name, args.output_dir, resume=False)
-    out.write_config({"merged_from": [str(r) for r, _, _ in runs]}, list(argv or sys.argv[1:]))
-    out.write_results(records, stats)
-    out.write_markdown(f"# Merged {stage}: {len(records)} samples from {len(runs)} runs\n\n"
-                       + "\n".join(f"- {k}: {v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
+    argv_used = list(argv if argv is not None else sys.argv[1:])
+    out.write_config({"merged_from": [str(r) for r, _, _ in runs]}, argv_used)
+    write_readouts(stage, out, records, stats, runs[0][2], argv_used)
     out.mark_done()
+    update_index(results_root_of(out.path))
     print(f"merged {len(records)} samples -> {out.path}")
     return {"run_dir": str(out.path), "statistics": stats, "num_samples": len(records)}
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

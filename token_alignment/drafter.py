@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from common.locations import find_with_legacy
 from token_alignment.token_adapter import CONFIG_NAME, WEIGHTS_NAME, TokenAdapter, TokenAdapterDrafter
 
-DEFAULT_ROOT = "token_alignment/task"
+DEFAULT_ROOT = "results/token_alignment"
+LEGACY_ROOT = "token_alignment/task"  # where runs went before results/ (still searched, with a deprecation line)
 CHECKPOINT_DIR = "checkpoint"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +58,11 @@ def find_latest_adapter(root: str | os.PathLike = DEFAULT_ROOT, *, eventgpt_path
     model.safetensors; newest = latest checkpoint weights modification time. With
     ``eventgpt_path``/``videollava_path`` only adapters trained on token pairs of those checkpoints
     count (an adapter made for another pair proposes poorly). A relative ``root`` that does not
-    exist from the current directory is tried relative to the repository.
+    exist from the current directory is tried relative to the repository. The default root is
+    results/token_alignment; runs left in the old token_alignment/task are still found.
     """
+    if str(root) == DEFAULT_ROOT:
+        root = find_with_legacy(DEFAULT_ROOT, LEGACY_ROOT, "TokenAdapter runs")
     root = _resolve_root(root)
     if not root.is_dir():
         return None

@@ -31,22 +31,17 @@ sample order.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from common.cli import add_common_args, set_seed, shard
-from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
-from common.speculative import autoregressive_generate
+from common.lazy import no_grad
+from common.progress import progress, progress_bar
 from token_alignment.pairs import (
     DRAFT_KEYS,
     DRAFT_TF_KEYS,
@@ -57,7 +52,11 @@ from token_alignment.pairs import (
     merge_parts,
     read_jsonl,
 )
-from token_alignment.token_adapter import masked_argmax, safe_draft_ids
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+
+
+    from common.data import ClipSample
 
 DEFAULT_OUTPUT_DIR = Path("data") / "token_alignment"
 ALL_KEYS = DRAFT_KEYS + TARGET_KEYS + DRAFT_TF_KEYS
@@ -146,6 +145,8 @@ def _answer_record(model: Any, sample: ClipSample, ids: Sequence[int], seconds: 
 
 def _answer(model: Any, visual: Any, sample: ClipSample, max_new_tokens: int, prefix: str) -> dict:
     """Greedy answer of ``model`` (generated ids only) with its prompt, text and seconds."""
+    from common.speculative import autoregressive_generate
+
     start = time.perf_counter()
     state = model.prefill(visual, sample.question)
     gen = autoregressive_generate(model, state, max_new_tokens=max_new_tokens)
@@ -163,11 +164,13 @@ def _answers(model: Any, visuals: Sequence[Any], samples: Sequence[ClipSample], 
             for s, ids in zip(samples, answers, strict=True)]
 
 
-@torch.no_grad()
+@no_grad
 def _draft_teacher_forced(egpt: Any, visuals: Sequence[Any], samples: Sequence[ClipSample],
                           target_ids: Sequence[Sequence[int]], target_base_vocab: Sequence[int]) -> list[dict]:
     """EventGPT teacher forced on the target's answers (one padded pass): its masked greedy next token
     at every target position."""
+    from token_alignment.token_adapter import masked_argmax, safe_draft_ids
+
     out: list[dict | None] = [None] * len(samples)
     unk = getattr(egpt.tokenizer, "unk_token_id", None)
     rows = []
@@ -230,6 +233,10 @@ def _load(kind: str, path: Path, args: argparse.Namespace):
 
 def _release_memory() -> None:
     """Give freed model memory back (call after dropping the last reference to a model)."""
+    import gc
+
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -237,6 +244,9 @@ def _release_memory() -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    from common.data import ClipDataset
+    from common.distributed import launcher_shard, local_device
+
     set_seed(args.seed)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise SystemExit("--max_new_tokens and --batch_size must be >= 1")
@@ -303,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                  [rec["videollava_base_vocab_size"]])[0])
                 return rec
 
-            for s in tqdm(todo, desc="token pairs", unit="sample"):
+            for s in progress(todo, "token pairs", "sample"):
                 rec = run_sample(whole, s)
                 if rec is not None:
                     save(s, rec, "complete")
@@ -323,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     continue
                 model = _load(model_kind, path, args)
                 cache = _VisualCache(model)
-                bar = tqdm(total=len(todo_phase), desc=desc, unit="sample")
+                bar = progress_bar(len(todo_phase), desc, "sample")
                 for at in range(0, len(todo_phase), args.batch_size):
                     batch = todo_phase[at:at + args.batch_size]
                     visuals = [run_sample(cache.get, s) for s in batch]  # None: bad files, recorded
@@ -360,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dict:
     """Every rank waits; rank 0 then writes the merged file from all parts (global order), atomically."""
+    from common.distributed import all_true, barrier, destroy, world
+
     rank, size, _ = world()
     barrier()
     all_complete = all_true(complete)  # every rank's "all my samples complete" flag
@@ -381,4 +393,6 @@ def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_cli
+
+    run_cli(main)

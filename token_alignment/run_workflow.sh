@@ -2,7 +2,7 @@
 # Token-alignment workflow: extract train and test token pairs, train the TokenAdapter, evaluate it
 # teacher forced and live. ONE script does the work; run_1q/10q/full_workflow.sh only set variables.
 #
-#   nohup bash token_alignment/run_10q_workflow.sh > /dev/null 2>&1 &     # log: token_alignment/logs/
+#   mkdir -p results/logs && nohup bash token_alignment/run_10q_workflow.sh > results/logs/run_10q_workflow.out 2>&1 &     # log: results/logs/
 #   MAX_QUESTIONS=10 DATASET_DIR=/data/dsec_1s EVENTGPT_PATH=/ckpt/EventGPT-7b \
 #     VIDEOLLAVA_PATH=/ckpt/Video-LLaVA-7B-hf QUANT=4bit bash token_alignment/run_workflow.sh --star
 #
@@ -63,8 +63,8 @@ FORCE_TRAIN="${FORCE_TRAIN:-0}"
 
 # ---- outputs ------------------------------------------------------------------------------------
 TOKENS_DIR="${TOKENS_DIR:-data/token_alignment}"
-TASK_ROOT="${TASK_ROOT:-token_alignment/task}"
-LOG_DIR="${LOG_DIR:-token_alignment/logs}"
+TASK_ROOT="${TASK_ROOT:-results/token_alignment}"     # run folders <TASK_NAME>_<timestamp>/
+LOG_DIR="${LOG_DIR:-results/logs}"
 
 mkdir -p "$LOG_DIR" "$TOKENS_DIR"
 LOG="$LOG_DIR/${TASK_NAME}_$(date +%Y%m%d_%H%M%S).log"

@@ -19,10 +19,10 @@ samples with the raw EventGPT drafter and with the adapter drafter, acceptance r
 accepted length of each, and the lossless check: every live output must equal the target's own
 greedy output.
 
-Writes token_alignment/task/<task_name>_<YYYYMMDD_HHMMSS>/: checkpoint/ (config.json +
+Writes results/token_alignment/<task_name>_<YYYYMMDD_HHMMSS>/ (``--output_dir`` sets the base): checkpoint/ (config.json +
 model.safetensors, the best epoch), config.json (run args), results.json, RESULTS.md,
 training_curves.png, loss_curve.png, accuracy_curve.png, DONE. --star copies the run to
-token_alignment/task/starred/.
+results/token_alignment/starred/ (the benchmarks' --use_token_adapter finds runs there too).
 """
 
 from __future__ import annotations
@@ -35,25 +35,28 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from common.cli import add_common_args, resolve_device, set_seed, shard
-from common.distributed import make_accelerator
+from common.cli import add_common_args, resolve_device, run_cli, set_seed, shard
+from common.lazy import no_grad
+from common.locations import results_dir
+from common.progress import progress
 from common.results import RunFolder
-from common.speculative import SpecResult, aggregate_metrics
+from common.run_index import results_root_of, update_index
 from token_alignment.pairs import clip_of, load_token_pairs, split_by_clip
-from token_alignment.token_adapter import (
-    IGNORE,
-    AdapterExample,
-    TokenAdapter,
-    TokenAdapterConfig,
-    simulate_live_acceptance,
-)
 
-TASK_ROOT = Path(__file__).resolve().parent / "task"
+if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
+    import torch
+
+    from common.speculative import SpecResult
+    from token_alignment.token_adapter import (
+        AdapterExample,
+        TokenAdapter,
+        TokenAdapterConfig,
+    )
+
 STAGE = "token_alignment"
+TASK_ROOT = results_dir(STAGE)  # results/token_alignment (older versions wrote token_alignment/task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--task_name", type=str, default="token_adapter", help="Run name. Default: token_adapter.")
     g.add_argument("--output_dir", type=str, default=None,
-                   help="Folder of the run folders. Default: token_alignment/task.")
+                   help="Folder of the run folders. Default: results/token_alignment.")
     g.add_argument("--star", action="store_true", help="Also copy the finished run to <output_dir>/starred/.")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=50, help="Maximum epochs. Default: 50.")
@@ -108,11 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------
 
 def to_example(record: dict) -> AdapterExample:
+    from token_alignment.token_adapter import AdapterExample
+
     return AdapterExample(list(record["egpt_token_ids"]), list(record["videollava_token_ids"]),
                           list(record["egpt_tf_token_ids"]))
 
 
 def _config_from(records: Sequence[dict], args: argparse.Namespace) -> TokenAdapterConfig:
+    from token_alignment.token_adapter import TokenAdapterConfig
+
     limit = min(int(r.get("vocab_limit") or min(r["egpt_base_vocab_size"], r["videollava_base_vocab_size"]))
                 for r in records)
     max_new = max(int(r.get("max_new_tokens") or len(r["egpt_token_ids"])) for r in records)
@@ -133,9 +140,13 @@ def _config_from(records: Sequence[dict], args: argparse.Namespace) -> TokenAdap
 # Teacher-forced evaluation
 # ----------------------------------------------------------------------------------------
 
-@torch.no_grad()
+@no_grad
 def predict(adapter: TokenAdapter, records: Sequence[dict], batch_size: int = 64) -> dict[str, Any]:
     """Per record: top-5 ids at every target position, and the mean loss over all predictable positions."""
+    import torch
+
+    from token_alignment.token_adapter import IGNORE
+
     adapter.eval()
     tops: list[list[list[int]]] = []
     loss_sum, count = 0.0, 0
@@ -159,6 +170,9 @@ def _rate(hits: int, total: int) -> float | None:
 
 
 def _simulated(hit_lists: Sequence[Sequence[bool]], gamma: int, max_new: Sequence[int]) -> dict[str, Any]:
+    from common.speculative import SpecResult, aggregate_metrics
+    from token_alignment.token_adapter import simulate_live_acceptance
+
     results = [SpecResult(tokens=[], iterations=simulate_live_acceptance(h, gamma, m)["iterations"])
                for h, m in zip(hit_lists, max_new)]
     agg = aggregate_metrics(results)
@@ -201,6 +215,8 @@ def teacher_forced_report(adapter: TokenAdapter, records: Sequence[dict], gamma:
 
 def _lr_schedule(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
     """One epoch of linear warm-up, then cosine decay over all steps (stepped once per global step)."""
+    import torch
+
     total = steps_per_epoch * epochs
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)) * 0.5 * (1 + math.cos(math.pi * min(s, total)
@@ -255,6 +271,10 @@ def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Seq
     ``accelerator`` with several processes: DDP, every rank takes its contiguous share of each global
     batch (same updates as one process); only the main process saves (``checkpoint_dir``).
     """
+    import torch
+
+    from token_alignment.token_adapter import IGNORE
+
     examples = [to_example(r) for r in train_records]
     opt = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if accelerator is not None and accelerator.num_processes > 1:
@@ -289,6 +309,10 @@ def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Seq
 def _train_distributed(adapter: TokenAdapter, examples: list, val_records: Sequence[dict], args: argparse.Namespace,
                        checkpoint_dir: Path | None, log, accelerator: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """``train`` under DDP: global batches split across ranks, token sums reduced, main process saves."""
+    import torch
+
+    from token_alignment.token_adapter import IGNORE
+
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     sched = _lr_schedule(opt, max(1, math.ceil(len(examples) / args.batch_size)), args.epochs)  # not wrapped
     model, dopt = accelerator.prepare(adapter, opt)
@@ -336,7 +360,12 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
     from common.data import ClipDataset
     from common.defaults import resolve_model_paths
     from common.models.loader import load_vlm
-    from common.speculative import ModelDrafter, autoregressive_generate, speculative_generate
+    from common.speculative import (
+        ModelDrafter,
+        aggregate_metrics,
+        autoregressive_generate,
+        speculative_generate,
+    )
     from token_alignment.drafter import aligned_metrics
     from token_alignment.token_adapter import SafeDraftModel, TokenAdapterDrafter
 
@@ -349,9 +378,7 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
     datasets: dict[tuple, dict] = {}
     samples, pairs, raw_results, ada_results = [], [], [], []
     lossless_raw = lossless_ada = ref_same = answer_same = 0
-    from tqdm import tqdm
-
-    for r in tqdm(records, desc="live speculative decoding", unit="sample"):
+    for r in progress(records, "live speculative decoding", "sample"):
         key = (args.dataset_dir or r.get("dataset_dir"), r.get("split"), int(r.get("max_questions") or 1))
         if key not in datasets:
             if key[0] is None:
@@ -510,6 +537,9 @@ def _plots(history: list[dict], run: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    from common.distributed import make_accelerator
+    from token_alignment.token_adapter import TokenAdapter
+
     set_seed(args.seed)
     accelerator = make_accelerator(args.device)
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
@@ -580,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run.write_markdown(markdown(stats, args, run.path))
     _plots(trained["history"], run.path)
     run.mark_done()
+    update_index(results_root_of(run.path))
     if args.star:
         starred = output_dir / "starred" / run.path.name
         shutil.copytree(run.path, starred, dirs_exist_ok=True)
@@ -592,4 +623,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

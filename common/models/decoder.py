@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.timing import CAPTURE_LOCK
+
 
 @dataclass
 class DecoderShape:
@@ -339,10 +341,12 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) 
 
     Runs with ``device`` as the current device, so models on a second GPU capture on their own GPU
     whatever device the calling thread has current. Replay with ``device`` current as well. The
-    capture only restricts the calling thread, so a model may capture while another thread runs
-    the other model (parallel prefill).
+    capture only restricts the calling thread (``thread_local``), so a model may capture while another
+    thread runs the other model (parallel prefill); ``CAPTURE_LOCK`` keeps captures one at a time and
+    keeps every device-wide ``common.timing.sync`` out of them (``torch.cuda.graph`` itself
+    synchronizes the device before it begins, which fails while another thread is capturing).
     """
-    with torch.cuda.device(device):
+    with CAPTURE_LOCK, torch.cuda.device(device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -350,8 +354,7 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) 
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph's default capture stream is created once, on whichever GPU came first;
-        # thread_local: another thread driving the other model may keep launching during the capture
+        # torch.cuda.graph's default capture stream is created once, on whichever GPU came first
         with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
             outputs = fn()
     return graph, outputs

@@ -47,8 +47,8 @@ class EngineOptions:
     baselines: bool = True
 
 
-def _stream(device: torch.device):
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
+def _stream(device: torch.device, priority: int = 0):
+    return torch.cuda.Stream(device, priority=priority) if device.type == "cuda" else None
 
 
 def _on(stream):
@@ -84,12 +84,16 @@ def _draft_lane(draft, pixels, stream, done: threading.Event, box: dict[str, int
         box["free"] = free
 
 
-def concurrent_prefill(draft, target, repeats: int, max_free: int = 256) -> dict[str, float]:
-    """Target prefill alone vs with the draft prefilling then decoding beside it; free tokens (medians)."""
+def concurrent_prefill(draft, target, repeats: int, max_free: int = 256, draft_priority: int = 0) -> dict[str, float]:
+    """Target prefill alone vs with the draft prefilling then decoding beside it; free tokens (medians).
+
+    ``draft_priority`` < 0 puts the draft's stream above the target's (CUDA stream priority).
+    """
     t_pix, d_pix = target.preprocess(raw_inputs("videollava")), draft.preprocess(raw_inputs("eventgpt"))
-    t_stream, d_stream = _stream(target.device), _stream(draft.device)
+    t_stream, d_stream = _stream(target.device), _stream(draft.device, draft_priority)
     _prefill_lane(target, t_pix, t_stream), _prefill_lane(draft, d_pix, d_stream)  # warm-up (and captures)
     alone = [_prefill_lane(target, t_pix, t_stream) for _ in range(repeats)]
+    draft_alone = [_prefill_lane(draft, d_pix, d_stream) for _ in range(repeats)]
     together, free_counts = [], []
     for _ in range(repeats + 1):  # the first concurrent round is a warm-up
         done, box = threading.Event(), {}
@@ -105,6 +109,7 @@ def concurrent_prefill(draft, target, repeats: int, max_free: int = 256) -> dict
         free_counts.append(box["free"])
     alone_ms, together_ms = 1000 * statistics.median(alone), 1000 * statistics.median(together[1:])
     return {"target_prefill_alone_ms": alone_ms, "target_prefill_concurrent_ms": together_ms,
+            "draft_prefill_alone_ms": 1000 * statistics.median(draft_alone),
             "concurrent_prefill_slowdown": together_ms / alone_ms,
             "free_draft_tokens": float(statistics.median(free_counts[1:]))}
 
@@ -153,6 +158,9 @@ def _ours(target, visual, opts: EngineOptions, length: int) -> dict[str, dict[st
             row = {"kernels": target.runner.kernels_on,
                    "decode_ms_per_token": decode_ms_per_token(target, visual, opts.new_tokens),
                    "verify_over_decode": verify_ratio(target, visual, opts.gamma + 1, opts.steps)}
+            if target.graphs is not None:  # GPU time of the step alone, the prompt's length of context live
+                target.prefill(visual, QUESTION)
+                row.update({f"graph_replay_ms_{k}": target.graphs.replay_ms(k) for k in (1, opts.gamma + 1)})
         except Exception as exc:  # report, keep measuring the rest
             row = {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
@@ -209,6 +217,10 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
             m.enable_vision_graphs()
         report.update(concurrent_prefill(draft, target, opts.concurrent_repeats))
         report["concurrent_decode_mode"] = mode
+        if target.device.type == "cuda":  # the same with the draft's stream at high priority
+            high = concurrent_prefill(draft, target, opts.concurrent_repeats, draft_priority=-1)
+            report["draft_high_priority"] = {k: high[k] for k in ("target_prefill_concurrent_ms",
+                                                                  "concurrent_prefill_slowdown", "free_draft_tokens")}
         for m in graphs:
             m.disable_cuda_graphs()
         write(report)

@@ -25,21 +25,23 @@ from common.models.decoder import LlamaRunner  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _runner(seed: int = 0) -> LlamaRunner:
+def _runner(seed: int = 0, hidden: int = 64, kv_heads: int = 2) -> LlamaRunner:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return LlamaRunner(LlamaModel(cfg).eval().to(DEVICE), torch.nn.Linear(64, 100, bias=False).to(DEVICE))
+    cfg = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512)
+    return LlamaRunner(LlamaModel(cfg).eval().to(DEVICE), torch.nn.Linear(hidden, 100, bias=False).to(DEVICE))
 
 
 @pytest.mark.parametrize("k", [1, 6])
-def test_fused_step_equals_eager_step(k):
+@pytest.mark.parametrize("hidden,kv_heads", [(64, 2), (96, 4)])  # head size 16 with GQA; 24 (not a power of 2)
+def test_fused_step_equals_eager_step(k, hidden, kv_heads):
     """Logits, final state and the cache's new keys/values agree; a split boundary (128) is crossed."""
-    runner = _runner()
+    runner = _runner(hidden=hidden, kv_heads=kv_heads)
     with torch.no_grad():
         cache = runner.new_cache(300, torch.float32, DEVICE)
-        runner.run(torch.randn(1, 125, 64, device=DEVICE), cache)
-        embeds, positions = torch.randn(1, k, 64, device=DEVICE), torch.arange(125, 125 + k, device=DEVICE)
+        runner.run(torch.randn(1, 125, hidden, device=DEVICE), cache)
+        embeds = torch.randn(1, k, hidden, device=DEVICE)
+        positions = torch.arange(125, 125 + k, device=DEVICE)
         eager_cache, fused_cache = cache.clone(), cache.clone()
         logits, hidden = runner.static_step(embeds, positions, eager_cache)
         assert runner.use_kernels(True) and runner.kernels_on

@@ -157,7 +157,7 @@ class LlamaRunner:
     def use_kernels(self, on: bool = True) -> bool:
         """Run ``static_step`` (the CUDA-graph path) through the Triton kernels of ``common.models.kernels``.
 
-        Needs fused projections (plain bf16/fp16/fp32 ``nn.Linear``), SiLU, a power-of-two head size and
+        Needs fused projections (plain bf16/fp16/fp32 ``nn.Linear``), SiLU, an even head size and
         Triton on a CUDA device; otherwise (and on CPU, where Triton is never imported) it stays on
         the eager ops and returns False. The eager ``run`` path is the reference and never changes.
         """
@@ -167,7 +167,7 @@ class LlamaRunner:
         device = self._fused[0][0].device
         act = getattr(self.language_model.config, "hidden_act", "silu")
         hd = self.shape.head_dim
-        if act != "silu" or hd & (hd - 1) or hd < 16 or (device.type != "cuda" and not _interpreting()):
+        if act != "silu" or hd % 2 or (device.type != "cuda" and not _interpreting()):
             return False
         try:
             from common.models import kernels
@@ -401,6 +401,26 @@ class CudaGraphDecoder:
         for size in self.sizes:
             if size not in self._graphs:
                 self._capture(size)
+
+    def replay_ms(self, size: int, repeats: int = 50) -> float:
+        """GPU milliseconds of one replay of the ``size``-token graph (CUDA events; no host work counted).
+
+        Replays write at the cache's end positions, past its live length, so the cache is unharmed.
+        """
+        if size not in self._graphs:
+            self._capture(size)
+        graph, _, _, positions = self._graphs[size]
+        capacity = self.cache.capacity
+        positions.copy_(torch.arange(capacity - size, capacity, device=positions.device))
+        with torch.cuda.device(positions.device):
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                graph.replay()
+            end.record()
+            end.synchronize()
+        return start.elapsed_time(end) / repeats
 
     def step_fixed(self, embeds: torch.Tensor, size: int) -> torch.Tensor:
         """Run k tokens as consecutive padded steps of exactly ``size`` tokens.

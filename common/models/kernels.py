@@ -60,28 +60,30 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-                    stride_t, stride_head, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr):
+                    stride_t, stride_head, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
+                    HDP: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
-    d = tl.arange(0, HD)
+    d = tl.arange(0, HDP)  # HD padded to a power of two
+    dm = d < HD
     half: tl.constexpr = HD // 2
     base = qkv_ptr + t * stride_t + h * HD
-    x = tl.load(base + d).to(tl.float32)
-    partner = tl.load(base + (d + half) % HD).to(tl.float32)
+    x = tl.load(base + d, mask=dm, other=0.0).to(tl.float32)
+    partner = tl.load(base + tl.where(d < half, d + half, d - half), mask=dm, other=0.0).to(tl.float32)
     rot = tl.where(d < half, -partner, partner)  # rotate_half: cat(-x2, x1)
-    c = tl.load(cos_ptr + t * HD + d).to(tl.float32)
-    s = tl.load(sin_ptr + t * HD + d).to(tl.float32)
+    c = tl.load(cos_ptr + t * HD + d, mask=dm, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + t * HD + d, mask=dm, other=0.0).to(tl.float32)
     dt = q_out_ptr.dtype.element_ty
     out = ((x * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)).to(dt)
     if h < NH:
-        tl.store(q_out_ptr + (t * NH + h) * HD + d, out)
+        tl.store(q_out_ptr + (t * NH + h) * HD + d, out, mask=dm)
     else:
         kvh = h - NH
         pos = tl.load(pos_ptr + t)
         dst = kvh * stride_head + pos * HD + d
-        tl.store(k_cache_ptr + dst, out.to(k_cache_ptr.dtype.element_ty))
-        v = tl.load(qkv_ptr + t * stride_t + (NH + NKV + kvh) * HD + d)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty))
+        tl.store(k_cache_ptr + dst, out.to(k_cache_ptr.dtype.element_ty), mask=dm)
+        v = tl.load(qkv_ptr + t * stride_t + (NH + NKV + kvh) * HD + d, mask=dm, other=0.0)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=dm)
 
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -96,13 +98,14 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     q = torch.empty((rows, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _rope_kv_kernel[(rows, num_heads + num_kv_heads)](
         qkv, cos.contiguous(), sin.contiguous(), positions, q, keys, values, qkv.stride(0), keys.stride(0),
-        NH=num_heads, NKV=num_kv_heads, HD=head_dim, num_warps=1)
+        NH=num_heads, NKV=num_kv_heads, HD=head_dim, HDP=triton.next_power_of_2(head_dim), num_warps=1)
     return q
 
 
 @triton.jit
 def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows, stride_kh, scale,
-                       NH: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr,
+                       NH: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
+                       SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -111,11 +114,12 @@ def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows
     rmask = rows < n_rows
     pos = tl.load(pos_ptr + rows, mask=rmask, other=-1)
     last = tl.max(pos, axis=0)  # the furthest key any row attends to
-    d = tl.arange(0, HD)
-    q = tl.load(q_ptr + (rows[:, None] * NH + h) * HD + d[None, :], mask=rmask[:, None], other=0.0)
+    d = tl.arange(0, HDP)  # HD padded to a power of two
+    dm = d < HD
+    q = tl.load(q_ptr + (rows[:, None] * NH + h) * HD + d[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HD), tl.float32)
+    acc = tl.zeros((BLOCK_M, HDP), tl.float32)
     start = sp * SPLIT
     for i in range(SPLIT // BLOCK_N):  # chunks past the furthest position skip their loads
         n0 = start + i * BLOCK_N
@@ -123,26 +127,26 @@ def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols <= last
             offs = kvh * stride_kh + cols[:, None] * HD + d[None, :]
-            k = tl.load(k_ptr + offs, mask=cmask[:, None], other=0.0)
+            k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(cols[None, :] <= pos[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            v = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
+            v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
     part = (sp * n_rows + rows) * NH + h
-    tl.store(o_ptr + part[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
+    tl.store(o_ptr + part[:, None] * HD + d[None, :], acc, mask=rmask[:, None] & dm[None, :])
     tl.store(m_ptr + part, m_i, mask=rmask)
     tl.store(l_ptr + part, l_i, mask=rmask)
 
 
 @triton.jit
 def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_rows, n_splits, NH: tl.constexpr, HD: tl.constexpr,
-                    BLOCK_S: tl.constexpr):
+                    HDP: tl.constexpr, BLOCK_S: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
@@ -152,10 +156,11 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_rows, n_splits, NH: tl.const
     l_s = tl.load(l_ptr + part, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-    d = tl.arange(0, HD)
-    o = tl.load(o_ptr + part[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
+    d = tl.arange(0, HDP)
+    dm = d < HD
+    o = tl.load(o_ptr + part[:, None] * HD + d[None, :], mask=smask[:, None] & dm[None, :], other=0.0)
     out = tl.sum(o * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
-    tl.store(out_ptr + (t * NH + h) * HD + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + (t * NH + h) * HD + d, out.to(out_ptr.dtype.element_ty), mask=dm)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -175,12 +180,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _split_attn_kernel[(num_heads, n_splits)](
         q.contiguous(), keys, values, positions, o, m, l_sum, rows, keys.stride(0), float(scale),
-        NH=num_heads, GROUP=num_heads // keys.shape[0], HD=head_dim, SPLIT=split,
+        NH=num_heads, GROUP=num_heads // keys.shape[0], HD=head_dim, HDP=max(16, triton.next_power_of_2(head_dim)),
+        SPLIT=split,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, PRECISION=precision, num_warps=4,
         num_stages=2)
     out = torch.empty((rows, num_heads * head_dim), dtype=q.dtype, device=q.device)
     _combine_kernel[(rows, num_heads)](o, m, l_sum, out, rows, n_splits, NH=num_heads, HD=head_dim,
-                                       BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4)
+                                       HDP=triton.next_power_of_2(head_dim), BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4)
     return out
 
 

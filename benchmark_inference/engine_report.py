@@ -73,11 +73,12 @@ def _prefill_lane(vlm, pixels, stream) -> float:
     return time.perf_counter() - t0
 
 
-def _draft_lane(draft, pixels, stream, done: threading.Event, box: dict[str, int], max_free: int) -> None:
+def _draft_lane(draft, pixels, stream, done: threading.Event, box: dict[str, Any], max_free: int) -> None:
     """Draft prefill, then one-token draft steps until ``done`` is set; counts them in ``box['free']``."""
     with torch.no_grad(), _on(stream):
         state = draft.prefill(draft.encode_pixels(pixels), QUESTION)
         token, free = int(state.logits.argmax()), 0
+        box["prefill_end"] = time.perf_counter()
         while not done.is_set() and free < max_free:
             token = int(draft.forward(state, [token])[-1].argmax())  # the host reads it: a stream sync
             free += 1
@@ -94,10 +95,11 @@ def concurrent_prefill(draft, target, repeats: int, max_free: int = 256, draft_p
     _prefill_lane(target, t_pix, t_stream), _prefill_lane(draft, d_pix, d_stream)  # warm-up (and captures)
     alone = [_prefill_lane(target, t_pix, t_stream) for _ in range(repeats)]
     draft_alone = [_prefill_lane(draft, d_pix, d_stream) for _ in range(repeats)]
-    together, free_counts = [], []
+    together, free_counts, draft_ends = [], [], []
     for _ in range(repeats + 1):  # the first concurrent round is a warm-up
         done, box = threading.Event(), {}
         sync(target.device)
+        t0 = time.perf_counter()
         thread = threading.Thread(target=_draft_lane, args=(draft, d_pix, d_stream, done, box, max_free),
                                   name="draft")
         thread.start()
@@ -107,9 +109,11 @@ def concurrent_prefill(draft, target, repeats: int, max_free: int = 256, draft_p
         thread.join()
         together.append(seconds)
         free_counts.append(box["free"])
+        draft_ends.append(box["prefill_end"] - t0)
     alone_ms, together_ms = 1000 * statistics.median(alone), 1000 * statistics.median(together[1:])
     return {"target_prefill_alone_ms": alone_ms, "target_prefill_concurrent_ms": together_ms,
             "draft_prefill_alone_ms": 1000 * statistics.median(draft_alone),
+            "draft_prefill_end_concurrent_ms": 1000 * statistics.median(draft_ends[1:]),
             "concurrent_prefill_slowdown": together_ms / alone_ms,
             "free_draft_tokens": float(statistics.median(free_counts[1:]))}
 
@@ -145,6 +149,37 @@ def compiled_loop_ms(vlm, visual, new_tokens: int) -> float:
         int(token)  # the host needs the token, as in real decoding
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[3:])
+
+
+def gemv_floor_ms(vlm, rows: int = 1, repeats: int = 20) -> float:
+    """GPU ms of every weight matrix of the decoder + LM head as one-row ``F.linear`` calls in one CUDA graph.
+
+    The stock-kernel (cuBLAS) floor of a decode step: the same bytes as a step, no attention or
+    element-wise work. CUDA only.
+    """
+    from torch.nn import functional as F
+
+    weights = [m.weight for layer in vlm.runner.layers
+               for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [vlm.lm_head.weight]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=vlm.device, dtype=vlm.dtype) for w in weights}
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(vlm.device)
+    with torch.cuda.stream(stream):
+        for w in weights:  # warm-up (cuBLAS handles and workspaces) outside the capture
+            F.linear(inputs[w.shape[1]], w)
+    stream.synchronize()
+    with torch.cuda.graph(graph, stream=stream):
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def _ours(target, visual, opts: EngineOptions, length: int) -> dict[str, dict[str, Any]]:
@@ -203,6 +238,10 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
         report.update(prompt_tokens=length, prefill_ms=statistics.median(fill[1:]),
                       vision_encode_ms=statistics.median(enc[1:]))
         report["ours"] = _ours(target, visual, opts, length)
+        if target.device.type == "cuda":
+            report["gemv_floor_ms"] = {f"rows_{k}": gemv_floor_ms(target, k) for k in (1, opts.gamma + 1)}
+            report["weight_gb"] = sum(p.numel() * p.element_size() for p in target.runner.language_model.layers
+                                      .parameters()) / 1e9 + target.lm_head.weight.numel() * target.lm_head.weight.element_size() / 1e9
         mode, best = _best(report["ours"])
         report.update(decode_mode=mode, decode_ms_per_token=best["decode_ms_per_token"],
                       verify_over_decode=best["verify_over_decode"])
@@ -219,8 +258,9 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
         report["concurrent_decode_mode"] = mode
         if target.device.type == "cuda":  # the same with the draft's stream at high priority
             high = concurrent_prefill(draft, target, opts.concurrent_repeats, draft_priority=-1)
-            report["draft_high_priority"] = {k: high[k] for k in ("target_prefill_concurrent_ms",
-                                                                  "concurrent_prefill_slowdown", "free_draft_tokens")}
+            keys = ("target_prefill_concurrent_ms", "concurrent_prefill_slowdown", "free_draft_tokens",
+                    "draft_prefill_end_concurrent_ms")
+            report["draft_high_priority"] = {k: high[k] for k in keys}
         for m in graphs:
             m.disable_cuda_graphs()
         write(report)

@@ -9,6 +9,15 @@ loads them with ``load_vlm`` (``--quant`` bf16/fp16/4bit/8bit), and measures per
 encode, LLM prefill, decode ms/token (eager and CUDA-graph), the cost of verifying gamma+1
 tokens relative to decoding one, and for the target HF ``generate`` (dynamic and static cache)
 on the same weights in the same run. Prints a table and writes results.json + RESULTS.md.
+
+``--engine`` (issue 15) instead measures, in one run on one GPU, the engine's figures of merit at
+Video-LLaVA-7B shapes: our decode ms/token (CUDA graphs, with and without the Triton kernels),
+transformers ``generate`` with a static cache and a ~30-line ``torch.compile`` loop over HF's
+``StaticCache`` on the same weights, verify(gamma+1)/decode(1), the EAGLE head's draft cost c,
+the 2069-token prefill, and the target's prefill slowdown with the draft running beside it plus
+the free draft tokens it managed; written to ``--engine_json`` (default output_dir/engine_<quant>.json).
+
+    python -m benchmark_inference.real_shape_benchmark --engine --engine_json docs/gpu_runs/engine_h200.json
 """
 
 from __future__ import annotations
@@ -45,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=int, default=5, help="verify step = gamma + 1 tokens (default 5)")
     p.add_argument("--repeats", type=int, default=5, help="repeats of encode/prefill timings (median)")
     p.add_argument("--models", default="eventgpt,videollava", help="which models to time")
+    p.add_argument("--engine", action="store_true", help="the engine report of issue 15 instead (see above)")
+    p.add_argument("--engine_json", default=None, help="where --engine writes its JSON "
+                                                       "(default: output_dir/engine_<quant>.json)")
+    p.add_argument("--engine_modes", default="cuda_graph,fused_graph",
+                   help="our decode modes for --engine: cuda_graph, fused_graph (Triton kernels), eager")
+    p.add_argument("--no_baselines", action="store_true", help="--engine without HF generate / torch.compile loop")
     return p
 
 
@@ -61,7 +76,8 @@ def _timed(fn, repeats: int, device) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def _inputs(kind: str) -> Any:
+def raw_inputs(kind: str) -> Any:
+    """Random frames of the real input sizes (5 event frames, or 8 video frames)."""
     rng = np.random.default_rng(0)
     if kind == "eventgpt":
         return [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(5)]
@@ -98,7 +114,7 @@ def verify_ratio(vlm, visual, k: int, repeats: int = 20) -> float:
 
 def measure_model(kind: str, vlm, args) -> dict[str, Any]:
     """Stage and decode timings of one model."""
-    raw = _inputs(kind)
+    raw = raw_inputs(kind)
     row: dict[str, Any] = {"model": kind, "quant": args.quant}
     t_pre, pixels = _timed(lambda: vlm.preprocess(raw), args.repeats, vlm.device)
     t_enc, visual = _timed(lambda: vlm.encode_pixels(pixels), args.repeats, vlm.device)
@@ -107,10 +123,11 @@ def measure_model(kind: str, vlm, args) -> dict[str, Any]:
                preprocess_ms=1000 * t_pre, vision_encode_ms=1000 * t_enc, prefill_ms=1000 * t_fill)
     for mode in [m for m in args.decode_modes.split(",") if m]:
         try:
-            if mode in ("cuda_graph", "compiled_graph"):
+            if mode in ("cuda_graph", "compiled_graph", "fused_graph"):
                 t0 = time.perf_counter()
                 vlm.enable_cuda_graphs(state.prompt_length + args.new_tokens + 4 * (args.gamma + 1),
-                                       step_sizes=(1, args.gamma + 1), compile=mode == "compiled_graph")
+                                       step_sizes=(1, args.gamma + 1), compile=mode == "compiled_graph",
+                                       kernels=mode == "fused_graph")
                 row[f"capture_s_{mode}"] = time.perf_counter() - t0
             row[f"decode_ms_per_token_{mode}"] = decode_ms_per_token(vlm, visual, args.new_tokens)
             row[f"verify{args.gamma + 1}_over_decode1_{mode}"] = verify_ratio(vlm, visual, args.gamma + 1)
@@ -123,7 +140,7 @@ def measure_model(kind: str, vlm, args) -> dict[str, Any]:
 
 def hf_generate(vlm, cache: str, new_tokens: int) -> dict[str, Any]:
     """HF ``generate`` on the target's own weights: ms per new token (prefill subtracted)."""
-    pixels = vlm.preprocess(_inputs("videollava"))
+    pixels = vlm.preprocess(raw_inputs("videollava"))
     visual_tokens = vlm.encode_pixels(pixels).num_tokens
     ids = torch.tensor([vlm.prompt_ids(QUESTION, visual_tokens)], device=vlm.device)
     kwargs: dict[str, Any] = dict(input_ids=ids, pixel_values_videos=pixels, do_sample=False,
@@ -146,6 +163,10 @@ def hf_generate(vlm, cache: str, new_tokens: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.engine:
+        from benchmark_inference.engine_report import run_engine_report
+
+        return run_engine_report(args, argv)
     if not torch.cuda.is_available():
         raise SystemExit("real_shape_benchmark needs a CUDA device")
     started = time.perf_counter()

@@ -23,6 +23,7 @@ import torch
 from common.pipeline import Prefilled, prefill_sample
 from common.speculative import Drafter, DraftProposal, SpecResult, speculative_generate
 from common.timing import Clock
+from common.timing import sync as device_sync
 from common.vlm import VisionLanguageModel
 
 
@@ -81,7 +82,7 @@ def _stream_sync(stream, device: torch.device):
     if stream is not None:
         return stream.synchronize
     if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
+        return lambda: device_sync(device)
     return None
 
 
@@ -143,7 +144,7 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
         raise errors[0]
     for dev in {target.device, draft.device}:
         if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+            device_sync(dev)
     free = box["free"]
     spec_start = clock.now()
     sync = _stream_sync(None, target.device)
@@ -161,10 +162,8 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
 
 def timed(fn, device: torch.device) -> tuple[float, Any]:
     """Wall seconds of ``fn()`` with device synchronisation at both ends."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_sync(device)
     start = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_sync(device)
     return time.perf_counter() - start, out

@@ -20,6 +20,13 @@ import torch
 
 DeviceLike = torch.device | str | int | None
 
+# Held while a CUDA graph is captured (``common.models.decoder.capture_graph``). A device-wide
+# synchronize from any thread during a capture fails the capture ("operation not permitted when
+# stream is capturing"), and ``torch.cuda.graph`` itself synchronizes the device before it begins,
+# so captures take this lock one at a time and ``sync`` waits for it. Re-entrant: a capturing
+# thread may take it again.
+CAPTURE_LOCK = threading.RLock()
+
 
 def _as_device(device: DeviceLike) -> torch.device | None:
     if device is None:
@@ -32,10 +39,14 @@ def _as_device(device: DeviceLike) -> torch.device | None:
 
 
 def sync(device: DeviceLike = None) -> None:
-    """``torch.cuda.synchronize`` for a CUDA device (when CUDA is available); a no-op otherwise."""
+    """``torch.cuda.synchronize`` for a CUDA device (when CUDA is available); a no-op otherwise.
+
+    Waits while another thread captures a CUDA graph (``CAPTURE_LOCK``), so concurrent capture is safe.
+    """
     dev = _as_device(device)
     if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(dev)
+        with CAPTURE_LOCK:
+            torch.cuda.synchronize(dev)
 
 
 def sync_current_stream(device: DeviceLike = None) -> None:

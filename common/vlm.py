@@ -95,20 +95,23 @@ class VisionLanguageModel(ABC):
 
     # ----- fast decode -----
     def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,), compile: bool = False,
-                           fixed_step: int | None = None, fuse: bool = True) -> None:
+                           fixed_step: int | None = None, fuse: bool = True, kernels: bool | None = None) -> None:
         """Decode with a static KV cache of ``max_length`` positions and CUDA-graph replays.
 
         ``step_sizes`` are the token counts captured (1 for decoding, gamma + 1 for verification;
         smaller steps are padded up); ``compile`` runs the step through ``torch.compile`` before
         capture (fused element-wise kernels; slower start). ``fixed_step`` makes every forward
         run as padded steps of exactly that many tokens (see ``use_fixed_step``); ``fuse`` concatenates
-        q/k/v and gate/up weights and uses a fused RMSNorm (unquantized models only). Prefill stays eager. Only one decoding state of this
+        q/k/v and gate/up weights and uses a fused RMSNorm (unquantized models only); ``kernels`` runs the
+        captured step through the Triton kernels of ``common.models.kernels`` where they apply (see
+        ``LlamaRunner.use_kernels``; default: on unless ``compile``). Prefill stays eager. Only one decoding state of this
         model is live at a time (each prefill reuses the static cache).
         """
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (use eager decoding on CPU)")
         if fuse:
             self.runner.fuse_projections()
+        self.runner.use_kernels((not compile if kernels is None else kernels) and fuse)
         cache = self.runner.new_cache(max_length, self.dtype, self.device)
         sizes = sorted({*step_sizes, *([fixed_step] if fixed_step else [])})
         self.graphs = CudaGraphDecoder(self.runner, cache, sizes, compile=compile)
@@ -128,6 +131,7 @@ class VisionLanguageModel(ABC):
     def disable_cuda_graphs(self) -> None:
         """Back to eager decoding with a fresh cache per prefill (and an eager vision path)."""
         self.graphs = None
+        self.runner.use_kernels(False)
         self.__dict__.pop("encode_pixels", None)
 
     def enable_vision_graphs(self) -> None:

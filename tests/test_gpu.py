@@ -123,3 +123,60 @@ def test_parallel_run_captures_vision_graphs_while_the_other_model_runs(tiny_mod
         for _ in range(2):  # the first run captures both vision graphs concurrently, the second replays them
             out = run_parallel(draft, target, sample, DrafterFactory("eventgpt"), max_new_tokens=16, gamma=3)
             assert out.result.tokens == plain.tokens
+
+
+def test_fused_kernel_decoding_matches_eager(tiny_models_dir):
+    """The Triton-kernel graph step gives the eager greedy tokens and logits (fp32), and stays lossless."""
+    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
+    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cuda")
+    with torch.no_grad():
+        visual, dv = _visual(target), _visual(draft)
+        eager = autoregressive_generate(target, target.prefill(visual, QUESTION), max_new_tokens=24)
+        state = target.prefill(visual, QUESTION)
+        logits_eager = target.forward(state, [5, 6, 7, 8, 9])
+        for m in (target, draft):
+            m.enable_cuda_graphs(512, step_sizes=(1, 6), kernels=True)
+            assert m.runner.kernels_on
+        fused = autoregressive_generate(target, target.prefill(visual, QUESTION), max_new_tokens=24)
+        assert fused.tokens == eager.tokens
+        state = target.prefill(visual, QUESTION)
+        torch.testing.assert_close(target.forward(state, [5, 6, 7, 8, 9]), logits_eager, atol=1e-3, rtol=1e-3)
+        drafter = ModelDrafter(draft, draft.prefill(dv, QUESTION), vocab_limit=target.base_vocab_size,
+                               target_vocab_size=target.vocab_size)
+        spec = speculative_generate(target, target.prefill(visual, QUESTION), drafter, max_new_tokens=24, gamma=5)
+        assert spec.tokens == eager.tokens
+        target.disable_cuda_graphs()
+        assert not target.runner.kernels_on
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_fused_kernels_in_bf16_at_7b_head_shapes():
+    """bf16 split-K attention over a 4096-slot cache (32 heads x 128) and the bf16 fused step vs fp64/eager."""
+    from common.models import kernels
+
+    torch.manual_seed(0)
+    q = torch.randn(6, 32, 128, device="cuda", dtype=torch.bfloat16)
+    keys, values = (torch.randn(32, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for rows in (1, 6):
+        positions = torch.arange(2100, 2100 + rows, device="cuda")
+        out = kernels.decode_attention(q[:rows], keys, values, positions, 128 ** -0.5)
+        mask = torch.arange(4096, device="cuda")[None] <= positions[:, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:rows].double().transpose(0, 1), keys.double(), values.double(), attn_mask=mask)
+        assert _rel(out, ref.transpose(0, 1).reshape(rows, -1)) < 1e-2
+    from tests.test_kernels import _runner
+
+    runner = _runner()
+    runner.language_model.to(torch.bfloat16), runner.lm_head.to(torch.bfloat16)
+    with torch.no_grad():
+        cache = runner.new_cache(600, torch.bfloat16, torch.device("cuda"))
+        runner.run(torch.randn(1, 500, 64, device="cuda", dtype=torch.bfloat16), cache)
+        embeds, positions = torch.randn(1, 6, 64, device="cuda", dtype=torch.bfloat16), torch.arange(500, 506,
+                                                                                                       device="cuda")
+        eager_logits, _ = runner.static_step(embeds, positions, cache.clone())
+        assert runner.use_kernels(True)
+        fused_logits, _ = runner.static_step(embeds, positions, cache.clone())
+    assert _rel(fused_logits, eager_logits) < 2e-2

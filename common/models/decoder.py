@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.timing import CAPTURE_LOCK
+
 
 @dataclass
 class DecoderShape:
@@ -130,6 +132,7 @@ class LlamaRunner:
         self.shape = DecoderShape.from_config(language_model.config)
         self.layers = list(language_model.layers)[: self.shape.num_layers]
         self._fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._kernels: Any = None  # common.models.kernels once use_kernels(True) succeeded
 
     def fuse_projections(self) -> bool:
         """Concatenate each layer's q/k/v and gate/up weights into one matrix (one GEMV instead of 3 and 2).
@@ -150,6 +153,53 @@ class LlamaRunner:
                           _concat_weights([mlp.gate_proj, mlp.up_proj])))
         self._fused = fused
         return True
+
+    def use_kernels(self, on: bool = True) -> bool:
+        """Run ``static_step`` (the CUDA-graph path) through the Triton kernels of ``common.models.kernels``.
+
+        Needs fused projections (plain bf16/fp16/fp32 ``nn.Linear``), SiLU, an even head size and
+        Triton on a CUDA device; otherwise (and on CPU, where Triton is never imported) it stays on
+        the eager ops and returns False. The eager ``run`` path is the reference and never changes.
+        """
+        self._kernels = None
+        if not on or not self.fuse_projections():
+            return False
+        device = self._fused[0][0].device
+        act = getattr(self.language_model.config, "hidden_act", "silu")
+        hd = self.shape.head_dim
+        if act != "silu" or hd % 2 or (device.type != "cuda" and not _interpreting()):
+            return False
+        try:
+            from common.models import kernels
+        except ImportError:  # no Triton in this install
+            return False
+        self._kernels = kernels if kernels.available(device) else None
+        return self._kernels is not None
+
+    @property
+    def kernels_on(self) -> bool:
+        """Whether ``static_step`` runs the fused Triton kernels."""
+        return self._kernels is not None
+
+    def _fused_step(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """All layers and the final norm for one row of k new tokens with the Triton kernels; (k, H)."""
+        kern, s = self._kernels, self.shape
+        cos, sin = self.language_model.rotary_emb(x, positions[None, :])
+        x = x[0]
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms.append(self.language_model.norm)
+        h, _ = kern.add_rms_norm(x, None, norms[0].weight, _eps(norms[0]))
+        res = x
+        for idx, layer in enumerate(self.layers):
+            q = kern.rope_kv_write(F.linear(h, self._fused[idx][0]), cos[0], sin[0], positions,
+                                   cache.keys[idx, 0], cache.values[idx, 0], s.num_heads, s.num_kv_heads)
+            attn = kern.decode_attention(q, cache.keys[idx, 0], cache.values[idx, 0], positions,
+                                         s.head_dim ** -0.5)
+            post, nxt = norms[2 * idx + 1], norms[2 * idx + 2]
+            h, res = kern.add_rms_norm(layer.self_attn.o_proj(attn), res, post.weight, _eps(post))
+            mlp = layer.mlp.down_proj(kern.silu_mul(F.linear(h, self._fused[idx][1])))
+            h, res = kern.add_rms_norm(mlp, res, nxt.weight, _eps(nxt))
+        return h
 
     def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         """An empty cache for ``capacity`` positions."""
@@ -192,8 +242,7 @@ class LlamaRunner:
         """transformers' RMSNorm; with fused projections, torch's fused rms_norm (same math in float32)."""
         if self._fused is None:
             return norm(x)
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+        return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=_eps(norm)).to(x.dtype)
 
     def _mlp(self, layer: nn.Module, idx: int, x: torch.Tensor) -> torch.Tensor:
         if self._fused is None:
@@ -260,7 +309,11 @@ class LlamaRunner:
         """A fixed-shape step for CUDA-graph capture: attends over the whole capacity, masked by position.
 
         Returns float32 logits and the final normed hidden state (the LM head's input, layer -1).
+        With ``use_kernels`` (CUDA), the Triton kernels run the layers and attend only the live positions.
         """
+        if self._kernels is not None and embeds.shape[0] == 1 and positions.dim() == 1:
+            x = self._fused_step(embeds, positions, cache)
+            return self.lm_head(x).float(), x
         x, _ = self.run_layers(embeds, positions, cache.capacity, cache, set())
         return self.lm_head(x[0]).float(), x[0]
 
@@ -273,15 +326,27 @@ class LlamaRunner:
         return idx
 
 
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Warm ``fn`` up on a side stream, then capture it as a CUDA graph on ``device``; (graph, outputs).
 
     Runs with ``device`` as the current device, so models on a second GPU capture on their own GPU
     whatever device the calling thread has current. Replay with ``device`` current as well. The
-    capture only restricts the calling thread, so a model may capture while another thread runs
-    the other model (parallel prefill).
+    capture only restricts the calling thread (``thread_local``), so a model may capture while another
+    thread runs the other model (parallel prefill); ``CAPTURE_LOCK`` keeps captures one at a time and
+    keeps every device-wide ``common.timing.sync`` out of them (``torch.cuda.graph`` itself
+    synchronizes the device before it begins, which fails while another thread is capturing).
     """
-    with torch.cuda.device(device):
+    with CAPTURE_LOCK, torch.cuda.device(device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -289,8 +354,7 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) 
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph's default capture stream is created once, on whichever GPU came first;
-        # thread_local: another thread driving the other model may keep launching during the capture
+        # torch.cuda.graph's default capture stream is created once, on whichever GPU came first
         with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
             outputs = fn()
     return graph, outputs
@@ -337,6 +401,26 @@ class CudaGraphDecoder:
         for size in self.sizes:
             if size not in self._graphs:
                 self._capture(size)
+
+    def replay_ms(self, size: int, repeats: int = 50) -> float:
+        """GPU milliseconds of one replay of the ``size``-token graph (CUDA events; no host work counted).
+
+        Replays write at the cache's end positions, past its live length, so the cache is unharmed.
+        """
+        if size not in self._graphs:
+            self._capture(size)
+        graph, _, _, positions = self._graphs[size]
+        capacity = self.cache.capacity
+        positions.copy_(torch.arange(capacity - size, capacity, device=positions.device))
+        with torch.cuda.device(positions.device):
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                graph.replay()
+            end.record()
+            end.synchronize()
+        return start.elapsed_time(end) / repeats
 
     def step_fixed(self, embeds: torch.Tensor, size: int) -> torch.Tensor:
         """Run k tokens as consecutive padded steps of exactly ``size`` tokens.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from common.models.decoder import capture_graph
+from common.timing import sync
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,6 @@ class GraphedVisionEncoder:
         except RuntimeError as exc:  # torch.AcceleratorError is a RuntimeError
             log.warning("vision encode of shape %s could not be captured as a CUDA graph (%s); staying eager",
                         tuple(pixels.shape), str(exc).splitlines()[0])
-            torch.cuda.synchronize(self.device)
+            sync(self.device)
             return None
         return graph, static_in, static_out

@@ -1,0 +1,315 @@
+"""The engine report of issue 15, called by ``real_shape_benchmark --engine``: one run, one GPU.
+
+At Video-LLaVA-7B shapes (random weights through the real loaders) it measures our decode step in
+each ``--engine_modes`` mode, transformers ``generate`` with a static cache, a ~30-line
+``torch.compile`` loop over HF's ``StaticCache`` on the same weights, verify(gamma+1)/decode(1),
+the EAGLE head's cost c per drafted token, the LLM prefill of the 2069-token prompt, and the
+target's prefill (vision + LLM) alone vs with EventGPT prefilling and drafting beside it on its
+own stream, with the free draft tokens finished inside that window. ``engine_report`` takes
+loaded models, so the CPU path is tested at tiny shapes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark_inference.real_shape_benchmark import (
+    QUESTION,
+    decode_ms_per_token,
+    hf_generate,
+    raw_inputs,
+    verify_ratio,
+)
+from benchmark_parallel_prefill.drafter_costs import eagle_costs
+from common.results import atomic_write_json
+from common.timing import sync
+
+
+@dataclass
+class EngineOptions:
+    """What ``engine_report`` measures and how often."""
+
+    modes: list[str] = field(default_factory=lambda: ["cuda_graph", "fused_graph"])
+    new_tokens: int = 50
+    gamma: int = 5
+    steps: int = 30
+    context: int = 50
+    concurrent_repeats: int = 3
+    baselines: bool = True
+
+
+def _stream(device: torch.device, priority: int = 0):
+    return torch.cuda.Stream(device, priority=priority) if device.type == "cuda" else None
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _prefill_lane(vlm, pixels, stream) -> float:
+    """Seconds of vision encode + LLM prefill on ``stream`` (synchronised on that stream only)."""
+    with _on(stream):
+        t0 = time.perf_counter()
+        vlm.prefill(vlm.encode_pixels(pixels), QUESTION)
+        if stream is not None:
+            stream.synchronize()
+    return time.perf_counter() - t0
+
+
+def _draft_lane(draft, pixels, stream, done: threading.Event, box: dict[str, Any], max_free: int) -> None:
+    """Draft prefill, then one-token draft steps until ``done`` is set; counts them in ``box['free']``."""
+    with torch.no_grad(), _on(stream):
+        state = draft.prefill(draft.encode_pixels(pixels), QUESTION)
+        token, free = int(state.logits.argmax()), 0
+        box["prefill_end"] = time.perf_counter()
+        while not done.is_set() and free < max_free:
+            token = int(draft.forward(state, [token])[-1].argmax())  # the host reads it: a stream sync
+            free += 1
+        box["free"] = free
+
+
+def concurrent_prefill(draft, target, repeats: int, max_free: int = 256, draft_priority: int = 0) -> dict[str, float]:
+    """Target prefill alone vs with the draft prefilling then decoding beside it; free tokens (medians).
+
+    ``draft_priority`` < 0 puts the draft's stream above the target's (CUDA stream priority).
+    """
+    t_pix, d_pix = target.preprocess(raw_inputs("videollava")), draft.preprocess(raw_inputs("eventgpt"))
+    t_stream, d_stream = _stream(target.device), _stream(draft.device, draft_priority)
+    _prefill_lane(target, t_pix, t_stream), _prefill_lane(draft, d_pix, d_stream)  # warm-up (and captures)
+    alone = [_prefill_lane(target, t_pix, t_stream) for _ in range(repeats)]
+    draft_alone = [_prefill_lane(draft, d_pix, d_stream) for _ in range(repeats)]
+    together, free_counts, draft_ends = [], [], []
+    for _ in range(repeats + 1):  # the first concurrent round is a warm-up
+        done, box = threading.Event(), {}
+        sync(target.device)
+        t0 = time.perf_counter()
+        thread = threading.Thread(target=_draft_lane, args=(draft, d_pix, d_stream, done, box, max_free),
+                                  name="draft")
+        thread.start()
+        with torch.no_grad():
+            seconds = _prefill_lane(target, t_pix, t_stream)
+        done.set()
+        thread.join()
+        together.append(seconds)
+        free_counts.append(box["free"])
+        draft_ends.append(box["prefill_end"] - t0)
+    alone_ms, together_ms = 1000 * statistics.median(alone), 1000 * statistics.median(together[1:])
+    return {"target_prefill_alone_ms": alone_ms, "target_prefill_concurrent_ms": together_ms,
+            "draft_prefill_alone_ms": 1000 * statistics.median(draft_alone),
+            "draft_prefill_end_concurrent_ms": 1000 * statistics.median(draft_ends[1:]),
+            "concurrent_prefill_slowdown": together_ms / alone_ms,
+            "free_draft_tokens": float(statistics.median(free_counts[1:]))}
+
+
+def compiled_loop_ms(vlm, visual, new_tokens: int) -> float:
+    """gpt-fast style baseline: HF's LlamaModel + StaticCache, decode step via torch.compile; ms/token."""
+    from transformers import StaticCache
+
+    lm, head = vlm.runner.language_model, vlm.runner.lm_head
+    embeds = vlm.prompt_embeds(visual, QUESTION)[None]
+    length = embeds.shape[1]
+    cache = StaticCache(config=lm.config, max_cache_len=length + new_tokens + 16)
+    params = inspect.signature(lm.forward).parameters  # transformers renamed past_key_values -> cache
+    cache_key = "past_key_values" if "past_key_values" in params else "cache"
+
+    def forward(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        kwargs = {cache_key: cache, "inputs_embeds": x, "position_ids": pos[None], "use_cache": True}
+        if "cache_position" in params:
+            kwargs["cache_position"] = pos
+        return head(lm(**kwargs).last_hidden_state[:, -1]).argmax(-1)
+
+    def step(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return forward(lm.embed_tokens(ids), pos)
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    token = forward(embeds, torch.arange(length, device=vlm.device))
+    times = []
+    for i in range(new_tokens + 3):
+        pos = torch.tensor([length + i], device=vlm.device)
+        sync(vlm.device)
+        t0 = time.perf_counter()
+        token = compiled(token[None].reshape(1, 1), pos).clone()
+        int(token)  # the host needs the token, as in real decoding
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[3:])
+
+
+def gemv_floor_ms(vlm, rows: int = 1, repeats: int = 20) -> float:
+    """GPU ms of every weight matrix of the decoder + LM head as one-row ``F.linear`` calls in one CUDA graph.
+
+    The stock-kernel (cuBLAS) floor of a decode step: the same bytes as a step, no attention or
+    element-wise work. CUDA only.
+    """
+    from torch.nn import functional as F
+
+    weights = [m.weight for layer in vlm.runner.layers
+               for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [vlm.lm_head.weight]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=vlm.device, dtype=vlm.dtype) for w in weights}
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(vlm.device)
+    with torch.cuda.stream(stream):
+        for w in weights:  # warm-up (cuBLAS handles and workspaces) outside the capture
+            F.linear(inputs[w.shape[1]], w)
+    stream.synchronize()
+    with torch.cuda.graph(graph, stream=stream):
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _ours(target, visual, opts: EngineOptions, length: int) -> dict[str, dict[str, Any]]:
+    """Per mode: decode ms/token and verify(gamma+1)/decode(1) of our engine."""
+    out: dict[str, dict[str, Any]] = {}
+    for mode in opts.modes:
+        try:
+            if mode != "eager":
+                target.enable_cuda_graphs(length + opts.new_tokens + 8 * (opts.gamma + 1),
+                                          step_sizes=(1, opts.gamma + 1), kernels=mode == "fused_graph")
+            row = {"kernels": target.runner.kernels_on,
+                   "decode_ms_per_token": decode_ms_per_token(target, visual, opts.new_tokens),
+                   "verify_over_decode": verify_ratio(target, visual, opts.gamma + 1, opts.steps)}
+            if target.graphs is not None:  # GPU time of the step alone, the prompt's length of context live
+                target.prefill(visual, QUESTION)
+                row.update({f"graph_replay_ms_{k}": target.graphs.replay_ms(k) for k in (1, opts.gamma + 1)})
+        except Exception as exc:  # report, keep measuring the rest
+            row = {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        finally:
+            target.disable_cuda_graphs()
+        out[mode] = row
+    return out
+
+
+def _eagle(target, opts: EngineOptions) -> dict[str, float]:
+    """The EAGLE head's step and commit ms (random head at the target's shape)."""
+    from feature_alignment.eagle_head import EagleHead, EagleHeadConfig
+
+    head = EagleHead(EagleHeadConfig.for_target(target)).to(target.device, target.dtype).eval().bind(target)
+    return eagle_costs(target, head, opts.context, opts.gamma, opts.steps)
+
+
+def _best(ours: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    ok = {m: r for m, r in ours.items() if "decode_ms_per_token" in r}
+    if not ok:
+        raise RuntimeError(f"no decode mode ran: {ours}")
+    mode = min(ok, key=lambda m: ok[m]["decode_ms_per_token"])
+    return mode, ok[mode]
+
+
+def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, Any]:
+    """Measure everything on loaded models; ``write(report)`` is called after each part (partial results)."""
+    import transformers
+
+    write = write or (lambda report: None)
+    card = torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else "cpu"
+    report: dict[str, Any] = {"card": card, "date": dt.date.today().isoformat(), "torch": torch.__version__,
+                              "transformers": transformers.__version__, "gamma": opts.gamma,
+                              "new_tokens": opts.new_tokens}
+    with torch.no_grad():
+        pixels = target.preprocess(raw_inputs("videollava"))
+        visual = target.encode_pixels(pixels)
+        length = target.prefill(visual, QUESTION).prompt_length
+        fill = [_time_ms(lambda: target.prefill(visual, QUESTION), target.device) for _ in range(opts.concurrent_repeats + 2)]
+        enc = [_time_ms(lambda: target.encode_pixels(pixels), target.device) for _ in range(opts.concurrent_repeats + 2)]
+        report.update(prompt_tokens=length, prefill_ms=statistics.median(fill[1:]),
+                      vision_encode_ms=statistics.median(enc[1:]))
+        report["ours"] = _ours(target, visual, opts, length)
+        if target.device.type == "cuda":
+            report["gemv_floor_ms"] = {f"rows_{k}": gemv_floor_ms(target, k) for k in (1, opts.gamma + 1)}
+            report["weight_gb"] = sum(p.numel() * p.element_size() for p in target.runner.language_model.layers
+                                      .parameters()) / 1e9 + target.lm_head.weight.numel() * target.lm_head.weight.element_size() / 1e9
+        mode, best = _best(report["ours"])
+        report.update(decode_mode=mode, decode_ms_per_token=best["decode_ms_per_token"],
+                      verify_over_decode=best["verify_over_decode"])
+        write(report)
+        eagle = _eagle(target, opts)
+        report.update(eagle_step_ms=eagle["step_ms"], eagle_commit_ms=eagle["commit_ms"],
+                      eagle_c=(eagle["step_ms"] + eagle["commit_ms"] / opts.gamma) / report["decode_ms_per_token"])
+        write(report)
+        graphs = [m for m in (draft, target) if m.device.type == "cuda"] if mode != "eager" else []
+        for m in graphs:
+            m.enable_cuda_graphs(4096, step_sizes=(1, opts.gamma + 1), kernels=mode == "fused_graph")
+            m.enable_vision_graphs()
+        report.update(concurrent_prefill(draft, target, opts.concurrent_repeats))
+        report["concurrent_decode_mode"] = mode
+        if target.device.type == "cuda":  # the same with the draft's stream at high priority
+            high = concurrent_prefill(draft, target, opts.concurrent_repeats, draft_priority=-1)
+            keys = ("target_prefill_concurrent_ms", "concurrent_prefill_slowdown", "free_draft_tokens",
+                    "draft_prefill_end_concurrent_ms")
+            report["draft_high_priority"] = {k: high[k] for k in keys}
+        for m in graphs:
+            m.disable_cuda_graphs()
+        write(report)
+        if opts.baselines:
+            report["baselines"] = _baselines(target, visual, opts)
+            write(report)
+    return report
+
+
+def _time_ms(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - t0)
+
+
+def _baselines(target, visual, opts: EngineOptions) -> dict[str, Any]:
+    """HF generate (static cache) and the torch.compile loop on the same weights, ms/token."""
+    out: dict[str, Any] = {}
+    hf = hf_generate(target, "static", opts.new_tokens)
+    out["hf_generate_static_ms_per_token"] = hf.get("decode_ms_per_token_hf", hf.get("hf_static"))
+    try:
+        out["torch_compile_loop_ms_per_token"] = compiled_loop_ms(target, visual, opts.new_tokens)
+    except Exception as exc:  # report, keep the rest
+        out["torch_compile_loop_ms_per_token"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def run_engine_report(args, argv: list[str]) -> dict[str, Any]:
+    """``real_shape_benchmark --engine``: build/load the 7B-shape pair on CUDA, measure, write the JSON."""
+    from common.models.loader import load_vlm
+    from common.models.real_shape import write_real_shape_pair
+
+    if not torch.cuda.is_available():
+        raise SystemExit("real_shape_benchmark --engine needs a CUDA device")
+    paths = write_real_shape_pair(args.models_dir)
+    draft = load_vlm("eventgpt", paths["eventgpt"], quant=args.quant, device="cuda")
+    target = load_vlm("videollava", paths["videollava"], quant=args.quant, device="cuda")
+    opts = EngineOptions(modes=[m for m in args.engine_modes.split(",") if m], new_tokens=args.new_tokens,
+                         gamma=args.gamma, baselines=not args.no_baselines)
+    path = Path(args.engine_json or Path(args.output_dir) / f"engine_{args.quant}.json")
+    command = "python -m benchmark_inference.real_shape_benchmark " + " ".join(argv)
+
+    def write(report: dict[str, Any]) -> None:
+        atomic_write_json(path, {**report, "quant": args.quant, "command": command})
+
+    report = engine_report(draft, target, opts, write)
+    write(report)
+    print({k: v for k, v in report.items() if k != "ours"}, flush=True)
+    print(report["ours"], flush=True)
+    return report

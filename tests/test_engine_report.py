@@ -1,0 +1,34 @@
+"""The engine report (real_shape_benchmark --engine) on the tiny pair on the CPU: its numbers hang together."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmark_inference.engine_report import EngineOptions, engine_report
+from common.models.loader import load_vlm
+
+
+def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
+    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cpu")
+    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cpu")
+    opts = EngineOptions(modes=["eager", "cuda_graph"], new_tokens=4, gamma=3, steps=2, context=4,
+                         concurrent_repeats=1, baselines=False)
+    written = []
+    report = engine_report(draft, target, opts, write=lambda r: written.append(json.loads(json.dumps(r))))
+    assert report["card"] == "cpu" and report["torch"] == torch.__version__
+    assert report["ours"]["cuda_graph"]["failed"].startswith("ValueError")  # no graphs on the CPU
+    assert report["decode_mode"] == "eager"
+    assert report["decode_ms_per_token"] == report["ours"]["eager"]["decode_ms_per_token"] > 0
+    assert report["verify_over_decode"] == report["ours"]["eager"]["verify_over_decode"] > 0
+    c = (report["eagle_step_ms"] + report["eagle_commit_ms"] / 3) / report["decode_ms_per_token"]
+    assert report["eagle_c"] == pytest.approx(c) and c > 0
+    assert report["prompt_tokens"] > 8 * 17  # 8 frames x (16 patches + CLS) at the tiny shapes
+    assert report["prefill_ms"] > 0 and report["vision_encode_ms"] > 0
+    slowdown = report["target_prefill_concurrent_ms"] / report["target_prefill_alone_ms"]
+    assert report["concurrent_prefill_slowdown"] == pytest.approx(slowdown)
+    assert report["free_draft_tokens"] >= 0 and report["free_draft_tokens"] == int(report["free_draft_tokens"])
+    assert "baselines" not in report
+    assert len(written) == 3 and written[-1]["free_draft_tokens"] == report["free_draft_tokens"]

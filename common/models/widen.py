@@ -422,3 +422,30 @@ def widen_pair(output_dir: str | Path, eventgpt_path: str | Path, videollava_pat
         shutil.rmtree(tmp, ignore_errors=True)
     (out / "widen_pair.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def compare_answers(sources: dict[str, Path], widened: dict[str, Path], dataset_dir: str | Path,
+                    num_clips: int = 3, max_new_tokens: int = 48, device: str = "cpu") -> dict[str, Any]:
+    """Greedy answers of each source model and its widened twin on ``num_clips`` clips (fp32): how many match.
+
+    Uses the toolkit's own path (``load_vlm``, ``prefill``, ``autoregressive_generate``), each clip
+    with its own question (the benchmark question in the synthetic splits).
+    """
+    from common.data import ClipDataset
+    from common.models.loader import load_vlm
+    from common.speculative import autoregressive_generate
+
+    dataset = ClipDataset(dataset_dir)
+    samples = [dataset[i] for i in range(min(num_clips, len(dataset)))]
+    report: dict[str, Any] = {"num_clips": len(samples), "max_new_tokens": max_new_tokens}
+    for kind in KINDS:
+        pair = [load_vlm(kind, p, quant="fp32", device=device) for p in (sources[kind], widened[kind])]
+        answers: list[list[list[int]]] = [[], []]
+        for sample in samples:
+            for model, out in zip(pair, answers, strict=True):
+                state = model.prefill(model.encode(sample), sample.question)
+                out.append(autoregressive_generate(model, state, max_new_tokens=max_new_tokens).tokens)
+        report[kind] = {"match": sum(a == b for a, b in zip(*answers, strict=True)), "total": len(samples),
+                        "mismatched_ids": [s.id for s, a, b in zip(samples, *answers, strict=True) if a != b]}
+        del pair
+    return report

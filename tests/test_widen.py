@@ -90,7 +90,9 @@ def test_head_dim_ratio_four_keeps_rotary(tiny_models_dir, tmp_path, tiny_datase
                    head_dim=4 * src.head_dim, intermediate_size=src.intermediate_size + 64,
                    vocab_size=src.vocab_size + 100, max_positions=src.max_positions)
     prep.plan = WidenPlan(big, 0)
-    write_widened(prep, tmp_path / "eventgpt", torch.float32)
+    write_widened(prep, tmp_path / "eventgpt", torch.float32, shard_bytes=2**20)  # sharded, as 7b is
+    assert len(list((tmp_path / "eventgpt").glob("model-*-of-*.safetensors"))) > 1
+    assert (tmp_path / "eventgpt" / "model.safetensors.index.json").is_file()
     source = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cpu")
     twin = load_vlm("eventgpt", tmp_path / "eventgpt", quant="fp32", device="cpu")
     sample = list(ClipDataset(tiny_dataset))[0]

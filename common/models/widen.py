@@ -313,8 +313,9 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, dtype: torch.dtype) -> int:
-    """Save tensors as safetensors shards of at most ``SHARD_BYTES`` (an index when more than one); returns bytes."""
+def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, dtype: torch.dtype,
+                  shard_bytes: int = SHARD_BYTES) -> int:
+    """Save tensors as safetensors shards of at most ``shard_bytes`` (an index when more than one); returns bytes."""
     from safetensors.torch import save_file
 
     shard: dict[str, torch.Tensor] = {}
@@ -333,7 +334,7 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, dty
     for key, w in tensors:
         w = w.to(dtype if w.dtype.is_floating_point else w.dtype).contiguous()
         nbytes = w.numel() * w.element_size()
-        if shard and size + nbytes > SHARD_BYTES:
+        if shard and size + nbytes > shard_bytes:
             flush()
         shard[key], size, total = w, size + nbytes, total + nbytes
     flush()
@@ -379,13 +380,13 @@ def prepare(kind: str, source: str | Path, shape_name: str) -> Prepared:
     return Prepared(kind, folder, config, src, plan)
 
 
-def write_widened(prep: Prepared, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+def write_widened(prep: Prepared, folder: Path, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
     """Write one widened checkpoint into ``folder`` (config, weights, every other file copied)."""
     folder.mkdir(parents=True)
     widener = LlmWidener(prep.src, prep.plan.shape)
     tensors = load_tensors(prep.source)
     weights_file = next(iter(sorted(prep.source.glob("*.safetensors"))))
-    nbytes = write_sharded(widened_tensors(prep.kind, tensors, widener, weights_file), folder, dtype)
+    nbytes = write_sharded(widened_tensors(prep.kind, tensors, widener, weights_file), folder, dtype, shard_bytes)
     config = widened_config(prep.config, prep.kind, prep.src, prep.plan, prep.source)
     config["dtype"] = str(dtype).replace("torch.", "")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -853,6 +853,86 @@ _HANDLERS = {
 }
 
 
+# ----------------------------------------------------------------------------- long answers
+
+# Questions answered at length in datasets made with ``--long_answers`` (ground truth ``answer_style: long``).
+LONG_QUESTIONS = ("What are the key elements in this scene?", "Describe the scene in detail.",
+                  "What happened in this clip?")
+_SPEED_WORDS = {"fast": ("quickly", "fast", "at high speed"), "slow": ("slowly", "at a slow pace", "gently")}
+_WHERE_WORDS = {"left": ("on the left", "in the left part of the image"),
+                "center": ("in the middle", "in the centre of the image"),
+                "right": ("on the right", "in the right part of the image")}
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _long_opening(gt: dict, rng: np.random.Generator) -> str:
+    road, moving = _road_phrase(gt), gt["ego_motion"]["moving"]
+    cam = _pick(rng, ("moving forward", "driving forward") if moving else ("standing still", "still"))
+    return _pick(rng, (f"The camera is {cam} beside {road}.", f"This clip shows {road}, filmed by a camera that is {cam}.",
+                       f"We look at {road} from a camera that is {cam}."))
+
+
+def _long_agent(agent: dict, rng: np.random.Generator) -> str:
+    noun = _agent_phrase(agent, motion=False)
+    speed, where = _pick(rng, _SPEED_WORDS[agent["speed"]]), _pick(rng, _WHERE_WORDS[agent["position"]])
+    return _pick(rng, (f"{_cap(noun)} is {_motion(agent)} {speed} {where}.",
+                       f"{_cap(where)}, {noun} is {_motion(agent)} {speed}.",
+                       f"There is {noun} {where}, {_motion(agent)} {speed}."))
+
+
+def _long_statics(gt: dict, rng: np.random.Generator) -> list[str]:
+    groups: dict[str, int] = {}
+    for obj in gt["static"]:
+        name = f"{obj['colour']} {obj['kind']}"
+        groups[name] = groups.get(name, 0) + 1
+    things = [f"{_article(name)} {name}" if n == 1 else _plural(n, name) for name, n in groups.items()]
+    things = [things[i] for i in rng.permutation(len(things))]
+    markings = gt["road"]["lane_markings"]
+    lanes = (f"The lane markings are {markings}." if markings != "none"
+             else "The road has no lane markings.")
+    if not things:
+        return [lanes, _pick(rng, ("Nothing stands beside the road.", "The roadside is empty."))]
+    side = _pick(rng, ("Along the road there", "On the side of the road there", "Beside the road there"))
+    verb = "is" if len(things) == 1 and things[0].split()[0] in ("a", "an") else "are"
+    return [lanes, f"{side} {verb} {_join(things)}."]
+
+
+def _long_closing(gt: dict, rng: np.random.Generator) -> str:
+    n = len(gt["agents"])
+    if n == 0:
+        return _pick(rng, ("No car, truck, cyclist or pedestrian is moving, so the scene is calm.",
+                           "Nothing moves on the road during the clip: there are no cars, trucks, cyclists "
+                           "or pedestrians."))
+    traffic = ("no", "light", "moderate", "heavy")[min(len(_of(gt, "car", "truck")), 3)]
+    moving = _plural(n, "moving road user")
+    return _pick(rng, (f"In all there {'is' if n == 1 else 'are'} {moving}, and there is {traffic} traffic.",
+                       f"Overall the clip shows {moving} with {traffic} traffic on the road."))
+
+
+def long_answer(question: str, ground_truth: dict) -> str:
+    """A long (>= 40 token) answer from the clip's true content, phrasing drawn from the clip's seed.
+
+    Motion (what events show: who moves where, how fast) and colours and static things (what only
+    video shows) both appear; sentence templates, synonyms and order vary with the clip and question.
+    """
+    key = sum(ord(c) for c in _normalise(question))
+    rng = np.random.default_rng([int(ground_truth.get("texture_seed", 0)), key])
+    agents = [_long_agent(a, rng) for a in ground_truth["agents"]]
+    agents = [agents[i] for i in rng.permutation(len(agents))]
+    statics = _long_statics(ground_truth, rng)
+    if rng.random() < 0.5:
+        statics.reverse()
+    middle = agents + statics if rng.random() < 0.6 else statics + agents
+    return " ".join([_long_opening(ground_truth, rng), *middle, _long_closing(ground_truth, rng)])
+
+
 def _normalise(question: str) -> str:
     q = question.replace("<event>", "").replace("<video>", "").strip().lower()
     return " ".join(q.replace("colour", "color").split())
@@ -861,10 +941,16 @@ def _normalise(question: str) -> str:
 def answer_question(question: str, ground_truth: dict) -> str:
     """A short, deterministic answer to one of the top-50 questions from a clip's ground truth.
 
-    Unknown questions get the key-elements description.
+    Unknown questions get the key-elements description. Ground truth marked ``answer_style: long``
+    (datasets made with ``--long_answers``) gets ``long_answer`` for the ``LONG_QUESTIONS``.
     """
+    if ground_truth.get("answer_style") == "long" and _normalise(question) in _LONG_KEYS:
+        return long_answer(question, ground_truth)
     handler = _HANDLERS.get(_normalise(question), _key_elements)
     return handler(ground_truth)
+
+
+_LONG_KEYS = frozenset(_normalise(q) for q in LONG_QUESTIONS)
 
 
 @lru_cache(maxsize=1)

@@ -86,7 +86,9 @@ class VisionLanguageModel(ABC):
                  base_vocab_size: int):
         self.model = model
         self.tokenizer = tokenizer
-        self.runner = LlamaRunner(language_model, lm_head)
+        # a widened twin's masked visual padding (common.models.widen): positions before the prompt
+        self.visual_pad_tokens = int(getattr(model.config, "visual_pad_tokens", 0) or 0)
+        self.runner = LlamaRunner(language_model, lm_head, masked_prefix=self.visual_pad_tokens)
         self.base_vocab_size = int(base_vocab_size)
         self.decode_room = DEFAULT_DECODE_ROOM
         self.graphs: CudaGraphDecoder | None = None
@@ -203,6 +205,13 @@ class VisionLanguageModel(ABC):
     def prompt_embeds(self, visual: VisualInput, question: str) -> torch.Tensor:
         """The prompt's input embeddings (T, H) with the visual tokens in place."""
 
+    def padded_prompt_embeds(self, visual: VisualInput, question: str) -> torch.Tensor:
+        """``prompt_embeds`` preceded by the ``visual_pad_tokens`` masked positions (zero embeddings)."""
+        embeds = self.prompt_embeds(visual, question)
+        if not self.visual_pad_tokens:
+            return embeds
+        return torch.cat([embeds.new_zeros((self.visual_pad_tokens, embeds.shape[1])), embeds])
+
     def encode(self, sample: Any) -> VisualInput:
         """Stages 1-3: sample on disk -> visual embeddings."""
         return self.encode_pixels(self.preprocess(self.load_visual(sample)))
@@ -211,7 +220,7 @@ class VisionLanguageModel(ABC):
     @torch.no_grad()
     def prefill(self, visual: VisualInput, question: str, hidden_layers: Sequence[int] = ()) -> DecodeState:
         """Stage 4: run the prompt through the LLM into a fresh KV cache."""
-        embeds = self.prompt_embeds(visual, question)
+        embeds = self.padded_prompt_embeds(visual, question)
         if self.graphs is not None:
             cache = self.graphs.cache
             if embeds.shape[0] + max(self.graphs.sizes) > cache.capacity:
@@ -268,7 +277,7 @@ class VisionLanguageModel(ABC):
         """
         seqs, spans = [], []
         for visual, question, answer in zip(visuals, questions, answers, strict=True):
-            prompt = self.prompt_embeds(visual, question)
+            prompt = self.padded_prompt_embeds(visual, question)
             ids = torch.as_tensor(list(answer), dtype=torch.long, device=self.device)
             seqs.append(torch.cat([prompt, self.embed_tokens(ids).to(prompt.dtype)]))
             spans.append((prompt.shape[0] - 1, prompt.shape[0] - 1 + len(answer)))
@@ -278,6 +287,8 @@ class VisionLanguageModel(ABC):
         for i, s in enumerate(seqs):
             batch[i, : s.shape[0]] = s
             mask[i, : s.shape[0]] = 1
+        if self.visual_pad_tokens:  # padded rows attend as the runner's rows do (a 4D additive mask)
+            mask = self._prefix_mask(mask, batch.dtype)
         wanted = {self.runner.layer_index(layer) for layer in hidden_layers}
         states, hooks = {0: batch}, []  # forward hooks keep only the wanted layers (not all 33)
         for idx in wanted - {0, self.num_layers}:
@@ -298,6 +309,13 @@ class VisionLanguageModel(ABC):
             result.logits = [self.lm_head(final[i, a:b]).float() for i, (a, b) in enumerate(spans)]
         return result
 
+    def _prefix_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, T, T) additive mask: causal, padding keys hidden, the masked visual prefix hidden from later rows."""
+        pos = torch.arange(valid.shape[1], device=valid.device)
+        seen = self.runner.visible(pos[None, :], pos[:, None])[None] & valid[:, None, :].bool()
+        return torch.zeros(seen.shape, dtype=dtype, device=valid.device).masked_fill(
+            ~seen, torch.finfo(dtype).min)[:, None]
+
     @torch.no_grad()
     def generate_greedy_batch(self, visuals: Sequence[VisualInput], questions: Sequence[str],
                               max_new_tokens: int, hidden_layers: Sequence[int] = ()) -> GreedyBatch:
@@ -314,7 +332,7 @@ class VisionLanguageModel(ABC):
             if self.device.type == "cuda":
                 self.runner.fuse_projections()  # no-op for quantized layers
             self._greedy_batch = BatchedGreedyDecoder(self.runner)
-        prompts = [self.prompt_embeds(v, q) for v, q in zip(visuals, questions, strict=True)]
+        prompts = [self.padded_prompt_embeds(v, q) for v, q in zip(visuals, questions, strict=True)]
         return self._greedy_batch.generate(prompts, max_new_tokens, self.eos_token_id, hidden_layers)
 
     def tokenize(self, text: str) -> list[int]:

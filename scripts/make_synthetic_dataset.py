@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise events per pixel per second (default 0.002, ~600/s at 640x480)")
     p.add_argument("--no_ego_motion", action="store_true", help="keep the camera still in every clip")
     p.add_argument("--threshold", type=float, default=0.2, help="event contrast threshold C (default 0.2)")
+    p.add_argument("--long_answers", action="store_true",
+                   help="answer the key-elements and description questions at length (>= 40 tokens, "
+                        "motion, colours and static things; marks each new ground truth answer_style: long; "
+                        "clips already on disk keep theirs)")
     return p
 
 
@@ -126,6 +130,8 @@ def _make_clip(job: dict) -> tuple[dict, bool]:
     ss = _seed_sequence(seed, split, index)
     gt, frames, events = generate_clip(ss.spawn(3)[0], job["width"], job["height"], job["duration_ms"], FPS,
                                        job["noise_rate"], job["ego_motion"], job["threshold"])
+    if job.get("long_answers"):
+        gt["answer_style"] = "long"
     for k, frame in enumerate(frames):
         atomic_write_bytes(out / f"{paths['video_data']}/{k:04d}.png", _png_bytes(frame))
     for path, img in zip(paths["event_image"], render_event_frames(events, 5)):
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     questions = load_top_questions()
     jobs = [dict(output_dir=str(out), split=args.split, index=i, seed=args.seed, width=args.width,
                  height=args.height, duration_ms=DURATIONS_MS[args.duration], noise_rate=args.noise_rate,
-                 ego_motion=not args.no_ego_motion, threshold=args.threshold, questions=questions)
+                 ego_motion=not args.no_ego_motion, threshold=args.threshold, questions=questions,
+                 long_answers=args.long_answers)
             for i in range(args.num_clips)]
     start = time.perf_counter()
     results: list[tuple[dict, bool]] = []

@@ -163,3 +163,83 @@ def test_maker_help(capsys) -> None:
         main(["--help"])
     assert e.value.code == 0
     assert "--num_clips" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- long answers
+
+def _scenes(n: int, seed: int = 5) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, 640, 480, 20, 20) for _ in range(n)]
+
+
+def test_long_answers_hold_the_clips_motion_colours_and_static_things() -> None:
+    from common.synthetic import LONG_QUESTIONS, long_answer
+
+    checked = 0
+    for gt in _scenes(40):
+        for question in LONG_QUESTIONS:
+            text = long_answer(question, gt)
+            assert len(text.split()) >= 30
+            for agent in gt["agents"]:  # motion: what the events show
+                assert agent["kind"] in text and agent["colour"] in text
+                assert {"left": " left", "right": " right", "towards": "towards the camera",
+                        "away": "away from the camera"}[agent["direction"]] in text
+            for obj in gt["static"]:  # colours and static things: what only the video shows
+                assert f"{obj['colour']} {obj['kind']}" in text
+            assert f"{gt['road']['lanes']}" in text or ("two", "three")[gt["road"]["lanes"] - 2] in text
+            checked += bool(gt["agents"]) and bool(gt["static"])
+    assert checked > 20
+
+
+def test_long_answers_are_deterministic_and_varied() -> None:
+    from common.synthetic import LONG_QUESTIONS, long_answer
+
+    scenes = _scenes(30)
+    first = [long_answer(LONG_QUESTIONS[0], gt) for gt in scenes]
+    assert first == [long_answer(LONG_QUESTIONS[0], json.loads(json.dumps(gt))) for gt in scenes]
+    openings = {text.split(" ")[0] for text in first}
+    assert len(openings) >= 3  # several templates
+    assert sum(long_answer(LONG_QUESTIONS[1], gt) != a for gt, a in zip(scenes, first)) >= 20
+
+
+def test_long_answers_reach_40_tokens_of_the_shipped_tokenizer() -> None:
+    from transformers import AutoTokenizer
+
+    from common.defaults import MODELS_DIR
+    from common.synthetic import LONG_QUESTIONS, long_answer
+
+    if not (MODELS_DIR / "videollava" / "tokenizer.json").is_file():
+        pytest.skip("no shipped pair")
+    tok = AutoTokenizer.from_pretrained(str(MODELS_DIR / "videollava"))
+    lengths = [len(tok(long_answer(q, gt), add_special_tokens=False).input_ids)
+               for gt in _scenes(100, seed=9) for q in LONG_QUESTIONS]
+    assert min(lengths) >= 40
+
+
+def test_answer_style_long_switches_only_the_long_questions() -> None:
+    from common.synthetic import LONG_QUESTIONS, long_answer
+
+    gt = _scenes(1)[0]
+    short = {q: answer_question(q, gt) for q in [*LONG_QUESTIONS, "Is the road straight?"]}
+    marked = {**gt, "answer_style": "long"}
+    for q in LONG_QUESTIONS:
+        assert answer_question(q, marked) == long_answer(q, gt) != short[q]
+    assert answer_question("Is the road straight?", marked) == short["Is the road straight?"]
+    assert answer_question("What are the key elements in this scene?", gt) == short[LONG_QUESTIONS[0]]
+
+
+def test_dataset_with_long_answers(tmp_path) -> None:
+    from common.data import ClipDataset
+    from common.synthetic import long_answer
+
+    make_dataset(tmp_path / "long", num_clips=2, seed=3, extra=["--long_answers"])
+    make_dataset(tmp_path / "short", num_clips=2, seed=3)
+    for style, folder in (("long", tmp_path / "long"), ("short", tmp_path / "short")):
+        samples = [s for s in ClipDataset(folder, max_questions=2)
+                   if s.question == "What are the key elements in this scene?"]
+        assert len(samples) == 2
+        for sample in samples:
+            gt = json.loads(sample.ground_truth_path.read_text())
+            assert gt.get("answer_style") == ("long" if style == "long" else None)
+            expected = long_answer(sample.question, gt) if style == "long" else answer_question(sample.question, gt)
+            assert sample.answer == expected

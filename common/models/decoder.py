@@ -126,9 +126,12 @@ def _concat_weights(linears: list[nn.Linear]) -> torch.Tensor:
 class LlamaRunner:
     """Runs a transformers ``LlamaModel`` (layers, norm, rotary) plus an LM head over a ``KVCache``."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, masked_prefix: int = 0):
         self.language_model = language_model
         self.lm_head = lm_head
+        # the first ``masked_prefix`` positions of every sequence (a widened twin's visual padding) are
+        # computed but hidden from every later position
+        self.masked_prefix = int(masked_prefix)
         self.shape = DecoderShape.from_config(language_model.config)
         self.layers = list(language_model.layers)[: self.shape.num_layers]
         self._fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -250,6 +253,13 @@ class LlamaRunner:
         gate, up = F.linear(x, self._fused[idx][1]).chunk(2, dim=-1)
         return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
+    def visible(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Which key positions each query position attends to: causal, the masked prefix hidden from the rest."""
+        mask = keys <= queries
+        if self.masked_prefix:
+            mask = mask & ((keys >= self.masked_prefix) | (queries < self.masked_prefix))
+        return mask
+
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend_len: int, cache: KVCache,
                 wanted: set[int], causal_prefill: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """All decoder layers and the final norm over x (rows, k, H) written at ``positions``.
@@ -257,14 +267,15 @@ class LlamaRunner:
         ``positions`` is (k,) when every row sits at the same positions, or (rows, k). Returns the
         normed output (rows, k, H) and the wanted layers' states, each (rows, k, H).
         """
-        if causal_prefill:
+        keys = torch.arange(attend_len, device=x.device)
+        if causal_prefill and not self.masked_prefix:
             mask = None  # a fresh prompt: plain causal attention (flash kernels)
             position_ids = positions[None, :]
         elif positions.dim() == 1:
-            mask = torch.arange(attend_len, device=x.device)[None, :] <= positions[:, None]
+            mask = self.visible(keys[None, :], positions[:, None])
             position_ids = positions[None, :]
         else:
-            mask = (torch.arange(attend_len, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]
+            mask = self.visible(keys[None, None, :], positions[:, :, None])[:, None]
             position_ids = positions
         cos, sin = self.language_model.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]

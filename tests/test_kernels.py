@@ -25,18 +25,20 @@ from common.models.decoder import LlamaRunner  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _runner(seed: int = 0, hidden: int = 64, kv_heads: int = 2) -> LlamaRunner:
+def _runner(seed: int = 0, hidden: int = 64, kv_heads: int = 2, masked_prefix: int = 0) -> LlamaRunner:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512)
-    return LlamaRunner(LlamaModel(cfg).eval().to(DEVICE), torch.nn.Linear(hidden, 100, bias=False).to(DEVICE))
+    return LlamaRunner(LlamaModel(cfg).eval().to(DEVICE), torch.nn.Linear(hidden, 100, bias=False).to(DEVICE),
+                       masked_prefix=masked_prefix)
 
 
 @pytest.mark.parametrize("k", [1, 6])
 @pytest.mark.parametrize("hidden,kv_heads", [(64, 2), (96, 4)])  # head size 16 with GQA; 24 (not a power of 2)
-def test_fused_step_equals_eager_step(k, hidden, kv_heads):
+@pytest.mark.parametrize("masked_prefix", [0, 70])  # a widened twin's hidden visual padding
+def test_fused_step_equals_eager_step(k, hidden, kv_heads, masked_prefix):
     """Logits, final state and the cache's new keys/values agree; a split boundary (128) is crossed."""
-    runner = _runner(hidden=hidden, kv_heads=kv_heads)
+    runner = _runner(hidden=hidden, kv_heads=kv_heads, masked_prefix=masked_prefix)
     with torch.no_grad():
         cache = runner.new_cache(300, torch.float32, DEVICE)
         runner.run(torch.randn(1, 125, hidden, device=DEVICE), cache)

@@ -197,7 +197,7 @@ class LlamaRunner:
             q = kern.rope_kv_write(F.linear(h, self._fused[idx][0]), cos[0], sin[0], positions,
                                    cache.keys[idx, 0], cache.values[idx, 0], s.num_heads, s.num_kv_heads)
             attn = kern.decode_attention(q, cache.keys[idx, 0], cache.values[idx, 0], positions,
-                                         s.head_dim ** -0.5)
+                                         s.head_dim ** -0.5, masked_prefix=self.masked_prefix)
             post, nxt = norms[2 * idx + 1], norms[2 * idx + 2]
             h, res = kern.add_rms_norm(layer.self_attn.o_proj(attn), res, post.weight, _eps(post))
             mlp = layer.mlp.down_proj(kern.silu_mul(F.linear(h, self._fused[idx][1])))

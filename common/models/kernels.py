@@ -103,7 +103,7 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
 
 
 @triton.jit
-def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows, stride_kh, scale,
+def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows, stride_kh, scale, hidden,
                        NH: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
                        SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -129,7 +129,10 @@ def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows
             offs = kvh * stride_kh + cols[:, None] * HD + d[None, :]
             k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(cols[None, :] <= pos[:, None], s, float("-inf"))
+            # causal, and the first ``hidden`` positions (a widened twin's masked visual padding) are
+            # read like any key but hidden from every later position
+            seen = (cols[None, :] <= pos[:, None]) & ((cols[None, :] >= hidden) | (pos[:, None] < hidden))
+            s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
@@ -164,10 +167,11 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_rows, n_splits, NH: tl.const
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     scale: float, split: int = 128, block_n: int = 64) -> torch.Tensor:
+                     scale: float, split: int = 128, block_n: int = 64, masked_prefix: int = 0) -> torch.Tensor:
     """Causal attention of q (T, NH, HD) at ``positions`` (T,) over one layer's cache (NKV, capacity, HD).
 
-    Row i attends keys 0..positions[i]. The keys are cut into ``split``-position chunks, one program
+    Row i attends keys 0..positions[i], except that keys below ``masked_prefix`` are hidden from rows at
+    or past it (they are still read, so the step costs what it would with real tokens there). The keys are cut into ``split``-position chunks, one program
     per (head, chunk) for all T rows; chunks past the furthest position exit at once. Returns (T, NH * HD).
     """
     rows, num_heads, head_dim = q.shape
@@ -179,7 +183,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     l_sum = torch.empty_like(m)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _split_attn_kernel[(num_heads, n_splits)](
-        q.contiguous(), keys, values, positions, o, m, l_sum, rows, keys.stride(0), float(scale),
+        q.contiguous(), keys, values, positions, o, m, l_sum, rows, keys.stride(0), float(scale), int(masked_prefix),
         NH=num_heads, GROUP=num_heads // keys.shape[0], HD=head_dim, HDP=max(16, triton.next_power_of_2(head_dim)),
         SPLIT=split,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, PRECISION=precision, num_warps=4,

@@ -215,3 +215,90 @@ def test_empty_tree_is_plain_decoding():
     result, _ = tree_run(target, target, [3, 5], TreeConfig(topk=2, tokens=4), 1)
     assert result.tokens == autoregressive_generate(target, target.prefill([3, 5]), max_new_tokens=1).tokens
     assert result.target_forwards == 0
+
+
+# ----- real decoders: the runner's explicit mask, KV compaction, the EAGLE head's tree -----
+
+def _eagle(target, seed: int):
+    from feature_alignment.eagle_head import EagleDrafter, EagleHead, EagleHeadConfig, EagleTarget
+
+    torch.manual_seed(seed)
+    head = EagleHead(EagleHeadConfig.for_target(target)).bind(target)
+    proxy = EagleTarget(target, -1)
+    return head, proxy, EagleDrafter
+
+
+def test_runner_tree_mask_rows_equal_separate_chains():
+    """Each node's logits from one masked forward equal the logits of feeding its path alone."""
+    from common.vlm import VisualInput
+    from tests.test_speculative import TinyTextVLM
+
+    target = TinyTextVLM.make(0)
+    visual = VisualInput(embeds=torch.zeros(3, 32))
+    parents, tokens = [-1, -1, 0, 0, 2], [5, 9, 13, 7, 21]
+    state = target.prefill(visual, "4 8")
+    base = state.length
+    tree = DraftTree(tokens=tokens, parents=parents)
+    logits = target.forward(state, [11] + tokens, attn_mask=tree_attention_mask(parents, base, 1),
+                            position_ids=tree_positions(parents, base, 1))
+    for i in range(len(tokens)):
+        ref_state = target.prefill(visual, "4 8")
+        ref = target.forward(ref_state, [11] + tree.path_tokens(i))[-1]
+        assert torch.allclose(logits[1 + i], ref, atol=1e-5), i
+    # compacting onto path 0 -> 2 -> 4 leaves the cache of feeding [11, 5, 13, 21]
+    target.compact(state, base, [0, 1, 3, 5])
+    assert state.length == base + 4
+    ref_state = target.prefill(visual, "4 8")
+    target.forward(ref_state, [11, 5, 13, 21])
+    n = state.length
+    assert torch.allclose(state.cache.keys[:, :, :, :n], ref_state.cache.keys[:, :, :, :n], atol=1e-5)
+    assert torch.allclose(target.forward(state, [3]), target.forward(ref_state, [3]), atol=1e-5)
+
+
+@pytest.mark.parametrize("topk,tokens", [(1, 5), (4, 8), (8, 12)])
+def test_eagle_tree_greedy_lossless_on_a_real_decoder(topk, tokens):
+    from common.vlm import VisualInput
+    from tests.test_speculative import TinyTextVLM
+
+    target = TinyTextVLM.make(0)
+    visual = VisualInput(embeds=torch.zeros(3, 32))
+    accepted = 0
+    for question in ("5 9 13", "7 7 21 40", "1 2"):
+        expected = autoregressive_generate(target, target.prefill(visual, question), max_new_tokens=30,
+                                           stop_token_ids=()).tokens
+        head, proxy, Drafter = _eagle(target, seed=len(question))
+        state = proxy.prefill(visual, question)
+        drafter = Drafter(head, proxy, state, stop_token_ids=())
+        result = speculative_generate(proxy, state, drafter, max_new_tokens=30, gamma=0, stop_token_ids=(),
+                                      tree=TreeConfig(topk=topk, tokens=tokens))
+        assert result.tokens == expected
+        assert state.length == state.prompt_length + 29
+        accepted += result.num_accepted
+        # the recorded features followed the compaction: they are the target's own states of the answer
+        tf = target.teacher_forced([visual], [question], [result.tokens], hidden_layers=[-1], logits=False)
+        feats = proxy.features(state)
+        assert torch.allclose(feats[:29], tf.hidden[-1][0][:29], atol=1e-4)
+        if topk == 1:  # the same head drafting chains of tokens - 1
+            _, proxy2, _ = _eagle(target, seed=0)
+            state2 = proxy2.prefill(visual, question)
+            chain = speculative_generate(proxy2, state2, Drafter(head, proxy2, state2, stop_token_ids=()),
+                                         max_new_tokens=30, gamma=tokens - 1, stop_token_ids=())
+            assert chain.tokens == result.tokens and chain.iterations == result.iterations
+    if topk > 1:
+        assert accepted > 0  # acceptance paths (and compaction of non-trivial paths) were exercised
+
+
+def test_eagle_tree_on_the_shipped_pair_is_lossless():
+    from common.data import ClipDataset
+    from common.defaults import default_dataset_dir, default_model_path
+    from common.models.loader import load_vlm
+    from common.pipeline import prefill_sample
+
+    target = load_vlm("videollava", default_model_path("videollava"), device="cpu")
+    sample = list(ClipDataset(default_dataset_dir()))[0]
+    reference = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=12).tokens
+    head, proxy, Drafter = _eagle(target, seed=3)
+    state = prefill_sample(proxy, sample).state
+    result = speculative_generate(proxy, state, Drafter(head, proxy, state), max_new_tokens=12, gamma=0,
+                                  tree=TreeConfig(topk=4, tokens=6))
+    assert result.tokens == reference

@@ -44,8 +44,11 @@ from common.sampling import is_greedy, probs_from_logits, sample_from_probs, uni
 __all__ = [
     "TreeConfig", "DraftTree", "build_tree", "tree_attention_mask", "tree_positions", "accept_tree_greedy",
     "accept_tree_sampled", "compact_cache", "verify_tree", "add_tree_args", "tree_config_from",
-    "propose_tree",
+    "propose_tree", "tree_from_flags", "TREE_DRAFTERS",
 ]
+
+# Drafter kinds that draft trees (EagleDrafter.propose_tree; the hybrid's EAGLE phase after the prefill).
+TREE_DRAFTERS = ("eagle", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -352,3 +355,17 @@ def tree_config_from(topk: int | None, tokens: int | None) -> TreeConfig | None:
     if topk is None or tokens is None:
         raise ValueError("--tree_topk and --tree_tokens go together: pass both (e.g. --tree_topk 4 --tree_tokens 6)")
     return TreeConfig(topk=int(topk), tokens=int(tokens))
+
+
+def tree_from_flags(topk: int | None, tokens: int | None, drafters: Sequence[str]) -> TreeConfig | None:
+    """For CLIs: the flags' TreeConfig when every drafter kind in ``drafters`` drafts trees; one-line SystemExit otherwise."""
+    try:
+        config = tree_config_from(topk, tokens)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    refused = [d for d in drafters if d not in TREE_DRAFTERS]
+    if config is not None and (refused or not drafters):
+        what = f"drafter {refused[0]!r} drafts chains only" if refused else "no chosen drafter drafts trees"
+        raise SystemExit(f"--tree_topk/--tree_tokens: {what}; trees need one of {', '.join(TREE_DRAFTERS)} "
+                         "(e.g. --drafter eagle --eagle_head PATH)")
+    return config

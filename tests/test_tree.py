@@ -20,6 +20,7 @@ from common.tree import (
     tree_config_from,
     tree_positions,
 )
+from tests.data_fixtures import tiny_dataset  # noqa: F401  (session fixture)
 from tests.fakes import FakeLM, FakeTreeDrafter, copy_of, never_agree, sometimes_agree
 from tests.test_speculative import PROMPTS, chi_square, chi_square_critical, small_pair, target_lm
 
@@ -302,3 +303,35 @@ def test_eagle_tree_on_the_shipped_pair_is_lossless():
     result = speculative_generate(proxy, state, Drafter(head, proxy, state), max_new_tokens=12, gamma=0,
                                   tree=TreeConfig(topk=4, tokens=6))
     assert result.tokens == reference
+
+
+# ----- the flags on the three benchmark scripts -----
+
+def test_tree_flags_in_the_benchmarks(tiny_models_dir, tiny_dataset, tmp_path):  # noqa: F811
+    from benchmark_inference import benchmark_inference as bi
+    from benchmark_parallel_prefill import benchmark_parallel_prefill as bp
+    from benchmark_parallel_prefill import compare_drafters as cd
+    from common.models.loader import load_vlm
+    from feature_alignment.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
+
+    target = load_vlm("videollava", tiny_models_dir / "videollava", device="cpu")
+    save_eagle_head(EagleHead(EagleHeadConfig.for_target(target)), tmp_path / "eagle")
+    base = ["--dataset_dir", str(tiny_dataset), "--eventgpt_path", str(tiny_models_dir / "eventgpt"),
+            "--videollava_path", str(tiny_models_dir / "videollava"), "--task_name", "t", "--max_new_tokens", "8",
+            "--gamma", "3", "--warmup_steps", "0", "--max_samples", "1", "--device", "cpu"]
+    tree = ["--tree_topk", "3", "--tree_tokens", "4"]
+    eagle = ["--drafter", "eagle", "--eagle_head", str(tmp_path / "eagle")]
+    seq = bi.main(base + eagle + tree + ["--output_dir", str(tmp_path / "seq")])["statistics"]
+    assert seq["sd_lossless_rate"] == 1.0 and seq["tree"] == {"topk": 3, "tokens": 4}
+    par = bp.main(base + eagle + tree + ["--output_dir", str(tmp_path / "par")])["statistics"]
+    assert par["lossless_rate"] == 1.0
+    with pytest.raises(SystemExit, match="'eventgpt' drafts chains only"):
+        bi.main(base + tree + ["--output_dir", str(tmp_path / "no")])
+    with pytest.raises(SystemExit, match="go together"):
+        bp.main(base + eagle + ["--tree_topk", "3", "--output_dir", str(tmp_path / "no")])
+    cmp = cd.main(base + ["--drafters", "eagle,hybrid", "--eagle_head", str(tmp_path / "eagle"),
+                          "--max_free_tokens", "2", "--output_dir", str(tmp_path / "cmp")] + tree)["statistics"]
+    assert set(cmp["drafters"]) == {"eagle", "hybrid", "eagle_tree", "hybrid_tree"}
+    assert all(s["lossless_rate"] == 1.0 for s in cmp["drafters"].values())
+    with pytest.raises(SystemExit, match="no chosen drafter drafts trees"):
+        cd.main(base + ["--drafters", "eventgpt", "--output_dir", str(tmp_path / "no")] + tree)

@@ -314,9 +314,12 @@ def verify_tree(target: Any, state: Any, pending: list[int], tree: DraftTree, te
     forwards = 0
     if pending or len(tree):
         device = getattr(target, "device", "cpu")
-        logits = target.forward(state, pending + tree.tokens,
-                                attn_mask=tree_attention_mask(tree.parents, base, np_, device),
-                                position_ids=tree_positions(tree.parents, base, np_, device))
+        if not len(tree):  # nothing drafted: a plain forward (the fast path, graphs included)
+            logits = target.forward(state, pending)
+        else:
+            logits = target.forward(state, pending + tree.tokens,
+                                    attn_mask=tree_attention_mask(tree.parents, base, np_, device),
+                                    position_ids=tree_positions(tree.parents, base, np_, device))
         forwards = 1
         root = logits[np_ - 1] if pending else root
         rows = logits[np_:]

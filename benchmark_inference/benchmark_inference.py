@@ -51,6 +51,7 @@ from common.plots import plot_stage_breakdown
 from common.results import markdown_table, summarize
 from common.speculative import SpecResult, aggregate_metrics, predicted_speedup, speculative_generate
 from common.timing import gc_paused, sync
+from common.tree import add_tree_args, tree_from_flags
 
 STAGE = "benchmark_inference"
 MODELS = ("egpt", "videollava")
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     add_drafter_args(parser)
+    add_tree_args(parser)
     g = parser.add_argument_group("decoding")
     add_decode_args(g)
     return parser
@@ -75,7 +77,7 @@ def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[
     drf = prefill_sample(draft, sample, hidden_layers=make_drafter.hidden_layers)
     drafter = make_drafter(draft, drf.state, engine_target)
     result = speculative_generate(engine_target, tgt.state, drafter, max_new_tokens=args.max_new_tokens,
-                                  gamma=args.gamma, sync=lambda: sync(target.device))
+                                  gamma=args.gamma, sync=lambda: sync(target.device), tree=args.tree)
     sync(target.device)
     total = time.perf_counter() - start
     fields = {
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
                             vision_graphs=not args.eager_vision)
     make_drafter = drafter_factory(args, device=target.device)
+    args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
     log.info("run folder %s; decode mode %s; %d samples", run.path, mode, len(samples))
     done = run.finished_ids()
     todo = [s for s in samples if s.id not in done]
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stats = compute_statistics(records, args.gamma)
     stats["decode_mode"] = mode
     stats["drafter"] = make_drafter.kind
+    stats["tree"] = None if args.tree is None else {"topk": args.tree.topk, "tokens": args.tree.tokens}
     write_readouts(run, records, stats, argv)
     run.mark_done()
     log.info("results: %s", run.path / "RESULTS.md")

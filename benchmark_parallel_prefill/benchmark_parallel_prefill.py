@@ -48,6 +48,7 @@ from common.plots import plot_speedup_vs_acceptance, plot_timelines
 from common.results import markdown_table, summarize
 from common.speculative import aggregate_metrics, autoregressive_generate, predicted_speedup
 from common.timing import gc_paused, sync
+from common.tree import add_tree_args, tree_from_flags
 
 STAGE = "benchmark_parallel_prefill"
 log = logging.getLogger(STAGE)
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target_device", default=None, help="device of Video-LLaVA (default: --device)")
     add_decode_args(g, free_tokens=True)
     add_drafter_args(parser)
+    add_tree_args(parser)
     return parser
 
 
@@ -89,7 +91,7 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
         out = run_parallel(draft, make_drafter.engine_target(target), sample, make_drafter,
                            max_new_tokens=args.max_new_tokens,
                            gamma=args.gamma_after_prefill if args.gamma_after_prefill is not None else args.gamma,
-                           max_free_tokens=args.max_free_tokens)
+                           max_free_tokens=args.max_free_tokens, tree=args.tree)
         aligned = {}
         if make_drafter.kind == "token_adapter":  # the raw EventGPT drafter on the same sample, for comparison
             raw = run_parallel(draft, target, sample, DrafterFactory("eventgpt"), max_new_tokens=args.max_new_tokens,
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
                             vision_graphs=not args.eager_vision)
     make_drafter = drafter_factory(args, device=target.device)
+    args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
     done = run.finished_ids()
     todo = [s for s in samples if s.id not in done]
     timelines: list[tuple[str, list[dict]]] = []

@@ -36,7 +36,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -68,6 +68,7 @@ from common.speculative import (
     speculative_generate,
 )
 from common.timing import sync, sync_current_stream
+from common.tree import TREE_DRAFTERS, add_tree_args, tree_from_flags
 
 STAGE = "benchmark_parallel_prefill"
 SCRIPT = "compare_drafters"
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden-state adapters as NAME=PATH pairs, e.g. L1=P1,L5=P5")
     g.add_argument("--eagle_head", default=None, help="EAGLE head checkpoint (folder, or a training folder with best/)")
     g.add_argument("--pool", type=int, default=2, help="pooled self-draft: K x K pooling of the video tokens (0: off)")
+    add_tree_args(parser)  # adds eagle_tree / hybrid_tree beside the chain-drafting eagle / hybrid
     return parser
 
 
@@ -236,6 +238,17 @@ def _spec_fields(result: SpecResult, free: list[int]) -> dict[str, Any]:
     }
 
 
+def tree_specs(specs: list[Spec], args: argparse.Namespace) -> list[Spec]:
+    """With --tree_topk/--tree_tokens: a ``<name>_tree`` copy of each tree-capable drafter (eagle, hybrid)."""
+    able = [s for s in specs if s.name in TREE_DRAFTERS]
+    tree = tree_from_flags(args.tree_topk, args.tree_tokens, [s.name for s in able])
+    if tree is None:
+        return []
+    return [replace(s, name=f"{s.name}_tree", extra={**s.extra, "tree": tree},
+                    description=f"{s.description} drafting trees (top-{tree.topk}, {tree.tokens} tree tokens)")
+            for s in able]
+
+
 def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One drafter on one sample: wall time, the engine's accounting and the prefill sizes."""
     gamma, new = args.gamma, args.max_new_tokens
@@ -248,7 +261,8 @@ def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> 
             pre = prefill_sample(proxy, sample)
             drafter = make_eagle_drafter(spec.head, None, proxy, pre.state,
                                          sync=partial(sync_current_stream, target.device))
-            res = speculative_generate(proxy, pre.state, drafter, max_new_tokens=new, gamma=gamma, sync=engine_sync)
+            res = speculative_generate(proxy, pre.state, drafter, max_new_tokens=new, gamma=gamma, sync=engine_sync,
+                                       tree=spec.extra.get("tree"))
             return pre, res
 
         seconds, (pre, res) = timed(run, target.device)
@@ -257,7 +271,7 @@ def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> 
     if spec.kind == "hybrid" or args.harness == "parallel":
         if spec.kind == "hybrid":
             out = run_hybrid(spec.draft, target, sample, spec.factory, max_new_tokens=new, gamma=gamma,
-                             max_free_tokens=args.max_free_tokens)
+                             max_free_tokens=args.max_free_tokens, tree=spec.extra.get("tree"))
         else:
             out = run_parallel(spec.draft, target, sample, spec.factory, max_new_tokens=new, gamma=gamma,
                                max_free_tokens=args.max_free_tokens)
@@ -440,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="compare_drafters")
     draft, target = load_pair(args, dataset_dir)
     specs, notes = build_specs(args, draft, target)
+    specs += tree_specs(specs, args)
     models = [draft, target] + [s.draft for s in specs if isinstance(s.draft, PooledVideoLlava)]
     mode = configure_decode(models, args.decode_mode, max_length=4096, gamma=args.gamma,
                             vision_graphs=not args.eager_vision)

@@ -26,6 +26,7 @@ from typing import Any
 from common.parallel import ParallelOutcome, run_parallel
 from common.speculative import DraftProposal, ModelDrafter
 from common.timing import sync_current_stream
+from common.tree import DraftTree, TreeConfig, propose_tree
 
 __all__ = ["HybridDrafter", "HybridFactory", "run_hybrid"]
 
@@ -61,11 +62,21 @@ class HybridDrafter:
         out["first_tokens"], out["second_tokens"] = self.phase_tokens["first"], self.phase_tokens["second"]
         return out
 
-    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+    def propose_tree(self, context: list[int], config: TreeConfig, max_depth: int) -> DraftTree:
+        """A draft tree from the second drafter (the engine asks for trees only after the target's prefill)."""
+        self._maybe_switch(context)
+        tree = propose_tree(self.second, context, config, max_depth)
+        self.phase_tokens["second"] += len(tree)
+        return tree
+
+    def _maybe_switch(self, context: list[int]) -> None:
         if self.switched_at is None and self._decoding():
             self.switched_at = len(context)
             if self.on_switch is not None:
                 self.on_switch()
+
+    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+        self._maybe_switch(context)
         phase = "first" if self.switched_at is None else "second"
         proposal = (self.first if phase == "first" else self.second).propose(context, gamma)
         self.phase_tokens[phase] += len(proposal.tokens)
@@ -129,7 +140,8 @@ class HybridFactory:
 
 
 def run_hybrid(draft: Any, target: Any, sample: Any, factory: HybridFactory, *, max_new_tokens: int, gamma: int,
-               max_free_tokens: int = 64, question: str | None = None) -> ParallelOutcome:
+               max_free_tokens: int = 64, question: str | None = None, tree: TreeConfig | None = None,
+               ) -> ParallelOutcome:
     """``run_parallel`` with the hybrid: a fresh EagleTarget wrapper around ``target`` for this run.
 
     The outcome's ``result`` is the target's own output; ``free_tokens`` are EventGPT's; the
@@ -146,6 +158,6 @@ def run_hybrid(draft: Any, target: Any, sample: Any, factory: HybridFactory, *, 
 
     make.hidden_layers = factory.hidden_layers  # read by run_parallel for the draft's prefill
     outcome = run_parallel(draft, proxy, sample, make, max_new_tokens=max_new_tokens, gamma=gamma,
-                           max_free_tokens=max_free_tokens, question=question)
+                           max_free_tokens=max_free_tokens, question=question, tree=tree)
     outcome.drafter = captured.get("drafter")
     return outcome

@@ -24,6 +24,7 @@ from common.pipeline import Prefilled, prefill_sample
 from common.speculative import Drafter, DraftProposal, SpecResult, speculative_generate
 from common.timing import Clock
 from common.timing import sync as device_sync
+from common.tree import TreeConfig
 from common.vlm import VisionLanguageModel
 
 
@@ -88,11 +89,12 @@ def _stream_sync(stream, device: torch.device):
 
 def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample: Any,
                  make_drafter, *, max_new_tokens: int, gamma: int, max_free_tokens: int = 64,
-                 question: str | None = None) -> ParallelOutcome:
+                 question: str | None = None, tree: TreeConfig | None = None) -> ParallelOutcome:
     """Prefill both models concurrently, draft free tokens in the target's prefill window, then speculate.
 
     ``make_drafter(draft, draft_state, target) -> Drafter`` builds the drafter from the draft's
-    fresh state; its one-token proposals during the window are the free tokens.
+    fresh state; its one-token proposals during the window are the free tokens. ``tree``: after
+    the free tokens, draft trees (common.tree) instead of chains.
     """
     clock = Clock()
     target_done = threading.Event()
@@ -151,7 +153,7 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
     with torch.no_grad():
         result = speculative_generate(target, box["target"].state, box["drafter"], max_new_tokens=max_new_tokens,
                                       gamma=gamma, initial_proposal=DraftProposal(list(free)) if free else None,
-                                      sync=sync)
+                                      sync=sync, tree=tree)
     end = clock.now()
     clock.record("speculative decode", spec_start, end, "target")
     return ParallelOutcome(result=result, target=box["target"], draft=box["draft"], free_tokens=free,

@@ -42,6 +42,7 @@ from common.sampling import (
     sample_from_probs,
     uniform,
 )
+from common.tree import DraftTree, TreeConfig, propose_tree, verify_tree
 
 Clock = Callable[[], float]
 SyncFn = Callable[[], None]
@@ -493,11 +494,26 @@ def _verify(target: Any, state: Any, pending: list[int], proposal: DraftProposal
     return n, nxt, forwards
 
 
+def _tree_step(target: Any, state: Any, drafter: Any, generated: list[int], pending: list[int], tree: TreeConfig,
+               budget: int, temperature: float, generator: torch.Generator | None, result: SpecResult,
+               now: Clock) -> list[int]:
+    """Draft a tree, verify it in one forward (common.tree); returns the emitted tokens (accepted + next)."""
+    t0 = now()
+    dtree = propose_tree(drafter, list(generated), tree, budget).limited(budget) if budget > 0 else DraftTree()
+    result.draft_seconds += now() - t0
+    t0 = now()
+    accepted, nxt, forwards = verify_tree(target, state, pending, dtree, temperature, generator)
+    result.verify_seconds += now() - t0
+    result.target_forwards += forwards
+    result.iterations.append((dtree.depth, len(accepted)))
+    return accepted + [nxt]
+
+
 def speculative_generate(target: Any, target_state: Any, drafter: Drafter, *, max_new_tokens: int, gamma: int,
                          temperature: float = 0.0, generator: torch.Generator | None = None,
                          stop_token_ids: Iterable[int] | None = None,
                          initial_proposal: DraftProposal | None = None, sync: SyncFn | None = None,
-                         clock: Clock = time.perf_counter) -> SpecResult:
+                         clock: Clock = time.perf_counter, tree: TreeConfig | None = None) -> SpecResult:
     """Generate with ``drafter`` proposing and ``target`` verifying; the output is the target's own.
 
     ``target_state`` must be freshly prefilled. Each step drafts ``min(gamma, remaining - 1)``
@@ -510,7 +526,9 @@ def speculative_generate(target: Any, target_state: Any, drafter: Drafter, *, ma
     HF generate does) or at ``max_new_tokens``. At temperature 0 the output equals
     :func:`autoregressive_generate`'s; above 0 it has the target's distribution, with all
     randomness drawn from ``generator``. ``sync`` (e.g. ``torch.cuda.synchronize``) runs
-    before every clock read.
+    before every clock read. With ``tree`` (:mod:`common.tree`), each step except one that
+    verifies ``initial_proposal`` drafts a tree (``drafter.propose_tree``) verified in one
+    forward; its iteration records (tree depth, accepted) and ``gamma`` is unused there.
     """
     if max_new_tokens < 0 or gamma < 0:
         raise ValueError("max_new_tokens and gamma must be >= 0")
@@ -526,6 +544,16 @@ def speculative_generate(target: Any, target_state: Any, drafter: Drafter, *, ma
     start = now()
     while len(generated) < max_new_tokens:
         budget = max_new_tokens - len(generated) - 1  # draft tokens that can still be emitted
+        if tree is not None and proposal is None:
+            new = _tree_step(target, target_state, drafter, generated, pending, tree, budget, temperature,
+                             generator, result, now)
+            pending = [new[-1]]
+            cut = _first_stop(new, stops)
+            generated.extend(new if cut is None else new[:cut + 1])
+            if cut is not None:
+                result.stop_reason = "stop_token"
+                break
+            continue
         if proposal is None:
             n_draft = min(gamma, budget)
             proposal = DraftProposal([])

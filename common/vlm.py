@@ -31,6 +31,7 @@ from torch import nn
 from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
 from common.models.graphed_vision import GraphedVisionEncoder
 from common.models.greedy_batch import BatchedGreedyDecoder, GreedyBatch
+from common.tree import compact_cache
 
 # Room reserved in a fresh KV cache beyond the prompt (it grows by doubling past this).
 DEFAULT_DECODE_ROOM = 128
@@ -234,13 +235,19 @@ class VisionLanguageModel(ABC):
 
     @torch.no_grad()
     def forward(self, state: DecodeState, token_ids: Sequence[int] | torch.Tensor,
-                hidden_layers: Sequence[int] = ()) -> torch.Tensor:
-        """Feed 1..k tokens; return their float32 logits (k, V) and advance ``state``."""
+                hidden_layers: Sequence[int] = (), *, attn_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed 1..k tokens; return their float32 logits (k, V) and advance ``state``.
+
+        ``attn_mask`` (boolean (k, length + k)) and ``position_ids`` (k,) verify a draft tree
+        (common.tree); such forwards always run eagerly (the CUDA graphs take no mask), also
+        over the graphs' static cache.
+        """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("forward needs at least one token")
         embeds = self.embed_tokens(ids)
-        graphs = self.graphs
+        graphs = self.graphs if attn_mask is None else None
         # graphs also return the final normed state, so layer -1 requests stay on the fast path
         final_only = all(i in (-1, self.num_layers) for i in hidden_layers)
         on_graph = graphs is not None and final_only and state.cache is graphs.cache
@@ -252,7 +259,8 @@ class VisionLanguageModel(ABC):
             logits = graphs.step(embeds)
             hidden = {i: graphs.last_hidden for i in hidden_layers}
         else:
-            logits, hidden = self.runner.run(embeds, state.cache, hidden_layers)
+            logits, hidden = self.runner.run(embeds, state.cache, hidden_layers, attn_mask=attn_mask,
+                                             position_ids=position_ids)
         state.logits = logits[-1]
         state.hidden = hidden
         return logits
@@ -265,6 +273,13 @@ class VisionLanguageModel(ABC):
         if length < state.prompt_length:
             raise ValueError(f"cannot truncate into the prompt ({length} < {state.prompt_length})")
         state.cache.truncate(length)
+
+    def compact(self, state: DecodeState, start: int, keep: Sequence[int]) -> None:
+        """Keep the positions ``start + keep[i]`` at ``start + i`` and drop the rest (a verified tree's path)."""
+        if start < state.prompt_length:
+            raise ValueError(f"cannot compact into the prompt ({start} < {state.prompt_length})")
+        compact_cache(state.cache.keys, state.cache.values, start, keep)
+        state.cache.truncate(start + len(keep))
 
     def teacher_forced(self, visuals: Sequence[VisualInput], questions: Sequence[str],
                        answers: Sequence[Sequence[int]], hidden_layers: Sequence[int] = (),

@@ -51,6 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.speculative import DraftProposal, common_prefix_length
+from common.tree import DraftTree, build_tree
 from common.vlm import DecodeState
 
 __all__ = [
@@ -245,7 +246,8 @@ class EagleHead(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _layer(self, x: torch.Tensor, positions: torch.Tensor, cache: HeadCache | None) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, positions: torch.Tensor, cache: HeadCache | None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, h = x.shape
         n = self.config.num_heads
         hs = self.input_norm(x)
@@ -264,6 +266,7 @@ class EagleHead(nn.Module):
             cache.length = start + t
             keys, values = cache.keys[:, :, : start + t], cache.values[:, :, : start + t]
             mask = torch.arange(start + t, device=x.device)[None, :] <= positions[:, None]
+            mask = mask if attn_mask is None else attn_mask  # a draft tree's own mask (common.tree)
             attn = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, h))
         hs = self.post_norm(x)
@@ -280,14 +283,20 @@ class EagleHead(nn.Module):
         p = self.fc.weight
         return HeadCache(self.config.num_heads, self.head_dim, p.dtype, p.device, capacity)
 
-    def step(self, features: torch.Tensor, token_ids: Sequence[int] | torch.Tensor, cache: HeadCache) -> torch.Tensor:
-        """Append k positions ((k, H) features, k tokens) at the cache's end; returns (k, H) next features."""
+    def step(self, features: torch.Tensor, token_ids: Sequence[int] | torch.Tensor, cache: HeadCache,
+             positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append k positions ((k, H) features, k tokens) at the cache's end; returns (k, H) next features.
+
+        ``positions`` (k,) rotary positions and ``attn_mask`` (k, length + k) are for tree drafting.
+        """
         p = self.fc.weight
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         x = self.fc(torch.cat([features.to(p.device, p.dtype).reshape(-1, self.config.hidden_size),
                                self.embed(ids)], dim=-1)).unsqueeze(0)
-        positions = torch.arange(cache.length, cache.length + x.shape[1], device=p.device)
-        return self._layer(x, positions, cache)[0]
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + x.shape[1], device=p.device)
+        return self._layer(x, positions.to(p.device), cache,
+                           None if attn_mask is None else attn_mask.to(p.device))[0]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -495,23 +504,26 @@ class EagleTarget:
 
     @torch.no_grad()
     def forward(self, state: DecodeState, token_ids: Sequence[int] | torch.Tensor,
-                hidden_layers: Sequence[int] = ()) -> torch.Tensor:
-        """The target's forward; the fed positions' features are recorded for ``state``."""
+                hidden_layers: Sequence[int] = (), **tree: Any) -> torch.Tensor:
+        """The target's forward; the fed positions' features are recorded for ``state``.
+
+        ``tree``: ``attn_mask`` / ``position_ids`` of a draft tree's verify (eager; see :meth:`compact`).
+        """
         t = self.target
         buffer = self._buffer(state) if self.layer is not None else None
         if buffer is None:
-            return t.forward(state, token_ids, hidden_layers)
+            return t.forward(state, token_ids, hidden_layers, **tree)
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=t.device).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("forward needs at least one token")
         start = state.length
         graphs = t.graphs
-        if graphs is not None and not hidden_layers and state.cache is graphs.cache:
+        if graphs is not None and not hidden_layers and state.cache is graphs.cache and not tree:
             logits = self._graph_forward(state, ids)
             if logits is not None:
                 return logits
         asked = list(hidden_layers)
-        logits = t.forward(state, ids, asked + ([self.layer] if self.layer not in asked else []))
+        logits = t.forward(state, ids, asked + ([self.layer] if self.layer not in asked else []), **tree)
         buffer.append(start, state.hidden[self.layer])
         state.hidden = {k: state.hidden[k] for k in asked}
         return logits
@@ -540,6 +552,17 @@ class EagleTarget:
         buffer = self._buffer(state) if self.layer is not None else None
         if buffer is not None:
             buffer.truncate(length)
+
+    # ----- draft trees (common.tree) -----
+    def compact(self, state: DecodeState, start: int, keep: Sequence[int]) -> None:
+        """The target's KV compaction after a tree verify; the recorded features follow the same path."""
+        self.target.compact(state, start, keep)
+        buffer = self._buffer(state) if self.layer is not None else None
+        if buffer is not None:
+            first = start - buffer.prompt_length + 1  # row of position ``start``
+            src = torch.tensor([first + int(k) for k in keep], dtype=torch.long, device=buffer.rows.device)
+            buffer.rows[first:first + len(keep)] = buffer.rows[src]
+            buffer.length = first + len(keep)
 
 
 # ----------------------------------------------------------------------------------------
@@ -618,9 +641,28 @@ class EagleDrafter:
         return DraftProposal(tokens, None)
 
     def _draft(self, context: list[int], gamma: int) -> list[int]:
-        state = self._state if self._state is not None else self.target.last_state
-        if state is None:  # the target is still prefilling (e.g. run_parallel's free window): nothing to read yet
+        synced = self._sync_context(context)
+        if synced is None:  # the target is still prefilling (e.g. run_parallel's free window): nothing to read yet
             return []
+        committed = self._cache.length
+        try:
+            feature = self._root_feature(context, *synced)
+            out_tokens: list[int] = []
+            for i in range(gamma):
+                token = self._token(feature)
+                out_tokens.append(token)
+                if token in self.stop_token_ids or i == gamma - 1:
+                    break
+                feature = self._step(feature.unsqueeze(0), [token])[-1]
+            return out_tokens
+        finally:
+            self._cache.truncate(committed)
+
+    def _sync_context(self, context: list[int]) -> tuple[torch.Tensor, int] | None:
+        """Commit the context's true target features to the head cache; (features, usable rows) or None."""
+        state = self._state if self._state is not None else self.target.last_state
+        if state is None:
+            return None
         if state is not self._bound_state:
             self._bound_state = state
             self._reset()
@@ -643,24 +685,63 @@ class EagleDrafter:
         elif keep > 0 and self._next is None:  # rolled back exactly to a boundary: recompute its output
             self._cache.truncate(keep - 1)
             self._next = self._step(feats[keep - 1:keep], context[keep - 1:keep])[-1]
-        committed = self._cache.length
-        try:
-            if feats.shape[0] > n:  # the target has processed the whole context: its true next feature
-                feature = feats[n]
-            else:
-                feature = self._next if usable > 0 else feats[0]
-                for j in range(usable, n):  # context tokens without a true feature yet: predicted features
-                    feature = self._step(feature.unsqueeze(0), [context[j]])[-1]
-            out_tokens: list[int] = []
-            for i in range(gamma):
-                token = self._token(feature)
-                out_tokens.append(token)
-                if token in self.stop_token_ids or i == gamma - 1:
-                    break
-                feature = self._step(feature.unsqueeze(0), [token])[-1]
-            return out_tokens
-        finally:
-            self._cache.truncate(committed)
+        return feats, usable
+
+    def _root_feature(self, context: list[int], feats: torch.Tensor, usable: int) -> torch.Tensor:
+        """The feature predicting the first draft token (temporary head positions for unverified context)."""
+        n = len(context)
+        if feats.shape[0] > n:  # the target has processed the whole context: its true next feature
+            return feats[n]
+        feature = self._next if usable > 0 else feats[0]
+        for j in range(usable, n):  # context tokens without a true feature yet: predicted features
+            feature = self._step(feature.unsqueeze(0), [context[j]])[-1]
+        return feature
+
+    # ----- draft trees (common.tree) -----
+    @torch.no_grad()
+    def propose_tree(self, context: list[int], config: Any, max_depth: int) -> DraftTree:
+        """An EAGLE-2 tree (``common.tree.build_tree``): each depth is one head step over the top-k frontier."""
+        start = self._now()
+        tree = DraftTree()
+        context = [int(t) for t in context]
+        synced = self._sync_context(context) if max_depth > 0 else None
+        if synced is not None:
+            committed = self._cache.length
+            try:
+                tree = self._tree(self._root_feature(context, *synced), config, max_depth)
+            finally:
+                self._cache.truncate(committed)
+        self.stats["proposals"] += 1
+        self.stats["tokens_proposed"] += len(tree)
+        self.stats["seconds"] += self._now() - start
+        return tree
+
+    def _tree(self, root: torch.Tensor, config: Any, max_depth: int) -> DraftTree:
+        base = self._cache.length  # the root's children sit at head position base (depth 1)
+        slots: dict[int, int] = {}  # node -> head cache slot
+        outputs: dict[int, torch.Tensor] = {-1: root}  # node -> head output (predicts its children)
+
+        def expand(tree: Any, frontier: list[int]) -> torch.Tensor:
+            first = self._cache.length
+            device = root.device
+            mask = torch.zeros((len(frontier), first + len(frontier)), dtype=torch.bool, device=device)
+            mask[:, :base] = True
+            depths = tree.depths
+            for row, node in enumerate(frontier):
+                slots[node] = first + row
+                up = node
+                while up >= 0:
+                    mask[row, slots[up]] = True
+                    up = tree.parents[up]
+            positions = torch.tensor([base + depths[i] - 1 for i in frontier], device=device)
+            feats = torch.stack([outputs[tree.parents[i]] for i in frontier])
+            self.stats["steps"] += 1
+            out = self.head.step(feats, [tree.tokens[i] for i in frontier], self._cache, positions, mask)
+            outputs.update(zip(frontier, out))
+            return torch.log_softmax(self.head.logits(out), dim=-1)
+
+        return build_tree(torch.log_softmax(self.head.logits(root), dim=-1), expand, config, max_depth=max_depth,
+                          stop_tokens=self.stop_token_ids)
 
 
 def make_eagle_drafter(head: EagleHead, draft_state_or_none: Any, target: Any, target_state: Any = None, *,

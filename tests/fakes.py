@@ -76,9 +76,15 @@ class FakeLM:
         tokens = [int(t) for t in prompt]
         return FakeState(tokens=tokens, prompt_length=len(tokens), logits=self.context_logits(tokens))
 
-    def forward(self, state: FakeState, token_ids: Sequence[int]) -> torch.Tensor:
-        """Append 1..k tokens; return their logits (k, V) and set ``state.logits`` to the last row."""
+    def forward(self, state: FakeState, token_ids: Sequence[int], *, attn_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Append 1..k tokens; return their logits (k, V) and set ``state.logits`` to the last row.
+
+        With ``attn_mask`` (k, length + k) row i's context is the cached + fed tokens it may see.
+        """
         ids = [int(t) for t in token_ids]
+        if attn_mask is not None:
+            return self._masked_forward(state, ids, attn_mask)
         if not ids:
             raise ValueError("forward needs at least one token")
         if any(t < 0 or t >= self.vocab_size for t in ids):
@@ -90,6 +96,19 @@ class FakeLM:
         self.forward_sizes.append(len(ids))
         state.logits = rows[-1]
         return torch.stack(rows)
+
+    def _masked_forward(self, state: FakeState, ids: list[int], attn_mask: torch.Tensor) -> torch.Tensor:
+        if tuple(attn_mask.shape) != (len(ids), state.length + len(ids)):
+            raise ValueError(f"bad mask shape {tuple(attn_mask.shape)}")
+        state.tokens.extend(ids)
+        rows = [self.context_logits([t for t, seen in zip(state.tokens, row.tolist()) if seen]) for row in attn_mask]
+        self.forward_sizes.append(len(ids))
+        state.logits = rows[-1]
+        return torch.stack(rows)
+
+    def compact(self, state: FakeState, start: int, keep: Sequence[int]) -> None:
+        """Keep fed rows ``keep`` (relative to ``start``) in order; drop the rest."""
+        state.tokens[start:] = [state.tokens[start + k] for k in keep]
 
     def truncate(self, state: FakeState, length: int) -> None:
         """Forget cached tokens at or after ``length``; the logits become invalid (None)."""
@@ -156,3 +175,57 @@ class RecordingDrafter:
         proposal = self.inner.propose(context, gamma)
         self.proposals.append(list(proposal.tokens))
         return proposal
+
+
+class FakeTreeDrafter:
+    """Drafts EAGLE-2 trees from a FakeLM's log-softmax over context + path (``common.tree.build_tree``).
+
+    ``sample``: children drawn WITHOUT replacement from softmax(logits / temperature) (exactly
+    ``topk`` of them, no pruning: every node of depth < max is expanded) and their q recorded,
+    instead of the deterministic top-k.
+    """
+
+    def __init__(self, draft: FakeLM, prompt: Sequence[int], *, stop_token_ids: Sequence[int] = (),
+                 sample: bool = False, temperature: float = 1.0, generator: torch.Generator | None = None):
+        self.draft, self.prompt = draft, [int(t) for t in prompt]
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
+        self.sample, self.temperature, self.generator = sample, temperature, generator
+        self.name = "fake_tree"
+        self.stats = {"steps": 0}
+        self.trees: list = []
+
+    def logprobs(self, tokens: Sequence[int]) -> torch.Tensor:
+        return torch.log_softmax(self.draft.context_logits(self.prompt + list(tokens)), dim=-1)
+
+    def propose_tree(self, context: list[int], config, max_depth: int):
+        from common.tree import build_tree
+
+        if self.sample:
+            tree = self._sampled_tree(list(context), config, max_depth)
+        else:
+            tree = build_tree(self.logprobs(context), lambda t, frontier: torch.stack(
+                [self.logprobs(list(context) + t.path_tokens(i)) for i in frontier]), config,
+                max_depth=max_depth, stop_tokens=self.stop_token_ids)
+        self.trees.append(tree)
+        self.stats["steps"] += 1
+        return tree
+
+    def _sampled_tree(self, context: list[int], config, max_depth: int):
+        from common.tree import DraftTree
+
+        tree = DraftTree()
+        frontier = [-1]
+        for _ in range(min(config.max_depth, max_depth)):
+            nxt = []
+            for node in frontier:
+                q = torch.softmax(self.draft.context_logits(self.prompt + context + tree.path_tokens(node))
+                                  / self.temperature, dim=-1)
+                tree.probs[node] = q
+                picks = torch.multinomial(q, config.topk, replacement=False, generator=self.generator)
+                for t in picks.tolist():
+                    tree.tokens.append(int(t))
+                    tree.parents.append(node)
+                    tree.scores.append(0.0)
+                    nxt.append(len(tree.tokens) - 1)
+            frontier = nxt
+        return tree

@@ -261,14 +261,20 @@ class LlamaRunner:
         return mask
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend_len: int, cache: KVCache,
-                wanted: set[int], causal_prefill: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                wanted: set[int], causal_prefill: bool = False, attn_mask: torch.Tensor | None = None,
+                rope_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """All decoder layers and the final norm over x (rows, k, H) written at ``positions``.
 
         ``positions`` is (k,) when every row sits at the same positions, or (rows, k). Returns the
-        normed output (rows, k, H) and the wanted layers' states, each (rows, k, H).
+        normed output (rows, k, H) and the wanted layers' states, each (rows, k, H). An explicit
+        boolean ``attn_mask`` (k, attend_len) and rotary ``rope_positions`` (k,) replace the
+        position-causal ones (tree verification: rows written at ``positions``, rotated by depth).
         """
         keys = torch.arange(attend_len, device=x.device)
-        if causal_prefill and not self.masked_prefix:
+        if attn_mask is not None:  # tree rows sit past any masked prefix, which stays hidden from them
+            mask = attn_mask & (keys >= self.masked_prefix)[None, :] if self.masked_prefix else attn_mask
+            position_ids = (positions if rope_positions is None else rope_positions)[None, :]
+        elif causal_prefill and not self.masked_prefix:
             mask = None  # a fresh prompt: plain causal attention (flash kernels)
             position_ids = positions[None, :]
         elif positions.dim() == 1:
@@ -294,12 +300,14 @@ class LlamaRunner:
         return x, hidden
 
     def run(self, inputs_embeds: torch.Tensor, cache: KVCache, hidden_layers: Sequence[int] = (),
-            all_logits: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+            all_logits: bool = True, attn_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Append ``inputs_embeds`` (1, k, H) at the cache's end; return logits and chosen hidden states.
 
         Returns float32 logits (k, V) (only the last row, shape (1, V), when ``all_logits`` is
         False: a long prefill then skips the LM head on every prompt position) and a dict
-        layer -> (k, H) hidden states for the requested ``hidden_layers``.
+        layer -> (k, H) hidden states for the requested ``hidden_layers``. ``attn_mask`` (boolean
+        (k, length + k)) and ``position_ids`` (k,) are the optional tree mask and rotary positions.
         """
         if inputs_embeds.dim() == 2:
             inputs_embeds = inputs_embeds.unsqueeze(0)
@@ -308,8 +316,11 @@ class LlamaRunner:
         cache.ensure_capacity(start + k_new)
         positions = torch.arange(start, start + k_new, device=inputs_embeds.device)
         wanted = {self.layer_index(i) for i in hidden_layers}
+        if attn_mask is not None and tuple(attn_mask.shape) != (k_new, start + k_new):
+            raise ValueError(f"attn_mask must be ({k_new}, {start + k_new}), got {tuple(attn_mask.shape)}")
         x, hidden = self.run_layers(inputs_embeds, positions, start + k_new, cache, wanted,
-                                 causal_prefill=start == 0 and k_new > 1)
+                                 causal_prefill=start == 0 and k_new > 1 and attn_mask is None,
+                                 attn_mask=attn_mask, rope_positions=position_ids)
         cache.length = start + k_new
         head_in = x[0] if all_logits else x[0, -1:]
         logits = self.lm_head(head_in).float()

@@ -20,6 +20,35 @@ MAX_QUESTIONS_CHOICES = (1, 10, 50)
 T = TypeVar("T")
 
 
+def _int_at_least(low: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a bad value gives argparse's one-line error naming the flag)."""
+    return _int_at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return _int_at_least(0, text)
+
+
+def add_retry_arg(group: Any) -> None:
+    """``--retry_failed``: run the samples recorded as failed again (their failed records are replaced)."""
+    group.add_argument(
+        "--retry_failed", action="store_true",
+        help="Run again the samples an earlier run recorded as failed (e.g. after fixing their files); "
+             "their failed records are replaced. Default: off (failed samples are skipped on resume).",
+    )
+
+
 def add_common_args(
     parser: argparse.ArgumentParser,
     *,
@@ -41,7 +70,7 @@ def add_common_args(
                  "Default: None, the script resolves its own default.",
         )
         g.add_argument(
-            "--max_samples", type=int, default=None,
+            "--max_samples", type=non_negative_int, default=None,
             help="Process at most this many samples. Default: None (all).",
         )
         g.add_argument(
@@ -58,11 +87,11 @@ def add_common_args(
                  "use only for trusted upstream .npy files. Default: off.",
         )
         g.add_argument(
-            "--num_chunks", type=int, default=1,
+            "--num_chunks", type=positive_int, default=1,
             help="Split the samples into this many contiguous shards (for parallel jobs). Default: 1.",
         )
         g.add_argument(
-            "--chunk_idx", type=int, default=0,
+            "--chunk_idx", type=non_negative_int, default=0,
             help="Which shard (0-based, < --num_chunks) this run processes. Default: 0.",
         )
     if models:
@@ -105,7 +134,7 @@ def add_common_args(
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="Random seed for random, numpy and torch. Default: 0.")
     g.add_argument(
-        "--warmup_steps", type=int, default=1,
+        "--warmup_steps", type=non_negative_int, default=1,
         help="Untimed warm-up iterations before timing. Default: 1.",
     )
     return parser

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from common.cli import non_negative_int, positive_int
 from common.data import default_frame_cache
 from common.defaults import resolve_model_paths
 from common.models.loader import load_vlm
@@ -109,10 +110,11 @@ def start_benchmark(stage: str, args: argparse.Namespace, argv: list[str], defau
 def add_decode_args(group, free_tokens: bool = False) -> None:
     """``--max_new_tokens --gamma --decode_mode --lossless_reference`` (and ``--max_free_tokens`` for
     benchmarks that draft during the target's prefill), shared by the benchmarks."""
-    group.add_argument("--max_new_tokens", type=int, default=50, help="tokens generated per answer (default 50)")
-    group.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
+    group.add_argument("--max_new_tokens", type=positive_int, default=50,
+                       help="tokens generated per answer (default 50)")
+    group.add_argument("--gamma", type=positive_int, default=5, help="draft tokens per speculative step (default 5)")
     if free_tokens:
-        group.add_argument("--max_free_tokens", type=int, default=64,
+        group.add_argument("--max_free_tokens", type=non_negative_int, default=64,
                            help="cap on tokens drafted during the target's prefill (default 64)")
     group.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
                        help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "

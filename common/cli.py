@@ -140,6 +140,18 @@ def add_common_args(
     return parser
 
 
+# Flags that steer a run but do not shape its results (not compared on resume).
+NOT_RESULT_SETTINGS = ("output_dir", "task_name", "resume", "retry_failed", "warmup_steps")
+
+
+def result_settings(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
+    """The flags that shape a run's results (all but output/progress flags), with ``resolved`` values
+    (e.g. the dataset folder a default resolved to) in place of the raw ones."""
+    out = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_SETTINGS}
+    out.update(resolved)
+    return out
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """Turn a ``--device`` value into a :class:`torch.device` ("auto"/None -> cuda if available, else cpu)."""
     if isinstance(name, torch.device):

@@ -43,7 +43,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
+from common.cli import (
+    add_common_args,
+    add_retry_arg,
+    positive_int,
+    resolve_device,
+    resolve_quant,
+    set_seed,
+    shard,
+)
 from common.data import ClipDataset
 from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
 from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
@@ -56,9 +64,10 @@ from feature_alignment.hidden_store import (
     LOCK_FILE,
     HiddenStore,
     SampleRecord,
-    chunk_name,
+    chunk_problem,
     load_index,
     new_index,
+    next_chunk_name,
     save_index,
     save_lm_head,
     write_chunk,
@@ -104,17 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_common_args(p)
     g = p.add_argument_group("extraction")
-    g.add_argument("--chunk_size", type=int, default=1000,
+    add_retry_arg(g)
+    g.add_argument("--chunk_size", type=positive_int, default=1000,
                    help="samples per chunk file (rounded up to whole batches). Default: 1000.")
     g.add_argument("--layers", type=parse_layers, default=[-1, -2],
                    help="hidden layers stored for both models, comma-separated (-1 = final normed state "
                         "that feeds the LM head). Default: -1,-2.")
-    g.add_argument("--batch_size", type=int, default=16,
+    g.add_argument("--batch_size", type=positive_int, default=16,
                    help="samples decoded together and teacher-forced in one pass. Default: 16.")
     g.add_argument("--target_states", choices=TARGET_STATES, default="greedy_pass",
                    help="greedy_pass: record the target's states while it decodes its answer (one prompt "
                         "pass); teacher_forced: run the target again over prompt + answer. Default: greedy_pass.")
-    g.add_argument("--max_new_tokens", type=int, default=50, help="length cap of the target's answer. Default: 50.")
+    g.add_argument("--max_new_tokens", type=positive_int, default=50, help="length cap of the target's answer. Default: 50.")
     return p
 
 
@@ -230,8 +240,8 @@ class ClipPixelLoader:
                               self.target.preprocess(self.target.load_visual(sample)))
                     self.last_clip = sample.clip_id
                 out.append((sample, pixels, None))
-            except DataError as exc:
-                out.append((sample, None, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run (issue #16)
+                out.append((sample, None, str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"))
         return out
 
 
@@ -389,6 +399,16 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     return summary
 
 
+def exit_status(summary: dict[str, Any]) -> int:
+    """128 + the signal after a stop by signal (the shell's convention), 1 when every planned sample failed,
+    else 0."""
+    if summary.get("signal"):
+        return 128 + int(summary["signal"])
+    if summary.get("planned_samples") and not summary.get("num_samples") and summary.get("failed"):
+        return 1
+    return 0
+
+
 def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, summary: dict[str, Any],
                    finished: float) -> dict[str, Any]:
     """After every rank finished its shard: rank 0 checks the merged view (all shards, global order).
@@ -420,6 +440,24 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
     return out
 
 
+def drop_bad_chunks(folder: Path, index: dict[str, Any]) -> int:
+    """Verify every chunk of ``index`` against its recorded size and checksum; a missing, truncated or
+    corrupt one is dropped from the index (its file deleted) so its samples are extracted again."""
+    bad = []
+    for entry in index["chunks"]:
+        problem = chunk_problem(folder, entry)
+        if problem is not None:
+            log.warning("%s; its %d samples will be extracted again", problem, entry["num_samples"])
+            bad.append(entry)
+    for entry in bad:
+        index["chunks"].remove(entry)
+        (folder / entry["file"]).unlink(missing_ok=True)
+    if bad:
+        index["complete"] = False
+        save_index(folder, index)
+    return len(bad)
+
+
 def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
          models) -> dict[str, Any]:
     index = load_index(folder)
@@ -428,6 +466,10 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     else:
         _check_resume(index, config, folder)
         index["config"].update({k: config[k] for k in ("chunk_size", "batch_size", "max_samples")})
+        drop_bad_chunks(folder, index)
+        if args.retry_failed and index["failed"]:
+            log.info("%s: retrying %d failed samples", folder, len(index["failed"]))
+            index["failed"] = []
     done = {s for c in index["chunks"] for s in c["sample_ids"]}
     failed = {f["id"] for f in index["failed"]}
     index["planned_samples"] = len(planned_ids)
@@ -468,7 +510,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         nonlocal buffer, written
         if not buffer:
             return
-        name = chunk_name(len(index["chunks"]))
+        name = next_chunk_name(index)
         index["chunks"].append(write_chunk(folder / name, buffer, args.layers))
         save_index(folder, index)
         written += len(buffer)
@@ -483,7 +525,13 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     try:
         # disk reads and pixel preprocessing of the next batches run on a thread beside the GPU work
         work = prefetched(batches.values(), ClipPixelLoader(dataset, *models)) if batches else iter(())
+        keys = iter(batches)
+        previous = None
         for members, loaded in work:
+            key = next(keys)
+            if previous is not None and key != previous + 1:
+                flush()  # a chunk holds one contiguous run of the planned order (a redone chunk stays in place)
+            previous = key
             samples, d_vis, t_vis = [], [], []
             for sample, pixels, error in loaded:
                 if error is not None:
@@ -509,6 +557,8 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     finally:
         bar.close()
     seconds, loop_seconds = time.perf_counter() - start, time.perf_counter() - loop_start
+    order = {sid: n for n, sid in enumerate(planned_ids)}
+    index["chunks"].sort(key=lambda c: order.get(c["sample_ids"][0], len(order)))
     finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
     index["complete"] = all(s in finished for s in planned_ids)
     run_stats = index.setdefault("stats", {})
@@ -539,4 +589,4 @@ if __name__ == "__main__":
     print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks",
                                   "samples_per_second", "rank", "merged_complete", "merged_samples",
                                   "all_ranks_samples_per_second") if k in result})
-    sys.exit(0)
+    sys.exit(exit_status(result))

@@ -18,6 +18,7 @@ counted (live count and bytes, with peaks), so tests can show that memory stays 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import weakref
@@ -40,7 +41,7 @@ CHUNK_FORMAT = "hidden_chunk_v1"
 
 __all__ = [
     "INDEX_FILE", "LOCK_FILE", "LM_HEAD_FILE", "FORMAT",
-    "layer_key", "chunk_name", "write_chunk", "new_index", "load_index", "save_index",
+    "layer_key", "chunk_name", "next_chunk_name", "chunk_problem", "file_sha256", "write_chunk", "new_index", "load_index", "save_index",
     "SampleRecord", "Chunk", "ChunkRef", "HiddenStore", "find_index_files", "extraction_complete",
     "missing_shards",
     "save_lm_head", "load_lm_head",
@@ -94,7 +95,40 @@ def write_chunk(path: str | Path, records: Sequence[SampleRecord], layers: Seque
     ids = [r.id for r in records]
     _atomic_save_file(tensors, path, {"format": CHUNK_FORMAT, "sample_ids": json.dumps(ids)})
     return {"file": path.name, "num_samples": len(records), "num_positions": int(offsets[-1]),
-            "sample_ids": ids}
+            "sample_ids": ids, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def chunk_problem(folder: str | Path, entry: dict[str, Any]) -> str | None:
+    """Why the chunk file of an index entry cannot be trusted (missing, other size, other checksum), or None.
+
+    Entries from before sizes were recorded are only checked for existence.
+    """
+    path = Path(folder) / entry["file"]
+    if not path.is_file():
+        return f"{path}: missing"
+    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        return f"{path}: {path.stat().st_size} bytes, the index recorded {entry['bytes']} (truncated?)"
+    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        return f"{path}: checksum differs from the index (corrupt)"
+    return None
+
+
+def next_chunk_name(index: dict[str, Any]) -> str:
+    """The first chunk file name the index does not use."""
+    used = {c["file"] for c in index["chunks"]}
+    k = len(index["chunks"])
+    while chunk_name(k) in used:
+        k += 1
+    return chunk_name(k)
 
 
 # ----------------------------------------------------------------------------- index

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.cli import add_common_args, set_seed, shard
+from common.cli import add_common_args, add_retry_arg, positive_int, set_seed, shard
 from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
 from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
@@ -76,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "<split>_<max_questions>q_tokens.jsonl (chunk suffix when sharded).")
     g.add_argument("--parallel", action="store_true",
                    help="Keep both models loaded and write complete records (more memory). Default: sequential.")
-    g.add_argument("--max_new_tokens", type=int, default=50, help="Greedy answer length cap per model. Default: 50.")
-    g.add_argument("--batch_size", type=int, default=1,
+    g.add_argument("--max_new_tokens", type=positive_int, default=50,
+                   help="Greedy answer length cap per model. Default: 50.")
+    add_retry_arg(g)
+    g.add_argument("--batch_size", type=positive_int, default=1,
                    help="sequential mode: samples answered together (one decode step serves the batch) and "
                         "teacher-forced in one pass. The answers equal one-at-a-time greedy decoding (tested in "
                         "fp32; in bf16 a near-tie may resolve differently); each sample's *_time is then its share "
@@ -216,6 +219,22 @@ def check_same_models(have: dict, output: Path, ids: dict[str, dict]) -> None:
                                  f"({want['weights_bytes']}); pass another --output_file or delete it")
 
 
+SETTING_KEYS = ("max_new_tokens", "max_questions")
+
+
+def check_same_settings(have: dict, output: Path, wanted: dict[str, Any]) -> None:
+    """Refuse to resume a file written with another answer cap or question count (one line naming them)."""
+    found: dict[str, set] = {}
+    for rec in have.values():
+        for key in SETTING_KEYS:
+            if key in rec and rec[key] != wanted[key]:
+                found.setdefault(key, set()).add(rec[key])
+    if found:
+        shown = ", ".join(f"{k} {sorted(v)} -> {wanted[k]}" for k, v in sorted(found.items()))
+        raise SystemExit(f"{output}: resume refused, its records were made with other settings ({shown}); "
+                         "rerun with the same flags, or pass another --output_file")
+
+
 def _complete(have: dict, sample: ClipSample) -> bool:
     return all(k in have.get(sample.id, {}) for k in ALL_KEYS)
 
@@ -237,8 +256,6 @@ def _release_memory() -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     set_seed(args.seed)
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise SystemExit("--max_new_tokens and --batch_size must be >= 1")
     launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
     args.device = local_device(args.device)
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
@@ -262,15 +279,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def run_sample(fn, sample: ClipSample) -> dict | None:
         try:
             return fn(sample)
-        except DataError as exc:
-            warnings.warn(f"skipping {sample.id}: {exc}", stacklevel=2)
-            errors.append((sample.id, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)
+            text = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"skipping {sample.id}: {text}", stacklevel=2)
+            errors.append((sample.id, text))
             return None
 
     ids = {"egpt_model": model_id(egpt_path), "videollava_model": model_id(vllava_path)}
     with file_lock(output):
         have = merge_parts(read_jsonl(output))
         check_same_models(have, output, ids)
+        check_same_settings(have, output, {"max_new_tokens": args.max_new_tokens,
+                                           "max_questions": args.max_questions})
 
         def pending(keys: Sequence[str]) -> list[ClipSample]:
             return [s for s in samples if not all(k in have.get(s.id, {}) for k in keys)]
@@ -349,9 +369,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
           f"{summary['raw_position_match_rate']}")
-    if errors:
-        print(f"{output}: skipped {len(errors)} samples with bad files (listed under 'errors'), e.g. "
-              f"{errors[0][0]}: {errors[0][1]}")
+    by_id = {s.id: s for s in samples}
+    failed = sorted({str(sid) for sid, _ in errors if sid not in by_id or not _complete(have, by_id[sid])})
+    summary["num_failed"] = len(failed)
+    if failed:  # one sample can fail in several phases: count it once
+        print(f"{output}: skipped {len(failed)} sample{'s' if len(failed) != 1 else ''} with bad files (listed "
+              f"under 'errors'), e.g. {errors[0][0]}: {errors[0][1]}; failed samples are never written, so a "
+              "rerun (with or without --retry_failed) tries them again")
     if launched:
         summary.update(_merge_launched(merged_output, args.num_chunks, complete=len(done) == len(samples)))
     return summary
@@ -380,4 +404,5 @@ def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(1 if result["num_samples"] and not result["num_complete"] else 0)

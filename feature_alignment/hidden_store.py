@@ -175,7 +175,8 @@ def missing_shards(indexes: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def extraction_complete(path: str | Path) -> bool:
-    """True when every index under ``path`` says complete, every shard has one, and no lock is held."""
+    """True when every index under ``path`` says complete, every shard has one, every chunk file is there
+    with its recorded size, and no lock is held."""
     files = find_index_files(path)
     if not files:
         return False
@@ -186,6 +187,10 @@ def extraction_complete(path: str | Path) -> bool:
         index = load_index(f.parent)
         if not index or not index.get("complete"):
             return False
+        for c in index["chunks"]:  # a lost or truncated chunk (sizes only: cheap; resume checks the sha256)
+            path = f.parent / c["file"]
+            if not path.is_file() or ("bytes" in c and path.stat().st_size != c["bytes"]):
+                return False
         indexes.append(index)
     return not missing_shards(indexes)
 

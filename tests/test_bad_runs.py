@@ -18,6 +18,7 @@ import pytest
 from common.errors import DataError
 from common.harness import CPU_4BIT_NOTICE, CPU_NOTICE, Benchmark, RunSettings, cli, run_benchmark
 from common.results import RECORDS_FILE, RunFolder, RunFolderError, append_jsonl, read_jsonl
+from tests.data_fixtures import tiny_dataset  # noqa: F401  (session fixture)
 
 SETTINGS = {"dataset_dir": "/data/a", "split": "test", "max_new_tokens": 12, "gamma": 3, "quant": "fp32",
             "eventgpt_path": "/m/egpt", "videollava_path": "/m/vl", "drafter": "eventgpt", "max_questions": 1,
@@ -255,3 +256,162 @@ def test_negative_flags_are_refused_by_argparse_in_one_line(module, flag, value,
         parser.parse_args([f"{flag}={value}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exc.value.code == 2 and flag in err[-1] and ">=" in err[-1]
+
+
+# ----------------------------------------------------------------------------- the real stages (tiny pair)
+
+def _bench_argv(models, dataset, out, *extra):
+    return ["--dataset_dir", str(dataset), "--eventgpt_path", str(models / "eventgpt"),
+            "--videollava_path", str(models / "videollava"), "--output_dir", str(out), "--task_name", "t",
+            "--max_new_tokens", "8", "--gamma", "3", "--warmup_steps", "0", "--device", "cpu", *extra]
+
+
+def _none_pattern(stats: dict) -> dict:
+    return {k: v is None for k, v in stats.items() if not isinstance(v, (dict, list))}
+
+
+def test_resumed_parallel_run_reports_the_same_statistics_as_an_uninterrupted_one(
+        tiny_models_dir, tiny_dataset, tmp_path, monkeypatch):  # noqa: F811
+    from benchmark_parallel_prefill import benchmark_parallel_prefill as bp
+
+    whole = bp.main(_bench_argv(tiny_models_dir, tiny_dataset, tmp_path / "whole", "--max_samples", "2"))["statistics"]
+    real, calls = bp.process_sample, []
+
+    def killed_on_second(*a):
+        calls.append(a[2].id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(bp, "process_sample", killed_on_second)
+    argv = _bench_argv(tiny_models_dir, tiny_dataset, tmp_path / "killed", "--max_samples", "2")
+    with pytest.raises(KeyboardInterrupt):
+        bp.main(argv)
+    monkeypatch.setattr(bp, "process_sample", real)
+    resumed = bp.main(argv)
+    stats = resumed["statistics"]
+    assert stats["cost_ratio_c"] is not None and stats["speedup_predicted"] is not None
+    assert _none_pattern(stats) == _none_pattern(whole)
+    for key in ("num_samples", "num_failed", "lossless_rate", "gamma", "drafter"):
+        assert stats[key] == whole[key], key
+    assert ids_in(resumed["run_dir"]) == Counter({r: 1 for r in ids_in(resumed["run_dir"])}) and \
+        sum(ids_in(resumed["run_dir"]).values()) == 2
+    # nothing left to do (killed after the last record): c comes from the records, unchanged
+    (Path(resumed["run_dir"]) / "DONE").unlink()
+    again = bp.main(argv)["statistics"]
+    assert again["cost_ratio_c"] == stats["cost_ratio_c"] and again["speedup_predicted"] == stats["speedup_predicted"]
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_in_one_line(tiny_models_dir, tiny_dataset, tmp_path):  # noqa: F811
+    from benchmark_inference import benchmark_inference as bi
+
+    with pytest.raises(DataError) as exc:
+        bi.main(_bench_argv(tiny_models_dir, tiny_dataset, tmp_path, "--max_samples", "1")
+                + ["--max_new_tokens", "100000"])
+    assert "--max_new_tokens 100000" in one_line(exc) and "context" in str(exc.value)
+
+
+def _bad_copy(dataset: Path, to: Path) -> tuple[Path, str]:
+    """A copy of ``dataset`` whose first clip's video is truncated (and its frames removed)."""
+    import shutil
+
+    from common.results import read_json
+
+    shutil.copytree(dataset, to)
+    index = read_json(to / "EventGPT_Instruction_Subset.json")
+    mp4 = to / index[0]["mp4_data"]
+    mp4.write_bytes(mp4.read_bytes()[:200])
+    shutil.rmtree(to / index[0]["video_data"], ignore_errors=True)
+    return to, mp4.name
+
+
+def test_extract_tokens_counts_a_failed_sample_once_and_refuses_another_answer_cap(
+        tiny_models_dir, tiny_dataset, tmp_path, capsys):  # noqa: F811
+    from token_alignment import extract_tokens
+
+    data, _ = _bad_copy(tiny_dataset, tmp_path / "data")
+    out = tmp_path / "tokens.jsonl"
+    argv = ["--dataset_dir", str(data), "--eventgpt_path", str(tiny_models_dir / "eventgpt"),
+            "--videollava_path", str(tiny_models_dir / "videollava"), "--device", "cpu", "--max_samples", "2",
+            "--max_new_tokens", "4", "--output_file", str(out)]
+    with pytest.warns(UserWarning, match="skipping"):
+        summary = extract_tokens.main(argv)
+    printed = capsys.readouterr().out
+    assert "skipped 1 sample with bad files" in printed and summary["num_failed"] == 1
+    # sequential mode writes one line per part until compacted: 3 for the good sample, the EventGPT
+    # answer (it reads the events, not the broken video) for the bad one; no part twice
+    parts = Counter(r["id"] for r in read_jsonl(out))
+    assert summary["num_complete"] == 1 and sorted(parts.values()) == [1, 3]
+    with pytest.raises(SystemExit) as exc:
+        extract_tokens.main(argv[:-4] + ["--max_new_tokens", "6", "--output_file", str(out)])
+    assert "max_new_tokens [4] -> 6" in one_line(exc) and "--output_file" in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def fa_dataset(tmp_path_factory):
+    from scripts.make_synthetic_dataset import main as make_dataset
+
+    out = tmp_path_factory.mktemp("bad_runs_fa")
+    make_dataset(["--output_dir", str(out), "--num_clips", "4", "--split", "train", "--seed", "5",
+                  "--width", "160", "--height", "120", "--num_workers", "1"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def fa_models():
+    from common.defaults import default_model_path
+    from common.models.loader import load_vlm
+
+    return (load_vlm("eventgpt", default_model_path("eventgpt"), device="cpu"),
+            load_vlm("videollava", default_model_path("videollava"), device="cpu"))
+
+
+def _extract_argv(dataset, out):
+    return ["--dataset_dir", str(dataset), "--split", "train", "--output_dir", str(out), "--device", "cpu",
+            "--max_new_tokens", "4", "--chunk_size", "2", "--batch_size", "2", "--layers=-1"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_lost_hidden_state_chunk_is_extracted_again(fa_dataset, fa_models, tmp_path, damage):
+    from feature_alignment import extract_hidden_states as extract
+    from feature_alignment.hidden_store import HiddenStore, extraction_complete, load_index
+
+    out = tmp_path / "train"
+    first = extract.main(_extract_argv(fa_dataset, out), models=fa_models)
+    assert first["complete"] and first["num_chunks"] == 2
+    entries = load_index(out)["chunks"]
+    assert all(len(c["sha256"]) == 64 and c["bytes"] == (out / c["file"]).stat().st_size for c in entries)
+    order = HiddenStore.open(out).sample_ids()
+    chunk = out / entries[0]["file"]
+    if damage == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    else:
+        chunk.unlink()
+    assert not extraction_complete(out)  # the index alone no longer vouches for the folder
+    again = extract.main(_extract_argv(fa_dataset, out), models=fa_models)
+    assert again["complete"] and again["new_samples"] == entries[0]["num_samples"] and again["num_samples"] == 4
+    store = HiddenStore.open(out)
+    assert store.sample_ids() == order and Counter(store.sample_ids()).most_common(1)[0][1] == 1
+    assert extraction_complete(out)
+
+
+def test_hidden_state_retry_failed_and_exit_status(fa_dataset, fa_models, tmp_path):
+    import shutil
+    import signal as _signal
+
+    from common.results import read_json
+    from feature_alignment import extract_hidden_states as extract
+
+    data, _ = _bad_copy(fa_dataset, tmp_path / "data")
+    out = tmp_path / "train"
+    summary = extract.main(_extract_argv(data, out), models=fa_models)
+    assert summary["failed"] == 1 and summary["num_samples"] == 3 and extract.exit_status(summary) == 0
+    assert extract.main(_extract_argv(data, out), models=fa_models)["new_samples"] == 0  # failed: skipped
+    entry = read_json(fa_dataset / "EventGPT_Instruction_Subset.json")[0]
+    shutil.copy(fa_dataset / entry["mp4_data"], data / entry["mp4_data"])  # the file is fixed
+    if (fa_dataset / entry["video_data"]).is_dir():
+        shutil.copytree(fa_dataset / entry["video_data"], data / entry["video_data"], dirs_exist_ok=True)
+    fixed = extract.main(_extract_argv(data, out) + ["--retry_failed"], models=fa_models)
+    assert fixed["failed"] == 0 and fixed["num_samples"] == 4 and fixed["new_samples"] == 1 and fixed["complete"]
+    assert extract.exit_status({"signal": _signal.SIGINT}) == 130
+    assert extract.exit_status({"planned_samples": 2, "num_samples": 0, "failed": 2}) == 1

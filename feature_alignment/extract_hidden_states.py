@@ -458,18 +458,59 @@ def drop_bad_chunks(folder: Path, index: dict[str, Any]) -> int:
     return len(bad)
 
 
-def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
-         models) -> dict[str, Any]:
+def open_index(folder: Path, config: dict[str, Any], planned_ids: list[str], retry_failed: bool) -> dict[str, Any]:
+    """The folder's index (new, or checked for resume: same settings, every chunk intact), with the
+    failed samples cleared when they are to be retried."""
     index = load_index(folder)
     if index is None:
-        index = new_index(config, planned_ids)
-    else:
-        _check_resume(index, config, folder)
-        index["config"].update({k: config[k] for k in ("chunk_size", "batch_size", "max_samples")})
-        drop_bad_chunks(folder, index)
-        if args.retry_failed and index["failed"]:
-            log.info("%s: retrying %d failed samples", folder, len(index["failed"]))
-            index["failed"] = []
+        return new_index(config, planned_ids)
+    _check_resume(index, config, folder)
+    index["config"].update({k: config[k] for k in ("chunk_size", "batch_size", "max_samples")})
+    drop_bad_chunks(folder, index)
+    if retry_failed and index["failed"]:
+        log.info("%s: retrying %d failed samples", folder, len(index["failed"]))
+        index["failed"] = []
+    return index
+
+
+def record_models(index: dict[str, Any], root: Path, config: dict[str, Any], draft: Any, target: Any,
+                  need_head: bool) -> None:
+    """The models' sizes into the index config; the target's LM head saved once at the root."""
+    index["config"].update({
+        "draft_hidden_size": draft.hidden_size, "target_hidden_size": target.hidden_size,
+        "draft_num_layers": draft.num_layers, "target_num_layers": target.num_layers,
+        "draft_base_vocab_size": int(draft.base_vocab_size),
+        "target_base_vocab_size": int(target.base_vocab_size),
+        "shared_vocab_size": shared_vocab(draft, target), "target_vocab_size": target.vocab_size,
+        "target_eos_token_id": target.eos_token_id})
+    if need_head:
+        save_lm_head(root / LM_HEAD_FILE, target.lm_head.weight,
+                     {"base_vocab_size": int(target.base_vocab_size), "shared_vocab_size": shared_vocab(draft, target),
+                      "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
+                      "videollava_path": config["videollava_path"]})
+
+
+def close_index(folder: Path, index: dict[str, Any], planned_ids: list[str], stats: dict[str, Any],
+                seconds: float) -> dict[str, Any]:
+    """Chunks in planned order, ``complete``, this run's stats added to the index's; saved. Returns the stats."""
+    order = {sid: n for n, sid in enumerate(planned_ids)}
+    index["chunks"].sort(key=lambda c: order.get(c["sample_ids"][0], len(order)))
+    finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
+    index["complete"] = all(s in finished for s in planned_ids)
+    run_stats = index.setdefault("stats", {})
+    for key in ("generate_seconds", "teacher_forced_seconds", "self_check_positions", "self_check_matches",
+                "nonfinite_values"):
+        run_stats[key] = run_stats.get(key, 0) + stats.get(key, 0)
+    run_stats["seconds"] = run_stats.get("seconds", 0.0) + seconds
+    if run_stats.get("self_check_positions"):
+        run_stats["self_check_rate"] = run_stats["self_check_matches"] / run_stats["self_check_positions"]
+    save_index(folder, index)
+    return run_stats
+
+
+def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
+         models) -> dict[str, Any]:
+    index = open_index(folder, config, planned_ids, args.retry_failed)
     done = {s for c in index["chunks"] for s in c["sample_ids"]}
     failed = {f["id"] for f in index["failed"]}
     index["planned_samples"] = len(planned_ids)
@@ -481,18 +522,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         if models is None:
             models = load_models(args, egpt_path, vl_path, device, quant)
         draft, target = models
-        index["config"].update({
-            "draft_hidden_size": draft.hidden_size, "target_hidden_size": target.hidden_size,
-            "draft_num_layers": draft.num_layers, "target_num_layers": target.num_layers,
-            "draft_base_vocab_size": int(draft.base_vocab_size),
-            "target_base_vocab_size": int(target.base_vocab_size),
-            "shared_vocab_size": shared_vocab(draft, target), "target_vocab_size": target.vocab_size,
-            "target_eos_token_id": target.eos_token_id})
-        if need_head:
-            save_lm_head(root / LM_HEAD_FILE, target.lm_head.weight,
-                         {"base_vocab_size": int(target.base_vocab_size), "shared_vocab_size": shared_vocab(draft, target),
-                          "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
-                          "videollava_path": config["videollava_path"]})
+        record_models(index, root, config, draft, target, need_head)
     save_index(folder, index)
     barrier()  # under a launcher every rank starts its loop together (model loading is not timed below)
     loop_start = time.perf_counter()
@@ -557,18 +587,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     finally:
         bar.close()
     seconds, loop_seconds = time.perf_counter() - start, time.perf_counter() - loop_start
-    order = {sid: n for n, sid in enumerate(planned_ids)}
-    index["chunks"].sort(key=lambda c: order.get(c["sample_ids"][0], len(order)))
-    finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
-    index["complete"] = all(s in finished for s in planned_ids)
-    run_stats = index.setdefault("stats", {})
-    for key in ("generate_seconds", "teacher_forced_seconds", "self_check_positions", "self_check_matches",
-                "nonfinite_values"):
-        run_stats[key] = run_stats.get(key, 0) + stats.get(key, 0)
-    run_stats["seconds"] = run_stats.get("seconds", 0.0) + seconds
-    if run_stats.get("self_check_positions"):
-        run_stats["self_check_rate"] = run_stats["self_check_matches"] / run_stats["self_check_positions"]
-    save_index(folder, index)
+    run_stats = close_index(folder, index, planned_ids, stats, seconds)
     summary = {
         "output_dir": str(folder), "root": str(root), "complete": index["complete"],
         "interrupted": bool(stop), "signal": stop.signal, "planned_samples": len(planned_ids),

@@ -253,6 +253,50 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def output_files(output_file: str | None, split: str | None, max_questions: int, num_chunks: int, chunk_idx: int,
+                 launched: bool) -> tuple[Path, Path]:
+    """(merged file, the file this process writes): a launched rank writes its part beside the merged file."""
+    merged = Path(output_file) if output_file else default_output_file(split, max_questions)
+    if launched:
+        return merged, part_file(merged, num_chunks, chunk_idx)
+    return merged, Path(output_file) if output_file else default_output_file(split, max_questions, num_chunks,
+                                                                             chunk_idx)
+
+
+def guarded(fn: Any, sample: ClipSample, errors: list[tuple[str, str]]) -> Any:
+    """``fn(sample)``; any failure of that sample (not KeyboardInterrupt) is added to ``errors``, giving None."""
+    try:
+        return fn(sample)
+    except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)
+        text = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"skipping {sample.id}: {text}", stacklevel=3)
+        errors.append((sample.id, text))
+        return None
+
+
+def _report(output: Path, samples: Sequence[ClipSample], have: dict, errors: list[tuple[str, str]],
+            written: dict[str, int], seconds: float) -> dict[str, Any]:
+    """The run's summary (complete and failed samples, raw token match), printed in two lines."""
+    done = [have[s.id] for s in samples if _complete(have, s)]
+    positions = sum(len(r["videollava_token_ids"]) for r in done)
+    same = sum(int(a == b) for r in done for a, b in zip(r["egpt_token_ids"], r["videollava_token_ids"]))
+    summary = {
+        "output_file": str(output), "num_samples": len(samples), "num_complete": len(done),
+        "written": written, "errors": [list(e) for e in errors], "seconds": seconds,
+        "raw_position_match_rate": same / positions if positions else None,
+    }
+    print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
+          f"{summary['raw_position_match_rate']}")
+    by_id = {s.id: s for s in samples}
+    failed = sorted({str(sid) for sid, _ in errors if sid not in by_id or not _complete(have, by_id[sid])})
+    summary["num_failed"] = len(failed)
+    if failed:  # one sample can fail in several phases: count it once
+        print(f"{output}: skipped {len(failed)} sample{'s' if len(failed) != 1 else ''} with bad files (listed "
+              f"under 'errors'), e.g. {errors[0][0]}: {errors[0][1]}; failed samples are never written, so a "
+              "rerun (with or without --retry_failed) tries them again")
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     set_seed(args.seed)
@@ -260,12 +304,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.device = local_device(args.device)
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
-    merged_output = Path(args.output_file) if args.output_file else default_output_file(args.split, args.max_questions)
-    if launched:
-        output = part_file(merged_output, args.num_chunks, args.chunk_idx)
-    else:
-        output = Path(args.output_file) if args.output_file else default_output_file(
-            args.split, args.max_questions, args.num_chunks, args.chunk_idx)
+    merged_output, output = output_files(args.output_file, args.split, args.max_questions, args.num_chunks,
+                                         args.chunk_idx, launched)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
                           allow_pickle=args.allow_pickle)
     errors: list[tuple[str, str]] = []
@@ -275,15 +315,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     samples = shard(samples, args.num_chunks, args.chunk_idx)
     start = time.perf_counter()
     written = {"draft": 0, "target": 0, "draft_tf": 0, "complete": 0}
-
-    def run_sample(fn, sample: ClipSample) -> dict | None:
-        try:
-            return fn(sample)
-        except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)
-            text = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"skipping {sample.id}: {text}", stacklevel=2)
-            errors.append((sample.id, text))
-            return None
 
     ids = {"egpt_model": model_id(egpt_path), "videollava_model": model_id(vllava_path)}
     with file_lock(output):
@@ -323,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 return rec
 
             for s in tqdm(todo, desc="token pairs", unit="sample"):
-                rec = run_sample(whole, s)
+                rec = guarded(whole, s, errors)
                 if rec is not None:
                     save(s, rec, "complete")
             del whole, ecache, vcache, egpt, vllava
@@ -345,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 bar = tqdm(total=len(todo_phase), desc=desc, unit="sample")
                 for at in range(0, len(todo_phase), args.batch_size):
                     batch = todo_phase[at:at + args.batch_size]
-                    visuals = [run_sample(cache.get, s) for s in batch]  # None: bad files, recorded
+                    visuals = [guarded(cache.get, s, errors) for s in batch]  # None: bad files, recorded
                     ready = [(s, v) for s, v in zip(batch, visuals) if v is not None]
                     if ready:
                         parts = _phase_parts(kind, model, [v for _, v in ready], [s for s, _ in ready], have, args)
@@ -358,26 +389,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         lines = len(read_jsonl(output))
         if lines > len(have) and all(_complete(have, s) for s in samples):
             compact(output, order=[s.id for s in samples])
-    done = [have[s.id] for s in samples if _complete(have, s)]
-    positions = sum(len(r["videollava_token_ids"]) for r in done)
-    same = sum(int(a == b) for r in done for a, b in zip(r["egpt_token_ids"], r["videollava_token_ids"]))
-    summary = {
-        "output_file": str(output), "num_samples": len(samples), "num_complete": len(done),
-        "written": written, "errors": [list(e) for e in errors], "seconds": time.perf_counter() - start,
-        "raw_position_match_rate": same / positions if positions else None,
-        "eventgpt_path": str(egpt_path), "videollava_path": str(vllava_path), "dataset_dir": str(dataset_dir),
-    }
-    print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
-          f"{summary['raw_position_match_rate']}")
-    by_id = {s.id: s for s in samples}
-    failed = sorted({str(sid) for sid, _ in errors if sid not in by_id or not _complete(have, by_id[sid])})
-    summary["num_failed"] = len(failed)
-    if failed:  # one sample can fail in several phases: count it once
-        print(f"{output}: skipped {len(failed)} sample{'s' if len(failed) != 1 else ''} with bad files (listed "
-              f"under 'errors'), e.g. {errors[0][0]}: {errors[0][1]}; failed samples are never written, so a "
-              "rerun (with or without --retry_failed) tries them again")
+    summary = _report(output, samples, have, errors, written, time.perf_counter() - start)
+    summary.update(eventgpt_path=str(egpt_path), videollava_path=str(vllava_path), dataset_dir=str(dataset_dir))
     if launched:
-        summary.update(_merge_launched(merged_output, args.num_chunks, complete=len(done) == len(samples)))
+        summary.update(_merge_launched(merged_output, args.num_chunks,
+                                       complete=summary["num_complete"] == len(samples)))
     return summary
 
 

@@ -9,8 +9,9 @@ encode, 4 LLM prefill, 5 decode), texts and token ids; the index-aligned token a
 the two outputs; then Video-LLaVA decoded speculatively with EventGPT drafting (sequential
 here: the concurrent version is benchmark_parallel_prefill), checking that the text equals
 the target's own. With no flags it runs on the embedded default pair and synthetic split.
-Rerunning with the same --task_name continues an unfinished run; bad samples are recorded
-with their error and skipped.
+Rerunning with the same --task_name continues an unfinished run made with the same settings
+(other settings are refused in one line); bad samples are recorded with their error and
+skipped, and --retry_failed runs them again. The run loop is common.harness.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import logging
 import sys
 import time
 from typing import Any
-
-import torch
 
 from common.cli import add_common_args, add_retry_arg
 from common.drafters import (
@@ -203,8 +202,7 @@ class InferenceBenchmark(Benchmark):
 
     def statistics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         stats = compute_statistics(records, self.args.gamma)
-        stats.update(decode_mode=self.mode, drafter=self.make_drafter.kind,
-                     torch_threads=torch.get_num_threads() if self.target.device.type == "cpu" else None)
+        stats.update(decode_mode=self.mode, drafter=self.make_drafter.kind)
         return stats
 
     def render(self, stats, records, run) -> str:

@@ -56,7 +56,7 @@ from common.pipeline import (
     prepare_benchmark,
 )
 from common.plots import plot_bars
-from common.results import markdown_table
+from common.results import markdown_table, summarize
 from common.speculative import (
     SpecResult,
     aggregate_metrics,
@@ -341,7 +341,9 @@ def compute_statistics(records: list[dict[str, Any]], names: list[str], gamma: i
     stats["target"] = {"samples": len(targets), "decode_ms_per_step": 1000 * t_step_s if t_step_s else None,
                        "prompt_tokens_avg": _mean(r["prompt_tokens"] for r in targets.values()),
                        "prefill_ms_avg": _mean(r["prefill_ms"] for r in targets.values()),
-                       "wall_time_avg": _mean(r["wall_time"] for r in targets.values())}
+                       "prefill_ms_std": summarize(r["prefill_ms"] for r in targets.values())["std"],
+                       "wall_time_avg": _mean(r["wall_time"] for r in targets.values()),
+                       "wall_time_std": summarize(r["wall_time"] for r in targets.values())["std"]}
     per: dict[str, Any] = {}
     for name in names:
         rows = [r for r in records if r["drafter"] == name and r["id"] in targets and "error" not in r]
@@ -368,6 +370,8 @@ def compute_statistics(records: list[dict[str, Any]], names: list[str], gamma: i
             "accepted_free_tokens_avg": _mean(r.get("accepted_free_tokens") for r in rows),
             "draft_prompt_tokens_avg": _mean(r.get("draft_prompt_tokens") for r in rows),
             "draft_prefill_ms_avg": _mean(r.get("draft_prefill_ms") for r in rows),
+            "draft_prefill_ms_std": summarize(r.get("draft_prefill_ms") for r in rows)["std"],
+            "free_draft_tokens_std": summarize(r.get("free_draft_tokens") for r in rows)["std"],
             "target_prefill_ms_avg": _mean(r.get("target_prefill_ms") for r in rows),
             "pooled": pooled,
         }
@@ -382,8 +386,9 @@ TABLE_COLUMNS = [("drafter", "drafter"), ("samples", "samples"), ("lossless_rate
                  ("token_acceptance_probability", "a"), ("cost_ratio_c", "c (measured)"),
                  ("speedup_measured", "speedup (measured)"), ("decode_speedup_measured", "decode speedup (measured)"),
                  ("speedup_predicted", "Leviathan prediction"), ("free_draft_tokens_avg", "free tokens"),
+                 ("free_draft_tokens_std", "free tokens std"),
                  ("accepted_free_tokens_avg", "accepted free"), ("draft_prompt_tokens_avg", "draft prompt tokens"),
-                 ("draft_prefill_ms_avg", "draft prefill ms")]
+                 ("draft_prefill_ms_avg", "draft prefill ms"), ("draft_prefill_ms_std", "draft prefill ms std")]
 
 
 def table_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
@@ -401,8 +406,12 @@ def render_markdown(stats: dict[str, Any], specs: list[Spec], notes: list[str], 
     target = stats.get("target")
     if target:
         lines += [f"Target alone: decode {target['decode_ms_per_step']:.2f} ms/step, prompt "
-                  f"{target['prompt_tokens_avg']:.0f} tokens, prefill {target['prefill_ms_avg']:.2f} ms, "
-                  f"end to end {1000 * target['wall_time_avg']:.1f} ms per sample.", ""]
+                  f"{target['prompt_tokens_avg']:.0f} tokens, prefill {target['prefill_ms_avg']:.2f} ms "
+                  f"(std {target['prefill_ms_std']:.2f}), end to end {1000 * target['wall_time_avg']:.1f} ms per sample "
+                  f"(std {1000 * target['wall_time_std']:.1f}; n = {target['samples']}); torch threads per model lane: "
+                  f"{stats.get('torch_threads')}.", "",
+                  "Means over samples: free tokens and draft prefill ms carry their std; rates and speedups are "
+                  "pooled over the n samples of each row.", ""]
     rows = table_rows(stats)
     if rows:
         lines += [markdown_table(rows, [label for _, label in TABLE_COLUMNS], floatfmt=".3f"), ""]

@@ -128,7 +128,8 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int) -> dict[str, A
         for key in [f"{stage}_time" for stage in STAGES] + ["time", "decode_ms_per_token"]:
             summary = summarize(r[f"{model}_{key}"] for r in ok)
             stats[f"{model}_{key}_avg"], stats[f"{model}_{key}_std"] = summary["mean"], summary["std"]
-    stats["acceptance_rate_avg"] = summarize(r["acceptance_rate"] for r in ok)["mean"]
+    summary = summarize(r["acceptance_rate"] for r in ok)
+    stats["acceptance_rate_avg"], stats["acceptance_rate_std"] = summary["mean"], summary["std"]
     stats["matching_prefix_avg"] = summarize(r["matching_prefix"] for r in ok)["mean"]
     stats["sd_lossless_rate"] = sum(bool(r["sd_identical"]) for r in ok) / len(ok)
     stats["sd_identical_to_fastest_rate"] = sum(bool(r.get("sd_identical_to_fastest")) for r in ok) / len(ok)
@@ -167,7 +168,8 @@ def render_markdown(stats: dict[str, Any], argv: list[str], run_path) -> str:
                      "Video-LLaVA std": 1000 * stats[f"videollava_{key}_std"]})
     lines += [f"## Stage times (mean and std over n = {n} samples)", "", markdown_table(rows, floatfmt=".1f"), ""]
     spec = [
-        {"metric": "raw token agreement (index-aligned)", "value": stats["acceptance_rate_avg"]},
+        {"metric": "raw token agreement (index-aligned), mean", "value": stats["acceptance_rate_avg"],
+         "std": stats["acceptance_rate_std"], "n": n},
         {"metric": "SD lossless rate (identical to the target's own output)", "value": stats["sd_lossless_rate"]},
         {"metric": "identical to the fastest 1-token decode", "value": stats["sd_identical_to_fastest_rate"]},
         {"metric": "SD draft acceptance rate (vLLM), mean", "value": stats["sd_acceptance_rate_avg"],

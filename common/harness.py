@@ -151,6 +151,7 @@ def _run_one(bench: Benchmark, sample: Any, unit: str, done: Mapping) -> dict[st
             return bench.process(sample, unit, done)
     except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)
         text = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        text = " ".join(text.split())  # one line in the record and the log
         log.warning("skipping %s%s: %s", sample.id, f" ({unit})" if unit else "", text)
         return {**bench.base_record(sample, unit), "error": text}
 

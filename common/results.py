@@ -285,12 +285,15 @@ class RunFolderError(ValueError):
 
 @contextmanager
 def file_lock(lock_path: str | Path, *, wait: bool = True, poll_seconds: float = 5.0,
-              log: Callable[[str], Any] = print, what: str | None = None) -> Iterator[None]:
+              log: Callable[[str], Any] = print, what: str | None = None, remove: bool = False,
+              hint: str = "start a separate run with another --task_name") -> Iterator[None]:
     """Hold an exclusive ``fcntl.flock`` on ``lock_path`` (the one lock of the toolkit).
 
     The OS releases it when the holder dies, so a killed run never leaves a stale lock; the
     file holds the holder's pid for humans. While another process holds it: ``wait`` polls
-    (saying so once), else :class:`RunFolderError` is raised with one line naming ``what``.
+    (saying so once), else :class:`RunFolderError` is raised with one line naming ``what`` and
+    ``hint``. ``remove`` deletes the file on release (only for ``wait=False`` users: a waiter
+    could otherwise lock a deleted file).
     """
     lock_path = Path(lock_path)
     what = what or str(lock_path)
@@ -307,7 +310,7 @@ def file_lock(lock_path: str | Path, *, wait: bool = True, poll_seconds: float =
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 if not wait:
                     raise RunFolderError(f"{what}: another run (pid {holder}) is writing it; wait for it to "
-                                         "finish, or start a separate run with another --task_name") from None
+                                         f"finish, or {hint}") from None
                 if not waited:
                     log(f"{what}: another run (pid {holder}) is writing it; waiting for it to finish")
                     waited = True
@@ -320,9 +323,26 @@ def file_lock(lock_path: str | Path, *, wait: bool = True, poll_seconds: float =
         if held:
             try:
                 os.ftruncate(fd, 0)
+                if remove:
+                    lock_path.unlink(missing_ok=True)
             except OSError:
                 pass
         os.close(fd)  # closing releases the flock
+
+
+def lock_held(lock_path: str | Path) -> bool:
+    """Whether a live process holds the :func:`file_lock` on ``lock_path`` (a leftover file is not held)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def settings_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

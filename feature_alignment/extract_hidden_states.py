@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -57,6 +55,7 @@ from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
 from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
 from common.prefetch import prefetched
+from common.results import file_lock
 from common.speculative import autoregressive_generate
 from common.timing import sync
 from feature_alignment.hidden_store import (
@@ -276,42 +275,6 @@ class StopFlag:
         self._previous.clear()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def acquire_lock(folder: Path) -> Path:
-    """Create ``extract.lock`` (pid, host); a stale lock of a dead local process is taken over."""
-    lock = folder / LOCK_FILE
-    folder.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid_text, lock_host = "?", ""
-            try:
-                pid_text, lock_host = (lock.read_text().split() + ["", ""])[:2]
-                pid = int(pid_text)
-            except (OSError, ValueError):
-                pid = -1
-            if pid == os.getpid() or (lock_host == host and pid > 0 and not _pid_alive(pid)):
-                lock.unlink(missing_ok=True)
-                continue
-            raise RuntimeError(f"{lock}: another extraction (pid {pid_text} on {lock_host or '?'}) is writing this "
-                               "folder; wait for it, or delete the lock if that process is gone") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {host}\n")
-        return lock
-    raise RuntimeError(f"{lock}: could not take the extraction lock")
-
-
 def load_models(args: argparse.Namespace, egpt_path: Path, vl_path: Path, device: torch.device, quant: str):
     """(draft, target) behind the uniform interface."""
     from common.models.loader import load_vlm
@@ -385,15 +348,15 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     root, folder = output_folder(args, split)
     config = run_config(args, dataset_dir, split, egpt_path, vl_path, quant)
 
-    lock = acquire_lock(folder)
     stop = StopFlag()
-    stop.install()
-    try:
-        summary = _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path,
-                       vl_path, stop, models)
-    finally:
-        stop.restore()
-        lock.unlink(missing_ok=True)
+    with file_lock(folder / LOCK_FILE, wait=False, remove=True, what=str(folder),
+                   hint="extract into another --output_dir"):
+        stop.install()
+        try:
+            summary = _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path,
+                           vl_path, stop, models)
+        finally:
+            stop.restore()
     if launched:
         summary.update(merge_launched(root, args, dataset, summary, time.perf_counter()))
     return summary

@@ -9,7 +9,7 @@ An extraction folder (one per split, or one per shard ``part_XX_of_YY/`` below i
   ``offsets[i]:offsets[i+1]``); the metadata holds the sample ids (JSON list).
 - ``index.json`` (written atomically after each chunk): format, config (models, layers,
   sizes, dataset, split), chunks (file, sample ids, counts), totals, ``complete``.
-- ``extract.lock`` while an extraction runs; ``lm_head.safetensors`` (the target's LM head
+- ``extract.lock`` while an extraction runs (``common.results.file_lock``); ``lm_head.safetensors`` (the target's LM head
   weight, once, at the extraction root) for offline token metrics.
 
 Readers stream one chunk at a time (:class:`HiddenStore`); every loaded :class:`Chunk` is
@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.results import atomic_write, atomic_write_json, read_json
+from common.results import atomic_write, atomic_write_json, lock_held, read_json
 
 INDEX_FILE = "index.json"
 LOCK_FILE = "extract.lock"
@@ -182,7 +182,7 @@ def extraction_complete(path: str | Path) -> bool:
         return False
     indexes = []
     for f in files:
-        if (f.parent / LOCK_FILE).exists():
+        if lock_held(f.parent / LOCK_FILE):
             return False
         index = load_index(f.parent)
         if not index or not index.get("complete"):

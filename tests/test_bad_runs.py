@@ -415,3 +415,21 @@ def test_hidden_state_retry_failed_and_exit_status(fa_dataset, fa_models, tmp_pa
     assert fixed["failed"] == 0 and fixed["num_samples"] == 4 and fixed["new_samples"] == 1 and fixed["complete"]
     assert extract.exit_status({"signal": _signal.SIGINT}) == 130
     assert extract.exit_status({"planned_samples": 2, "num_samples": 0, "failed": 2}) == 1
+
+
+def test_a_second_extraction_into_one_folder_is_refused_in_one_line(fa_dataset, fa_models, tmp_path):
+    from common.results import file_lock
+    from feature_alignment import extract_hidden_states as extract
+    from feature_alignment.hidden_store import LOCK_FILE, extraction_complete
+
+    out = tmp_path / "train"
+    assert extract.main(_extract_argv(fa_dataset, out), models=fa_models)["complete"]
+    assert not (out / LOCK_FILE).exists() and extraction_complete(out)
+    with file_lock(out / LOCK_FILE, wait=False):  # the first extraction is still running
+        assert not extraction_complete(out)
+        with pytest.raises(RunFolderError) as exc:
+            extract.main(_extract_argv(fa_dataset, out), models=fa_models)
+    assert "another run" in one_line(exc) and "--output_dir" in str(exc.value)
+    (out / LOCK_FILE).write_text("12345\n")  # a file left by a killed run is not a held lock
+    assert extraction_complete(out)
+    assert extract.main(_extract_argv(fa_dataset, out), models=fa_models)["new_samples"] == 0

@@ -9,8 +9,9 @@ encode, 4 LLM prefill, 5 decode), texts and token ids; the index-aligned token a
 the two outputs; then Video-LLaVA decoded speculatively with EventGPT drafting (sequential
 here: the concurrent version is benchmark_parallel_prefill), checking that the text equals
 the target's own. With no flags it runs on the embedded default pair and synthetic split.
-Rerunning with the same --task_name continues an unfinished run; bad samples are recorded
-with their error and skipped.
+Rerunning with the same --task_name continues an unfinished run made with the same settings
+(other settings are refused in one line); bad samples are recorded with their error and
+skipped, and --retry_failed runs them again. The run loop is common.harness.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import sys
 import time
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
-from common.cli import add_common_args
+from common.cli import add_common_args, add_retry_arg
 from common.data import sample_fields
 from common.drafters import (
     DrafterFactory,
@@ -33,24 +31,25 @@ from common.drafters import (
     aligned_statistics,
     drafter_factory,
 )
-from common.errors import DataError
+from common.harness import Benchmark, exit_code, run_benchmark
 from common.pipeline import (
     STAGE_NAMES,
     STAGES,
     add_decode_args,
+    check_context,
     configure_decode,
     load_pair,
     lossless_numerics,
     prefill_sample,
+    prepare_benchmark,
     reference_tokens,
     run_model,
-    start_benchmark,
     token_match_rate,
 )
 from common.plots import plot_stage_breakdown
 from common.results import markdown_table, summarize
 from common.speculative import SpecResult, aggregate_metrics, predicted_speedup, speculative_generate
-from common.timing import gc_paused, sync
+from common.timing import sync
 from common.tree import add_tree_args, tree_from_flags
 
 STAGE = "benchmark_inference"
@@ -62,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {STAGE}.{STAGE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_retry_arg(parser)
     add_drafter_args(parser)
     add_tree_args(parser)
     g = parser.add_argument_group("decoding")
@@ -117,31 +117,25 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
     return record, result
 
 
-def _spec_from_record(record: dict[str, Any]) -> SpecResult:
-    return SpecResult(tokens=record["sd_token_ids"], iterations=[tuple(i) for i in record["sd_iterations"]],
-                      draft_seconds=record["sd_draft_seconds"], verify_seconds=record["sd_verify_seconds"],
-                      total_seconds=record["sd_decode_time"], target_forwards=record["sd_target_forwards"],
-                      draft_steps=record["sd_draft_steps"])
-
-
 def compute_statistics(records: list[dict[str, Any]], gamma: int) -> dict[str, Any]:
-    """Means of stage times, agreement and the speculative metrics, measured beside predicted speedup."""
+    """Means (with std) of stage times, agreement and the speculative metrics, measured beside predicted speedup."""
     ok = [r for r in records if "error" not in r]
     stats: dict[str, Any] = {"num_samples": len(ok), "num_failed": len(records) - len(ok), "gamma": gamma}
     if not ok:
         return stats
     for model in MODELS:
-        for stage in STAGES:
-            stats[f"{model}_{stage}_time_avg"] = summarize(r[f"{model}_{stage}_time"] for r in ok)["mean"]
-        stats[f"{model}_time_avg"] = summarize(r[f"{model}_time"] for r in ok)["mean"]
-        stats[f"{model}_decode_ms_per_token_avg"] = summarize(r[f"{model}_decode_ms_per_token"] for r in ok)["mean"]
-    stats["acceptance_rate_avg"] = summarize(r["acceptance_rate"] for r in ok)["mean"]
+        for key in [f"{stage}_time" for stage in STAGES] + ["time", "decode_ms_per_token"]:
+            summary = summarize(r[f"{model}_{key}"] for r in ok)
+            stats[f"{model}_{key}_avg"], stats[f"{model}_{key}_std"] = summary["mean"], summary["std"]
+    summary = summarize(r["acceptance_rate"] for r in ok)
+    stats["acceptance_rate_avg"], stats["acceptance_rate_std"] = summary["mean"], summary["std"]
     stats["matching_prefix_avg"] = summarize(r["matching_prefix"] for r in ok)["mean"]
     stats["sd_lossless_rate"] = sum(bool(r["sd_identical"]) for r in ok) / len(ok)
     stats["sd_identical_to_fastest_rate"] = sum(bool(r.get("sd_identical_to_fastest")) for r in ok) / len(ok)
-    stats["sd_acceptance_rate_avg"] = summarize(r["sd_acceptance_rate"] for r in ok)["mean"]
-    stats["sd_mean_accepted_length_avg"] = summarize(r["sd_mean_accepted_length"] for r in ok)["mean"]
-    pooled = aggregate_metrics([_spec_from_record(r) for r in ok])
+    for key in ("sd_acceptance_rate", "sd_mean_accepted_length", "sd_time"):
+        summary = summarize(r[key] for r in ok)
+        stats[f"{key}_avg"], stats[f"{key}_std"] = summary["mean"], summary["std"]
+    pooled = aggregate_metrics([SpecResult.from_record(r, prefix="sd_", total_seconds="decode_time") for r in ok])
     stats["sd_pooled"] = pooled
     baseline = sum(r["videollava_time"] for r in ok)
     stats["sd_speedup_measured"] = baseline / sum(r["sd_time"] for r in ok)
@@ -159,85 +153,104 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int) -> dict[str, A
 
 def render_markdown(stats: dict[str, Any], argv: list[str], run_path) -> str:
     """The RESULTS.md summary a person reads."""
+    n = stats["num_samples"]
     lines = [f"# benchmark_inference: {run_path.name}", "", f"Command: `python -m {STAGE}.{STAGE} {' '.join(argv)}`",
-             "", f"Samples: {stats['num_samples']} (failed: {stats['num_failed']})", ""]
-    if not stats["num_samples"]:
+             "", f"Samples: {n} (failed: {stats['num_failed']}); torch threads per model: "
+                 f"{stats.get('torch_threads')}", ""]
+    if not n:
         return "\n".join(lines)
     rows = []
-    for stage in STAGES:
-        rows.append({"stage": f"{stage} {STAGE_NAMES[stage]}",
-                     "EventGPT ms": 1000 * stats[f"egpt_{stage}_time_avg"],
-                     "Video-LLaVA ms": 1000 * stats[f"videollava_{stage}_time_avg"]})
-    rows.append({"stage": "total", "EventGPT ms": 1000 * stats["egpt_time_avg"],
-                 "Video-LLaVA ms": 1000 * stats["videollava_time_avg"]})
-    lines += ["## Stage times (means)", "", markdown_table(rows, floatfmt=".1f"), ""]
+    for key, label in [(f"{stage}_time", f"{stage} {STAGE_NAMES[stage]}") for stage in STAGES] + [("time", "total")]:
+        rows.append({"stage": label, "n": n,
+                     "EventGPT ms": 1000 * stats[f"egpt_{key}_avg"], "EventGPT std": 1000 * stats[f"egpt_{key}_std"],
+                     "Video-LLaVA ms": 1000 * stats[f"videollava_{key}_avg"],
+                     "Video-LLaVA std": 1000 * stats[f"videollava_{key}_std"]})
+    lines += [f"## Stage times (mean and std over n = {n} samples)", "", markdown_table(rows, floatfmt=".1f"), ""]
     spec = [
-        {"metric": "raw token agreement (index-aligned)", "value": stats["acceptance_rate_avg"]},
+        {"metric": "raw token agreement (index-aligned), mean", "value": stats["acceptance_rate_avg"],
+         "std": stats["acceptance_rate_std"], "n": n},
         {"metric": "SD lossless rate (identical to the target's own output)", "value": stats["sd_lossless_rate"]},
         {"metric": "identical to the fastest 1-token decode", "value": stats["sd_identical_to_fastest_rate"]},
-        {"metric": "SD draft acceptance rate (vLLM: accepted / drafted)", "value": stats["sd_acceptance_rate_avg"]},
-        {"metric": "SD mean accepted length (1 + accepted / verify steps)",
-         "value": stats["sd_mean_accepted_length_avg"]},
+        {"metric": "SD draft acceptance rate (vLLM: accepted / drafted)", "value": stats["sd_acceptance_rate_avg"],
+         "std": stats["sd_acceptance_rate_std"], "n": n},
+        {"metric": "SD mean accepted length (1 + accepted / verify steps)", "value": stats["sd_mean_accepted_length_avg"],
+         "std": stats["sd_mean_accepted_length_std"], "n": n},
         {"metric": "draft/target step cost ratio c (measured)", "value": stats["sd_cost_ratio_c"]},
         {"metric": "end-to-end speedup, measured", "value": stats["sd_speedup_measured"]},
         {"metric": "decode-phase speedup, measured", "value": stats["sd_decode_speedup_measured"]},
         {"metric": "decode-phase speedup, Leviathan prediction", "value": stats["sd_speedup_predicted"]},
     ]
     lines += [f"## Speculative decoding (gamma {stats['gamma']}, sequential, drafter {stats.get('drafter')})", "",
-              markdown_table(spec, floatfmt=".3f"), "",
+              markdown_table(spec, ["metric", "value", "std", "n"], floatfmt=".3f"), "",
               "The prediction uses the measured per-token acceptance and the measured cost ratio; "
               "the measured speedups are wall clock on this run.", ""]
     return "\n".join(lines)
 
 
-def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any], argv: list[str]) -> None:
-    """results.json, RESULTS.md and stage_breakdown.png of a run (also what scripts.merge_results writes)."""
-    run.write_results(records, stats, extra={"stage": STAGE})
-    run.write_markdown(render_markdown(stats, argv, run.path))
+def write_plots(run: Any, stats: dict[str, Any]) -> None:
+    """stage_breakdown.png of a run."""
     if stats["num_samples"]:
         means = {m: {f"{s} {STAGE_NAMES[s]}": stats[f"{m}_{s}_time_avg"] for s in STAGES} for m in MODELS}
         plot_stage_breakdown(means, run.path / "stage_breakdown.png", title="Stage times per model")
+
+
+def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any], argv: list[str]) -> None:
+    """results.json, RESULTS.md and the plots of merged shards (scripts.merge_results); a run writes its own
+    through the harness."""
+    run.write_results(records, stats, extra={"stage": STAGE})
+    run.write_markdown(render_markdown(stats, argv, run.path))
+    write_plots(run, stats)
+
+
+class InferenceBenchmark(Benchmark):
+    """Both models timed alone, then speculative decoding, per sample."""
+
+    def __init__(self, draft, target, args: argparse.Namespace, make_drafter, mode: str, argv: list[str]):
+        self.draft, self.target, self.args, self.make_drafter = draft, target, args, make_drafter
+        self.mode, self.argv = mode, argv
+
+    def warmup(self, sample, steps: int) -> None:
+        for _ in range(steps):
+            process_sample(self.draft, self.target, sample, self.args, self.make_drafter)
+
+    def process(self, sample, unit: str, done) -> dict[str, Any]:
+        return process_sample(self.draft, self.target, sample, self.args, self.make_drafter)[0]
+
+    def statistics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        stats = compute_statistics(records, self.args.gamma)
+        tree = self.args.tree
+        stats.update(decode_mode=self.mode, drafter=self.make_drafter.kind,
+                     tree=None if tree is None else {"topk": tree.topk, "tokens": tree.tokens})
+        return stats
+
+    def render(self, stats, records, run) -> str:
+        return render_markdown(stats, self.argv, run.path)
+
+    def finish(self, stats, records, run) -> None:
+        write_plots(run, stats)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the statistics and the run folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="benchmark")
-    draft, target = load_pair(args, dataset_dir)
-    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
-                            vision_graphs=not args.eager_vision)
-    make_drafter = drafter_factory(args, device=target.device)
-    args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
-    log.info("run folder %s; decode mode %s; %d samples", run.path, mode, len(samples))
-    done = run.finished_ids()
-    todo = [s for s in samples if s.id not in done]
-    with torch.no_grad():
-        for _ in range(args.warmup_steps if todo else 0):
-            try:
-                process_sample(draft, target, todo[0], args, make_drafter)
-            except DataError:
-                break
-        for sample in tqdm(todo, desc=STAGE, unit="sample"):
-            try:
-                with gc_paused():  # no collector pause inside the timed stages
-                    record, _ = process_sample(draft, target, sample, args, make_drafter)
-            except DataError as exc:
-                log.warning("skipping %s: %s", sample.id, exc)
-                record = {"id": sample.id, "split": sample.split, "query": sample.question, "error": str(exc)}
-            run.append_record(record)
-    records = [r for r in run.load_records() if r["id"] in {s.id for s in samples}]
-    stats = compute_statistics(records, args.gamma)
-    stats["decode_mode"] = mode
-    stats["drafter"] = make_drafter.kind
-    stats["tree"] = None if args.tree is None else {"topk": args.tree.topk, "tokens": args.tree.tokens}
-    write_readouts(run, records, stats, argv)
-    run.mark_done()
-    log.info("results: %s", run.path / "RESULTS.md")
-    return {"run_dir": str(run.path), "statistics": stats}
+    dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="benchmark")
+
+    def make() -> InferenceBenchmark:
+        draft, target = load_pair(args, dataset_dir)
+        for vlm in (draft, target):
+            check_context(vlm, args.max_new_tokens)
+        mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
+                                vision_graphs=not args.eager_vision)
+        log.info("decode mode %s", mode)
+        make_drafter = drafter_factory(args, device=target.device)
+        args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
+        return InferenceBenchmark(draft, target, args, make_drafter, mode, argv)
+
+    return run_benchmark(settings, samples, make)
 
 
 if __name__ == "__main__":
     from common.cli import run_cli
 
-    run_cli(main)
+    run_cli(main, exit_code=exit_code)

@@ -20,10 +20,7 @@ import statistics
 import sys
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
-from common.cli import add_common_args
+from common.cli import add_common_args, add_retry_arg, non_negative_int
 from common.data import sample_fields
 from common.drafters import (
     DrafterFactory,
@@ -32,22 +29,23 @@ from common.drafters import (
     aligned_statistics,
     drafter_factory,
 )
-from common.errors import DataError
+from common.harness import Benchmark, exit_code, run_benchmark
 from common.parallel import run_parallel, timed
 from common.pipeline import (
     STAGES,
     add_decode_args,
+    check_context,
     configure_decode,
     load_pair,
     lossless_numerics,
     prefill_sample,
+    prepare_benchmark,
     reference_tokens,
-    start_benchmark,
 )
 from common.plots import plot_speedup_vs_acceptance, plot_timelines
 from common.results import markdown_table, summarize
-from common.speculative import aggregate_metrics, autoregressive_generate, predicted_speedup
-from common.timing import gc_paused, sync
+from common.speculative import SpecResult, aggregate_metrics, autoregressive_generate, predicted_speedup
+from common.timing import sync
 from common.tree import add_tree_args, tree_from_flags
 
 STAGE = "benchmark_parallel_prefill"
@@ -59,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {STAGE}.{STAGE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_retry_arg(parser)
     g = parser.add_argument_group("parallel decoding")
-    g.add_argument("--gamma_after_prefill", type=int, default=None,
+    g.add_argument("--gamma_after_prefill", type=non_negative_int, default=None,
                    help="draft length once the free tokens are verified (default --gamma; 0 = use only the "
                         "free tokens, then plain decoding: for drafters as costly as the target)")
     g.add_argument("--draft_device", default=None, help="device of EventGPT (default: --device)")
@@ -124,8 +123,12 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
     return record, out.intervals
 
 
-def compute_statistics(records: list[dict[str, Any]], gamma: int, cost_ratio: float | None) -> dict[str, Any]:
-    """Rates, means and the measured vs predicted speedup."""
+def compute_statistics(records: list[dict[str, Any]], gamma: int, cost_ratio: float | None = None) -> dict[str, Any]:
+    """Rates, means (with std) and the measured vs predicted speedup.
+
+    ``cost_ratio``: the measured c; None takes the mean of the ``cost_ratio_c`` each record carries
+    (the value measured in the session that made it), so a resumed run predicts as an uninterrupted one.
+    """
     ok = [r for r in records if "error" not in r]
     stats: dict[str, Any] = {"num_samples": len(ok), "num_failed": len(records) - len(ok), "gamma": gamma}
     if not ok:
@@ -137,21 +140,18 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int, cost_ratio: fl
                 "mean_accepted_length", "target_prefill_slowdown", "speedup"):
         summary = summarize(r[key] for r in ok)
         stats[f"{key}_avg"], stats[f"{key}_std"] = summary["mean"], summary["std"]
-    from benchmark_inference.benchmark_inference import _spec_from_record  # noqa: PLC0415
-
-    pooled = aggregate_metrics([_spec_from_record({
-        "sd_token_ids": r["parallel_token_ids"], "sd_iterations": r["iterations"],
-        "sd_draft_seconds": r["draft_seconds"], "sd_verify_seconds": r["verify_seconds"],
-        "sd_decode_time": r["speculative_decode_time"], "sd_target_forwards": r["target_forwards"],
-        "sd_draft_steps": None}) for r in ok])
+    pooled = aggregate_metrics([SpecResult.from_record(r, tokens="parallel_token_ids") for r in ok])
     stats["pooled"] = pooled
     a = pooled.get("token_acceptance_probability")
+    if cost_ratio is None:
+        cost_ratio = summarize(r.get("cost_ratio_c") for r in ok)["mean"]
     stats["cost_ratio_c"] = cost_ratio
     stats["speedup_predicted"] = (predicted_speedup(a, gamma, cost_ratio)
                                   if a is not None and cost_ratio is not None else None)
     for model in ("egpt", "videollava"):
         for stage in STAGES[:4]:
-            stats[f"{model}_{stage}_time_avg"] = summarize(r[f"{model}_{stage}_time"] for r in ok)["mean"]
+            summary = summarize(r[f"{model}_{stage}_time"] for r in ok)
+            stats[f"{model}_{stage}_time_avg"], stats[f"{model}_{stage}_time_std"] = summary["mean"], summary["std"]
     stats.update(aligned_statistics(ok, "acceptance_rate", "mean_accepted_length"))
     return stats
 
@@ -172,33 +172,31 @@ def measure_cost_ratio(draft, target, sample, make_drafter, steps: int = 8, repe
 
 
 def render_markdown(stats: dict[str, Any], argv: list[str], name: str, drafter: str) -> str:
+    n = stats["num_samples"]
     lines = [f"# benchmark_parallel_prefill: {name}", "", f"Command: `python -m {STAGE}.{STAGE} {' '.join(argv)}`",
-             "", f"Drafter: {drafter}. Samples: {stats['num_samples']} (failed: {stats['num_failed']})", ""]
-    if not stats["num_samples"]:
+             "", f"Drafter: {drafter}. Samples: {n} (failed: {stats['num_failed']}); torch threads per model "
+                 f"lane: {stats.get('torch_threads')}", ""]
+    if not n:
         return "\n".join(lines)
-    rows = [{"metric": k, "value": stats.get(k)} for k in (
-        "lossless_rate", "identical_to_fastest_rate", "speedup_measured", "speedup_predicted", "cost_ratio_c", "overlap_window_ms_avg",
-        "free_draft_tokens_avg", "accepted_free_tokens_avg", "acceptance_rate_avg", "mean_accepted_length_avg",
-        "target_prefill_slowdown_avg")]
-    lines += [markdown_table(rows, floatfmt=".3f"), "",
+    rows = [{"metric": k, "value": stats.get(k), "std": stats.get(k.replace("_avg", "_std")) if k.endswith("_avg")
+             else None, "n": n} for k in (
+        "lossless_rate", "identical_to_fastest_rate", "speedup_measured", "speedup_predicted", "cost_ratio_c",
+        "overlap_window_ms_avg", "free_draft_tokens_avg", "accepted_free_tokens_avg", "acceptance_rate_avg",
+        "mean_accepted_length_avg", "target_prefill_slowdown_avg", "speedup_avg")]
+    lines += [markdown_table(rows, ["metric", "value", "std", "n"], floatfmt=".3f"), "",
               f"acceptance_rate = accepted draft tokens / drafted tokens, the free tokens drafted during the "
               f"target's prefill included in the denominator (vLLM's draft acceptance rate); mean_accepted_length "
-              f"= 1 + accepted / verify steps, at gamma {stats['gamma']}. Averages are over samples "
-              f"(acceptance_rate_std {stats.get('acceptance_rate_std') or 0:.3f}, speedup_std "
-              f"{stats.get('speedup_std') or 0:.3f}).", "",
+              f"= 1 + accepted / verify steps, at gamma {stats['gamma']}.", "",
               "speedup_measured = target-alone wall time / concurrent speculative wall time, summed over "
               "samples, both measured in this run. speedup_predicted is Leviathan's decode-phase formula "
-              "from the measured acceptance and cost ratio (it ignores the prefill overlap).", "",
+              "from the measured acceptance and cost ratio (it ignores the prefill overlap). *_avg rows are "
+              "per-sample means, std their spread.", "",
               "Timeline: timeline.png (both models' stages on one axis); speedup_vs_acceptance.png.", ""]
     return "\n".join(lines)
 
 
-def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any], argv: list[str],
-                   drafter: str) -> None:
-    """results.json, RESULTS.md, timeline.png (the records' stored timelines) and speedup_vs_acceptance.png
-    of a run; also what scripts.merge_results writes for merged shards."""
-    run.write_results(records, stats, extra={"stage": STAGE})
-    run.write_markdown(render_markdown(stats, argv, run.path.name, drafter))
+def write_plots(run: Any, records: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+    """timeline.png (the records' stored timelines) and speedup_vs_acceptance.png of a run."""
     timelines = [(r["id"], r["timeline"]) for r in records if "timeline" in r][:TIMELINE_SAMPLES]
     if timelines:
         plot_timelines([t for _, t in timelines], run.path / "timeline.png", titles=[i for i, _ in timelines])
@@ -210,49 +208,72 @@ def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any
                                    cost_ratio=cost_ratio)
 
 
+def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any], argv: list[str],
+                   drafter: str) -> None:
+    """results.json, RESULTS.md and the plots of merged shards (scripts.merge_results); a run writes its own
+    through the harness."""
+    run.write_results(records, stats, extra={"stage": STAGE})
+    run.write_markdown(render_markdown(stats, argv, run.path.name, drafter))
+    write_plots(run, records, stats)
+
+
+class ParallelBenchmark(Benchmark):
+    """The target alone, then draft and target at once, per sample."""
+
+    def __init__(self, draft, target, args: argparse.Namespace, make_drafter, mode: str, argv: list[str]):
+        self.draft, self.target, self.args, self.make_drafter = draft, target, args, make_drafter
+        self.mode, self.argv = mode, argv
+        self.cost_ratio: float | None = None
+        self.timelines = 0
+
+    def warmup(self, sample, steps: int) -> None:
+        """Warm-up steps, then c measured on this sample (every record of this session carries it)."""
+        for _ in range(steps):
+            process_sample(self.draft, self.target, sample, self.args, self.make_drafter)
+        self.cost_ratio = measure_cost_ratio(self.draft, self.target, sample, self.make_drafter)
+
+    def process(self, sample, unit: str, done) -> dict[str, Any]:
+        record, intervals = process_sample(self.draft, self.target, sample, self.args, self.make_drafter)
+        record["cost_ratio_c"] = self.cost_ratio
+        if self.timelines + sum("timeline" in r for r in done.values()) < TIMELINE_SAMPLES:
+            record["timeline"] = intervals
+            self.timelines += 1
+        return record
+
+    def statistics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        stats = compute_statistics(records, self.args.gamma)
+        stats.update(decode_mode=self.mode, drafter=self.make_drafter.kind, draft_device=str(self.draft.device),
+                     target_device=str(self.target.device))
+        return stats
+
+    def render(self, stats, records, run) -> str:
+        return render_markdown(stats, self.argv, run.path.name, self.make_drafter.kind)
+
+    def finish(self, stats, records, run) -> None:
+        write_plots(run, records, stats)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="parallel")
-    draft, target = load_pair(args, dataset_dir)
-    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
-                            vision_graphs=not args.eager_vision)
-    make_drafter = drafter_factory(args, device=target.device)
-    args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
-    done = run.finished_ids()
-    todo = [s for s in samples if s.id not in done]
-    timelines: list[tuple[str, list[dict]]] = []
-    cost_ratio = None
-    with torch.no_grad():
-        if todo:
-            for _ in range(args.warmup_steps):
-                process_sample(draft, target, todo[0], args, make_drafter)
-            cost_ratio = measure_cost_ratio(draft, target, todo[0], make_drafter)
-        for sample in tqdm(todo, desc=STAGE, unit="sample"):
-            try:
-                with gc_paused():  # no collector pause inside the timed stages
-                    record, intervals = process_sample(draft, target, sample, args, make_drafter)
-                if len(timelines) < TIMELINE_SAMPLES:
-                    timelines.append((sample.id, intervals))
-                    record["timeline"] = intervals
-            except DataError as exc:
-                log.warning("skipping %s: %s", sample.id, exc)
-                record = {"id": sample.id, "split": sample.split, "query": sample.question, "error": str(exc)}
-            run.append_record(record)
-    records = [r for r in run.load_records() if r["id"] in {s.id for s in samples}]
-    if cost_ratio is None:
-        cost_ratio = next((r.get("cost_ratio_c") for r in records if "cost_ratio_c" in r), None)
-    stats = compute_statistics(records, args.gamma, cost_ratio)
-    stats.update(decode_mode=mode, drafter=make_drafter.kind, draft_device=str(draft.device),
-                 target_device=str(target.device))
-    write_readouts(run, records, stats, argv, make_drafter.kind)
-    run.mark_done()
-    log.info("results: %s", run.path / "RESULTS.md")
-    return {"run_dir": str(run.path), "statistics": stats}
+    # both models run at once: on a CPU each lane gets half the cores (pinned, recorded)
+    dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="parallel", lanes=2)
+
+    def make() -> ParallelBenchmark:
+        draft, target = load_pair(args, dataset_dir)
+        for vlm in (draft, target):
+            check_context(vlm, args.max_new_tokens)
+        mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
+                                vision_graphs=not args.eager_vision)
+        make_drafter = drafter_factory(args, device=target.device)
+        args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
+        return ParallelBenchmark(draft, target, args, make_drafter, mode, argv)
+
+    return run_benchmark(settings, samples, make)
 
 
 if __name__ == "__main__":
     from common.cli import run_cli
 
-    run_cli(main)
+    run_cli(main, exit_code=exit_code)
 

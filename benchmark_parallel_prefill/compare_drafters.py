@@ -40,23 +40,21 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
-from common.cli import add_common_args
+from common.cli import add_common_args, add_retry_arg, non_negative_int
 from common.compression import PooledVideoLlava, pooled_drafter
 from common.data import sample_fields
 from common.drafters import DrafterFactory
-from common.errors import DataError
+from common.harness import Benchmark, exit_code, run_benchmark
 from common.hybrid import HybridFactory, run_hybrid
 from common.parallel import run_parallel, timed
 from common.pipeline import (
     add_decode_args,
+    check_context,
     configure_decode,
     load_pair,
     lossless_numerics,
     prefill_sample,
-    start_benchmark,
+    prepare_benchmark,
 )
 from common.plots import plot_bars
 from common.results import markdown_table, summarize
@@ -80,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {STAGE}.{SCRIPT}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_retry_arg(parser)
     g = parser.add_argument_group("decoding")
     g.add_argument("--harness", choices=["parallel", "sequential"], default="parallel",
                    help="drafters with a draft model prefill concurrently with the target (parallel, default) "
@@ -95,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden_adapter", default=None,
                    help="hidden-state adapters as NAME=PATH pairs, e.g. L1=P1,L5=P5")
     g.add_argument("--eagle_head", default=None, help="EAGLE head checkpoint (folder, or a training folder with best/)")
-    g.add_argument("--pool", type=int, default=2, help="pooled self-draft: K x K pooling of the video tokens (0: off)")
+    g.add_argument("--pool", type=non_negative_int, default=2, help="pooled self-draft: K x K pooling of the video tokens (0: off)")
     add_tree_args(parser)  # adds eagle_tree / hybrid_tree beside the chain-drafting eagle / hybrid
     return parser
 
@@ -338,13 +337,6 @@ def process_drafter(spec: Spec, target: Any, sample: Any, args: argparse.Namespa
 
 # ----------------------------------------------------------------------------- statistics
 
-def _as_result(r: dict[str, Any]) -> SpecResult:
-    return SpecResult(tokens=r["token_ids"], iterations=[tuple(i) for i in r["iterations"]],
-                      draft_seconds=r["draft_seconds"], verify_seconds=r["verify_seconds"],
-                      total_seconds=r["speculative_decode_time"], target_forwards=r["target_forwards"],
-                      draft_steps=r.get("draft_steps"))
-
-
 def _mean(values) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -362,13 +354,15 @@ def compute_statistics(records: list[dict[str, Any]], names: list[str], gamma: i
     stats["target"] = {"samples": len(targets), "decode_ms_per_step": 1000 * t_step_s if t_step_s else None,
                        "prompt_tokens_avg": _mean(r["prompt_tokens"] for r in targets.values()),
                        "prefill_ms_avg": _mean(r["prefill_ms"] for r in targets.values()),
-                       "wall_time_avg": _mean(r["wall_time"] for r in targets.values())}
+                       "prefill_ms_std": summarize(r["prefill_ms"] for r in targets.values())["std"],
+                       "wall_time_avg": _mean(r["wall_time"] for r in targets.values()),
+                       "wall_time_std": summarize(r["wall_time"] for r in targets.values())["std"]}
     per: dict[str, Any] = {}
     for name in names:
         rows = [r for r in records if r["drafter"] == name and r["id"] in targets and "error" not in r]
         if not rows:
             continue
-        pooled = aggregate_metrics([_as_result(r) for r in rows])
+        pooled = aggregate_metrics([SpecResult.from_record(r) for r in rows])
         drafted = sum(r["loop_drafted"] for r in rows)
         draft_s = sum(r["draft_seconds"] for r in rows)
         c = (draft_s / drafted) / t_step_s if drafted and t_step_s else None
@@ -390,6 +384,8 @@ def compute_statistics(records: list[dict[str, Any]], names: list[str], gamma: i
             "accepted_free_tokens_avg": _mean(r.get("accepted_free_tokens") for r in rows),
             "draft_prompt_tokens_avg": _mean(r.get("draft_prompt_tokens") for r in rows),
             "draft_prefill_ms_avg": _mean(r.get("draft_prefill_ms") for r in rows),
+            "draft_prefill_ms_std": summarize(r.get("draft_prefill_ms") for r in rows)["std"],
+            "free_draft_tokens_std": summarize(r.get("free_draft_tokens") for r in rows)["std"],
             "target_prefill_ms_avg": _mean(r.get("target_prefill_ms") for r in rows),
             "pooled": pooled,
         }
@@ -404,8 +400,9 @@ TABLE_COLUMNS = [("drafter", "drafter"), ("samples", "samples"), ("lossless_rate
                  ("token_acceptance_probability", "a"), ("cost_ratio_c", "c (measured)"),
                  ("speedup_measured", "speedup (measured)"), ("decode_speedup_measured", "decode speedup (measured)"),
                  ("speedup_predicted", "Leviathan prediction"), ("free_draft_tokens_avg", "free tokens"),
+                 ("free_draft_tokens_std", "free tokens std"),
                  ("accepted_free_tokens_avg", "accepted free"), ("draft_prompt_tokens_avg", "draft prompt tokens"),
-                 ("draft_prefill_ms_avg", "draft prefill ms")]
+                 ("draft_prefill_ms_avg", "draft prefill ms"), ("draft_prefill_ms_std", "draft prefill ms std")]
 
 
 def table_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
@@ -423,8 +420,12 @@ def render_markdown(stats: dict[str, Any], specs: list[Spec], notes: list[str], 
     target = stats.get("target")
     if target:
         lines += [f"Target alone: decode {target['decode_ms_per_step']:.2f} ms/step, prompt "
-                  f"{target['prompt_tokens_avg']:.0f} tokens, prefill {target['prefill_ms_avg']:.2f} ms, "
-                  f"end to end {1000 * target['wall_time_avg']:.1f} ms per sample.", ""]
+                  f"{target['prompt_tokens_avg']:.0f} tokens, prefill {target['prefill_ms_avg']:.2f} ms "
+                  f"(std {target['prefill_ms_std']:.2f}), end to end {1000 * target['wall_time_avg']:.1f} ms per sample "
+                  f"(std {1000 * target['wall_time_std']:.1f}; n = {target['samples']}); torch threads per model lane: "
+                  f"{stats.get('torch_threads')}.", "",
+                  "Means over samples: free tokens and draft prefill ms carry their std; rates and speedups are "
+                  "pooled over the n samples of each row.", ""]
     rows = table_rows(stats)
     if rows:
         lines += [markdown_table(rows, [label for _, label in TABLE_COLUMNS], floatfmt=".3f"), ""]
@@ -448,77 +449,88 @@ def render_markdown(stats: dict[str, Any], specs: list[Spec], notes: list[str], 
 
 # ----------------------------------------------------------------------------- main
 
+class DrafterComparison(Benchmark):
+    """Per sample: the target alone, then every drafter (one record each, resumed per (drafter, sample))."""
+
+    unit_field = "drafter"
+
+    def __init__(self, target: Any, specs: list[Spec], notes: list[str], args: argparse.Namespace, mode: str,
+                 argv: list[str]):
+        self.target, self.specs, self.notes, self.args, self.mode, self.argv = target, specs, notes, args, mode, argv
+        self.started = time.perf_counter()
+
+    def units(self, sample: Any) -> list[str]:
+        return [TARGET] + [s.name for s in self.specs]
+
+    def base_record(self, sample: Any, unit: str) -> dict[str, Any]:
+        return _base_record(sample, unit)
+
+    def warmup(self, sample: Any, steps: int) -> None:
+        if steps:
+            ref = process_target(self.target, sample, self.args)
+            for spec in self.specs:
+                for _ in range(steps):
+                    process_drafter(spec, self.target, sample, self.args, ref)
+
+    def process(self, sample: Any, unit: str, done) -> dict[str, Any] | None:
+        if unit == TARGET:
+            return process_target(self.target, sample, self.args)
+        target_record = done.get((TARGET, str(sample.id)))
+        if target_record is None or "error" in target_record:
+            return None  # no baseline for this sample: its failure is recorded once, under the target
+        spec = next(s for s in self.specs if s.name == unit)
+        return process_drafter(spec, self.target, sample, self.args, target_record)
+
+    def statistics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        stats = compute_statistics(records, [s.name for s in self.specs], self.args.gamma)
+        stats.update(decode_mode=self.mode, harness=self.args.harness, notes=self.notes,
+                     device=str(self.target.device), seconds=time.perf_counter() - self.started,
+                     drafter_descriptions={s.name: s.description for s in self.specs})
+        return stats
+
+    def render(self, stats, records, run) -> str:
+        return render_markdown(stats, self.specs, self.notes, self.argv, run.path.name, self.args)
+
+    def finish(self, stats, records, run) -> None:
+        per = stats.get("drafters", {})
+        if per:
+            plot_bars({n: s["speedup_measured"] for n, s in per.items()}, run.path / "speedup.png",
+                      title=f"Measured end-to-end speedup vs target alone (gamma {self.args.gamma}; error bars: "
+                            "per-sample std)", ylabel="speedup (x)", ref=1.0,
+                      errors={n: s.get("speedup_std") for n, s in per.items()})
+            plot_bars({n: s["acceptance_rate"] for n, s in per.items()}, run.path / "acceptance.png",
+                      title="Draft acceptance rate", ylabel="accepted / drafted")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    dataset_dir, samples, run = start_benchmark(STAGE, args, argv, default_task="compare_drafters")
-    draft, target = load_pair(args, dataset_dir)
-    specs, notes = build_specs(args, draft, target)
-    specs += tree_specs(specs, args)
-    models = [draft, target] + [s.draft for s in specs if isinstance(s.draft, PooledVideoLlava)]
-    mode = configure_decode(models, args.decode_mode, max_length=4096, gamma=args.gamma,
-                            vision_graphs=not args.eager_vision)
-    for note in notes:
-        log.info("%s", note)
-    log.info("run folder %s; decode mode %s; drafters: %s; %d samples", run.path, mode,
-             ", ".join(s.name for s in specs), len(samples))
-    done = {(r.get("drafter"), str(r["id"])) for r in run.load_records()}
-    target_records = {str(r["id"]): r for r in run.load_records() if r.get("drafter") == TARGET}
-    started = time.perf_counter()
-    with torch.no_grad():
-        todo = [s for s in samples if any((n, str(s.id)) not in done for n in [TARGET] + [p.name for p in specs])]
-        if todo and args.warmup_steps:
-            try:
-                ref = process_target(target, todo[0], args)
-                for spec in specs:
-                    for _ in range(args.warmup_steps):
-                        process_drafter(spec, target, todo[0], args, ref)
-            except DataError:
-                pass
-        for sample in tqdm(todo, desc=SCRIPT, unit="sample"):
-            sid = str(sample.id)
-            if sid not in target_records:
-                try:
-                    record = process_target(target, sample, args)
-                except DataError as exc:
-                    log.warning("skipping %s: %s", sample.id, exc)
-                    record = {**_base_record(sample, TARGET), "error": str(exc)}
-                run.append_record(record)
-                target_records[sid] = record
-            if "error" in target_records[sid]:
-                continue
-            for spec in specs:
-                if (spec.name, sid) in done:
-                    continue
-                try:
-                    record = process_drafter(spec, target, sample, args, target_records[sid])
-                except DataError as exc:
-                    record = {**_base_record(sample, spec.name), "error": str(exc)}
-                run.append_record(record)
-                done.add((spec.name, sid))
-    ids = {str(s.id) for s in samples}
-    records = [r for r in run.load_records() if str(r["id"]) in ids]
-    stats = compute_statistics(records, [s.name for s in specs], args.gamma)
-    stats.update(decode_mode=mode, harness=args.harness, notes=notes, device=str(target.device),
-                 seconds=time.perf_counter() - started,
-                 drafter_descriptions={s.name: s.description for s in specs})
-    run.write_results(records, stats)
-    run.write_markdown(render_markdown(stats, specs, notes, argv, run.path.name, args))
-    per = stats.get("drafters", {})
-    if per:
-        plot_bars({n: s["speedup_measured"] for n, s in per.items()}, run.path / "speedup.png",
-                  title=f"Measured end-to-end speedup vs target alone (gamma {args.gamma}; error bars: per-sample "
-                        "std)", ylabel="speedup (x)", ref=1.0, errors={n: s.get("speedup_std") for n, s in per.items()})
-        plot_bars({n: s["acceptance_rate"] for n, s in per.items()}, run.path / "acceptance.png",
-                  title="Draft acceptance rate", ylabel="accepted / drafted")
-    run.mark_done()
-    log.info("results: %s", run.path / "RESULTS.md")
-    if per:
-        log.info("\n%s", markdown_table(table_rows(stats), [label for _, label in TABLE_COLUMNS], floatfmt=".3f"))
-    return {"run_dir": str(run.path), "statistics": stats, "table": table_rows(stats)}
+    lanes = 2 if args.harness == "parallel" else 1  # on a CPU each concurrent model gets its share of the cores
+    dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="compare_drafters",
+                                                       lanes=lanes)
+
+    def make() -> DrafterComparison:
+        draft, target = load_pair(args, dataset_dir)
+        for vlm in (draft, target):
+            check_context(vlm, args.max_new_tokens)
+        specs, notes = build_specs(args, draft, target)
+        specs += tree_specs(specs, args)
+        models = [draft, target] + [s.draft for s in specs if isinstance(s.draft, PooledVideoLlava)]
+        mode = configure_decode(models, args.decode_mode, max_length=4096, gamma=args.gamma,
+                                vision_graphs=not args.eager_vision)
+        for note in notes:
+            log.info("%s", note)
+        log.info("decode mode %s; drafters: %s", mode, ", ".join(s.name for s in specs))
+        return DrafterComparison(target, specs, notes, args, mode, argv)
+
+    out = run_benchmark(settings, samples, make)
+    rows = table_rows(out["statistics"])
+    if rows:
+        log.info("\n%s", markdown_table(rows, [label for _, label in TABLE_COLUMNS], floatfmt=".3f"))
+    return {**out, "table": rows}
 
 
 if __name__ == "__main__":
     from common.cli import run_cli
 
-    run_cli(main)
+    run_cli(main, exit_code=exit_code)

@@ -23,6 +23,35 @@ MAX_QUESTIONS_CHOICES = (1, 10, 50)
 T = TypeVar("T")
 
 
+def _int_at_least(low: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a bad value gives argparse's one-line error naming the flag)."""
+    return _int_at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return _int_at_least(0, text)
+
+
+def add_retry_arg(group: Any) -> None:
+    """``--retry_failed``: run the samples recorded as failed again (their failed records are replaced)."""
+    group.add_argument(
+        "--retry_failed", action="store_true",
+        help="Run again the samples an earlier run recorded as failed (e.g. after fixing their files); "
+             "their failed records are replaced. Default: off (failed samples are skipped on resume).",
+    )
+
+
 def add_common_args(
     parser: argparse.ArgumentParser,
     *,
@@ -44,7 +73,7 @@ def add_common_args(
                  "Default: None, the script resolves its own default.",
         )
         g.add_argument(
-            "--max_samples", type=int, default=None,
+            "--max_samples", type=non_negative_int, default=None,
             help="Process at most this many samples. Default: None (all).",
         )
         g.add_argument(
@@ -67,11 +96,11 @@ def add_common_args(
                  "clip whose PNGs disagree with its events. Default: events.",
         )
         g.add_argument(
-            "--num_chunks", type=int, default=1,
+            "--num_chunks", type=positive_int, default=1,
             help="Split the samples into this many contiguous shards (for parallel jobs). Default: 1.",
         )
         g.add_argument(
-            "--chunk_idx", type=int, default=0,
+            "--chunk_idx", type=non_negative_int, default=0,
             help="Which shard (0-based, < --num_chunks) this run processes. Default: 0.",
         )
     if models:
@@ -114,10 +143,22 @@ def add_common_args(
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="Random seed for random, numpy and torch. Default: 0.")
     g.add_argument(
-        "--warmup_steps", type=int, default=1,
+        "--warmup_steps", type=non_negative_int, default=1,
         help="Untimed warm-up iterations before timing. Default: 1.",
     )
     return parser
+
+
+# Flags that steer a run but do not shape its results (not compared on resume).
+NOT_RESULT_SETTINGS = ("output_dir", "task_name", "resume", "retry_failed", "warmup_steps")
+
+
+def result_settings(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
+    """The flags that shape a run's results (all but output/progress flags), with ``resolved`` values
+    (e.g. the dataset folder a default resolved to) in place of the raw ones."""
+    out = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_SETTINGS}
+    out.update(resolved)
+    return out
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -180,8 +221,9 @@ DEBUG_FLAG = "--debug"
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The project's error types: bad input whose message already names the file or flag and the fix."""
     from common.errors import DataError
+    from common.results import RunFolderError
 
-    types: list[type[BaseException]] = [DataError, FileNotFoundError]
+    types: list[type[BaseException]] = [DataError, RunFolderError, FileNotFoundError]
     try:
         from common.models.errors import ModelLoadError
     except ImportError:  # the models package is optional for --help and for data-only tools
@@ -191,13 +233,15 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
+def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
+            exit_code: Callable[[Any], int] | None = None) -> int:
     """Run a CLI's ``main(argv)`` the same way for every script; returns the exit code (also exits).
 
     Third-party noise is turned off (:mod:`common.quiet`); an expected error (see
     :func:`expected_errors`) prints ONE line ``error: <message>`` and exits with code 2; with
     ``--debug`` anywhere in the arguments the full traceback is shown and nothing is silenced.
-    Use as ``if __name__ == "__main__": run_cli(main)``.
+    ``exit_code(result)`` turns what ``main`` returned into the exit status (e.g. 1 when every
+    sample failed). Use as ``if __name__ == "__main__": run_cli(main)``.
     """
     from common.quiet import quiet_third_party
 
@@ -208,7 +252,7 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        main(args)
+        result = main(args)
     except expected_errors() as exc:
         if debug:
             raise
@@ -219,6 +263,9 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
             raise
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    code = exit_code(result) if exit_code is not None else 0
+    if code:
+        raise SystemExit(code)
     return 0
 
 

@@ -12,12 +12,16 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.cli import non_negative_int, positive_int, result_settings
 from common.data import default_frame_cache
 from common.defaults import resolve_model_paths
+from common.errors import DataError
+from common.harness import RunSettings, pin_cpu_threads
 from common.models.loader import load_vlm
 from common.speculative import autoregressive_generate
 from common.timing import Clock, sync
@@ -86,33 +90,60 @@ def run_model(vlm: VisionLanguageModel, sample: Any, prefix: str, max_new_tokens
     return record
 
 
-def start_benchmark(stage: str, args: argparse.Namespace, argv: list[str], default_task: str
-                    ) -> tuple[Any, list[Any], Any]:
-    """What every benchmark does first: logging, seed, dataset (default if none), this shard's samples,
-    and the run folder with its config.json. Returns (dataset_dir, samples, run)."""
-    from common.cli import set_seed, shard
+def _resolved(path: Any) -> str:
+    """An existing path made absolute (hub ids stay as they are)."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
+def prepare_benchmark(stage: str, args: argparse.Namespace, argv: list[str], default_task: str, lanes: int = 1
+                      ) -> tuple[Any, list[Any], RunSettings]:
+    """What every benchmark does first: logging, seed, torch threads pinned on a CPU, dataset (default
+    if none), this shard's samples, and the typed run settings. Returns (dataset_dir, samples, settings).
+
+    ``lanes``: models that run at once (2 for the concurrent benchmarks: each gets half the cores).
+    """
+    from common.cli import resolve_device, resolve_quant, set_seed, shard
     from common.data import ClipDataset
     from common.defaults import resolve_dataset_dir
-    from common.results import RunFolder
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_seed(args.seed)
+    device = resolve_device(getattr(args, "target_device", None) or args.device)
+    threads = pin_cpu_threads(device, lanes)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
                           allow_pickle=args.allow_pickle, event_source=args.event_source)
     samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
-    run = RunFolder.create(stage, args.task_name or default_task, args.output_dir, resume=args.resume)
-    run.write_config(args, argv)
+    egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
+    settings = result_settings(args, dataset_dir=_resolved(dataset_dir), eventgpt_path=_resolved(egpt_path),
+                               videollava_path=_resolved(vllava_path), quant=resolve_quant(args))
+    run = RunSettings(stage=stage, task_name=args.task_name or default_task, settings=settings,
+                      config={**vars(args), "torch_threads_per_lane": threads, "lanes": lanes}, argv=argv,
+                      output_dir=args.output_dir, resume=args.resume, retry_failed=args.retry_failed,
+                      warmup_steps=args.warmup_steps, num_chunks=args.num_chunks, chunk_idx=args.chunk_idx,
+                      device=str(device), quant=settings["quant"], torch_threads=threads,
+                      desc=f"{stage} ({default_task})")
     return dataset_dir, samples, run
+
+
+def check_context(vlm: VisionLanguageModel, max_new_tokens: int) -> None:
+    """Refuse a ``--max_new_tokens`` that cannot fit in the model's context (prompt + new tokens)."""
+    config = getattr(vlm.model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_new_tokens >= limit:
+        raise DataError(f"--max_new_tokens {max_new_tokens} does not fit {vlm.name}'s context of {limit} positions "
+                        "(prompt + new tokens); pass a smaller --max_new_tokens")
 
 
 def add_decode_args(group, free_tokens: bool = False) -> None:
     """``--max_new_tokens --gamma --decode_mode --lossless_reference`` (and ``--max_free_tokens`` for
     benchmarks that draft during the target's prefill), shared by the benchmarks."""
-    group.add_argument("--max_new_tokens", type=int, default=50, help="tokens generated per answer (default 50)")
-    group.add_argument("--gamma", type=int, default=5, help="draft tokens per speculative step (default 5)")
+    group.add_argument("--max_new_tokens", type=positive_int, default=50,
+                       help="tokens generated per answer (default 50)")
+    group.add_argument("--gamma", type=positive_int, default=5, help="draft tokens per speculative step (default 5)")
     if free_tokens:
-        group.add_argument("--max_free_tokens", type=int, default=64,
+        group.add_argument("--max_free_tokens", type=non_negative_int, default=64,
                            help="cap on tokens drafted during the target's prefill (default 64)")
     group.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
                        help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fcntl
 import functools
 import importlib
 import importlib.util
@@ -21,8 +22,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "RESULTS.md"
 DONE_FILE = "DONE"
+LOCK_FILE = "run.lock"
 _TIMESTAMP_FMT = "%Y%m%d_%H%M%S"
 _TIMESTAMP_RE = re.compile(r"_(\d{8}_\d{6})(?:_\d+)?$")
 
@@ -129,23 +133,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Lines of a JSON Lines file; a truncated last line (a killed run) is skipped with a warning,
-    a corrupt line elsewhere raises an error naming the file and line."""
+    """Records of a JSON Lines file. A truncated or corrupt last line (a killed run; with or without
+    its newline) is skipped with a warning; a corrupt line elsewhere raises an error naming the file
+    and line."""
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: ignoring truncated last line (a killed run?)", stacklevel=2)
-            else:
-                raise ValueError(f"corrupt JSON in {path} at line {i + 1}; delete that line or the file") from None
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        elif i == last:
+            warnings.warn(f"{path}: ignoring a truncated or corrupt last line (a killed run?)", stacklevel=2)
+        else:
+            raise ValueError(f"corrupt JSON in {path} at line {i + 1}; delete that line or the file")
     return out
 
 
@@ -209,37 +218,41 @@ def _device_name() -> str:
     return platform.processor() or "cpu"
 
 
+def _last_line_start(f, size: int, block: int) -> int:
+    """Offset where the last line of an open binary file begins (ignoring its final newline)."""
+    pos = size - 1 if size else 0  # skip the final newline: it ends the last line, it does not start one
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        i = f.read(pos - start).rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
+
+
 def _drop_partial_last_line(path: Path, block: int = 1 << 16) -> None:
-    """If ``path`` does not end with a newline, cut the partial last line (or complete it if it parses)."""
+    """Cut a last line that is not a JSON record (a killed run), with or without its newline.
+
+    A complete record that only lacks its newline is kept and given one.
+    """
     with open(path, "r+b") as f:
         size = f.seek(0, os.SEEK_END)
         if size == 0:
             return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        pos = size
-        cut = 0
-        while pos > 0:
-            start = max(0, pos - block)
-            f.seek(start)
-            chunk = f.read(pos - start)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                cut = start + i + 1
-                break
-            pos = start
+        cut = _last_line_start(f, size, block)
         f.seek(cut)
         tail = f.read()
         try:
-            json.loads(tail)
+            ok = isinstance(json.loads(tail), dict) if tail.strip() else True
         except ValueError:
-            pass
-        else:  # a complete record that only lacks its newline: keep it
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
+            ok = False
+        if ok:
+            if not tail.endswith(b"\n"):  # a complete record that only lacks its newline: keep it
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
             return
-        warnings.warn(f"{path}: dropping a truncated last line ({size - cut} bytes) from a killed run",
+        warnings.warn(f"{path}: dropping a truncated or corrupt last line ({size - cut} bytes) from a killed run",
                       stacklevel=3)
         f.truncate(cut)
         f.flush()
@@ -261,6 +274,81 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- locking
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (other settings, another run holds it); one line."""
+
+
+@contextmanager
+def file_lock(lock_path: str | Path, *, wait: bool = True, poll_seconds: float = 5.0,
+              log: Callable[[str], Any] = print, what: str | None = None, remove: bool = False,
+              hint: str = "start a separate run with another --task_name") -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``lock_path`` (the one lock of the toolkit).
+
+    The OS releases it when the holder dies, so a killed run never leaves a stale lock; the
+    file holds the holder's pid for humans. While another process holds it: ``wait`` polls
+    (saying so once), else :class:`RunFolderError` is raised with one line naming ``what`` and
+    ``hint``. ``remove`` deletes the file on release (only for ``wait=False`` users: a waiter
+    could otherwise lock a deleted file).
+    """
+    lock_path = Path(lock_path)
+    what = what or str(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if not wait:
+                    raise RunFolderError(f"{what}: another run (pid {holder}) is writing it; wait for it to "
+                                         f"finish, or {hint}") from None
+                if not waited:
+                    log(f"{what}: another run (pid {holder}) is writing it; waiting for it to finish")
+                    waited = True
+                time.sleep(poll_seconds)
+        held = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if held:
+            try:
+                os.ftruncate(fd, 0)
+                if remove:
+                    lock_path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        os.close(fd)  # closing releases the flock
+
+
+def lock_held(lock_path: str | Path) -> bool:
+    """Whether a live process holds the :func:`file_lock` on ``lock_path`` (a leftover file is not held)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def settings_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two settings dicts (compared as JSON), sorted."""
+    a, b = to_jsonable(dict(stored), strict=False), to_jsonable(dict(wanted), strict=False)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 # --------------------------------------------------------------------------- run folder
@@ -288,18 +376,23 @@ class RunFolder:
         task_name: str,
         output_dir: str | Path | None = None,
         resume: bool = True,
+        settings: Mapping[str, Any] | None = None,
+        include_done: bool = False,
     ) -> RunFolder:
         """Make ``<output_dir or results/<stage>>/<task_name>_<YYYYMMDD_HHMMSS>/``.
 
-        With ``resume`` and an unfinished folder (no ``DONE``) of the same ``task_name``
-        under the base, reuse the newest such folder instead.
+        With ``resume`` and an unfinished folder (no ``DONE``; any with ``include_done``) of the
+        same ``task_name`` under the base, reuse the newest such folder instead. With ``settings``
+        (what shapes the results) that folder is checked first (see :meth:`adopt`): records made
+        with other settings raise :class:`RunFolderError`; a folder without records whose
+        settings differ (a failed start) is left alone and a new folder is made.
         """
         if not task_name or "/" in task_name or "\\" in task_name:
             raise ValueError(f"task_name must be a non-empty name without slashes, got {task_name!r}")
         base = Path(output_dir) if output_dir is not None else Path("results") / stage
         if resume:
-            found = cls.find_unfinished(base, task_name)
-            if found is not None:
+            found = cls.find_unfinished(base, task_name, include_done=include_done)
+            if found is not None and (settings is None or cls(found).adopt(settings)):
                 return cls(found)
         stamp = _dt.datetime.now().strftime(_TIMESTAMP_FMT)
         path = base / f"{task_name}_{stamp}"
@@ -309,9 +402,50 @@ class RunFolder:
             n += 1
         return cls(path)
 
+    def adopt(self, settings: Mapping[str, Any]) -> bool:
+        """Whether a run with ``settings`` may continue in this folder.
+
+        No records yet (a failed start): True when the stored settings match or none are
+        stored, False otherwise (start a new folder). Records present: True when the stored
+        settings match; else :class:`RunFolderError` names the keys that differ.
+        """
+        stored = self.stored_settings()
+        if not self.load_records():
+            return stored is None or not settings_diff(stored, settings)
+        if stored is None:
+            raise RunFolderError(f"{self._path}: holds records but config.json records no settings to check them "
+                                 "against; start fresh with another --task_name or --no_resume")
+        diff = settings_diff(stored, settings)
+        if diff:
+            old, new = to_jsonable(stored, strict=False), to_jsonable(dict(settings), strict=False)
+            shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            raise RunFolderError(f"{self._path}: resume refused, its records were made with other settings "
+                                 f"({shown}); rerun with the same flags, or start fresh with another "
+                                 "--task_name or --no_resume")
+        return True
+
+    def stored_settings(self) -> dict[str, Any] | None:
+        """The ``settings`` recorded in ``config.json`` (None when absent or unreadable)."""
+        path = self._path / CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            config = read_json(path)
+        except (OSError, ValueError):
+            return None
+        found = config.get("settings") if isinstance(config, dict) else None
+        return found if isinstance(found, dict) else None
+
+    @contextmanager
+    def lock(self) -> Iterator[RunFolder]:
+        """Hold this folder's lock for a run; a second run at once raises :class:`RunFolderError`."""
+        with file_lock(self._path / LOCK_FILE, wait=False, what=str(self._path)):
+            yield self
+
     @staticmethod
-    def find_unfinished(base: str | Path, task_name: str) -> Path | None:
-        """Newest folder ``<task_name>_<timestamp>`` under ``base`` without a ``DONE`` marker."""
+    def find_unfinished(base: str | Path, task_name: str, include_done: bool = False) -> Path | None:
+        """Newest folder ``<task_name>_<timestamp>`` under ``base`` without a ``DONE`` marker
+        (or with one too, given ``include_done``)."""
         base = Path(base)
         if not base.is_dir():
             return None
@@ -321,7 +455,7 @@ class RunFolder:
                 continue
             rest = p.name[len(task_name):]
             m = _TIMESTAMP_RE.fullmatch(rest)
-            if m is None or (p / DONE_FILE).exists():
+            if m is None or ((p / DONE_FILE).exists() and not include_done):
                 continue
             suffix = rest[len(m.group(1)) + 1:]
             candidates.append((m.group(1), int(suffix[1:]) if suffix else 0, p))
@@ -332,9 +466,11 @@ class RunFolder:
     # -- config ------------------------------------------------------------------------
 
     def write_config(
-        self, args: argparse.Namespace | Mapping[str, Any] | None, argv: Sequence[str] | None = None
+        self, args: argparse.Namespace | Mapping[str, Any] | None, argv: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write ``config.json``: args, argv, git commit/dirty, package versions, device, host, start time."""
+        """Write ``config.json``: args, argv, git commit/dirty, package versions, device, host, start time,
+        and the ``settings`` that shape the results (checked on resume)."""
         if isinstance(args, argparse.Namespace):
             args = vars(args)
         commit, dirty = _git_info()
@@ -348,6 +484,8 @@ class RunFolder:
             "hostname": socket.gethostname(),
             "start_time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
+        if settings is not None:
+            config["settings"] = to_jsonable(dict(settings), strict=False)
         return atomic_write_json(self._path / CONFIG_FILE, config)
 
     # -- records -----------------------------------------------------------------------
@@ -367,6 +505,19 @@ class RunFolder:
         file stays valid JSON Lines.
         """
         append_jsonl(self.records_path, record)
+
+    def drop_failed(self, keep: Callable[[Mapping[str, Any]], bool] = lambda r: False) -> int:
+        """Remove failed records (those with ``error``) that ``keep`` rejects; the rest stay in order.
+
+        Rewrites ``records.jsonl`` atomically without every failed record that ``keep`` rejects;
+        returns how many were removed (``--retry_failed``: those samples run again).
+        """
+        records = self.load_records()
+        kept = [r for r in records if "error" not in r or keep(r)]
+        if len(kept) != len(records):
+            text = "".join(dumps_json(r, indent=None) + "\n" for r in kept)
+            atomic_write_text(self.records_path, text)
+        return len(records) - len(kept)
 
     def finished_ids(self) -> set[str]:
         """The ``id`` of every stored record (as str), for skipping finished work on resume."""
@@ -388,6 +539,10 @@ class RunFolder:
     def write_markdown(self, text: str) -> Path:
         """Write ``RESULTS.md`` atomically."""
         return atomic_write_text(self._path / MARKDOWN_FILE, text if text.endswith("\n") else text + "\n")
+
+    def clear_done(self) -> None:
+        """Remove the ``DONE`` marker (a finished run being continued, e.g. to retry failed samples)."""
+        (self._path / DONE_FILE).unlink(missing_ok=True)
 
     def mark_done(self) -> Path:
         """Write the ``DONE`` marker (a finished run is never resumed)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -316,6 +316,18 @@ class SpecResult:
     target_forwards: int = 0
     draft_steps: int | None = None
     stop_reason: str = "max_new_tokens"
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], *, prefix: str = "", tokens: str = "token_ids",
+                    total_seconds: str = "speculative_decode_time") -> SpecResult:
+        """The result stored in a results record: keys ``<prefix>token_ids``, ``<prefix>iterations``,
+        ``<prefix>draft_seconds``, ``<prefix>verify_seconds``, ``<prefix>target_forwards``,
+        ``<prefix>draft_steps`` (optional), and the ``tokens`` / ``total_seconds`` keys as named."""
+        return cls(tokens=list(record[prefix + tokens]),
+                   iterations=[(int(d), int(a)) for d, a in record[prefix + "iterations"]],
+                   draft_seconds=record[prefix + "draft_seconds"], verify_seconds=record[prefix + "verify_seconds"],
+                   total_seconds=record[prefix + total_seconds], target_forwards=record[prefix + "target_forwards"],
+                   draft_steps=record.get(prefix + "draft_steps"))
 
     @property
     def num_drafted(self) -> int:

@@ -1,10 +1,8 @@
 """Extract aligned hidden states of EventGPT (draft) and Video-LLaVA (target) for adapter training.
 
     python -m feature_alignment.extract_hidden_states --dataset_dir D --split train \\
-        --max_questions 10 [--output_dir data/feature_alignment/hidden/train --layers -1,-2 \\
+        --max_questions 10 --output_dir feature_alignment/hidden/train [--layers -1,-2 \\
         --chunk_size 1000 --batch_size 16 --max_new_tokens 50 --quant 4bit --device cuda]
-
-Default output: ``data/feature_alignment/hidden/<split>`` (an extracted dataset, so under data/).
 
 Pairs are aligned by a shared prefix, never by the index of two free-running outputs: first
 the target answers greedily (its own output, the one speculative decoding must reproduce; a
@@ -33,34 +31,51 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
+import torch
+
+from common.cli import (
+    add_common_args,
+    add_retry_arg,
+    positive_int,
+    resolve_device,
+    resolve_quant,
+    set_seed,
+    shard,
+)
+from common.data import ClipDataset
 from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
-from common.lazy import no_grad
 from common.locations import data_dir
+from common.prefetch import prefetched
 from common.progress import progress_bar
-
-if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
-
-    import torch
-
-    from common.data import ClipDataset
-    from feature_alignment.hidden_store import (
-        SampleRecord,
-    )
+from common.results import file_lock
+from common.speculative import autoregressive_generate
+from common.timing import sync
+from feature_alignment.hidden_store import (
+    LM_HEAD_FILE,
+    LOCK_FILE,
+    HiddenStore,
+    SampleRecord,
+    chunk_problem,
+    load_index,
+    new_index,
+    next_chunk_name,
+    save_index,
+    save_lm_head,
+    write_chunk,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_ROOT = data_dir("feature_alignment") / "hidden"  # data/feature_alignment/hidden/<split>
-LEGACY_OUTPUT_ROOT = Path("feature_alignment") / "hidden"
 # Config keys that must match to resume into an existing folder.
 RESUME_KEYS = ("dataset_dir", "split", "max_questions", "eventgpt_path", "videollava_path", "quant", "layers",
                "max_new_tokens", "num_chunks", "chunk_idx", "target_states")
@@ -98,17 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_common_args(p)
     g = p.add_argument_group("extraction")
-    g.add_argument("--chunk_size", type=int, default=1000,
+    add_retry_arg(g)
+    g.add_argument("--chunk_size", type=positive_int, default=1000,
                    help="samples per chunk file (rounded up to whole batches). Default: 1000.")
     g.add_argument("--layers", type=parse_layers, default=[-1, -2],
                    help="hidden layers stored for both models, comma-separated (-1 = final normed state "
                         "that feeds the LM head). Default: -1,-2.")
-    g.add_argument("--batch_size", type=int, default=16,
+    g.add_argument("--batch_size", type=positive_int, default=16,
                    help="samples decoded together and teacher-forced in one pass. Default: 16.")
     g.add_argument("--target_states", choices=TARGET_STATES, default="greedy_pass",
                    help="greedy_pass: record the target's states while it decodes its answer (one prompt "
                         "pass); teacher_forced: run the target again over prompt + answer. Default: greedy_pass.")
-    g.add_argument("--max_new_tokens", type=int, default=50, help="length cap of the target's answer. Default: 50.")
+    g.add_argument("--max_new_tokens", type=positive_int, default=50, help="length cap of the target's answer. Default: 50.")
     return p
 
 
@@ -132,20 +148,18 @@ def draft_unk_id(draft: Any) -> int:
 TARGET_STATES = ("greedy_pass", "teacher_forced")
 
 
-@no_grad
+@torch.no_grad()
 def target_answers(target: Any, visuals: Sequence[Any], questions: Sequence[str], max_new_tokens: int,
                    ) -> list[list[int]]:
     """The target's own greedy answer ids: one sample with the KV-cached engine, several decoded together
     (``generate_greedy_batch``: one decode step serves the batch)."""
-    from common.speculative import autoregressive_generate
-
     if len(visuals) > 1:
         return target.generate_greedy_batch(visuals, questions, max_new_tokens).answers
     state = target.prefill(visuals[0], questions[0])
     return [autoregressive_generate(target, state, max_new_tokens=max_new_tokens).tokens]
 
 
-@no_grad
+@torch.no_grad()
 def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Sequence[Any],
                   target_visuals: Sequence[Any], questions: Sequence[str], layers: Sequence[int],
                   max_new_tokens: int, stats: dict[str, Any] | None = None,
@@ -156,11 +170,6 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
     (batched; each prompt goes through the target once); ``teacher_forced`` runs the target again
     over prompt + answer in a padded batch (the original path; same states up to rounding).
     """
-    import torch
-
-    from common.timing import sync
-    from feature_alignment.hidden_store import SampleRecord
-
     if target_states not in TARGET_STATES:
         raise ValueError(f"target_states must be one of {TARGET_STATES}, got {target_states!r}")
     timed = stats is not None  # then wait for the GPU at each timer, so the split is true
@@ -231,8 +240,8 @@ class ClipPixelLoader:
                               self.target.preprocess(self.target.load_visual(sample)))
                     self.last_clip = sample.clip_id
                 out.append((sample, pixels, None))
-            except DataError as exc:
-                out.append((sample, None, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run (issue #16)
+                out.append((sample, None, str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"))
         return out
 
 
@@ -267,46 +276,6 @@ class StopFlag:
         self._previous.clear()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def acquire_lock(folder: Path) -> Path:
-    """Create ``extract.lock`` (pid, host); a stale lock of a dead local process is taken over."""
-    import socket
-
-    from feature_alignment.hidden_store import LOCK_FILE
-
-    lock = folder / LOCK_FILE
-    folder.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid_text, lock_host = "?", ""
-            try:
-                pid_text, lock_host = (lock.read_text().split() + ["", ""])[:2]
-                pid = int(pid_text)
-            except (OSError, ValueError):
-                pid = -1
-            if pid == os.getpid() or (lock_host == host and pid > 0 and not _pid_alive(pid)):
-                lock.unlink(missing_ok=True)
-                continue
-            raise RuntimeError(f"{lock}: another extraction (pid {pid_text} on {lock_host or '?'}) is writing this "
-                               "folder; wait for it, or delete the lock if that process is gone") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {host}\n")
-        return lock
-    raise RuntimeError(f"{lock}: could not take the extraction lock")
-
-
 def load_models(args: argparse.Namespace, egpt_path: Path, vl_path: Path, device: torch.device, quant: str):
     """(draft, target) behind the uniform interface."""
     from common.models.loader import load_vlm
@@ -317,8 +286,6 @@ def load_models(args: argparse.Namespace, egpt_path: Path, vl_path: Path, device
 
 
 def _resolve_split(dataset_dir: Path, split: str | None) -> str:
-    from common.data import ClipDataset
-
     if split:
         return split
     probe = ClipDataset(dataset_dir, split=None)
@@ -346,7 +313,6 @@ def run_config(args: argparse.Namespace, dataset_dir: Path, split: str, egpt_pat
         "num_chunks": args.num_chunks, "chunk_idx": args.chunk_idx, "chunk_size": args.chunk_size,
         "batch_size": args.batch_size, "max_samples": args.max_samples,
         "target_states": args.target_states,
-        "event_source": args.event_source,
         "alignment": "target: its greedy answer (states recorded while decoding it, or teacher-forced again); "
                      "draft: teacher-forced on those ids; row t = state before target token t",
     }
@@ -364,9 +330,6 @@ def _check_resume(index: dict[str, Any], config: dict[str, Any], folder: Path) -
 def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) an extraction; returns a summary dict. ``models`` = (draft, target) already loaded."""
     args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
-    from common.data import ClipDataset
-    from common.distributed import launcher_shard, local_device
-
     if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
     launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
@@ -377,7 +340,7 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     quant = resolve_quant(args)
     split = _resolve_split(dataset_dir, args.split)
     dataset = ClipDataset(dataset_dir, split=split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle, event_source=args.event_source)
+                          allow_pickle=args.allow_pickle)
     planned = list(range(len(dataset)))
     if args.max_samples is not None:
         planned = planned[: args.max_samples]
@@ -386,18 +349,28 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     root, folder = output_folder(args, split)
     config = run_config(args, dataset_dir, split, egpt_path, vl_path, quant)
 
-    lock = acquire_lock(folder)
     stop = StopFlag()
-    stop.install()
-    try:
-        summary = _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path,
-                       vl_path, stop, models)
-    finally:
-        stop.restore()
-        lock.unlink(missing_ok=True)
+    with file_lock(folder / LOCK_FILE, wait=False, remove=True, what=str(folder),
+                   hint="extract into another --output_dir"):
+        stop.install()
+        try:
+            summary = _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path,
+                           vl_path, stop, models)
+        finally:
+            stop.restore()
     if launched:
         summary.update(merge_launched(root, args, dataset, summary, time.perf_counter()))
     return summary
+
+
+def exit_status(summary: dict[str, Any]) -> int:
+    """128 + the signal after a stop by signal (the shell's convention), 1 when every planned sample failed,
+    else 0."""
+    if summary.get("signal"):
+        return 128 + int(summary["signal"])
+    if summary.get("planned_samples") and not summary.get("num_samples") and summary.get("failed"):
+        return 1
+    return 0
 
 
 def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, summary: dict[str, Any],
@@ -407,9 +380,6 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
     Also the whole launch's throughput: new samples of all ranks over the time from the common
     start of the loops (after every rank loaded its models) to the last rank's end.
     """
-    from common.distributed import all_sum, barrier, destroy, world
-    from feature_alignment.hidden_store import HiddenStore
-
     rank, size, _ = world()
     new_samples = all_sum(summary["new_samples"])  # returns once every rank is done
     seconds = summary["loop_seconds"] + time.perf_counter() - finished  # this rank's loop + waiting for the rest
@@ -434,26 +404,77 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
     return out
 
 
-def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
-         models) -> dict[str, Any]:
-    from common.distributed import barrier
-    from common.prefetch import prefetched
-    from feature_alignment.hidden_store import (
-        LM_HEAD_FILE,
-        chunk_name,
-        load_index,
-        new_index,
-        save_index,
-        save_lm_head,
-        write_chunk,
-    )
+def drop_bad_chunks(folder: Path, index: dict[str, Any]) -> int:
+    """Verify every chunk of ``index`` against its recorded size and checksum; a missing, truncated or
+    corrupt one is dropped from the index (its file deleted) so its samples are extracted again."""
+    bad = []
+    for entry in index["chunks"]:
+        problem = chunk_problem(folder, entry)
+        if problem is not None:
+            log.warning("%s; its %d samples will be extracted again", problem, entry["num_samples"])
+            bad.append(entry)
+    for entry in bad:
+        index["chunks"].remove(entry)
+        (folder / entry["file"]).unlink(missing_ok=True)
+    if bad:
+        index["complete"] = False
+        save_index(folder, index)
+    return len(bad)
 
+
+def open_index(folder: Path, config: dict[str, Any], planned_ids: list[str], retry_failed: bool) -> dict[str, Any]:
+    """The folder's index (new, or checked for resume: same settings, every chunk intact), with the
+    failed samples cleared when they are to be retried."""
     index = load_index(folder)
     if index is None:
-        index = new_index(config, planned_ids)
-    else:
-        _check_resume(index, config, folder)
-        index["config"].update({k: config[k] for k in ("chunk_size", "batch_size", "max_samples")})
+        return new_index(config, planned_ids)
+    _check_resume(index, config, folder)
+    index["config"].update({k: config[k] for k in ("chunk_size", "batch_size", "max_samples")})
+    drop_bad_chunks(folder, index)
+    if retry_failed and index["failed"]:
+        log.info("%s: retrying %d failed samples", folder, len(index["failed"]))
+        index["failed"] = []
+    return index
+
+
+def record_models(index: dict[str, Any], root: Path, config: dict[str, Any], draft: Any, target: Any,
+                  need_head: bool) -> None:
+    """The models' sizes into the index config; the target's LM head saved once at the root."""
+    index["config"].update({
+        "draft_hidden_size": draft.hidden_size, "target_hidden_size": target.hidden_size,
+        "draft_num_layers": draft.num_layers, "target_num_layers": target.num_layers,
+        "draft_base_vocab_size": int(draft.base_vocab_size),
+        "target_base_vocab_size": int(target.base_vocab_size),
+        "shared_vocab_size": shared_vocab(draft, target), "target_vocab_size": target.vocab_size,
+        "target_eos_token_id": target.eos_token_id})
+    if need_head:
+        save_lm_head(root / LM_HEAD_FILE, target.lm_head.weight,
+                     {"base_vocab_size": int(target.base_vocab_size), "shared_vocab_size": shared_vocab(draft, target),
+                      "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
+                      "videollava_path": config["videollava_path"]})
+
+
+def close_index(folder: Path, index: dict[str, Any], planned_ids: list[str], stats: dict[str, Any],
+                seconds: float) -> dict[str, Any]:
+    """Chunks in planned order, ``complete``, this run's stats added to the index's; saved. Returns the stats."""
+    order = {sid: n for n, sid in enumerate(planned_ids)}
+    index["chunks"].sort(key=lambda c: order.get(c["sample_ids"][0], len(order)))
+    finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
+    index["complete"] = all(s in finished for s in planned_ids)
+    run_stats = index.setdefault("stats", {})
+    for key in ("generate_seconds", "teacher_forced_seconds", "self_check_positions", "self_check_matches",
+                "nonfinite_values"):
+        run_stats[key] = run_stats.get(key, 0) + stats.get(key, 0)
+    run_stats["seconds"] = run_stats.get("seconds", 0.0) + seconds
+    if run_stats.get("self_check_positions"):
+        run_stats["self_check_rate"] = run_stats["self_check_matches"] / run_stats["self_check_positions"]
+    save_index(folder, index)
+    return run_stats
+
+
+def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
+         models) -> dict[str, Any]:
+    index = open_index(folder, config, planned_ids, args.retry_failed)
     done = {s for c in index["chunks"] for s in c["sample_ids"]}
     failed = {f["id"] for f in index["failed"]}
     index["planned_samples"] = len(planned_ids)
@@ -465,18 +486,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         if models is None:
             models = load_models(args, egpt_path, vl_path, device, quant)
         draft, target = models
-        index["config"].update({
-            "draft_hidden_size": draft.hidden_size, "target_hidden_size": target.hidden_size,
-            "draft_num_layers": draft.num_layers, "target_num_layers": target.num_layers,
-            "draft_base_vocab_size": int(draft.base_vocab_size),
-            "target_base_vocab_size": int(target.base_vocab_size),
-            "shared_vocab_size": shared_vocab(draft, target), "target_vocab_size": target.vocab_size,
-            "target_eos_token_id": target.eos_token_id})
-        if need_head:
-            save_lm_head(root / LM_HEAD_FILE, target.lm_head.weight,
-                         {"base_vocab_size": int(target.base_vocab_size), "shared_vocab_size": shared_vocab(draft, target),
-                          "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
-                          "videollava_path": config["videollava_path"]})
+        record_models(index, root, config, draft, target, need_head)
     save_index(folder, index)
     barrier()  # under a launcher every rank starts its loop together (model loading is not timed below)
     loop_start = time.perf_counter()
@@ -494,7 +504,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
         nonlocal buffer, written
         if not buffer:
             return
-        name = chunk_name(len(index["chunks"]))
+        name = next_chunk_name(index)
         index["chunks"].append(write_chunk(folder / name, buffer, args.layers))
         save_index(folder, index)
         written += len(buffer)
@@ -509,7 +519,13 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     try:
         # disk reads and pixel preprocessing of the next batches run on a thread beside the GPU work
         work = prefetched(batches.values(), ClipPixelLoader(dataset, *models)) if batches else iter(())
+        keys = iter(batches)
+        previous = None
         for members, loaded in work:
+            key = next(keys)
+            if previous is not None and key != previous + 1:
+                flush()  # a chunk holds one contiguous run of the planned order (a redone chunk stays in place)
+            previous = key
             samples, d_vis, t_vis = [], [], []
             for sample, pixels, error in loaded:
                 if error is not None:
@@ -535,16 +551,7 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     finally:
         bar.close()
     seconds, loop_seconds = time.perf_counter() - start, time.perf_counter() - loop_start
-    finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
-    index["complete"] = all(s in finished for s in planned_ids)
-    run_stats = index.setdefault("stats", {})
-    for key in ("generate_seconds", "teacher_forced_seconds", "self_check_positions", "self_check_matches",
-                "nonfinite_values"):
-        run_stats[key] = run_stats.get(key, 0) + stats.get(key, 0)
-    run_stats["seconds"] = run_stats.get("seconds", 0.0) + seconds
-    if run_stats.get("self_check_positions"):
-        run_stats["self_check_rate"] = run_stats["self_check_matches"] / run_stats["self_check_positions"]
-    save_index(folder, index)
+    run_stats = close_index(folder, index, planned_ids, stats, seconds)
     summary = {
         "output_dir": str(folder), "root": str(root), "complete": index["complete"],
         "interrupted": bool(stop), "signal": stop.signal, "planned_samples": len(planned_ids),
@@ -561,15 +568,15 @@ def _run(args, dataset, planned, planned_ids, root, folder, config, device, quan
     return summary
 
 
-def _cli(argv: Sequence[str]) -> None:
+def _cli(argv: Sequence[str]) -> dict[str, Any]:
     result = main(argv)
     print({k: result[k] for k in ("output_dir", "complete", "num_samples", "num_positions", "num_chunks",
                                   "samples_per_second", "rank", "merged_complete", "merged_samples",
                                   "all_ranks_samples_per_second") if k in result})
-    sys.exit(0)
+    return result
 
 
 if __name__ == "__main__":
     from common.cli import run_cli
 
-    run_cli(_cli)
+    run_cli(_cli, exit_code=exit_status)

@@ -9,7 +9,7 @@ An extraction folder (one per split, or one per shard ``part_XX_of_YY/`` below i
   ``offsets[i]:offsets[i+1]``); the metadata holds the sample ids (JSON list).
 - ``index.json`` (written atomically after each chunk): format, config (models, layers,
   sizes, dataset, split), chunks (file, sample ids, counts), totals, ``complete``.
-- ``extract.lock`` while an extraction runs; ``lm_head.safetensors`` (the target's LM head
+- ``extract.lock`` while an extraction runs (``common.results.file_lock``); ``lm_head.safetensors`` (the target's LM head
   weight, once, at the extraction root) for offline token metrics.
 
 Readers stream one chunk at a time (:class:`HiddenStore`); every loaded :class:`Chunk` is
@@ -18,6 +18,7 @@ counted (live count and bytes, with peaks), so tests can show that memory stays 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import weakref
@@ -30,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.results import atomic_write, atomic_write_json, read_json
+from common.results import atomic_write, atomic_write_json, lock_held, read_json
 
 INDEX_FILE = "index.json"
 LOCK_FILE = "extract.lock"
@@ -40,7 +41,7 @@ CHUNK_FORMAT = "hidden_chunk_v1"
 
 __all__ = [
     "INDEX_FILE", "LOCK_FILE", "LM_HEAD_FILE", "FORMAT",
-    "layer_key", "chunk_name", "write_chunk", "new_index", "load_index", "save_index",
+    "layer_key", "chunk_name", "next_chunk_name", "chunk_problem", "file_sha256", "write_chunk", "new_index", "load_index", "save_index",
     "SampleRecord", "Chunk", "ChunkRef", "HiddenStore", "find_index_files", "extraction_complete",
     "missing_shards",
     "save_lm_head", "load_lm_head",
@@ -94,7 +95,40 @@ def write_chunk(path: str | Path, records: Sequence[SampleRecord], layers: Seque
     ids = [r.id for r in records]
     _atomic_save_file(tensors, path, {"format": CHUNK_FORMAT, "sample_ids": json.dumps(ids)})
     return {"file": path.name, "num_samples": len(records), "num_positions": int(offsets[-1]),
-            "sample_ids": ids}
+            "sample_ids": ids, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def chunk_problem(folder: str | Path, entry: dict[str, Any]) -> str | None:
+    """Why the chunk file of an index entry cannot be trusted (missing, other size, other checksum), or None.
+
+    Entries from before sizes were recorded are only checked for existence.
+    """
+    path = Path(folder) / entry["file"]
+    if not path.is_file():
+        return f"{path}: missing"
+    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        return f"{path}: {path.stat().st_size} bytes, the index recorded {entry['bytes']} (truncated?)"
+    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        return f"{path}: checksum differs from the index (corrupt)"
+    return None
+
+
+def next_chunk_name(index: dict[str, Any]) -> str:
+    """The first chunk file name the index does not use."""
+    used = {c["file"] for c in index["chunks"]}
+    k = len(index["chunks"])
+    while chunk_name(k) in used:
+        k += 1
+    return chunk_name(k)
 
 
 # ----------------------------------------------------------------------------- index
@@ -141,17 +175,22 @@ def missing_shards(indexes: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def extraction_complete(path: str | Path) -> bool:
-    """True when every index under ``path`` says complete, every shard has one, and no lock is held."""
+    """True when every index under ``path`` says complete, every shard has one, every chunk file is there
+    with its recorded size, and no lock is held."""
     files = find_index_files(path)
     if not files:
         return False
     indexes = []
     for f in files:
-        if (f.parent / LOCK_FILE).exists():
+        if lock_held(f.parent / LOCK_FILE):
             return False
         index = load_index(f.parent)
         if not index or not index.get("complete"):
             return False
+        for c in index["chunks"]:  # a lost or truncated chunk (sizes only: cheap; resume checks the sha256)
+            path = f.parent / c["file"]
+            if not path.is_file() or ("bytes" in c and path.stat().st_size != c["bytes"]):
+                return False
         indexes.append(index)
     return not missing_shards(indexes)
 

@@ -31,17 +31,22 @@ sample order.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from common.cli import add_common_args, set_seed, shard
+import torch
+
+from common.cli import add_common_args, add_retry_arg, positive_int, set_seed, shard
+from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
-from common.lazy import no_grad
 from common.progress import progress, progress_bar
+from common.speculative import autoregressive_generate
 from token_alignment.pairs import (
     DRAFT_KEYS,
     DRAFT_TF_KEYS,
@@ -52,11 +57,7 @@ from token_alignment.pairs import (
     merge_parts,
     read_jsonl,
 )
-
-if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
-
-
-    from common.data import ClipSample
+from token_alignment.token_adapter import masked_argmax, safe_draft_ids
 
 DEFAULT_OUTPUT_DIR = Path("data") / "token_alignment"
 ALL_KEYS = DRAFT_KEYS + TARGET_KEYS + DRAFT_TF_KEYS
@@ -75,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "<split>_<max_questions>q_tokens.jsonl (chunk suffix when sharded).")
     g.add_argument("--parallel", action="store_true",
                    help="Keep both models loaded and write complete records (more memory). Default: sequential.")
-    g.add_argument("--max_new_tokens", type=int, default=50, help="Greedy answer length cap per model. Default: 50.")
-    g.add_argument("--batch_size", type=int, default=1,
+    g.add_argument("--max_new_tokens", type=positive_int, default=50,
+                   help="Greedy answer length cap per model. Default: 50.")
+    add_retry_arg(g)
+    g.add_argument("--batch_size", type=positive_int, default=1,
                    help="sequential mode: samples answered together (one decode step serves the batch) and "
                         "teacher-forced in one pass. The answers equal one-at-a-time greedy decoding (tested in "
                         "fp32; in bf16 a near-tie may resolve differently); each sample's *_time is then its share "
@@ -111,9 +114,8 @@ def _sample_fields(sample: ClipSample, args: argparse.Namespace) -> dict[str, An
         "question": sample.question, "query": sample.question,
         "event_data": _rel(sample.event_path, sample.dataset_dir),
         "video_data": _rel(sample.video_path or sample.frames_dir, sample.dataset_dir),
-        "event_source": sample.event_source,
         "dataset_dir": str(sample.dataset_dir), "max_questions": args.max_questions,
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens, "event_source": sample.event_source,
     }
 
 
@@ -145,8 +147,6 @@ def _answer_record(model: Any, sample: ClipSample, ids: Sequence[int], seconds: 
 
 def _answer(model: Any, visual: Any, sample: ClipSample, max_new_tokens: int, prefix: str) -> dict:
     """Greedy answer of ``model`` (generated ids only) with its prompt, text and seconds."""
-    from common.speculative import autoregressive_generate
-
     start = time.perf_counter()
     state = model.prefill(visual, sample.question)
     gen = autoregressive_generate(model, state, max_new_tokens=max_new_tokens)
@@ -164,13 +164,11 @@ def _answers(model: Any, visuals: Sequence[Any], samples: Sequence[ClipSample], 
             for s, ids in zip(samples, answers, strict=True)]
 
 
-@no_grad
+@torch.no_grad()
 def _draft_teacher_forced(egpt: Any, visuals: Sequence[Any], samples: Sequence[ClipSample],
                           target_ids: Sequence[Sequence[int]], target_base_vocab: Sequence[int]) -> list[dict]:
     """EventGPT teacher forced on the target's answers (one padded pass): its masked greedy next token
     at every target position."""
-    from token_alignment.token_adapter import masked_argmax, safe_draft_ids
-
     out: list[dict | None] = [None] * len(samples)
     unk = getattr(egpt.tokenizer, "unk_token_id", None)
     rows = []
@@ -220,6 +218,22 @@ def check_same_models(have: dict, output: Path, ids: dict[str, dict]) -> None:
                                  f"({want['weights_bytes']}); pass another --output_file or delete it")
 
 
+SETTING_KEYS = ("max_new_tokens", "max_questions")
+
+
+def check_same_settings(have: dict, output: Path, wanted: dict[str, Any]) -> None:
+    """Refuse to resume a file written with another answer cap or question count (one line naming them)."""
+    found: dict[str, set] = {}
+    for rec in have.values():
+        for key in SETTING_KEYS:
+            if key in rec and rec[key] != wanted[key]:
+                found.setdefault(key, set()).add(rec[key])
+    if found:
+        shown = ", ".join(f"{k} {sorted(v)} -> {wanted[k]}" for k, v in sorted(found.items()))
+        raise SystemExit(f"{output}: resume refused, its records were made with other settings ({shown}); "
+                         "rerun with the same flags, or pass another --output_file")
+
+
 def _complete(have: dict, sample: ClipSample) -> bool:
     return all(k in have.get(sample.id, {}) for k in ALL_KEYS)
 
@@ -233,33 +247,64 @@ def _load(kind: str, path: Path, args: argparse.Namespace):
 
 def _release_memory() -> None:
     """Give freed model memory back (call after dropping the last reference to a model)."""
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+def output_files(output_file: str | None, split: str | None, max_questions: int, num_chunks: int, chunk_idx: int,
+                 launched: bool) -> tuple[Path, Path]:
+    """(merged file, the file this process writes): a launched rank writes its part beside the merged file."""
+    merged = Path(output_file) if output_file else default_output_file(split, max_questions)
+    if launched:
+        return merged, part_file(merged, num_chunks, chunk_idx)
+    return merged, Path(output_file) if output_file else default_output_file(split, max_questions, num_chunks,
+                                                                             chunk_idx)
+
+
+def guarded(fn: Any, sample: ClipSample, errors: list[tuple[str, str]]) -> Any:
+    """``fn(sample)``; any failure of that sample (not KeyboardInterrupt) is added to ``errors``, giving None."""
+    try:
+        return fn(sample)
+    except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)
+        text = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"skipping {sample.id}: {text}", stacklevel=3)
+        errors.append((sample.id, text))
+        return None
+
+
+def _report(output: Path, samples: Sequence[ClipSample], have: dict, errors: list[tuple[str, str]],
+            written: dict[str, int], seconds: float) -> dict[str, Any]:
+    """The run's summary (complete and failed samples, raw token match), printed in two lines."""
+    done = [have[s.id] for s in samples if _complete(have, s)]
+    positions = sum(len(r["videollava_token_ids"]) for r in done)
+    same = sum(int(a == b) for r in done for a, b in zip(r["egpt_token_ids"], r["videollava_token_ids"]))
+    summary = {
+        "output_file": str(output), "num_samples": len(samples), "num_complete": len(done),
+        "written": written, "errors": [list(e) for e in errors], "seconds": seconds,
+        "raw_position_match_rate": same / positions if positions else None,
+    }
+    print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
+          f"{summary['raw_position_match_rate']}")
+    by_id = {s.id: s for s in samples}
+    failed = sorted({str(sid) for sid, _ in errors if sid not in by_id or not _complete(have, by_id[sid])})
+    summary["num_failed"] = len(failed)
+    if failed:  # one sample can fail in several phases: count it once
+        print(f"{output}: skipped {len(failed)} sample{'s' if len(failed) != 1 else ''} with bad files (listed "
+              f"under 'errors'), e.g. {errors[0][0]}: {errors[0][1]}; failed samples are never written, so a "
+              "rerun (with or without --retry_failed) tries them again")
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from common.data import ClipDataset
-    from common.distributed import launcher_shard, local_device
-
     set_seed(args.seed)
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise SystemExit("--max_new_tokens and --batch_size must be >= 1")
     launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
     args.device = local_device(args.device)
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
-    merged_output = Path(args.output_file) if args.output_file else default_output_file(args.split, args.max_questions)
-    if launched:
-        output = part_file(merged_output, args.num_chunks, args.chunk_idx)
-    else:
-        output = Path(args.output_file) if args.output_file else default_output_file(
-            args.split, args.max_questions, args.num_chunks, args.chunk_idx)
+    merged_output, output = output_files(args.output_file, args.split, args.max_questions, args.num_chunks,
+                                         args.chunk_idx, launched)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
                           allow_pickle=args.allow_pickle, event_source=args.event_source)
     errors: list[tuple[str, str]] = []
@@ -270,18 +315,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     written = {"draft": 0, "target": 0, "draft_tf": 0, "complete": 0}
 
-    def run_sample(fn, sample: ClipSample) -> dict | None:
-        try:
-            return fn(sample)
-        except DataError as exc:
-            warnings.warn(f"skipping {sample.id}: {exc}", stacklevel=2)
-            errors.append((sample.id, str(exc)))
-            return None
-
     ids = {"egpt_model": model_id(egpt_path), "videollava_model": model_id(vllava_path)}
     with file_lock(output):
         have = merge_parts(read_jsonl(output))
         check_same_models(have, output, ids)
+        check_same_settings(have, output, {"max_new_tokens": args.max_new_tokens,
+                                           "max_questions": args.max_questions})
 
         def pending(keys: Sequence[str]) -> list[ClipSample]:
             return [s for s in samples if not all(k in have.get(s.id, {}) for k in keys)]
@@ -314,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 return rec
 
             for s in progress(todo, "token pairs", "sample"):
-                rec = run_sample(whole, s)
+                rec = guarded(whole, s, errors)
                 if rec is not None:
                     save(s, rec, "complete")
             del whole, ecache, vcache, egpt, vllava
@@ -336,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 bar = progress_bar(len(todo_phase), desc, "sample")
                 for at in range(0, len(todo_phase), args.batch_size):
                     batch = todo_phase[at:at + args.batch_size]
-                    visuals = [run_sample(cache.get, s) for s in batch]  # None: bad files, recorded
+                    visuals = [guarded(cache.get, s, errors) for s in batch]  # None: bad files, recorded
                     ready = [(s, v) for s, v in zip(batch, visuals) if v is not None]
                     if ready:
                         parts = _phase_parts(kind, model, [v for _, v in ready], [s for s, _ in ready], have, args)
@@ -349,29 +388,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         lines = len(read_jsonl(output))
         if lines > len(have) and all(_complete(have, s) for s in samples):
             compact(output, order=[s.id for s in samples])
-    done = [have[s.id] for s in samples if _complete(have, s)]
-    positions = sum(len(r["videollava_token_ids"]) for r in done)
-    same = sum(int(a == b) for r in done for a, b in zip(r["egpt_token_ids"], r["videollava_token_ids"]))
-    summary = {
-        "output_file": str(output), "num_samples": len(samples), "num_complete": len(done),
-        "written": written, "errors": [list(e) for e in errors], "seconds": time.perf_counter() - start,
-        "raw_position_match_rate": same / positions if positions else None,
-        "eventgpt_path": str(egpt_path), "videollava_path": str(vllava_path), "dataset_dir": str(dataset_dir),
-    }
-    print(f"{output}: {len(done)}/{len(samples)} samples complete; raw token match by position "
-          f"{summary['raw_position_match_rate']}")
-    if errors:
-        print(f"{output}: skipped {len(errors)} samples with bad files (listed under 'errors'), e.g. "
-              f"{errors[0][0]}: {errors[0][1]}")
+    summary = _report(output, samples, have, errors, written, time.perf_counter() - start)
+    summary.update(eventgpt_path=str(egpt_path), videollava_path=str(vllava_path), dataset_dir=str(dataset_dir))
     if launched:
-        summary.update(_merge_launched(merged_output, args.num_chunks, complete=len(done) == len(samples)))
+        summary.update(_merge_launched(merged_output, args.num_chunks,
+                                       complete=summary["num_complete"] == len(samples)))
     return summary
 
 
 def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dict:
     """Every rank waits; rank 0 then writes the merged file from all parts (global order), atomically."""
-    from common.distributed import all_true, barrier, destroy, world
-
     rank, size, _ = world()
     barrier()
     all_complete = all_true(complete)  # every rank's "all my samples complete" flag
@@ -392,7 +418,12 @@ def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dic
     return out
 
 
+def exit_status(result: dict[str, Any]) -> int:
+    """1 when samples were planned and none is complete (every one failed), else 0."""
+    return 1 if result["num_samples"] and not result["num_complete"] else 0
+
+
 if __name__ == "__main__":
     from common.cli import run_cli
 
-    run_cli(main)
+    run_cli(main, exit_code=exit_status)

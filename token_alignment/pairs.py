@@ -16,13 +16,9 @@ which is exactly what a live draft model proposes there.
 
 from __future__ import annotations
 
-import fcntl
-import os
-import time
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,7 @@ from common.results import (  # noqa: F401  (append_jsonl, read_jsonl re-exporte
     dumps_json,
     read_jsonl,
 )
+from common.results import file_lock as common_file_lock
 
 # Which keys each extraction part writes (the part is complete when all are present).
 DRAFT_KEYS = ("egpt_token_ids",)
@@ -111,37 +108,8 @@ def split_by_clip(records: Sequence[Mapping[str, Any]], fraction: float = 0.1,
     return train, val
 
 
-@contextmanager
-def file_lock(path: str | Path, poll_seconds: float = 5.0, log=print) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` + '.lock' (waits, printing who holds it, while another run does).
-
-    The lock is an ``fcntl.flock``: it is released by the OS when the holder dies, so a killed run
-    never leaves a stale lock behind. The file holds the holder's pid for humans.
-    """
-    lock_path = Path(str(path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    held = False
-    try:
-        waited = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                    log(f"{path}: another extraction (pid {holder}) is writing it; waiting for it to finish")
-                    waited = True
-                time.sleep(poll_seconds)
-        held = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        if held:
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass
-        os.close(fd)  # closing releases the flock
+def file_lock(path: str | Path, poll_seconds: float = 5.0, log=print):
+    """Hold the exclusive lock ``path`` + '.lock' (waits, saying who holds it, while another run does):
+    :func:`common.results.file_lock`, the toolkit's one lock."""
+    return common_file_lock(Path(str(path) + ".lock"), wait=True, poll_seconds=poll_seconds, log=log,
+                            what=str(path))

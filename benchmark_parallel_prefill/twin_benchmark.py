@@ -358,13 +358,12 @@ def run(cfg: TwinConfig, command: str) -> dict[str, Any]:
         compare = run_compare(name, folder, num, cfg)
         summary["run_dirs"][name] = compare["run_dir"]
         _release()
-        hf_records[name] = _guarded(summary, f"hf_{name}", lambda: hf_generate_pass(folder, num, cfg)) or [] \
-            if cfg.hf else []
+        hf_records[name] = (_guarded(summary, f"hf_{name}", hf_generate_pass, folder, num, cfg) or []) if cfg.hf else []
         summary["sets"][name] = summarize_set(compare, hf_records[name])
         summary["sets"][name]["hf_records"] = hf_records[name]
         _release()
         if name == "long" and cfg.num_free:
-            free = _guarded(summary, "free_only", lambda: run_free_only(folder, min(cfg.num_free, num), cfg))
+            free = _guarded(summary, "free_only", run_free_only, folder, min(cfg.num_free, num), cfg)
             if free:
                 summary["run_dirs"]["free_only"] = free["run_dir"]
                 summary["sets"]["long"]["drafters"]["eventgpt_free_only"] = summarize_free_only(free,
@@ -377,10 +376,10 @@ def run(cfg: TwinConfig, command: str) -> dict[str, Any]:
     return summary
 
 
-def _guarded(summary: dict[str, Any], step: str, fn: Any) -> Any:
+def _guarded(summary: dict[str, Any], step: str, fn: Any, *args: Any) -> Any:
     """Run an optional step; a failure is logged and noted in the summary, the rest still runs."""
     try:
-        return fn()
+        return fn(*args)
     except Exception as exc:  # a baseline that breaks must not lose the drafters' measurement
         log.exception("%s failed", step)
         summary.setdefault("failures", {})[step] = f"{type(exc).__name__}: {exc}"[:500]

@@ -4,5 +4,5 @@
 #   scripts/run_twin_benchmark.sh --num_short 40 --num_long 50 --num_free 8
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m benchmark_parallel_prefill.twin_benchmark --shape 7b --twin_dir data/twin_7b \
+exec "${PYTHON:-python3}" -m benchmark_parallel_prefill.twin_benchmark --shape 7b --twin_dir data/twin_7b \
     --data_dir data/twin_data --output_dir results/twin "$@"

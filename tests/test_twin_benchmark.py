@@ -1,0 +1,75 @@
+"""The twin benchmark: its formula, its data, and the whole command on a CPU-sized twin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmark_parallel_prefill import twin_benchmark as tb
+from common.results import read_jsonl
+from common.speculative import predicted_speedup
+
+
+def test_leviathan_with_verify_is_leviathan_at_unit_verify_cost():
+    for a, c in ((0.5, 0.9), (0.8, 0.1), (0.95, 0.25)):
+        assert tb.leviathan_with_verify(a, 5, c, 1.0) == pytest.approx(predicted_speedup(a, 5, c))
+    # a verify step costing twice a decode step: (1 - 0.8^6) / (0.2 * (5 * 0.1 + 2))
+    assert tb.leviathan_with_verify(0.8, 5, 0.1, 2.0) == pytest.approx((1 - 0.8 ** 6) / (0.2 * 2.5))
+
+
+def test_twin_complete_needs_summary_configs_and_weights(tmp_path):
+    assert not tb.twin_complete(tmp_path)
+    (tmp_path / "widen_pair.json").write_text("{}")
+    for kind in ("eventgpt", "videollava"):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "config.json").write_text("{}")
+    assert not tb.twin_complete(tmp_path)  # no weights yet
+    for kind in ("eventgpt", "videollava"):
+        (tmp_path / kind / "model.safetensors").write_bytes(b"x")
+    assert tb.twin_complete(tmp_path)
+
+
+def test_test_sets_ask_long_and_short_questions_in_turn(tmp_path):
+    from common.data import ClipDataset
+    from common.synthetic import LONG_QUESTIONS
+
+    sets = tb.make_twin_data(tmp_path, num_short=2, num_long=4, num_workers=1)
+    long_qs = [s.question for s in ClipDataset(sets["long"])]
+    assert long_qs == [*LONG_QUESTIONS, LONG_QUESTIONS[0]]
+    short_qs = [s.question for s in ClipDataset(sets["short"])]
+    assert len(short_qs) == 2 and not set(short_qs) & set(LONG_QUESTIONS)
+    from common.data import INDEX_NAME
+
+    entries = json.loads((sets["long"] / INDEX_NAME).read_text())
+    styles = {json.loads((sets["long"] / e["ground_truth"]).read_text()).get("answer_style") for e in entries}
+    assert styles == {"long"}
+
+
+@pytest.mark.slow
+def test_whole_command_on_a_small_twin_is_lossless_and_consistent(tmp_path):
+    out = tmp_path / "out"
+    summary = tb.main(["--shape", "small", "--twin_dir", str(tmp_path / "twin"), "--data_dir", str(tmp_path / "data"),
+                       "--output_dir", str(out), "--num_short", "1", "--num_long", "1", "--num_free", "1",
+                       "--num_workers", "1", "--warmup_steps", "0", "--device", "cpu"])
+    assert summary["twin"]["shape"] == "small" and not summary["twin"]["reused"]
+    assert set(summary["sets"]) == {"long", "short"}
+    for name, s in summary["sets"].items():
+        recs = read_jsonl(summary["run_dirs"][name] + "/records.jsonl")
+        target = next(r for r in recs if r["drafter"] == "target")
+        hf = s["hf_records"][0]
+        assert hf["token_ids"] == target["token_ids"]  # HF generate on the twin = our engine (fp32, CPU)
+        assert s["hf"]["tokens_equal_engine_rate"] == 1.0
+        assert s["target_answer_tokens_mean"] == len(target["token_ids"])
+        for drafter in ("eventgpt", "pooled_x2"):
+            d = s["drafters"][drafter]
+            assert d["lossless_rate"] == 1.0 and d["samples"] == 1
+            rec = next(r for r in recs if r["drafter"] == drafter)
+            assert d["speedup_vs_hf"] == pytest.approx(hf["wall_time"] / rec["wall_time"])
+            assert d["speedup_measured"] == pytest.approx(target["wall_time"] / rec["wall_time"])
+    assert summary["sets"]["long"]["drafters"]["eventgpt_free_only"]["lossless_rate"] == 1.0
+    lines = (out / "TWIN_RESULTS.md").read_text().splitlines()
+    assert sum(line.startswith("| eventgpt |") for line in lines) == 2  # one table row per set
+    assert json.loads((out / "twin_results.json").read_text())["gamma"] == 5
+    # a second run reuses the complete twin
+    assert tb.ensure_twin(tmp_path / "twin", "small")["reused"] is True

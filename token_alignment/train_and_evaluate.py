@@ -308,9 +308,26 @@ def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Seq
 # Live evaluation
 # ----------------------------------------------------------------------------------------
 
+def _live_sample(record: dict, args: argparse.Namespace, datasets: dict[tuple, dict]) -> Any:
+    """The clip sample a token record was extracted from, read as the extraction read it (``event_source``)."""
+    from common.data import DEFAULT_EVENT_SOURCE, ClipDataset
+
+    key = (args.dataset_dir or record.get("dataset_dir"), record.get("split"), int(record.get("max_questions") or 1),
+           record.get("event_source") or DEFAULT_EVENT_SOURCE)
+    if key not in datasets:
+        if key[0] is None:
+            raise SystemExit("the test records name no dataset_dir: pass --dataset_dir for the live run")
+        ds = ClipDataset(key[0], split=key[1], max_questions=key[2], allow_pickle=args.allow_pickle,
+                         event_source=key[3])
+        datasets[key] = {s.id: s for s in ds.samples}
+    sample = datasets[key].get(str(record["id"]))
+    if sample is None:
+        raise SystemExit(f"sample {record['id']} not found in {key[0]} (split {key[1]}); pass the right --dataset_dir")
+    return sample
+
+
 def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Speculative decoding on test samples: raw EventGPT drafter vs adapter drafter, both checked lossless."""
-    from common.data import DEFAULT_EVENT_SOURCE, ClipDataset
     from common.defaults import resolve_model_paths
     from common.models.loader import load_vlm
     from common.speculative import ModelDrafter, autoregressive_generate, speculative_generate
@@ -329,17 +346,7 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
     from tqdm import tqdm
 
     for r in tqdm(records, desc="live speculative decoding", unit="sample"):
-        key = (args.dataset_dir or r.get("dataset_dir"), r.get("split"), int(r.get("max_questions") or 1),
-               r.get("event_source") or DEFAULT_EVENT_SOURCE)  # read the events as the extraction did
-        if key not in datasets:
-            if key[0] is None:
-                raise SystemExit("the test records name no dataset_dir: pass --dataset_dir for the live run")
-            ds = ClipDataset(key[0], split=key[1], max_questions=key[2], allow_pickle=args.allow_pickle,
-                             event_source=key[3])
-            datasets[key] = {s.id: s for s in ds.samples}
-        sample = datasets[key].get(str(r["id"]))
-        if sample is None:
-            raise SystemExit(f"sample {r['id']} not found in {key[0]} (split {key[1]}); pass the right --dataset_dir")
+        sample = _live_sample(r, args, datasets)
         max_new = int(args.max_new_tokens or r.get("max_new_tokens") or len(r["videollava_token_ids"]))
         vis_e, vis_v = egpt.encode(sample), vllava.encode(sample)
         ref = autoregressive_generate(vllava, vllava.prefill(vis_v, sample.question), max_new_tokens=max_new)

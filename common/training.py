@@ -46,11 +46,13 @@ SHIPPED_SIZES: dict[str, TinySize] = {
     "videollava": TinySize(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768, vision_hidden=128,
                            vision_layers=3, vision_heads=4, image_size=112, patch_size=16, max_positions=1024),
 }
-# Seconds-long smoke tests: 32 px, 16 px patches -> 4 patches + CLS per frame.
+# Seconds-long smoke tests: 32 px, 16 px patches -> 4 patches + CLS per frame. LLM widths are multiples of
+# 64 so that bitsandbytes' packed 4-bit CPU path (AVX512-BF16: in_features % 64, out_features % 32) can
+# quantize every layer.
 TINY_SIZES: dict[str, TinySize] = {
-    "eventgpt": TinySize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_hidden=16,
+    "eventgpt": TinySize(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vision_hidden=16,
                          vision_layers=1, vision_heads=1, image_size=32, patch_size=16, max_positions=512),
-    "videollava": TinySize(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=96, vision_hidden=16,
+    "videollava": TinySize(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, vision_hidden=16,
                            vision_layers=2, vision_heads=1, image_size=32, patch_size=16, max_positions=512),
 }
 SIZE_PRESETS = {"shipped": SHIPPED_SIZES, "tiny": TINY_SIZES}

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from common.models.loader import safetensors_header
 
 LEVELS = {1: "bottleneck", 2: "multi_bottleneck", 3: "wide_bottleneck", 4: "attention", 5: "eagle"}
 CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
@@ -369,8 +370,7 @@ def _checkpoint_file(path: str | Path) -> Path:
 def read_adapter_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config dict, meta dict) of a checkpoint file (or a folder holding best/last.safetensors)."""
     file = _checkpoint_file(path)
-    with safe_open(str(file), framework="pt") as f:
-        md = f.metadata() or {}
+    md = safetensors_header(file, "train or save the adapter again")[1]  # one line for a corrupt file
     if "adapter_config" not in md:
         raise ValueError(f"{file}: not a hidden adapter checkpoint (no adapter_config in its metadata)")
     return json.loads(md["adapter_config"]), json.loads(md.get("meta", "{}"))

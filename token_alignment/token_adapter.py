@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.models.loader import safetensors_header
 from common.speculative import DraftProposal, autoregressive_generate, common_prefix_length
 
 MODEL_TYPE = "token_adapter"
@@ -275,6 +276,7 @@ class TokenAdapter(nn.Module):
         if not config_file.is_file() or not weights.is_file():
             raise FileNotFoundError(f"{folder}: not a TokenAdapter checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
                                     "train one with python -m token_alignment.train_and_evaluate")
+        safetensors_header(weights, "train the adapter again")  # one line for a corrupt file
         model = cls(TokenAdapterConfig.from_dict(json.loads(config_file.read_text())))
         model.load_state_dict(load_file(str(weights)))
         return model.to(device).eval()

@@ -66,27 +66,35 @@ def _index_shards(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
+def safetensors_header(file: str | Path, fix: str = "re-download or re-save the checkpoint",
+                       ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(name -> shape, metadata) of one safetensors file, from its header only.
+
+    A corrupt or truncated file raises a one-line ``ModelLoadError`` naming the file and ``fix``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return shapes, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({_one_line(exc)}); {fix}") from exc
+
+
 def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the folder's safetensors files (headers only), checking each file.
 
     A corrupt or truncated file, a missing shard or an index naming a tensor its shard lacks raises a
     one-line ``ModelLoadError`` naming the file.
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(path)
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, str] = {}
     for index_file in sorted(folder.glob("*.safetensors.index.json")):
         where.update(_index_shards(index_file))
     for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({_one_line(exc)}); "
-                                 "re-download or re-save the checkpoint") from exc
+        shapes.update(safetensors_header(file)[0])
     absent = [k for k in where if k not in shapes]
     if absent:
         raise ModelLoadError(f"{folder}: the shard index lists tensors no shard holds ({_shown(absent)}); "

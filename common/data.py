@@ -16,6 +16,7 @@ import numpy as np
 
 from common.errors import DataError
 from common.events import load_events, render_event_frames, render_event_image
+from common.synthetic import answer_question, load_top_questions
 from common.video import FrameCache, count_mp4_frames, read_mp4_frames, sample_frame_indices
 
 __all__ = [
@@ -61,10 +62,8 @@ def load_questions(dataset_dir: str | os.PathLike | None = None,
                    questions_file: str | os.PathLike | None = None) -> list[dict]:
     """Top questions [{"question", "count"}], most frequent first.
 
-    ``questions_file`` wins; else DIR/top50_questions.json; else the copy shipped in token_alignment/.
+    ``questions_file`` wins; else DIR/top50_questions.json; else the copy shipped in common/.
     """
-    from common.synthetic import load_top_questions
-
     path = Path(questions_file) if questions_file else None
     if path is None and dataset_dir is not None and (Path(dataset_dir) / "top50_questions.json").is_file():
         path = Path(dataset_dir) / "top50_questions.json"
@@ -175,8 +174,6 @@ class ClipDataset:
     def _answer(self, sample: ClipSample) -> str | None:
         if sample.answer is not None or sample.ground_truth_path is None:
             return sample.answer
-        from common.synthetic import answer_question
-
         gt = self._ground_truth.get(sample.ground_truth_path)
         if gt is None:
             try:

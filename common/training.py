@@ -32,7 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.data import ClipDataset, load_event_frames, load_video_frames
+from common.events import atomic_write_bytes
+from common.models.eventgpt import EVENT_PLACEHOLDER_ID
+from common.models.eventgpt_vlm import EventGPTVLM
 from common.models.tiny import TinySize
+from common.models.videollava_vlm import VideoLlavaVLM
+from common.models.vision import clip_image_processor, images_to_pixels
 from common.vlm import VisionLanguageModel, VisualInput
 
 # ----------------------------------------------------------------------------- sizes
@@ -78,8 +84,6 @@ class ClipQA:
 def group_by_clip(dataset_dir: str | os.PathLike, split: str | None = None, max_questions: int = 50,
                   max_clips: int | None = None) -> list[ClipQA]:
     """The dataset's clips in index order, each with its (question, ground-truth answer) pairs."""
-    from common.data import ClipDataset
-
     ds = ClipDataset(dataset_dir, split=split, max_questions=max_questions)
     clips: dict[str, ClipQA] = {}
     for sample in ds:
@@ -104,8 +108,6 @@ def load_image_processor(folder: str | os.PathLike, image_size: int):
     from transformers import AutoImageProcessor
     from transformers.utils import logging as hf_logging
 
-    from common.models.vision import clip_image_processor
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -120,9 +122,6 @@ def load_image_processor(folder: str | os.PathLike, image_size: int):
 
 def _pixels_of(kind: str, sample: Any, processor: Any) -> np.ndarray:
     """One clip's preprocessed frames (F, 3, S, S) float16: ``load_visual`` + ``preprocess`` of the model."""
-    from common.data import load_event_frames, load_video_frames
-    from common.models.vision import images_to_pixels
-
     if kind == "eventgpt":
         images = load_event_frames(sample, num_frames=NUM_FRAMES[kind])
     else:
@@ -152,8 +151,6 @@ def precompute_pixels_all(clips: Sequence[ClipQA], specs: dict[str, tuple[str | 
     Cache files are keyed by the model kind, the processor's configuration and the clip ids.
     """
     from tqdm import tqdm
-
-    from common.events import atomic_write_bytes
 
     result: dict[str, torch.Tensor] = {}
     files: dict[str, Path | None] = {}
@@ -234,9 +231,6 @@ def encode_batch_tensor(vlm: VisionLanguageModel, pixels: torch.Tensor) -> torch
     Row b equals ``vlm.encode_pixels(pixels[b]).embeds`` (EventGPT: per-frame spatial mean +
     temporal mean of the adapted CLIP tokens; Video-LLaVA: ``get_video_features`` over the batch).
     """
-    from common.models.eventgpt_vlm import EventGPTVLM
-    from common.models.videollava_vlm import VideoLlavaVLM
-
     b = pixels.shape[0]
     if isinstance(vlm, EventGPTVLM):
         body = vlm.model.model
@@ -268,10 +262,6 @@ def prompt_layout(vlm: VisionLanguageModel, question: str, num_visual: int) -> l
 
     None for a model this helper does not know (callers then use ``vlm.teacher_forced``).
     """
-    from common.models.eventgpt import EVENT_PLACEHOLDER_ID
-    from common.models.eventgpt_vlm import EventGPTVLM
-    from common.models.videollava_vlm import VideoLlavaVLM
-
     if isinstance(vlm, EventGPTVLM):
         ids = list(vlm.prompt_ids(question))
         at = ids.index(EVENT_PLACEHOLDER_ID)

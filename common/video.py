@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
+from common.events import atomic_write_bytes
 
 __all__ = ["sample_frame_indices", "read_mp4_frames", "count_mp4_frames", "FrameCache", "write_mp4", "mp4_codec"]
 
@@ -195,6 +196,4 @@ def encode_mp4_bytes(frames: Iterable[np.ndarray], fps: int = 20) -> bytes:
 
 def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 20) -> None:
     """Write RGB uint8 frames to an mp4 (libx264, yuv420p, even sizes), atomically."""
-    from common.events import atomic_write_bytes
-
     atomic_write_bytes(path, encode_mp4_bytes(frames, fps))

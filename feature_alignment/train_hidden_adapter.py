@@ -55,15 +55,15 @@ from tqdm import tqdm
 from common.cli import resolve_device, set_seed, shard
 from common.defaults import REPO_ROOT
 from common.distributed import make_accelerator
-from common.plots import plot_training_curves
-from common.results import atomic_write_json, atomic_write_text, read_json, to_jsonable
-from feature_alignment.hidden_adapter import (
+from common.drafters.hidden_adapter import (
     LEVELS,
     BaseAdapter,
     create_adapter,
     load_any_adapter,
     save_adapter,
 )
+from common.plots import plot_training_curves
+from common.results import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from feature_alignment.hidden_store import HiddenStore, load_lm_head
 
 log = logging.getLogger(__name__)

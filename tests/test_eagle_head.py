@@ -10,11 +10,7 @@ from safetensors import safe_open
 
 from common.data import ClipDataset
 from common.defaults import default_dataset_dir, default_model_path
-from common.models.loader import load_vlm
-from common.pipeline import prefill_sample
-from common.speculative import autoregressive_generate, speculative_generate
-from feature_alignment import extract_hidden_states as extract
-from feature_alignment.eagle_head import (
+from common.drafters.eagle_head import (
     EagleDrafter,
     EagleHead,
     EagleHeadConfig,
@@ -23,6 +19,10 @@ from feature_alignment.eagle_head import (
     make_eagle_drafter,
     save_eagle_head,
 )
+from common.models.loader import load_vlm
+from common.pipeline import prefill_sample
+from common.speculative import autoregressive_generate, speculative_generate
+from feature_alignment import extract_hidden_states as extract
 from feature_alignment.train_eagle_head import main as train_main
 
 MAX_NEW = 8

@@ -45,6 +45,7 @@ from common.cli import add_common_args, set_seed, shard
 from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
 from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
+from common.drafters.token_adapter import masked_argmax, safe_draft_ids
 from common.errors import DataError
 from common.speculative import autoregressive_generate
 from token_alignment.pairs import (
@@ -57,7 +58,6 @@ from token_alignment.pairs import (
     merge_parts,
     read_jsonl,
 )
-from token_alignment.token_adapter import masked_argmax, safe_draft_ids
 
 DEFAULT_OUTPUT_DIR = Path("data") / "token_alignment"
 ALL_KEYS = DRAFT_KEYS + TARGET_KEYS + DRAFT_TF_KEYS

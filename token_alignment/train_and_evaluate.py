@@ -41,16 +41,16 @@ import torch
 
 from common.cli import add_common_args, resolve_device, set_seed, shard
 from common.distributed import make_accelerator
-from common.results import RunFolder
-from common.speculative import SpecResult, aggregate_metrics
-from token_alignment.pairs import clip_of, load_token_pairs, split_by_clip
-from token_alignment.token_adapter import (
+from common.drafters.token_adapter import (
     IGNORE,
     AdapterExample,
     TokenAdapter,
     TokenAdapterConfig,
     simulate_live_acceptance,
 )
+from common.results import RunFolder
+from common.speculative import SpecResult, aggregate_metrics
+from token_alignment.pairs import clip_of, load_token_pairs, split_by_clip
 
 TASK_ROOT = Path(__file__).resolve().parent / "task"
 STAGE = "token_alignment"
@@ -335,10 +335,10 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
     """Speculative decoding on test samples: raw EventGPT drafter vs adapter drafter, both checked lossless."""
     from common.data import ClipDataset
     from common.defaults import resolve_model_paths
+    from common.drafters.token_adapter import SafeDraftModel, TokenAdapterDrafter
+    from common.drafters.token_drafter import aligned_metrics
     from common.models.loader import load_vlm
     from common.speculative import ModelDrafter, autoregressive_generate, speculative_generate
-    from token_alignment.drafter import aligned_metrics
-    from token_alignment.token_adapter import SafeDraftModel, TokenAdapterDrafter
 
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     kwargs = {"allow_pickle": True} if args.allow_pickle else {}

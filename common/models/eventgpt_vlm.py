@@ -9,6 +9,14 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from common.cli import resolve_device
+from common.data import load_event_frames
+from common.models.checkpoint import (
+    expect_model_type,
+    load_pretrained,
+    pretrained_kwargs,
+    read_checkpoint_config,
+)
 from common.models.eventgpt import (
     EVENT_END_TOKEN,
     EVENT_PATCH_TOKEN,
@@ -19,13 +27,6 @@ from common.models.eventgpt import (
     SYSTEM_PROMPT,
     EventGPTForCausalLM,
     register_eventgpt,
-)
-from common.models.loader import (
-    expect_model_type,
-    load_pretrained,
-    pretrained_kwargs,
-    read_checkpoint_config,
-    resolve_device,
 )
 from common.models.vision import clip_image_processor, images_to_pixels
 from common.vlm import VisionLanguageModel, VisualInput
@@ -65,8 +66,6 @@ class EventGPTVLM(VisionLanguageModel):
         return ids
 
     def load_visual(self, sample: Any) -> list[np.ndarray]:
-        from common.data import load_event_frames
-
         return load_event_frames(sample, num_frames=self.num_event_frames, allow_pickle=self.allow_pickle)
 
     def preprocess(self, raw: list[np.ndarray]) -> torch.Tensor:

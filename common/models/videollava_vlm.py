@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
 
-from common.models.loader import (
+from common.cli import resolve_device
+from common.data import load_video_frames
+from common.models.checkpoint import (
     expect_model_type,
     load_pretrained,
     pretrained_kwargs,
     read_checkpoint_config,
-    resolve_device,
 )
 from common.models.vision import clip_image_processor, images_to_pixels
 from common.vlm import VisionLanguageModel, VisualInput
@@ -54,8 +55,6 @@ class VideoLlavaVLM(VisionLanguageModel):
         return list(self.tokenizer(text).input_ids)
 
     def load_visual(self, sample: Any) -> np.ndarray:
-        from common.data import load_video_frames
-
         return load_video_frames(sample, num_frames=NUM_FRAMES, cache=self.frame_cache)
 
     def preprocess(self, raw: np.ndarray) -> torch.Tensor:

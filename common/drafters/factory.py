@@ -12,6 +12,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from common.defaults import resolve_model_paths
+from common.drafters.eagle_head import EagleTarget, load_eagle_head, make_eagle_drafter
+from common.drafters.hidden_adapter import load_any_adapter
+from common.drafters.hidden_drafter import adapter_input_layers, load_hidden_adapter_drafter
+from common.drafters.token_drafter import (
+    aligned_metrics,
+    find_latest_adapter,
+    load_token_adapter,
+    load_token_adapter_drafter,
+)
 from common.speculative import Drafter, ModelDrafter
 from common.timing import sync_current_stream
 
@@ -48,25 +58,17 @@ class DrafterFactory:
         features on every forward (the head drafts from them); the target itself otherwise."""
         if self.kind != "eagle":
             return target
-        from feature_alignment.eagle_head import EagleTarget
-
         return EagleTarget(target, self.adapter.config.feature_layer)
 
     def __call__(self, draft: Any, draft_state: Any, target: Any) -> Drafter:
         limit = min(draft.base_vocab_size, target.base_vocab_size)
         draft_sync = partial(sync_current_stream, draft.device)
         if self.kind == "token_adapter":
-            from token_alignment.drafter import load_token_adapter_drafter
-
             return load_token_adapter_drafter(self.adapter, draft, draft_state, limit, sync=draft_sync,
                                               stop_token_ids=[target.eos_token_id])
         if self.kind == "hidden_adapter":
-            from feature_alignment.drafter import load_hidden_adapter_drafter
-
             return load_hidden_adapter_drafter(self.adapter, draft, draft_state, target, sync=draft_sync)
         if self.kind == "eagle":  # ``target`` is the wrapper from engine_target; no draft model is used
-            from feature_alignment.eagle_head import make_eagle_drafter
-
             return make_eagle_drafter(self.adapter, None, target, None,
                                       sync=partial(sync_current_stream, target.device))
         return ModelDrafter(draft, draft_state, vocab_limit=limit, target_vocab_size=target.vocab_size,
@@ -78,9 +80,6 @@ def drafter_factory(args: argparse.Namespace, device: Any = "cpu") -> DrafterFac
     kind = args.drafter or ("eagle" if args.eagle_head else "hidden_adapter" if args.hidden_adapter else
                             "token_adapter" if args.use_token_adapter else "eventgpt")
     if kind == "token_adapter":
-        from common.defaults import resolve_model_paths
-        from token_alignment.drafter import find_latest_adapter, load_token_adapter
-
         egpt, vllava = resolve_model_paths(args.eventgpt_path, args.videollava_path)
         path = args.token_adapter_path or find_latest_adapter(eventgpt_path=egpt, videollava_path=vllava)
         if path is None:
@@ -90,16 +89,11 @@ def drafter_factory(args: argparse.Namespace, device: Any = "cpu") -> DrafterFac
     if kind == "hidden_adapter":
         if not args.hidden_adapter:
             raise SystemExit("--drafter hidden_adapter needs --hidden_adapter PATH (an L1-L5 checkpoint)")
-        from feature_alignment.drafter import adapter_input_layers
-        from feature_alignment.hidden_adapter import load_any_adapter
-
         adapter = load_any_adapter(args.hidden_adapter, device)
         return DrafterFactory(kind, adapter=adapter, hidden_layers=adapter_input_layers(adapter))
     if kind == "eagle":
         if not args.eagle_head:
             raise SystemExit("--drafter eagle needs --eagle_head PATH (python -m feature_alignment.train_eagle_head)")
-        from feature_alignment.eagle_head import load_eagle_head
-
         return DrafterFactory(kind, adapter=load_eagle_head(args.eagle_head))
     return DrafterFactory(kind)
 
@@ -118,8 +112,6 @@ def aligned_statistics(records: list[dict[str, Any]], rate_key: str, length_key:
     rows = [r for r in records if "raw_acceptance_rate" in r]
     if not rows:
         return {}
-    from token_alignment.drafter import aligned_metrics
-
     return aligned_metrics(
         ({"acceptance_rate": r["raw_acceptance_rate"], "mean_accepted_length": r["raw_mean_accepted_length"]},
          {"acceptance_rate": r[rate_key], "mean_accepted_length": r[length_key],

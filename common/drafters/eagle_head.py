@@ -1,0 +1,694 @@
+"""Same-modality baseline: an EAGLE-style draft head over Video-LLaVA's own features.
+
+The head is one LLaMA-style decoder layer (RMSNorm, causal self-attention with rotary
+positions, SwiGLU MLP) reading, at answer position t, ``fc([f_t ; e(x_t)])``: the target's
+feature ``f_t`` (its final normed state, layer -1, the state that feeds the LM head; or any
+stored layer) concatenated with the target's own embedding of the token ``x_t`` that state
+predicts. It outputs the predicted feature ``f_{t+1}``; the target's FROZEN LM head turns it
+into the next draft token, which is embedded and fed back (chain drafting).
+
+Row convention (as the extraction stores them): row 0 is the target's state at the last
+prompt position, row t the state just before answer token t (``x_t`` = argmax of the LM
+head on row t for the target's greedy answer).
+
+Checkpoints hold only the head: ``config.json`` + ``model.safetensors``. The LM head and
+embedding table are the target's and are bound at load time (:meth:`EagleHead.bind`), never
+copied into the checkpoint.
+
+Drafting needs the target's features of the accepted context. :class:`EagleTarget` wraps the
+target VLM: every prefill/forward through it also returns the feature layer and stores it
+per position (the engine's verify forward provides the features for free), ``truncate``
+drops them. Pass the wrapper, not the bare target, to ``prefill_sample`` /
+``speculative_generate`` / ``run_parallel``; make ONE wrapper per generation (it is a thin
+proxy: no weights are copied; CUDA graphs that also return the features are captured once
+per target and reused). :class:`EagleDrafter` implements the engine's ``Drafter`` protocol.
+
+    head = load_eagle_head("feature_alignment/eagle/best", target)     # bound to the target
+    proxy = EagleTarget(target, head.config.feature_layer)
+    state = prefill_sample(proxy, sample).state
+    drafter = make_eagle_drafter(head, None, proxy, state)
+    result = speculative_generate(proxy, state, drafter, max_new_tokens=50, gamma=5)
+
+Lossless by construction: the target verifies every proposal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common.models.decoder import CudaGraphDecoder
+from common.speculative import DraftProposal, common_prefix_length
+from common.vlm import DecodeState
+
+__all__ = [
+    "EagleHeadConfig", "EagleHead", "HeadCache", "EagleTarget", "EagleDrafter", "make_eagle_drafter",
+    "save_eagle_head", "load_eagle_head", "resolve_head_dir", "read_target_embeddings", "CONFIG_NAME",
+    "WEIGHTS_NAME", "FORMAT", "head_config_from_checkpoint",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "eagle_head_v1"
+
+
+# ----------------------------------------------------------------------------------------
+# The head
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class EagleHeadConfig:
+    """Everything that builds a head (stored as the checkpoint's config.json)."""
+
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    feature_layer: int = -1
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    target_vocab_size: int = 0  # rows of the LM head it was trained against (checked at bind; 0 = unknown)
+    target_num_layers: int = 0
+    format: str = FORMAT
+    extra: dict = field(default_factory=dict)  # provenance (training data, metrics); not used by the model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EagleHeadConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown eagle head config keys {sorted(unknown)}; the checkpoint is from a newer version")
+        if d.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"not an EAGLE head config (format {d.get('format')!r}, expected {FORMAT!r})")
+        return cls(**d)
+
+    @classmethod
+    def for_target(cls, target: Any, feature_layer: int = -1, num_heads: int | None = None,
+                   intermediate_size: int | None = None, **kw: Any) -> EagleHeadConfig:
+        """A config shaped like one decoder layer of ``target`` (a VLM behind the uniform interface)."""
+        lm_config = target.runner.language_model.config
+        return cls(hidden_size=int(target.hidden_size),
+                   num_heads=int(num_heads or lm_config.num_attention_heads),
+                   intermediate_size=int(intermediate_size or lm_config.intermediate_size),
+                   feature_layer=int(feature_layer),
+                   rms_norm_eps=float(getattr(lm_config, "rms_norm_eps", 1e-6)),
+                   target_vocab_size=int(target.vocab_size), target_num_layers=int(target.num_layers), **kw)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class HeadCache:
+    """The head's own keys/values (batch 1): ``length`` positions, rolled back by ``truncate``."""
+
+    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int = 64):
+        self.keys = torch.zeros((1, num_heads, capacity, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    def ensure(self, needed: int) -> None:
+        if needed <= self.keys.shape[2]:
+            return
+        cap = max(needed, 2 * self.keys.shape[2])
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], cap, old.shape[3]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a head cache of {self.length} positions to {length}")
+        self.length = length
+
+
+class EagleHead(nn.Module):
+    """fc([feature ; token embedding]) -> one decoder layer -> predicted next feature.
+
+    ``forward(features, token_embeds)``: (B, T, H) each, right-padded batches welcome (causal
+    attention: a valid row never sees a padded one); returns (B, T, H) predicted features of
+    rows t + 1. :meth:`step` runs new positions over a :class:`HeadCache` (drafting).
+    """
+
+    def __init__(self, config: EagleHeadConfig):
+        super().__init__()
+        c = config
+        if c.hidden_size % c.num_heads:
+            raise ValueError(f"hidden_size {c.hidden_size} is not divisible by num_heads {c.num_heads}")
+        self.config = c
+        h = c.hidden_size
+        self.head_dim = h // c.num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary positions")
+        self.fc = nn.Linear(2 * h, h)
+        self.input_norm = RMSNorm(h, c.rms_norm_eps)
+        self.q_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, h, bias=False)
+        self.v_proj = nn.Linear(h, h, bias=False)
+        self.o_proj = nn.Linear(h, h, bias=False)
+        self.post_norm = RMSNorm(h, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # the target's frozen modules, bound by bind(); a plain tuple, so never in state_dict()
+        self._target_modules: tuple[Any, Any] | None = None
+        self.vocab_limit: int | None = None
+
+    # ----- binding to the target's frozen LM head and embeddings -----
+    def bind(self, target: Any = None, *, lm_head: Any = None, embed_tokens: Any = None,
+             vocab_limit: int | None = None) -> EagleHead:
+        """Use ``target``'s LM head and token embeddings (or the given modules / (V, H) weights)."""
+        if target is not None:
+            if int(target.hidden_size) != self.config.hidden_size:
+                raise ValueError(f"the head is {self.config.hidden_size} wide but the target's hidden size is "
+                                 f"{target.hidden_size}: it was trained for another model")
+            vocab = int(target.vocab_size)
+            if self.config.target_vocab_size and vocab != self.config.target_vocab_size:
+                raise ValueError(f"the head was trained against a {self.config.target_vocab_size}-row LM head, "
+                                 f"this target has {vocab}: it was trained for another model")
+            lm_head, embed_tokens = target.lm_head, target.embed_tokens
+            vocab_limit = int(target.base_vocab_size) if vocab_limit is None else vocab_limit
+        if lm_head is None or embed_tokens is None:
+            raise ValueError("bind needs a target or both lm_head and embed_tokens")
+        self._target_modules = (lm_head, embed_tokens)
+        self.vocab_limit = None if vocab_limit is None else int(vocab_limit)
+        return self
+
+    @property
+    def bound(self) -> bool:
+        return self._target_modules is not None
+
+    def _modules_bound(self) -> tuple[Any, Any]:
+        if self._target_modules is None:
+            raise RuntimeError("the EAGLE head is not bound to a target: call head.bind(target) "
+                               "(load_eagle_head(path, target) does it)")
+        return self._target_modules
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's embeddings of ``ids`` in the head's dtype."""
+        _, embed = self._modules_bound()
+        dtype = self.fc.weight.dtype
+        if isinstance(embed, torch.Tensor):
+            return embed[ids.to(embed.device)].to(self.fc.weight.device, dtype)
+        return embed(ids.to(embed.weight.device)).to(self.fc.weight.device, dtype)
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the target's LM head on ``feature`` (ids >= vocab_limit masked to -inf)."""
+        lm_head, _ = self._modules_bound()
+        if isinstance(lm_head, torch.Tensor):
+            out = feature.to(lm_head.device, lm_head.dtype) @ lm_head.t()
+        else:
+            weight = getattr(lm_head, "weight", None)
+            dev = weight.device if isinstance(weight, torch.Tensor) else feature.device
+            dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+            x = feature.to(dev) if dtype is None else feature.to(dev, dtype)
+            out = lm_head(x)
+        out = out.float()
+        if self.vocab_limit is not None and self.vocab_limit < out.shape[-1]:
+            out[..., self.vocab_limit:] = float("-inf")
+        return out
+
+    # ----- the layer -----
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _layer(self, x: torch.Tensor, positions: torch.Tensor, cache: HeadCache | None) -> torch.Tensor:
+        b, t, h = x.shape
+        n = self.config.num_heads
+        hs = self.input_norm(x)
+        q = self.q_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
+        cos, sin = self._rope(positions, q.dtype)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if cache is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start = cache.length
+            cache.ensure(start + t)
+            cache.keys[:, :, start:start + t] = k.to(cache.keys.dtype)
+            cache.values[:, :, start:start + t] = v.to(cache.values.dtype)
+            cache.length = start + t
+            keys, values = cache.keys[:, :, : start + t], cache.values[:, :, : start + t]
+            mask = torch.arange(start + t, device=x.device)[None, :] <= positions[:, None]
+            attn = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, h))
+        hs = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(hs)) * self.up_proj(hs))
+
+    def forward(self, features: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) features + (B, T, H) embeddings of the tokens they predict -> (B, T, H) next features."""
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([features.to(dtype), token_embeds.to(dtype)], dim=-1))
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self._layer(x, positions, None)
+
+    def new_cache(self, capacity: int = 64) -> HeadCache:
+        p = self.fc.weight
+        return HeadCache(self.config.num_heads, self.head_dim, p.dtype, p.device, capacity)
+
+    def step(self, features: torch.Tensor, token_ids: Sequence[int] | torch.Tensor, cache: HeadCache) -> torch.Tensor:
+        """Append k positions ((k, H) features, k tokens) at the cache's end; returns (k, H) next features."""
+        p = self.fc.weight
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        x = self.fc(torch.cat([features.to(p.device, p.dtype).reshape(-1, self.config.hidden_size),
+                               self.embed(ids)], dim=-1)).unsqueeze(0)
+        positions = torch.arange(cache.length, cache.length + x.shape[1], device=p.device)
+        return self._layer(x, positions, cache)[0]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_eagle_head(head: EagleHead, folder: str | Path) -> Path:
+    """Write ``folder/model.safetensors`` (the head's own weights only) and ``folder/config.json``."""
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
+    _atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    text = json.dumps(head.config.to_dict(), indent=2) + "\n"
+    _atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def resolve_head_dir(path: str | Path) -> Path:
+    """The checkpoint folder: ``path`` itself, or its ``best/`` (a training output folder)."""
+    path = Path(path)
+    for folder in (path, path / "best"):
+        if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
+            return folder
+    raise FileNotFoundError(f"{path}: no EAGLE head checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME}, or best/ with them); "
+                            "train one with python -m feature_alignment.train_eagle_head")
+
+
+def load_eagle_head(path: str | Path, target: Any = None, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> EagleHead:
+    """Rebuild a head from its checkpoint; bound to ``target`` (its device and compute dtype) when given."""
+    folder = resolve_head_dir(path)
+    config = EagleHeadConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+    head = EagleHead(config)
+    state = load_file(str(folder / WEIGHTS_NAME))
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: checkpoint does not match the head (missing {missing}, unexpected {unexpected})")
+    if device is None:
+        device = target.device if target is not None else "cpu"
+    if dtype is None:
+        dtype = target.dtype if target is not None else torch.float32
+    head = head.to(device=device, dtype=dtype).eval()
+    head.checkpoint_path = str(folder)
+    if target is not None:
+        head.bind(target)
+    return head
+
+
+def read_target_embeddings(checkpoint: str | Path) -> torch.Tensor:
+    """The LLM's input embedding table (V, H) read from a Video-LLaVA checkpoint folder, without loading the model."""
+    from safetensors import safe_open
+
+    folder = Path(checkpoint)
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    candidates: list[tuple[str, Path]] = []
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        candidates = [(k, folder / f) for k, f in weight_map.items()]
+    else:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                candidates += [(k, f) for k in st.keys()]
+    keys = [(k, f) for k, f in candidates if k.endswith("embed_tokens.weight") and "tower" not in k]
+    if not keys:
+        raise FileNotFoundError(f"{folder}: no *embed_tokens.weight in its safetensors; pass --videollava_path "
+                                "pointing to the target checkpoint the features were extracted with")
+    key, file = sorted(keys, key=lambda kf: ("language_model" not in kf[0], kf[0]))[0]
+    with safe_open(str(file), framework="pt") as st:
+        return st.get_tensor(key)
+
+
+# ----------------------------------------------------------------------------------------
+# The target wrapper that records features
+# ----------------------------------------------------------------------------------------
+
+class _FeatureBuffer:
+    """Target features of rows 0..length-1 (row j = state at absolute position prompt_length - 1 + j)."""
+
+    def __init__(self, first: torch.Tensor, prompt_length: int):
+        self.prompt_length = prompt_length
+        self.rows = first.reshape(1, -1).new_zeros((128, first.shape[-1]))
+        self.rows[0] = first.reshape(-1)
+        self.length = 1
+
+    def append(self, start_position: int, rows: torch.Tensor) -> None:
+        index = start_position - self.prompt_length + 1  # row index of the first new state
+        if index != self.length:  # never happens through EagleTarget; be safe rather than wrong
+            self.length = min(self.length, max(index, 0))
+            if index != self.length:
+                return
+        need = self.length + rows.shape[0]
+        if need > self.rows.shape[0]:
+            new = self.rows.new_zeros((max(need, 2 * self.rows.shape[0]), self.rows.shape[1]))
+            new[: self.length] = self.rows[: self.length]
+            self.rows = new
+        self.rows[self.length:need] = rows.to(self.rows.dtype)
+        self.length = need
+
+    def truncate(self, cache_length: int) -> None:
+        self.length = max(0, min(self.length, cache_length - self.prompt_length + 1))
+
+    def view(self) -> torch.Tensor:
+        return self.rows[: self.length]
+
+
+# CUDA graphs of the target step that also return the feature layer, captured once per (target graphs, layer).
+_FEATURE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _feature_graphs(target: Any, layer: int):
+    """A ``CudaGraphDecoder`` over the target's static cache whose step returns [logits | feature]."""
+    graphs = target.graphs
+    per_target = _FEATURE_GRAPHS.setdefault(target, {})
+    key = (id(graphs), layer)
+    if key in per_target:
+        return per_target[key]
+    runner = target.runner
+    n = runner.shape.num_layers
+    idx = runner.layer_index(layer)
+
+    def step(embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        x, hidden = runner.run_layers(embeds, positions, cache.capacity, cache, set() if idx == n else {idx})
+        logits = runner.lm_head(x[0]).float()
+        feature = x[0] if idx == n else hidden[idx][0]
+        return torch.cat([logits, feature.float()], dim=-1)
+
+    compiled = getattr(graphs, "_step_fn", None) != runner.static_step
+    decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=False)
+    decoder._step_fn = torch.compile(step, dynamic=False) if compiled else step
+    decoder.capture_all()
+    per_target.clear()  # one set of graphs per target (older caches are gone)
+    per_target[key] = decoder
+    return decoder
+
+
+class EagleTarget:
+    """The target VLM, recording its feature layer per position on every prefill/forward.
+
+    Everything else (encode, tokenizer, vocab sizes, ...) is the target's. With CUDA graphs on
+    the target, forwards replay graphs of the same step that also return the feature (same
+    kernels for the logits, so the numerics match the target's own graph decode); fixed-step
+    numerics (``use_fixed_step``) are honoured. ``layer=None`` records nothing (only tracks the
+    latest state, for the hybrid's switch).
+    """
+
+    def __init__(self, target: Any, layer: int | None = -1):
+        self.target = target
+        self.layer = None if layer is None else int(layer)
+        self.last_state: DecodeState | None = None
+        self._buffers: dict[int, tuple[weakref.ref, _FeatureBuffer]] = {}
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the target's
+        target = self.__dict__.get("target")
+        if target is None:
+            raise AttributeError(name)
+        return getattr(target, name)
+
+    def __repr__(self) -> str:
+        return f"EagleTarget({self.target.name}, layer={self.layer})"
+
+    # ----- features -----
+    def features(self, state: DecodeState) -> torch.Tensor | None:
+        """(rows, H) recorded features of ``state`` (row 0 = last prompt position), or None."""
+        entry = self._buffers.get(id(state))
+        if entry is None or entry[0]() is not state:
+            return None
+        return entry[1].view()
+
+    def _buffer(self, state: DecodeState) -> _FeatureBuffer | None:
+        entry = self._buffers.get(id(state))
+        return entry[1] if entry is not None and entry[0]() is state else None
+
+    # ----- the uniform interface -----
+    @torch.no_grad()
+    def prefill(self, visual: Any, question: str, hidden_layers: Sequence[int] = ()) -> DecodeState:
+        """The target's own prefill, also keeping the last row's feature."""
+        t = self.target
+        asked = list(hidden_layers)
+        want = asked + ([self.layer] if self.layer is not None and self.layer not in asked else [])
+        state = t.prefill(visual, question, hidden_layers=want)  # the target's own prefill numerics
+        hidden = state.hidden
+        state.hidden = {k: hidden[k] for k in asked}
+        if self.layer is not None:
+            self._buffers = {k: v for k, v in self._buffers.items() if v[0]() is not None}
+            self._buffers[id(state)] = (weakref.ref(state), _FeatureBuffer(hidden[self.layer][-1], state.prompt_length))
+        self.last_state = state
+        return state
+
+    @torch.no_grad()
+    def forward(self, state: DecodeState, token_ids: Sequence[int] | torch.Tensor,
+                hidden_layers: Sequence[int] = ()) -> torch.Tensor:
+        """The target's forward; the fed positions' features are recorded for ``state``."""
+        t = self.target
+        buffer = self._buffer(state) if self.layer is not None else None
+        if buffer is None:
+            return t.forward(state, token_ids, hidden_layers)
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=t.device).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("forward needs at least one token")
+        start = state.length
+        graphs = t.graphs
+        if graphs is not None and not hidden_layers and state.cache is graphs.cache:
+            logits = self._graph_forward(state, ids)
+            if logits is not None:
+                return logits
+        asked = list(hidden_layers)
+        logits = t.forward(state, ids, asked + ([self.layer] if self.layer not in asked else []))
+        buffer.append(start, state.hidden[self.layer])
+        state.hidden = {k: state.hidden[k] for k in asked}
+        return logits
+
+    def _graph_forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor | None:
+        t = self.target
+        decoder = _feature_graphs(t, self.layer)
+        embeds = t.embed_tokens(ids)
+        k, start = ids.numel(), state.length
+        fixed = t.fixed_step
+        if fixed and start + fixed * -(-k // fixed) <= decoder.cache.capacity:
+            out = decoder.step_fixed(embeds, fixed)
+        elif decoder.size_for(k) is not None:
+            out = decoder.step(embeds)
+        else:
+            return None
+        vocab = int(t.vocab_size)
+        logits, feature = out[:, :vocab], out[:, vocab:]
+        state.logits = logits[-1]
+        state.hidden = {}
+        self._buffer(state).append(start, feature.to(t.dtype))
+        return logits
+
+    def truncate(self, state: DecodeState, length: int) -> None:
+        self.target.truncate(state, length)
+        buffer = self._buffer(state) if self.layer is not None else None
+        if buffer is not None:
+            buffer.truncate(length)
+
+
+# ----------------------------------------------------------------------------------------
+# The drafter
+# ----------------------------------------------------------------------------------------
+
+class EagleDrafter:
+    """Chain drafting with an EAGLE head over the target's recorded features (Drafter protocol).
+
+    On :meth:`propose` with context ``c_0..c_{n-1}`` (the target has processed all but the last
+    one): the head's cache is kept for the longest prefix it computed from TRUE target features,
+    the newly known rows ``(f_j, c_j)`` are fed in one head step (committed), then ``gamma`` tokens
+    are drafted: token = argmax LM head(predicted feature), fed back with the predicted feature
+    (temporary positions, dropped afterwards). When the target has already processed every
+    context token (right after prefill), the first draft token comes from its true feature.
+
+    ``target`` must be the :class:`EagleTarget` the engine verifies with; ``target_state`` its
+    state (default: the wrapper's latest prefilled state, read at each proposal; while there is
+    none, e.g. during ``run_parallel``'s free window, it proposes nothing). ``stats``
+    counts head steps (``steps``), ``seconds`` (device-synchronised when ``sync`` is given),
+    proposals and tokens proposed.
+    """
+
+    def __init__(self, head: EagleHead, target: EagleTarget, target_state: DecodeState | None = None, *,
+                 stop_token_ids: Iterable[int] | None = None, name: str = "eagle", sync: Any = None,
+                 clock: Any = time.perf_counter):
+        if not isinstance(target, EagleTarget):
+            raise TypeError("EagleDrafter needs the EagleTarget wrapper that the engine verifies with "
+                            "(proxy = EagleTarget(target, head.config.feature_layer); prefill and "
+                            "speculative_generate through proxy), not the bare target model")
+        if target.layer != head.config.feature_layer:
+            raise ValueError(f"the wrapper records layer {target.layer}, the head reads layer {head.config.feature_layer}")
+        if not head.bound:  # loaded without a target: move to the target's device and compute dtype, bind
+            head.to(device=target.device, dtype=target.dtype)
+            head.bind(target.target)
+        self.head = head.eval()
+        self.target = target
+        self._state = target_state
+        stops = [target.eos_token_id] if stop_token_ids is None else stop_token_ids
+        self.stop_token_ids = frozenset(int(t) for t in stops)
+        self.name = name
+        self._sync, self._clock = sync, clock
+        self._cache = head.new_cache()
+        self._committed: list[int] = []  # tokens c_j of the positions in the head cache (true features)
+        self._next: torch.Tensor | None = None  # head output of the last committed position
+        self._bound_state: DecodeState | None = None
+        self.stats: dict[str, Any] = {"steps": 0, "seconds": 0.0, "proposals": 0, "tokens_proposed": 0,
+                                      "committed_positions": 0}
+
+    def _now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return self._clock()
+
+    def _reset(self) -> None:
+        self._cache.truncate(0)
+        self._committed, self._next = [], None
+
+    def _step(self, features: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+        self.stats["steps"] += 1
+        return self.head.step(features, tokens, self._cache)
+
+    def _token(self, feature: torch.Tensor) -> int:
+        return int(self.head.logits(feature).argmax())
+
+    @torch.no_grad()
+    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+        """Draft up to ``gamma`` tokens after ``context`` (stopping after a stop token)."""
+        start = self._now()
+        tokens: list[int] = []
+        if gamma > 0:
+            tokens = self._draft([int(t) for t in context], int(gamma))
+        self.stats["proposals"] += 1
+        self.stats["tokens_proposed"] += len(tokens)
+        self.stats["seconds"] += self._now() - start
+        return DraftProposal(tokens, None)
+
+    def _draft(self, context: list[int], gamma: int) -> list[int]:
+        state = self._state if self._state is not None else self.target.last_state
+        if state is None:  # the target is still prefilling (e.g. run_parallel's free window): nothing to read yet
+            return []
+        if state is not self._bound_state:
+            self._bound_state = state
+            self._reset()
+        feats = self.target.features(state)
+        if feats is None or feats.shape[0] == 0:
+            raise RuntimeError("the target state has no recorded features: it was not prefilled through this "
+                               "EagleTarget wrapper")
+        n = len(context)
+        usable = min(n, int(feats.shape[0]))  # positions j < usable have a true feature and a known token
+        keep = common_prefix_length(self._committed, context[:usable])
+        if keep < len(self._committed):
+            self._cache.truncate(keep)
+            del self._committed[keep:]
+            self._next = None
+        if usable > keep:
+            out = self._step(feats[keep:usable], context[keep:usable])
+            self._committed.extend(context[keep:usable])
+            self._next = out[-1]
+            self.stats["committed_positions"] += usable - keep
+        elif keep > 0 and self._next is None:  # rolled back exactly to a boundary: recompute its output
+            self._cache.truncate(keep - 1)
+            self._next = self._step(feats[keep - 1:keep], context[keep - 1:keep])[-1]
+        committed = self._cache.length
+        try:
+            if feats.shape[0] > n:  # the target has processed the whole context: its true next feature
+                feature = feats[n]
+            else:
+                feature = self._next if usable > 0 else feats[0]
+                for j in range(usable, n):  # context tokens without a true feature yet: predicted features
+                    feature = self._step(feature.unsqueeze(0), [context[j]])[-1]
+            out_tokens: list[int] = []
+            for i in range(gamma):
+                token = self._token(feature)
+                out_tokens.append(token)
+                if token in self.stop_token_ids or i == gamma - 1:
+                    break
+                feature = self._step(feature.unsqueeze(0), [token])[-1]
+            return out_tokens
+        finally:
+            self._cache.truncate(committed)
+
+
+def make_eagle_drafter(head: EagleHead, draft_state_or_none: Any, target: Any, target_state: Any = None, *,
+                       sync: Any = None, stop_token_ids: Iterable[int] | None = None, name: str = "eagle",
+                       ) -> EagleDrafter:
+    """An :class:`EagleDrafter` for one generation (``draft_state_or_none`` is unused: no draft model).
+
+    ``target`` must be the :class:`EagleTarget` wrapper the engine verifies with (make one per
+    generation: ``EagleTarget(vlm, head.config.feature_layer)``); ``target_state`` its prefilled
+    state, or None to use the wrapper's latest prefill (e.g. when the drafter is built before the
+    target's prefill finishes, as in ``run_parallel``).
+    """
+    del draft_state_or_none
+    return EagleDrafter(head, target, target_state, sync=sync, stop_token_ids=stop_token_ids, name=name)
+
+
+def head_config_from_checkpoint(videollava_path: str | Path, hidden_size: int, feature_layer: int,
+                                target_vocab_size: int = 0, num_heads: int | None = None,
+                                intermediate_size: int | None = None) -> EagleHeadConfig:
+    """A head config shaped like one decoder layer of the Video-LLaVA checkpoint (read from its config.json)."""
+    text: dict[str, Any] = {}
+    config_file = Path(videollava_path) / "config.json"
+    if config_file.is_file():
+        text = json.loads(config_file.read_text()).get("text_config", {}) or {}
+    heads = num_heads or int(text.get("num_attention_heads", 0)) or max(1, hidden_size // 128)
+    if hidden_size % heads or (hidden_size // heads) % 2:
+        heads = next(h for h in range(heads, 0, -1) if hidden_size % h == 0 and (hidden_size // h) % 2 == 0)
+    inter = intermediate_size or int(text.get("intermediate_size", 0)) or int(math.ceil(8 * hidden_size / 3))
+    return EagleHeadConfig(hidden_size=hidden_size, num_heads=heads, intermediate_size=inter,
+                           feature_layer=feature_layer, rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+                           target_vocab_size=int(target_vocab_size),
+                           target_num_layers=int(text.get("num_hidden_layers", 0)))

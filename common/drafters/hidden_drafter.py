@@ -1,0 +1,194 @@
+"""Feature drafting for the speculative engine: EventGPT states -> adapter -> Video-LLaVA's LM head.
+
+:class:`HiddenAdapterDrafter` implements the engine's ``Drafter`` protocol
+(``propose(context, gamma) -> DraftProposal``). It keeps EventGPT's KV cache in sync with the
+accepted context as ``ModelDrafter`` does (longest common prefix kept, the cache rolled back,
+the missing tokens fed in one forward), but asks EventGPT for its hidden state at the
+adapter's input layer instead of its logits, maps the states through the adapter into
+Video-LLaVA's space and proposes the argmax of Video-LLaVA's own LM head (EAGLE-style).
+
+- L1-L4: every draft token costs one EventGPT forward (the drafted token is fed to get the
+  next state), like ``ModelDrafter``; L4 attends over the whole history of states.
+- L5: the first token comes from the aligned current state; the next ``gamma - 1`` come from
+  the adapter's own next-feature prediction (feature -> LM head -> token -> next feature),
+  with no further EventGPT forwards.
+
+The target verifies every proposal, so the output is the target's own (lossless). Ids at or
+above the shared base vocabulary are never proposed, and target ids outside it are fed to
+EventGPT as its unk token.
+
+Wiring (benchmarks)::
+
+    layers = adapter_input_layers(path)                       # e.g. [-1]
+    draft_state = draft.prefill(draft_visual, question, hidden_layers=layers)
+    drafter = load_hidden_adapter_drafter(path, draft, draft_state, target)
+    result = speculative_generate(target, target_state, drafter, max_new_tokens=..., gamma=...)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.drafters.hidden_adapter import BaseAdapter, load_any_adapter, masked_logits, read_adapter_meta
+from common.speculative import DraftProposal, common_prefix_length
+
+__all__ = ["HiddenAdapterDrafter", "load_hidden_adapter_drafter", "adapter_input_layers"]
+
+
+def adapter_input_layers(path: str | Path | BaseAdapter) -> list[int]:
+    """The EventGPT hidden layers a checkpoint reads: pass them as ``hidden_layers`` to the draft's prefill."""
+    if isinstance(path, BaseAdapter):
+        meta = getattr(path, "meta", {}) or {}
+    else:
+        _, meta = read_adapter_meta(path)
+    return [int(meta.get("input_layer", -1))]
+
+
+class HiddenAdapterDrafter:
+    """Drafts target tokens from EventGPT hidden states through an adapter and the target's LM head.
+
+    ``draft_state`` must be freshly prefilled with ``hidden_layers`` containing ``input_layer``
+    (its last prompt row is the state that precedes the first answer token).
+    ``target_lm_head``: the target's LM head module or its (V, H) weight. ``vocab_limit``: ids
+    >= it are never proposed (the shared base vocabulary). ``stats`` counts EventGPT forward
+    calls (``steps``), ``tokens_fed``, ``seconds`` in :meth:`propose` (device-synchronised when
+    ``sync`` is given), proposals, tokens proposed and adapter calls.
+    """
+
+    def __init__(self, adapter: BaseAdapter, draft_model: Any, draft_state: Any, target_lm_head: Any, *,
+                 input_layer: int = -1, vocab_limit: int | None = None, draft_vocab_limit: int | None = None,
+                 stop_token_ids: Iterable[int] = (), name: str | None = None, sync: Any = None,
+                 clock: Any = time.perf_counter):
+        if draft_state.length != draft_state.prompt_length:
+            raise ValueError("HiddenAdapterDrafter needs a freshly prefilled draft state "
+                             f"(length {draft_state.length} != prompt_length {draft_state.prompt_length})")
+        prompt_hidden = (getattr(draft_state, "hidden", None) or {}).get(input_layer)
+        if prompt_hidden is None:
+            raise ValueError(f"the draft state holds no hidden layer {input_layer}: prefill it with "
+                             f"draft.prefill(visual, question, hidden_layers=[{input_layer}])")
+        self.adapter = adapter.eval()
+        self.model, self.state = draft_model, draft_state
+        self.lm_head = target_lm_head
+        self.input_layer = int(input_layer)
+        self.vocab_limit = vocab_limit
+        if draft_vocab_limit is None:  # target ids the draft reads as themselves; others become its unk
+            known = [int(x) for x in (getattr(draft_model, "base_vocab_size", None), vocab_limit) if x is not None]
+            draft_vocab_limit = min(known) if known else 1 << 62
+        self.draft_vocab_limit = int(draft_vocab_limit)
+        unk = getattr(getattr(draft_model, "tokenizer", None), "unk_token_id", None)
+        self.unk = int(unk) if unk is not None else 0
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
+        self.name = name or f"hidden_adapter_L{adapter.level}"
+        self._sync = sync
+        self._clock = clock
+        self._fed: list[int] = []
+        self._states: list[torch.Tensor] = [prompt_hidden.reshape(-1, prompt_hidden.shape[-1])[-1]]
+        p = next(adapter.parameters())
+        self._adapter_device, self._adapter_dtype = p.device, p.dtype
+        self.stats: dict[str, Any] = {"steps": 0, "tokens_fed": 0, "seconds": 0.0, "proposals": 0,
+                                      "tokens_proposed": 0, "adapter_calls": 0}
+
+    # ----- EventGPT cache sync (as ModelDrafter, keeping hidden states instead of logits) -----
+    def _now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return self._clock()
+
+    @property
+    def fed_tokens(self) -> list[int]:
+        """Tokens in the draft cache after the prompt (target ids)."""
+        return list(self._fed)
+
+    @property
+    def states(self) -> list[torch.Tensor]:
+        """The draft's states at the adapter's input layer for rows 0..len(fed_tokens)."""
+        return list(self._states)
+
+    def _feed(self, tokens: Sequence[int]) -> None:
+        ids = [int(t) if 0 <= int(t) < self.draft_vocab_limit else self.unk for t in tokens]
+        self.model.forward(self.state, ids, hidden_layers=[self.input_layer])
+        hidden = self.state.hidden[self.input_layer]
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        self._states.extend(rows[i] for i in range(rows.shape[0]))
+        self._fed.extend(int(t) for t in tokens)
+        self.stats["steps"] += 1
+        self.stats["tokens_fed"] += len(tokens)
+
+    def sync_to(self, context: Sequence[int]) -> None:
+        """Make the draft cache hold exactly ``context`` after the prompt; states for rows 0..len(context)."""
+        keep = common_prefix_length(self._fed, context)
+        if keep < len(self._fed):
+            self.model.truncate(self.state, self.state.prompt_length + keep)
+            del self._fed[keep:]
+            del self._states[keep + 1:]
+        missing = [int(t) for t in context[keep:]]
+        if missing:
+            self._feed(missing)
+
+    # ----- mapping -----
+    def _map(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Adapter output for the last row (sequence levels see the whole history)."""
+        self.stats["adapter_calls"] += 1
+        if self.adapter.causal_sequence:
+            x = torch.stack(rows).to(self._adapter_device, self._adapter_dtype)
+            out, _ = self.adapter(x.unsqueeze(0))
+            return out[0, -1]
+        out, _ = self.adapter(rows[-1].to(self._adapter_device, self._adapter_dtype).unsqueeze(0))
+        return out[0]
+
+    def _token(self, feature: torch.Tensor) -> int:
+        return int(masked_logits(feature, self.lm_head, self.vocab_limit).argmax())
+
+    @torch.no_grad()
+    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+        """Sync to ``context`` and draft up to ``gamma`` tokens (stopping after a stop token)."""
+        start = self._now()
+        tokens: list[int] = []
+        if gamma > 0:
+            self.sync_to(context)
+            if self.adapter.predicts_next:
+                x = torch.stack(self._states).to(self._adapter_device, self._adapter_dtype)
+                self.stats["adapter_calls"] += 1
+                tokens = self.adapter.speculative_decode(x, [int(t) for t in context], self.lm_head, gamma,
+                                                         self.vocab_limit, self.stop_token_ids)
+            else:
+                for i in range(gamma):
+                    token = self._token(self._map(self._states))
+                    tokens.append(token)
+                    if token in self.stop_token_ids or i == gamma - 1:
+                        break
+                    self._feed([token])
+        self.stats["proposals"] += 1
+        self.stats["tokens_proposed"] += len(tokens)
+        self.stats["seconds"] += self._now() - start
+        return DraftProposal(tokens, None)
+
+
+def load_hidden_adapter_drafter(path: str | Path | BaseAdapter, draft_model: Any, draft_state: Any,
+                                target_model: Any, *, stop_token_ids: Iterable[int] | None = None, sync: Any = None,
+                                device: str | torch.device | None = None) -> HiddenAdapterDrafter:
+    """A :class:`HiddenAdapterDrafter` from an adapter checkpoint (file or training folder).
+
+    ``path`` may also be an adapter already loaded with ``load_any_adapter`` (load once, build a
+    drafter per sample). ``draft_state`` must come from ``draft_model.prefill(visual, question,
+    hidden_layers=adapter_input_layers(path))``. The adapter runs on the target's device in
+    float32 (``device`` overrides); drafts stop at the target's eos unless ``stop_token_ids``.
+    """
+    if isinstance(path, BaseAdapter):
+        adapter = path
+    else:
+        adapter = load_any_adapter(path, device or target_model.device)
+    meta = getattr(adapter, "meta", {}) or {}
+    input_layer = int(meta.get("input_layer", -1))
+    limit = min(int(draft_model.base_vocab_size), int(target_model.base_vocab_size))
+    if adapter.config.hidden_in != draft_model.hidden_size or adapter.config.hidden_out != target_model.hidden_size:
+        raise ValueError(f"{path}: adapter maps {adapter.config.hidden_in} -> {adapter.config.hidden_out}, but the "
+                         f"models have hidden sizes {draft_model.hidden_size} -> {target_model.hidden_size}")
+    stops = stop_token_ids if stop_token_ids is not None else [target_model.eos_token_id]
+    return HiddenAdapterDrafter(adapter, draft_model, draft_state, target_model.lm_head, input_layer=input_layer,
+                                vocab_limit=limit, stop_token_ids=stops, sync=sync)

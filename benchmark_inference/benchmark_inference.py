@@ -31,6 +31,7 @@ from common.drafters import (
     aligned_fields,
     aligned_statistics,
     drafter_factory,
+    record_drafter,
 )
 from common.errors import DataError
 from common.pipeline import (
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
                             vision_graphs=not args.eager_vision)
     make_drafter = drafter_factory(args, device=target.device)
+    record_drafter(run.path / "config.json", make_drafter)  # e.g. which TokenAdapter was picked
     log.info("run folder %s; decode mode %s; %d samples", run.path, mode, len(samples))
     done = run.finished_ids()
     todo = [s for s in samples if s.id not in done]

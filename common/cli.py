@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -156,3 +157,20 @@ def shard(items: Sequence[T], num_chunks: int = 1, chunk_idx: int = 0) -> list[T
     start = chunk_idx * base + min(chunk_idx, extra)
     stop = start + base + (1 if chunk_idx < extra else 0)
     return items[start:stop]
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling that keeps working: stores what ``use`` would store and prints one deprecation line.
+
+    ``nargs=0`` with ``const``: a switch (``--use_token_adapter`` stores ``const`` in ``dest``).
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, use: str, nargs: int | str | None = None,
+                 const: Any = None, **kwargs: Any):
+        self.use = use
+        super().__init__(option_strings, dest, nargs=nargs, const=const, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"deprecated: {option_string} still works but will go; use {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)

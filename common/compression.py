@@ -84,7 +84,7 @@ class PooledVideoLlava(VisionLanguageModel):
     def preprocess(self, raw: Any) -> torch.Tensor:
         return self.target.preprocess(raw)
 
-    def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
+    def encode_pixels_eager(self, pixels: torch.Tensor) -> VisualInput:
         return self.pool_visual(self.target.encode_pixels(pixels))
 
     def pool_visual(self, visual: VisualInput) -> VisualInput:
@@ -94,7 +94,7 @@ class PooledVideoLlava(VisionLanguageModel):
     def prompt_embeds(self, visual: VisualInput, question: str) -> torch.Tensor:
         return self.target.prompt_embeds(visual, question)
 
-    def prompt_ids(self, question: str, num_visual_tokens: int) -> list[int]:
+    def build_prompt_ids(self, question: str, num_visual_tokens: int) -> list[int]:
         return self.target.prompt_ids(question, num_visual_tokens)
 
     @property

@@ -51,6 +51,9 @@ class ClipSample:
     event_image_1f_path: Path | None = None
     dataset_dir: Path = Path(".")
     ground_truth_path: Path | None = None
+    # how the data source reads this sample: trust pickled .npy events; the mp4 frame cache (None: decode)
+    allow_pickle: bool = False
+    frame_cache: FrameCache | None = field(default=None, repr=False, compare=False)
 
 
 def strip_question(text: str) -> str:
@@ -165,6 +168,7 @@ class ClipDataset:
             split=str(entry.get("split", "")), clip_id=entry_id, event_path=event_path,
             video_path=_resolve(d, entry.get("mp4_data")), frames_dir=_resolve(d, entry.get("video_data")),
             event_image_paths=images, event_image_1f_path=image_1f, dataset_dir=d, ground_truth_path=gt,
+            allow_pickle=self.allow_pickle, frame_cache=self.frame_cache,
         )
         if self.max_questions == 1:
             return [ClipSample(id=entry_id, question=own_q, answer=own_a, **common)]
@@ -263,9 +267,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: corrupt or unreadable image ({exc}); regenerate the clip's images") from exc
 
 
-def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: bool = False) -> list[np.ndarray]:
+def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: bool | None = None) -> list[np.ndarray]:
     """Event images (HxWx3 uint8 RGB) of a sample: the stored PNGs when they match ``num_frames``
-    (event_image_1f for 1), else rendered from the events file (equal-count chunks)."""
+    (event_image_1f for 1), else rendered from the events file (equal-count chunks).
+    ``allow_pickle`` None: the sample's own setting (its dataset's)."""
     if num_frames == 1 and sample.event_image_1f_path is not None and sample.event_image_1f_path.is_file():
         return [read_image(sample.event_image_1f_path)]
     paths = sample.event_image_paths
@@ -274,15 +279,16 @@ def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: boo
     if sample.event_path is None:
         raise DataError(f"{sample.dataset_dir / INDEX_NAME}: sample {sample.id} has no event images for "
                         f"{num_frames} frames and no events file; fix the index")
-    stream = load_events(sample.event_path, allow_pickle=allow_pickle)
+    stream = load_events(sample.event_path, allow_pickle=sample.allow_pickle if allow_pickle is None else allow_pickle)
     if num_frames == 1:
         return [render_event_image(stream)]
     return render_event_frames(stream, num_frames)
 
 
 def load_video_frames(sample: ClipSample, num_frames: int = 8, cache: FrameCache | None = None) -> np.ndarray:
-    """(num_frames, H, W, 3) uint8 RGB video frames: the mp4 (through ``cache`` when given), else
-    the frame PNG folder, sampled as Video-LLaVA does."""
+    """(num_frames, H, W, 3) uint8 RGB video frames: the mp4 (through ``cache``, default the sample's
+    frame cache, when there is one), else the frame PNG folder, sampled as Video-LLaVA does."""
+    cache = cache if cache is not None else sample.frame_cache
     if sample.video_path is not None and sample.video_path.is_file():
         if cache is not None:
             return cache.get(sample.video_path, num_frames)

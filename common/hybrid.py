@@ -49,13 +49,13 @@ class HybridDrafter:
         self.phase_tokens = {"first": 0, "second": 0}
 
     def _decoding(self) -> bool:
-        return getattr(self.proxy, "last_state", None) is not None
+        return self.proxy.last_state is not None
 
     @property
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part in (self.first, self.second):
-            for k, v in (getattr(part, "stats", None) or {}).items():
+            for k, v in part.stats.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     out[k] = out.get(k, 0) + v
         out.setdefault("steps", 0)
@@ -99,6 +99,11 @@ class HybridFactory:
                 raise ValueError("the l5 hybrid needs an L5 adapter")
             self.hidden_layers = adapter_input_layers(adapter)
 
+    def engine_target(self, target: Any) -> EagleTarget:
+        """A fresh wrapper recording ``feature_layer`` (nothing for the L5 variant) on every target forward:
+        the switch happens when its prefilled state appears."""
+        return EagleTarget(target, self.feature_layer)
+
     @classmethod
     def eagle(cls, head: Any, name: str | None = None) -> HybridFactory:
         return cls("eagle", head=head, name=name)
@@ -131,15 +136,5 @@ def run_hybrid(draft: Any, target: Any, sample: Any, factory: HybridFactory, *, 
     The outcome's ``result`` is the target's own output; ``free_tokens`` are EventGPT's; the
     drafter (``outcome.drafter``) tells where the switch happened.
     """
-    proxy = EagleTarget(target, factory.feature_layer)
-    captured: dict[str, Any] = {}
-
-    def make(draft_model, draft_state, tgt):
-        captured["drafter"] = factory(draft_model, draft_state, tgt)
-        return captured["drafter"]
-
-    make.hidden_layers = factory.hidden_layers  # read by run_parallel for the draft's prefill
-    outcome = run_parallel(draft, proxy, sample, make, max_new_tokens=max_new_tokens, gamma=gamma,
-                           max_free_tokens=max_free_tokens, question=question)
-    outcome.drafter = captured.get("drafter")
-    return outcome
+    return run_parallel(draft, factory.engine_target(target), sample, factory, max_new_tokens=max_new_tokens,
+                        gamma=gamma, max_free_tokens=max_free_tokens, question=question)

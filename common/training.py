@@ -17,7 +17,6 @@ answers vs ground truth):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -211,17 +210,8 @@ def precompute_pixels(kind: str, clips: Sequence[ClipQA], processor_folder: str 
 
 
 def memoize_prompts(vlm: VisionLanguageModel) -> VisionLanguageModel:
-    """Cache ``vlm.prompt_ids`` (a pure function of the question; only 50 questions exist) on the instance."""
-    original = getattr(vlm, "prompt_ids", None)
-    if original is None or getattr(original, "_memoized", False):
-        return vlm
-    cached = functools.lru_cache(maxsize=4096)(lambda *args: tuple(original(*args)))
-
-    def prompt_ids(*args):
-        return list(cached(*args))
-
-    prompt_ids._memoized = True  # type: ignore[attr-defined]
-    vlm.prompt_ids = prompt_ids  # type: ignore[method-assign]
+    """Remember ``vlm.prompt_ids`` per question (``VisionLanguageModel.memoize_prompts``); returns ``vlm``."""
+    vlm.memoize_prompts()
     return vlm
 
 

@@ -63,7 +63,7 @@ from common.drafters.hidden_adapter import (
     save_adapter,
 )
 from common.plots import plot_training_curves
-from common.results import atomic_write_json, atomic_write_text, read_json, to_jsonable
+from common.results import atomic_write, atomic_write_json, atomic_write_text, read_json, to_jsonable
 from feature_alignment.hidden_store import HiddenStore, load_lm_head
 
 log = logging.getLogger(__name__)
@@ -398,10 +398,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
                 tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(to_jsonable(sd["param_groups"])),
-                                           "scalars": json.dumps(to_jsonable(scalars))})
-    tmp.replace(path)
+    metadata = {"param_groups": json.dumps(to_jsonable(sd["param_groups"])), "scalars": json.dumps(to_jsonable(scalars))}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:

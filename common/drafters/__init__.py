@@ -7,12 +7,16 @@ in ``factory``. ``from common.drafters import DrafterFactory`` keeps working.
 
 from common.drafters.factory import (
     DRAFTER_CHOICES,
+    DrafterChoice,
     DrafterFactory,
     add_drafter_args,
     aligned_fields,
     aligned_statistics,
+    build_drafter_factory,
+    drafter_choice,
     drafter_factory,
+    record_drafter,
 )
 
-__all__ = ["DRAFTER_CHOICES", "DrafterFactory", "add_drafter_args", "aligned_fields", "aligned_statistics",
-           "drafter_factory"]
+__all__ = ["DRAFTER_CHOICES", "DrafterChoice", "DrafterFactory", "add_drafter_args", "aligned_fields",
+           "aligned_statistics", "build_drafter_factory", "drafter_choice", "drafter_factory", "record_drafter"]

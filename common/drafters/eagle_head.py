@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +48,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.models.decoder import CudaGraphDecoder
-from common.speculative import DraftProposal, common_prefix_length
+from common.drafters.config import strict_from_dict
+from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
+from common.results import atomic_write, atomic_write_text
+from common.speculative import DraftProposal, SyncedDrafter
 from common.vlm import DecodeState
 
 __all__ = [
@@ -89,13 +89,9 @@ class EagleHeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EagleHeadConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown eagle head config keys {sorted(unknown)}; the checkpoint is from a newer version")
         if d.get("format", FORMAT) != FORMAT:
             raise ValueError(f"not an EAGLE head config (format {d.get('format')!r}, expected {FORMAT!r})")
-        return cls(**d)
+        return strict_from_dict(cls, d, "eagle head")
 
     @classmethod
     def for_target(cls, target: Any, feature_layer: int = -1, num_heads: int | None = None,
@@ -111,21 +107,15 @@ class EagleHeadConfig:
 
 
 class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm with a learned scale (the math is :func:`common.models.decoder.rms_norm`)."""
+
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class HeadCache:
@@ -254,7 +244,7 @@ class EagleHead(nn.Module):
         k = self.k_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
         v = self.v_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
         cos, sin = self._rope(positions, q.dtype)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -298,25 +288,12 @@ class EagleHead(nn.Module):
 # Checkpoints
 # ----------------------------------------------------------------------------------------
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_eagle_head(head: EagleHead, folder: str | Path) -> Path:
     """Write ``folder/model.safetensors`` (the head's own weights only) and ``folder/config.json``."""
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
-    _atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    text = json.dumps(head.config.to_dict(), indent=2) + "\n"
-    _atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(head.config.to_dict(), indent=2) + "\n")
     return folder
 
 
@@ -430,9 +407,7 @@ def _feature_graphs(target: Any, layer: int):
         feature = x[0] if idx == n else hidden[idx][0]
         return torch.cat([logits, feature.float()], dim=-1)
 
-    compiled = getattr(graphs, "_step_fn", None) != runner.static_step
-    decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=False)
-    decoder._step_fn = torch.compile(step, dynamic=False) if compiled else step
+    decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=graphs.compiled, step_fn=step)
     decoder.capture_all()
     per_target.clear()  # one set of graphs per target (older caches are gone)
     per_target[key] = decoder
@@ -545,7 +520,7 @@ class EagleTarget:
 # The drafter
 # ----------------------------------------------------------------------------------------
 
-class EagleDrafter:
+class EagleDrafter(SyncedDrafter):
     """Chain drafting with an EAGLE head over the target's recorded features (Drafter protocol).
 
     On :meth:`propose` with context ``c_0..c_{n-1}`` (the target has processed all but the last
@@ -554,12 +529,14 @@ class EagleDrafter:
     are drafted: token = argmax LM head(predicted feature), fed back with the predicted feature
     (temporary positions, dropped afterwards). When the target has already processed every
     context token (right after prefill), the first draft token comes from its true feature.
+    The committed positions are synced by :class:`common.speculative.SyncedDrafter` (rows: the
+    head's output at each committed position).
 
     ``target`` must be the :class:`EagleTarget` the engine verifies with; ``target_state`` its
     state (default: the wrapper's latest prefilled state, read at each proposal; while there is
     none, e.g. during ``run_parallel``'s free window, it proposes nothing). ``stats``
     counts head steps (``steps``), ``seconds`` (device-synchronised when ``sync`` is given),
-    proposals and tokens proposed.
+    proposals, tokens proposed and committed positions.
     """
 
     def __init__(self, head: EagleHead, target: EagleTarget, target_state: DecodeState | None = None, *,
@@ -571,6 +548,7 @@ class EagleDrafter:
                             "speculative_generate through proxy), not the bare target model")
         if target.layer != head.config.feature_layer:
             raise ValueError(f"the wrapper records layer {target.layer}, the head reads layer {head.config.feature_layer}")
+        super().__init__(None, name=name, sync=sync, clock=clock, committed_positions=0)
         if not head.bound:  # loaded without a target: move to the target's device and compute dtype, bind
             head.to(device=target.device, dtype=target.dtype)
             head.bind(target.target)
@@ -579,87 +557,63 @@ class EagleDrafter:
         self._state = target_state
         stops = [target.eos_token_id] if stop_token_ids is None else stop_token_ids
         self.stop_token_ids = frozenset(int(t) for t in stops)
-        self.name = name
-        self._sync, self._clock = sync, clock
         self._cache = head.new_cache()
-        self._committed: list[int] = []  # tokens c_j of the positions in the head cache (true features)
-        self._next: torch.Tensor | None = None  # head output of the last committed position
+        self._feats: torch.Tensor | None = None  # the target's true features while drafting
         self._bound_state: DecodeState | None = None
-        self.stats: dict[str, Any] = {"steps": 0, "seconds": 0.0, "proposals": 0, "tokens_proposed": 0,
-                                      "committed_positions": 0}
 
-    def _now(self) -> float:
-        if self._sync is not None:
-            self._sync()
-        return self._clock()
+    def _forward(self, tokens: list[int]) -> list[torch.Tensor]:
+        start = len(self._fed)
+        out = self.head.step(self._feats[start:start + len(tokens)], tokens, self._cache)
+        self.stats["committed_positions"] += len(tokens)
+        return list(out)
 
-    def _reset(self) -> None:
-        self._cache.truncate(0)
-        self._committed, self._next = [], None
+    def _truncate(self, keep: int) -> None:
+        self._cache.truncate(keep)
 
-    def _step(self, features: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
-        self.stats["steps"] += 1
-        return self.head.step(features, tokens, self._cache)
+    def _step(self, feature: torch.Tensor, token: int) -> torch.Tensor:
+        """One temporary head position (a predicted feature); returns its output."""
+        self.stats.steps += 1
+        return self.head.step(feature.unsqueeze(0), [token], self._cache)[-1]
 
     def _token(self, feature: torch.Tensor) -> int:
         return int(self.head.logits(feature).argmax())
 
     @torch.no_grad()
-    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+    def _draft(self, context: list[int], gamma: int) -> DraftProposal:
         """Draft up to ``gamma`` tokens after ``context`` (stopping after a stop token)."""
-        start = self._now()
-        tokens: list[int] = []
-        if gamma > 0:
-            tokens = self._draft([int(t) for t in context], int(gamma))
-        self.stats["proposals"] += 1
-        self.stats["tokens_proposed"] += len(tokens)
-        self.stats["seconds"] += self._now() - start
-        return DraftProposal(tokens, None)
-
-    def _draft(self, context: list[int], gamma: int) -> list[int]:
         state = self._state if self._state is not None else self.target.last_state
         if state is None:  # the target is still prefilling (e.g. run_parallel's free window): nothing to read yet
-            return []
+            return DraftProposal([], None)
         if state is not self._bound_state:
             self._bound_state = state
-            self._reset()
+            self._rollback(0)
         feats = self.target.features(state)
         if feats is None or feats.shape[0] == 0:
             raise RuntimeError("the target state has no recorded features: it was not prefilled through this "
                                "EagleTarget wrapper")
         n = len(context)
         usable = min(n, int(feats.shape[0]))  # positions j < usable have a true feature and a known token
-        keep = common_prefix_length(self._committed, context[:usable])
-        if keep < len(self._committed):
-            self._cache.truncate(keep)
-            del self._committed[keep:]
-            self._next = None
-        if usable > keep:
-            out = self._step(feats[keep:usable], context[keep:usable])
-            self._committed.extend(context[keep:usable])
-            self._next = out[-1]
-            self.stats["committed_positions"] += usable - keep
-        elif keep > 0 and self._next is None:  # rolled back exactly to a boundary: recompute its output
-            self._cache.truncate(keep - 1)
-            self._next = self._step(feats[keep - 1:keep], context[keep - 1:keep])[-1]
+        self._feats = feats
+        self.sync_to(context[:usable])
         committed = self._cache.length
         try:
             if feats.shape[0] > n:  # the target has processed the whole context: its true next feature
                 feature = feats[n]
             else:
-                feature = self._next if usable > 0 else feats[0]
+                feature = self._rows[-1] if usable > 0 else feats[0]
                 for j in range(usable, n):  # context tokens without a true feature yet: predicted features
-                    feature = self._step(feature.unsqueeze(0), [context[j]])[-1]
+                    feature = self._step(feature, context[j])
             out_tokens: list[int] = []
             for i in range(gamma):
                 token = self._token(feature)
                 out_tokens.append(token)
                 if token in self.stop_token_ids or i == gamma - 1:
                     break
-                feature = self._step(feature.unsqueeze(0), [token])[-1]
-            return out_tokens
+                feature = self._step(feature, token)
+            return DraftProposal(out_tokens, None)
         finally:
             self._cache.truncate(committed)
+            self._feats = None
 
 
 def make_eagle_drafter(head: EagleHead, draft_state_or_none: Any, target: Any, target_state: Any = None, *,

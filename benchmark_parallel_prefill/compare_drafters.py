@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import add_common_args
-from common.compression import PooledVideoLlava, pooled_drafter
+from common.compression import PooledFactory, PooledVideoLlava
 from common.drafters import DrafterFactory
 from common.drafters.factory import add_token_adapter_flag
 from common.errors import DataError
@@ -130,13 +130,8 @@ def parse_named_paths(text: str | None) -> list[tuple[str | None, str]]:
     return out
 
 
-def _pooled_factory(pooled: PooledVideoLlava):
-    def make(draft, draft_state, target):
-        return pooled_drafter(pooled, draft_state, target, sync=partial(sync_current_stream, draft.device))
-
-    make.hidden_layers = []
-    make.kind = pooled.name
-    return make
+def _pooled_factory(pooled: PooledVideoLlava) -> PooledFactory:
+    return PooledFactory(pooled)
 
 
 def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list[Spec], list[str]]:

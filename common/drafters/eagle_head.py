@@ -417,7 +417,8 @@ def _feature_graphs(target: Any, layer: int):
 class EagleTarget:
     """The target VLM, recording its feature layer per position on every prefill/forward.
 
-    Everything else (encode, tokenizer, vocab sizes, ...) is the target's. With CUDA graphs on
+    The rest of the uniform interface (encode, tokenizer, vocab sizes, ...) is the target's, delegated
+    one name at a time (nothing else of the target is reachable through it). With CUDA graphs on
     the target, forwards replay graphs of the same step that also return the feature (same
     kernels for the logits, so the numerics match the target's own graph decode); fixed-step
     numerics (``use_fixed_step``) are honoured. ``layer=None`` records nothing (only tracks the
@@ -430,11 +431,85 @@ class EagleTarget:
         self.last_state: DecodeState | None = None
         self._buffers: dict[int, tuple[weakref.ref, _FeatureBuffer]] = {}
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the target's
-        target = self.__dict__.get("target")
-        if target is None:
-            raise AttributeError(name)
-        return getattr(target, name)
+    # ----- the rest of the uniform interface: the target's own -----
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.target.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.target.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.vocab_size
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self.target.base_vocab_size
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.target.eos_token_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.target.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.target.num_layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.target.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.target.embed_tokens
+
+    @property
+    def graphs(self) -> Any:
+        return self.target.graphs
+
+    @property
+    def fixed_step(self) -> int | None:
+        return self.target.fixed_step
+
+    def load_visual(self, sample: Any) -> Any:
+        return self.target.load_visual(sample)
+
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        return self.target.preprocess(raw)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> Any:
+        return self.target.encode_pixels(pixels)
+
+    def encode(self, sample: Any) -> Any:
+        return self.target.encode(sample)
+
+    def build_prompt(self, question: str) -> str:
+        return self.target.build_prompt(question)
+
+    def prompt_embeds(self, visual: Any, question: str) -> torch.Tensor:
+        return self.target.prompt_embeds(visual, question)
+
+    def prompt_ids(self, question: str, *args: Any) -> list[int]:
+        return self.target.prompt_ids(question, *args)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.target.tokenize(text)
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        return self.target.decode_text(token_ids)
 
     def __repr__(self) -> str:
         return f"EagleTarget({self.target.name}, layer={self.layer})"

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
 from common.data import ClipDataset
 from common.defaults import REPO_ROOT, resolve_dataset_dir, resolve_model_paths
-from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
+from common.distributed import all_sum, barrier, destroy, launcher_chunks, local_device, world
 from common.errors import DataError
 from common.prefetch import prefetched
 from common.speculative import autoregressive_generate
@@ -358,7 +358,8 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
     if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
-    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    args.num_chunks, args.chunk_idx, launched = launcher_chunks(args.num_chunks, args.chunk_idx)
     set_seed(args.seed)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     egpt_path, vl_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)

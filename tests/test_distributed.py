@@ -127,3 +127,15 @@ def test_ddp_training_matches_one_process(single, tmp_path):
     stats = json.loads((tmp_path / "two" / "results.json").read_text())["statistics"]
     assert stats["num_processes"] == 2
     assert (tmp_path / "two" / "best.safetensors").is_file() and (tmp_path / "two" / "RESULTS.md").is_file()
+
+
+def test_launcher_chunks_take_the_rank_shard_unless_chunks_are_given(monkeypatch) -> None:
+    from common.distributed import launcher_chunks
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert launcher_chunks(1, 0) == (4, 2, True)
+    assert launcher_chunks(None, 0) == (4, 2, True)
+    assert launcher_chunks(8, 5) == (8, 5, False)  # explicit --num_chunks wins
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launcher_chunks(1, 0) == (1, 0, False)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from common.cli import add_common_args, set_seed, shard
 from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
+from common.distributed import all_true, barrier, destroy, launcher_chunks, local_device, world
 from common.drafters.token_adapter import masked_argmax, safe_draft_ids
 from common.errors import DataError
 from common.speculative import autoregressive_generate
@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     set_seed(args.seed)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise SystemExit("--max_new_tokens and --batch_size must be >= 1")
-    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    args.num_chunks, args.chunk_idx, launched = launcher_chunks(args.num_chunks, args.chunk_idx)
     args.device = local_device(args.device)
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)

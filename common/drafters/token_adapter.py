@@ -295,8 +295,8 @@ class SafeDraftModel:
     """A draft model whose ``forward`` maps ids outside the shared base vocabulary to its unk id.
 
     The target may emit ids >= the shared vocabulary (special tokens, padded rows); fed to the
-    draft as context they would index past (or into other) embedding rows. Everything else is
-    passed through, so it stands in for the model wherever the uniform interface is expected.
+    draft as context they would index past (or into other) embedding rows. It offers what a
+    drafter calls on its model: ``forward`` and ``truncate``.
     """
 
     def __init__(self, model: Any, vocab_limit: int):
@@ -309,8 +309,8 @@ class SafeDraftModel:
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
         return self._model.forward(state, safe_draft_ids(ids, self._limit, self._unk), *args, **kwargs)
 
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
+    def truncate(self, state: Any, length: int) -> None:
+        self._model.truncate(state, length)
 
 
 class TokenAdapterDrafter(SyncedDrafter):

@@ -118,3 +118,16 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
 def test_the_old_offenders_are_clean(module: str) -> None:
     path = _project_modules()[module]
     assert not [n for n, _ in _imported_names(path, module) if n.split(".")[0] in UPPER]
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("feature_alignment.hidden_adapter", "common.drafters.hidden_adapter"),
+    ("feature_alignment.drafter", "common.drafters.hidden_drafter"),
+    ("feature_alignment.eagle_head", "common.drafters.eagle_head"),
+    ("token_alignment.token_adapter", "common.drafters.token_adapter"),
+    ("token_alignment.drafter", "common.drafters.token_drafter"),
+])
+def test_the_moved_modules_keep_their_old_names(old: str, new: str) -> None:
+    import importlib
+
+    assert importlib.import_module(old) is importlib.import_module(new)

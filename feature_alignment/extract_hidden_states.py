@@ -327,12 +327,13 @@ def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = 
     """Run (or resume) an extraction; returns a summary dict. ``models`` = (draft, target) already loaded."""
     args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
     from common.data import ClipDataset
-    from common.distributed import launcher_shard, local_device
+    from common.distributed import launcher_chunks, local_device
     from feature_alignment.hidden_store import LOCK_FILE
 
     if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
-    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    args.num_chunks, args.chunk_idx, launched = launcher_chunks(args.num_chunks, args.chunk_idx)
     set_seed(args.seed)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     egpt_path, vl_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)

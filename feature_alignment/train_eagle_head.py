@@ -42,15 +42,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from common.cli import resolve_device, set_seed
-from common.plots import plot_training_curves
-from common.results import RunFolder, atomic_write_json, atomic_write_text, markdown_table, read_json
-from feature_alignment.eagle_head import (
+from common.drafters.eagle_head import (
     EagleHead,
     head_config_from_checkpoint,
     load_eagle_head,
     read_target_embeddings,
     save_eagle_head,
 )
+from common.plots import plot_training_curves
+from common.results import RunFolder, atomic_write_json, atomic_write_text, markdown_table, read_json
 from feature_alignment.hidden_store import HiddenStore, layer_key, load_lm_head
 
 log = logging.getLogger(__name__)

@@ -54,14 +54,21 @@ from common.cli import resolve_device, run_cli, set_seed, shard
 from common.lazy import no_grad
 from common.locations import find_with_legacy, results_dir
 from common.progress import progress
-from common.results import RunFolder, atomic_write_json, atomic_write_text, read_json, to_jsonable
+from common.results import (
+    RunFolder,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    to_jsonable,
+)
 from common.run_index import results_root_of, update_index
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
     import numpy as np
     import torch
 
-    from feature_alignment.hidden_adapter import (
+    from common.drafters.hidden_adapter import (
         BaseAdapter,
     )
     from feature_alignment.hidden_store import HiddenStore
@@ -69,7 +76,7 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints
 log = logging.getLogger(__name__)
 
 STAGE = "feature_alignment"
-ADAPTER_LEVELS = (1, 2, 3, 4, 5)  # the keys of feature_alignment.hidden_adapter.LEVELS (kept torch-free for --help)
+ADAPTER_LEVELS = (1, 2, 3, 4, 5)  # the keys of common.drafters.hidden_adapter.LEVELS (kept torch-free for --help)
 DEFAULT_TRAIN_DIR = Path("data") / STAGE / "hidden" / "train"
 LEGACY_TRAIN_DIR = Path(STAGE) / "hidden" / "train"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
@@ -392,10 +399,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
                 tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(to_jsonable(sd["param_groups"])),
-                                           "scalars": json.dumps(to_jsonable(scalars))})
-    tmp.replace(path)
+    metadata = {"param_groups": json.dumps(to_jsonable(sd["param_groups"])), "scalars": json.dumps(to_jsonable(scalars))}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -432,7 +437,7 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def results_markdown(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    from feature_alignment.hidden_adapter import LEVELS
+    from common.drafters.hidden_adapter import LEVELS
 
     c = summary["adapter_config"]
     best = summary.get("best") or {}
@@ -606,7 +611,7 @@ def build_setup(args: argparse.Namespace, data: _Data, device: torch.device) -> 
 def resume_state(args: argparse.Namespace, out: Path, run_args: dict[str, Any], adapter: BaseAdapter,
                  optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A fresh training state, or the saved one (weights and optimizer loaded) when resuming ``out``."""
-    from feature_alignment.hidden_adapter import load_any_adapter
+    from common.drafters.hidden_adapter import load_any_adapter
 
     state = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "finished": False,
              "stop_reason": None}
@@ -669,7 +674,7 @@ def run_epoch(t: _Training, epoch: int) -> dict[str, Any]:
 
 def train_epochs(t: _Training, state: dict[str, Any]) -> None:
     """Epochs until ``--epochs`` or early stopping; checkpoints and state written after each (main process)."""
-    from feature_alignment.hidden_adapter import save_adapter
+    from common.drafters.hidden_adapter import save_adapter
 
     args, main_process = t.args, t.accelerator.is_main_process
     history: list[dict[str, Any]] = state["history"]
@@ -706,7 +711,7 @@ def train_epochs(t: _Training, state: dict[str, Any]) -> None:
 
 def summarize(t: _Training, state: dict[str, Any]) -> dict[str, Any]:
     """The run's statistics (the test split evaluated once with the best checkpoint)."""
-    from feature_alignment.hidden_adapter import load_any_adapter
+    from common.drafters.hidden_adapter import load_any_adapter
     from feature_alignment.hidden_store import HiddenStore
 
     args, data, out = t.args, t.data, t.out
@@ -733,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from common.distributed import make_accelerator
-    from feature_alignment.hidden_adapter import create_adapter
+    from common.drafters.hidden_adapter import create_adapter
 
     set_seed(args.seed)
     accelerator = make_accelerator(args.device)

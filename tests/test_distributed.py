@@ -167,3 +167,15 @@ def test_ddp_token_adapter_training_matches_one_process(tmp_path):
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
     assert h1[-1]["train_loss"] < h1[0]["train_loss"]
     assert two["statistics"]["best_epoch"] == one["best_epoch"]
+
+
+def test_launcher_chunks_take_the_rank_shard_unless_chunks_are_given(monkeypatch) -> None:
+    from common.distributed import launcher_chunks
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert launcher_chunks(1, 0) == (4, 2, True)
+    assert launcher_chunks(None, 0) == (4, 2, True)
+    assert launcher_chunks(8, 5) == (8, 5, False)  # explicit --num_chunks wins
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launcher_chunks(1, 0) == (1, 0, False)

@@ -169,7 +169,7 @@ def _draft_teacher_forced(egpt: Any, visuals: Sequence[Any], samples: Sequence[C
                           target_ids: Sequence[Sequence[int]], target_base_vocab: Sequence[int]) -> list[dict]:
     """EventGPT teacher forced on the target's answers (one padded pass): its masked greedy next token
     at every target position."""
-    from token_alignment.token_adapter import masked_argmax, safe_draft_ids
+    from common.drafters.token_adapter import masked_argmax, safe_draft_ids
 
     out: list[dict | None] = [None] * len(samples)
     unk = getattr(egpt.tokenizer, "unk_token_id", None)
@@ -314,10 +314,11 @@ def planned_samples(dataset_dir: Path, args: argparse.Namespace, errors: list[tu
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from common.distributed import launcher_shard, local_device
+    from common.distributed import launcher_chunks, local_device
 
     set_seed(args.seed)
-    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    args.num_chunks, args.chunk_idx, launched = launcher_chunks(args.num_chunks, args.chunk_idx)
     args.device = local_device(args.device)
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)

@@ -48,12 +48,12 @@ from token_alignment.pairs import clip_of, load_token_pairs, split_by_clip
 if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
     import torch
 
-    from common.speculative import SpecResult
-    from token_alignment.token_adapter import (
+    from common.drafters.token_adapter import (
         AdapterExample,
         TokenAdapter,
         TokenAdapterConfig,
     )
+    from common.speculative import SpecResult
 
 STAGE = "token_alignment"
 TASK_ROOT = results_dir(STAGE)  # results/token_alignment (older versions wrote token_alignment/task)
@@ -111,14 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------
 
 def to_example(record: dict) -> AdapterExample:
-    from token_alignment.token_adapter import AdapterExample
+    from common.drafters.token_adapter import AdapterExample
 
     return AdapterExample(list(record["egpt_token_ids"]), list(record["videollava_token_ids"]),
                           list(record["egpt_tf_token_ids"]))
 
 
 def _config_from(records: Sequence[dict], args: argparse.Namespace) -> TokenAdapterConfig:
-    from token_alignment.token_adapter import TokenAdapterConfig
+    from common.drafters.token_adapter import TokenAdapterConfig
 
     limit = min(int(r.get("vocab_limit") or min(r["egpt_base_vocab_size"], r["videollava_base_vocab_size"]))
                 for r in records)
@@ -145,7 +145,7 @@ def predict(adapter: TokenAdapter, records: Sequence[dict], batch_size: int = 64
     """Per record: top-5 ids at every target position, and the mean loss over all predictable positions."""
     import torch
 
-    from token_alignment.token_adapter import IGNORE
+    from common.drafters.token_adapter import IGNORE
 
     adapter.eval()
     tops: list[list[list[int]]] = []
@@ -170,8 +170,8 @@ def _rate(hits: int, total: int) -> float | None:
 
 
 def _simulated(hit_lists: Sequence[Sequence[bool]], gamma: int, max_new: Sequence[int]) -> dict[str, Any]:
+    from common.drafters.token_adapter import simulate_live_acceptance
     from common.speculative import SpecResult, aggregate_metrics
-    from token_alignment.token_adapter import simulate_live_acceptance
 
     results = [SpecResult(tokens=[], iterations=simulate_live_acceptance(h, gamma, m)["iterations"])
                for h, m in zip(hit_lists, max_new)]
@@ -268,7 +268,7 @@ def _train_step(model: Any, adapter: TokenAdapter, examples: list, batch_ids: li
     """One global batch: this rank's share, its loss sums over the whole batch's tokens; (loss, tokens, hits)."""
     import torch
 
-    from token_alignment.token_adapter import IGNORE
+    from common.drafters.token_adapter import IGNORE
 
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = shard(batch_ids, world, rank)
@@ -353,6 +353,8 @@ def _live_sample(record: dict, args: argparse.Namespace, datasets: dict[tuple, d
 def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Speculative decoding on test samples: raw EventGPT drafter vs adapter drafter, both checked lossless."""
     from common.defaults import resolve_model_paths
+    from common.drafters.token_adapter import SafeDraftModel, TokenAdapterDrafter
+    from common.drafters.token_drafter import aligned_metrics
     from common.models.loader import load_vlm
     from common.speculative import (
         ModelDrafter,
@@ -360,8 +362,6 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
         autoregressive_generate,
         speculative_generate,
     )
-    from token_alignment.drafter import aligned_metrics
-    from token_alignment.token_adapter import SafeDraftModel, TokenAdapterDrafter
 
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     kwargs = {"allow_pickle": True} if args.allow_pickle else {}
@@ -582,7 +582,7 @@ def evaluate_best(best: TokenAdapter, args: argparse.Namespace, train_records: l
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from common.distributed import make_accelerator
-    from token_alignment.token_adapter import TokenAdapter
+    from common.drafters.token_adapter import TokenAdapter
 
     set_seed(args.seed)
     accelerator = make_accelerator(args.device)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from common.models.loader import safetensors_header
+from common.drafters.config import strict_from_dict
+from common.models.checkpoint import safetensors_header
+from common.results import atomic_write
 
 LEVELS = {1: "bottleneck", 2: "multi_bottleneck", 3: "wide_bottleneck", 4: "attention", 5: "eagle"}
 CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
 
 __all__ = ["LEVELS", "AdapterConfig", "Bottleneck", "BottleneckAdapter", "MultiBottleneckAdapter",
            "AttentionAdapter", "EagleAdapter", "create_adapter", "save_adapter", "load_any_adapter",
-           "read_adapter_meta", "scaled_width", "masked_logits"]
+           "read_adapter_meta", "scaled_width", "masked_logits", "BaseAdapter", "resolve_config", "count_parameters"]
 
 
 def scaled_width(requested: int, hidden_in: int, hidden_out: int, wide: bool = False) -> int:
@@ -98,11 +100,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown adapter config keys {sorted(unknown)}; the checkpoint is from a newer version")
-        return cls(**d)
+        return strict_from_dict(cls, d, "adapter")
 
 
 class Bottleneck(nn.Module):
@@ -336,23 +334,10 @@ def create_adapter(level: int, hidden_in: int, hidden_out: int, **kw: Any) -> Ba
 
 def save_adapter(adapter: BaseAdapter, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``adapter`` as safetensors with its config and ``meta`` in the metadata (atomic)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
     metadata = {"adapter_config": json.dumps(adapter.config.to_dict()), "meta": json.dumps(meta or {}),
                 "format": "hidden_adapter_v1"}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _checkpoint_file(path: str | Path) -> Path:

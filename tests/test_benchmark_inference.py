@@ -85,6 +85,8 @@ def test_token_adapter_drafter_reports_aligned_metrics(tiny_models_dir, tiny_dat
                         "--use_token_adapter", "--token_adapter_path", str(tmp_path / "adapter")))
     stats = out["statistics"]
     assert stats["drafter"] == "token_adapter" and stats["sd_lossless_rate"] == 1.0
+    config = read_json(tmp_path / "out" / out["run_dir"].split("/")[-1] / "config.json")  # the harness run records the checkpoint it used
+    assert config["drafter"] == {"kind": "token_adapter", "checkpoint": str(tmp_path / "adapter")}
     for key in ("aligned_acceptance_rate_avg", "aligned_acceptance_rate_std", "aligned_top5_rate_avg",
                 "aligned_improvement"):
         assert key in stats

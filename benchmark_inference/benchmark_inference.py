@@ -30,6 +30,7 @@ from common.drafters import (
     aligned_fields,
     aligned_statistics,
     drafter_factory,
+    record_drafter,
 )
 from common.harness import Benchmark, exit_code, run_benchmark
 from common.pipeline import (
@@ -208,6 +209,9 @@ class InferenceBenchmark(Benchmark):
     def __init__(self, draft, target, args: argparse.Namespace, make_drafter, mode: str, argv: list[str]):
         self.draft, self.target, self.args, self.make_drafter = draft, target, args, make_drafter
         self.mode, self.argv = mode, argv
+
+    def begin(self, run) -> None:
+        record_drafter(run.path / "config.json", self.make_drafter)  # e.g. which TokenAdapter was picked
 
     def warmup(self, sample, steps: int) -> None:
         for _ in range(steps):

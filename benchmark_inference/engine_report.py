@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmark_inference.real_shape_benchmark import (
+from benchmark_inference.real_shape_timing import (
     QUESTION,
     decode_ms_per_token,
     hf_generate,

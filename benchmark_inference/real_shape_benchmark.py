@@ -24,21 +24,24 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from benchmark_inference.real_shape_timing import (  # noqa: F401  (re-exported for existing imports)
+    QUESTION,
+    decode_ms_per_token,
+    hf_generate,
+    raw_inputs,
+    timed_median,
+    verify_ratio,
+)
 from common.models.loader import load_vlm
 from common.models.real_shape import write_real_shape_pair
 from common.results import atomic_write_json, atomic_write_text, markdown_table
-from common.timing import sync
-
-QUESTION = "What are the key elements in this scene?"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,62 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _timed(fn, repeats: int, device) -> tuple[float, Any]:
-    """Median seconds of ``fn()`` over repeats (after one warm-up), and its last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def raw_inputs(kind: str) -> Any:
-    """Random frames of the real input sizes (5 event frames, or 8 video frames)."""
-    rng = np.random.default_rng(0)
-    if kind == "eventgpt":
-        return [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(5)]
-    return rng.integers(0, 255, (8, 240, 320, 3), dtype=np.uint8)
-
-
-def decode_ms_per_token(vlm, visual, new_tokens: int) -> float:
-    """Median ms of a 1-token forward over ``new_tokens`` steps after a prefill."""
-    state = vlm.prefill(visual, QUESTION)
-    token = int(state.logits.argmax())
-    times = []
-    for _ in range(new_tokens):
-        sync(vlm.device)
-        t0 = time.perf_counter()
-        logits = vlm.forward(state, [token])
-        token = int(logits[-1].argmax())  # the host needs the token, as in real decoding
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
-def verify_ratio(vlm, visual, k: int, repeats: int = 20) -> float:
-    """Cost of one k-token forward over one 1-token forward, on a cached prompt."""
-    state = vlm.prefill(visual, QUESTION)
-    base = state.length
-
-    def step(n):
-        vlm.truncate(state, base)
-        return vlm.forward(state, list(range(10, 10 + n)))
-
-    t1, _ = _timed(lambda: step(1), repeats, vlm.device)
-    tk, _ = _timed(lambda: step(k), repeats, vlm.device)
-    return tk / t1
-
-
 def measure_model(kind: str, vlm, args) -> dict[str, Any]:
     """Stage and decode timings of one model."""
     raw = raw_inputs(kind)
     row: dict[str, Any] = {"model": kind, "quant": args.quant}
-    t_pre, pixels = _timed(lambda: vlm.preprocess(raw), args.repeats, vlm.device)
-    t_enc, visual = _timed(lambda: vlm.encode_pixels(pixels), args.repeats, vlm.device)
-    t_fill, state = _timed(lambda: vlm.prefill(visual, QUESTION), args.repeats, vlm.device)
+    t_pre, pixels = timed_median(lambda: vlm.preprocess(raw), args.repeats, vlm.device)
+    t_enc, visual = timed_median(lambda: vlm.encode_pixels(pixels), args.repeats, vlm.device)
+    t_fill, state = timed_median(lambda: vlm.prefill(visual, QUESTION), args.repeats, vlm.device)
     row.update(visual_tokens=visual.num_tokens, prompt_tokens=state.prompt_length,
                preprocess_ms=1000 * t_pre, vision_encode_ms=1000 * t_enc, prefill_ms=1000 * t_fill)
     for mode in [m for m in args.decode_modes.split(",") if m]:
@@ -136,28 +90,6 @@ def measure_model(kind: str, vlm, args) -> dict[str, Any]:
         finally:
             vlm.disable_cuda_graphs()
     return row
-
-
-def hf_generate(vlm, cache: str, new_tokens: int) -> dict[str, Any]:
-    """HF ``generate`` on the target's own weights: ms per new token (prefill subtracted)."""
-    pixels = vlm.preprocess(raw_inputs("videollava"))
-    visual_tokens = vlm.encode_pixels(pixels).num_tokens
-    ids = torch.tensor([vlm.prompt_ids(QUESTION, visual_tokens)], device=vlm.device)
-    kwargs: dict[str, Any] = dict(input_ids=ids, pixel_values_videos=pixels, do_sample=False,
-                                  attention_mask=torch.ones_like(ids))
-    if cache == "static":
-        kwargs["cache_implementation"] = "static"
-
-    def run(n):
-        return vlm.model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
-
-    try:
-        t1, _ = _timed(lambda: run(1), 2, vlm.device)
-        tn, out = _timed(lambda: run(new_tokens), 2, vlm.device)
-    except Exception as exc:
-        return {"model": f"videollava HF generate ({cache})", f"hf_{cache}": f"failed: {type(exc).__name__}: {exc}"[:160]}
-    return {"model": f"videollava HF generate ({cache} cache)", "generate_total_ms": 1000 * tn,
-            "decode_ms_per_token_hf": 1000 * (tn - t1) / (new_tokens - 1), "generated": int(out.shape[1] - ids.shape[1])}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

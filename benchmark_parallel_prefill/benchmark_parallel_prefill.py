@@ -28,6 +28,7 @@ from common.drafters import (
     aligned_fields,
     aligned_statistics,
     drafter_factory,
+    record_drafter,
 )
 from common.harness import Benchmark, exit_code, run_benchmark
 from common.parallel import run_parallel, timed
@@ -225,6 +226,9 @@ class ParallelBenchmark(Benchmark):
         self.mode, self.argv = mode, argv
         self.cost_ratio: float | None = None
         self.timelines = 0
+
+    def begin(self, run) -> None:
+        record_drafter(run.path / "config.json", self.make_drafter)  # e.g. which TokenAdapter was picked
 
     def warmup(self, sample, steps: int) -> None:
         """Warm-up steps, then c measured on this sample (every record of this session carries it)."""

@@ -1,7 +1,7 @@
 """Every drafter in one harness, on the same samples, in one run: does the event modality add anything?
 
     python -m benchmark_parallel_prefill.compare_drafters [--dataset_dir D --eventgpt_path P --videollava_path P
-        --max_samples N --gamma 5 --max_new_tokens 50 --token_adapter_path P --hidden_adapter L1=P1,L5=P5
+        --max_samples N --gamma 5 --max_new_tokens 50 --token_adapter P --hidden_adapter P1,P5
         --eagle_head P --pool 2 --harness parallel --drafters eventgpt,eagle,... --output_dir O --task_name T]
 
 Per sample: the target alone (stages 1-4 + greedy decode, timed; plus its reference output under
@@ -9,8 +9,8 @@ the verification numerics), then each drafter through the same engine, its outpu
 against the reference (it must be identical):
 
 - ``eventgpt``: raw EventGPT greedy tokens (``ModelDrafter``);
-- ``token_adapter``: the TokenAdapter (``--token_adapter_path``, else the newest under token_alignment/task);
-- ``L1``..``L5``: hidden-state adapters over EventGPT's states (``--hidden_adapter L1=P1,L5=P5``);
+- ``token_adapter``: the TokenAdapter (``--token_adapter``, else the newest under token_alignment/task);
+- ``L1``..``L5``: hidden-state adapters over EventGPT's states (``--hidden_adapter P1,P5``, named by level);
 - ``eagle``: the EAGLE head over the target's own features (``--eagle_head``; same modality);
 - ``pooled_xK``: the target itself with its video tokens ``K x K`` average-pooled (``--pool K``, 0 = off);
 - ``hybrid``: EventGPT's free tokens during the target's prefill, then the EAGLE head;
@@ -41,9 +41,10 @@ from functools import partial
 from typing import Any
 
 from common.cli import add_common_args, add_retry_arg, non_negative_int
-from common.compression import PooledVideoLlava, pooled_drafter
+from common.compression import PooledFactory, PooledVideoLlava
 from common.data import sample_fields
 from common.drafters import DrafterFactory
+from common.drafters.factory import add_token_adapter_flag
 from common.harness import Benchmark, exit_code, run_benchmark
 from common.hybrid import HybridFactory, run_hybrid
 from common.parallel import run_parallel, timed
@@ -88,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafters", default=None,
                    help="comma list of drafters to run (default: every one available): eventgpt, token_adapter, "
                         "L1..L5, eagle, pooled_xK, hybrid, hybrid_L5")
-    g.add_argument("--token_adapter_path", default=None,
-                   help="TokenAdapter checkpoint or run folder (default: the newest under token_alignment/task; "
-                        "'none' skips it)")
-    g.add_argument("--hidden_adapter", default=None,
-                   help="hidden-state adapters as NAME=PATH pairs, e.g. L1=P1,L5=P5")
+    add_token_adapter_flag(g, "TokenAdapter checkpoint or run folder (default: the newest under "
+                              "token_alignment/task; 'none' skips it)")
+    g.add_argument("--hidden_adapter", metavar="PATH[,PATH...]", default=None,
+                   help="hidden-state adapter checkpoints, comma-separated; each is named by its level (L1..L5). "
+                        "The old NAME=PATH form still works")
     g.add_argument("--eagle_head", default=None, help="EAGLE head checkpoint (folder, or a training folder with best/)")
     g.add_argument("--pool", type=non_negative_int, default=2, help="pooled self-draft: K x K pooling of the video tokens (0: off)")
     add_tree_args(parser)  # adds eagle_tree / hybrid_tree beside the chain-drafting eagle / hybrid
@@ -114,26 +115,25 @@ class Spec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_named_paths(text: str | None) -> dict[str, str]:
-    """``"L1=p1,L5=p5"`` -> {"L1": "p1", "L5": "p5"}."""
-    out: dict[str, str] = {}
+def parse_named_paths(text: str | None) -> list[tuple[str | None, str]]:
+    """``"P1,P5"`` -> [(None, "P1"), (None, "P5")] (named by level later); the old ``"L1=p1"`` -> [("L1", "p1")]."""
+    out: list[tuple[str | None, str]] = []
     for item in (text or "").split(","):
         if not item.strip():
             continue
-        if "=" not in item:
-            raise SystemExit(f"--hidden_adapter expects NAME=PATH pairs (e.g. L1=path,L5=path), got {item!r}")
-        name, path = item.split("=", 1)
-        out[name.strip()] = path.strip()
+        if "=" in item:
+            name, path = item.split("=", 1)
+            out.append((name.strip(), path.strip()))
+        else:
+            out.append((None, item.strip()))
+    if any(name is not None for name, _ in out):
+        print("deprecated: --hidden_adapter NAME=PATH still works but will go; use --hidden_adapter PATH[,PATH...] "
+              "(named by level)", file=sys.stderr)
     return out
 
 
-def _pooled_factory(pooled: PooledVideoLlava):
-    def make(draft, draft_state, target):
-        return pooled_drafter(pooled, draft_state, target, sync=partial(sync_current_stream, draft.device))
-
-    make.hidden_layers = []
-    make.kind = pooled.name
-    return make
+def _pooled_factory(pooled: PooledVideoLlava) -> PooledFactory:
+    return PooledFactory(pooled)
 
 
 def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list[Spec], list[str]]:
@@ -148,7 +148,7 @@ def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list
 
         path = find_latest_adapter()
         if path is None:
-            notes.append("token_adapter: skipped (no --token_adapter_path and none under token_alignment/task)")
+            notes.append("token_adapter: skipped (no --token_adapter and none under token_alignment/task)")
     if path and str(path).lower() != "none":
         try:
             from token_alignment.drafter import load_token_adapter
@@ -160,11 +160,12 @@ def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list
             notes.append(f"token_adapter: skipped ({path}: {type(exc).__name__}: {exc})")
     # hidden-state adapters L1-L5
     l5 = None
-    for name, apath in parse_named_paths(args.hidden_adapter).items():
+    for given, apath in parse_named_paths(args.hidden_adapter):
         from feature_alignment.drafter import adapter_input_layers
         from feature_alignment.hidden_adapter import load_any_adapter
 
         adapter = load_any_adapter(apath, target.device)
+        name = given or f"L{adapter.level}"
         if adapter.config.hidden_in != draft.hidden_size or adapter.config.hidden_out != target.hidden_size:
             notes.append(f"{name}: skipped ({apath} maps {adapter.config.hidden_in} -> {adapter.config.hidden_out}, "
                          f"the models are {draft.hidden_size} -> {target.hidden_size})")

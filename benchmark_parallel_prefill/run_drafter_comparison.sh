@@ -38,7 +38,7 @@ BATCH_SIZE="${BATCH_SIZE:-16}"
 EARLY_STOPPING="${EARLY_STOPPING:-5}"
 RETRAIN="${RETRAIN:-0}"
 TOKEN_ADAPTER_PATH="${TOKEN_ADAPTER_PATH-}"               # "" = the newest under results/token_alignment; "none" = skip
-HIDDEN_ADAPTERS="${HIDDEN_ADAPTERS-}"                     # e.g. L1=results/feature_alignment/L1_<timestamp>,L5=...
+HIDDEN_ADAPTERS="${HIDDEN_ADAPTERS-}"                     # e.g. results/feature_alignment/L1_<timestamp>,results/feature_alignment/L5_<timestamp> (named by level)
 POOL="${POOL:-2}"
 MAX_SAMPLES="${MAX_SAMPLES:-20}"
 GAMMA="${GAMMA:-5}"
@@ -99,6 +99,6 @@ log "comparing drafters on ${DATASET_DIR:-the default split} ($MAX_SAMPLES sampl
 COMPARE_ARGS=(--eagle_head "$HEAD_DIR" --pool "$POOL" --max_samples "$MAX_SAMPLES" --gamma "$GAMMA"
               --max_new_tokens "$MAX_NEW_TOKENS" --harness "$HARNESS" --device "$DEVICE" --output_dir "$OUTPUT_DIR"
               --task_name "$TASK_NAME" "${MODEL_ARGS[@]}")
-while IFS= read -r a; do COMPARE_ARGS+=("$a"); done < <(opt --dataset_dir "$DATASET_DIR"; opt --split "$TEST_SPLIT"; opt --token_adapter_path "$TOKEN_ADAPTER_PATH"; opt --hidden_adapter "$HIDDEN_ADAPTERS")
+while IFS= read -r a; do COMPARE_ARGS+=("$a"); done < <(opt --dataset_dir "$DATASET_DIR"; opt --split "$TEST_SPLIT"; opt --token_adapter "$TOKEN_ADAPTER_PATH"; opt --hidden_adapter "$HIDDEN_ADAPTERS")
 "$PYTHON" -m benchmark_parallel_prefill.compare_drafters "${COMPARE_ARGS[@]}" 2>&1 | tee -a "$LOG"
 log "done; RESULTS.md under $OUTPUT_DIR/${TASK_NAME}_*"

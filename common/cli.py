@@ -275,3 +275,20 @@ def one_line(exc: BaseException) -> str:
         return f"{exc.filename}: {exc.strerror or 'not found'}"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling that keeps working: stores what ``use`` would store and prints one deprecation line.
+
+    ``nargs=0`` with ``const``: a switch (``--use_token_adapter`` stores ``const`` in ``dest``).
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, use: str, nargs: int | str | None = None,
+                 const: Any = None, **kwargs: Any):
+        self.use = use
+        super().__init__(option_strings, dest, nargs=nargs, const=const, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"deprecated: {option_string} still works but will go; use {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)

@@ -20,12 +20,14 @@ projector run once and their output can be shared with the target (:meth:`pool_v
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from common.speculative import ModelDrafter
+from common.timing import sync_current_stream
 from common.vlm import VisionLanguageModel, VisualInput
 
 __all__ = ["PooledVideoLlava", "pool_video_tokens", "pooled_drafter", "NUM_FRAMES"]
@@ -84,7 +86,7 @@ class PooledVideoLlava(VisionLanguageModel):
     def preprocess(self, raw: Any) -> torch.Tensor:
         return self.target.preprocess(raw)
 
-    def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
+    def encode_pixels_eager(self, pixels: torch.Tensor) -> VisualInput:
         return self.pool_visual(self.target.encode_pixels(pixels))
 
     def pool_visual(self, visual: VisualInput) -> VisualInput:
@@ -94,7 +96,7 @@ class PooledVideoLlava(VisionLanguageModel):
     def prompt_embeds(self, visual: VisualInput, question: str) -> torch.Tensor:
         return self.target.prompt_embeds(visual, question)
 
-    def prompt_ids(self, question: str, num_visual_tokens: int) -> list[int]:
+    def build_prompt_ids(self, question: str, num_visual_tokens: int) -> list[int]:
         return self.target.prompt_ids(question, num_visual_tokens)
 
     @property
@@ -108,3 +110,20 @@ def pooled_drafter(pooled: PooledVideoLlava, state: Any, target: Any, *, sync: A
     return ModelDrafter(pooled, state, vocab_limit=int(target.vocab_size), target_vocab_size=int(target.vocab_size),
                         stop_token_ids=[target.eos_token_id], name=name or f"pooled_x{pooled.pool}", sync=sync,
                         unknown_token_id=getattr(target.tokenizer, "unk_token_id", 0) or 0)
+
+
+class PooledFactory:
+    """Per-sample builder of :func:`pooled_drafter` (the factory protocol of ``common.speculative``)."""
+
+    hidden_layers: tuple[int, ...] = ()
+
+    def __init__(self, pooled: PooledVideoLlava):
+        self.pooled = pooled
+        self.kind = pooled.name
+
+    def engine_target(self, target: Any) -> Any:
+        """The target verifies itself."""
+        return target
+
+    def __call__(self, draft: Any, draft_state: Any, target: Any) -> ModelDrafter:
+        return pooled_drafter(self.pooled, draft_state, target, sync=partial(sync_current_stream, draft.device))

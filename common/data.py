@@ -18,6 +18,7 @@ import numpy as np
 
 from common.errors import DataError
 from common.events import load_events, render_event_frames, render_event_image
+from common.synthetic import answer_question, load_top_questions
 from common.video import (
     MAX_FRAME_PIXELS,
     FrameCache,
@@ -80,6 +81,9 @@ class ClipSample:
     event_source: str = DEFAULT_EVENT_SOURCE
     # results of checks done once per clip, shared by the clip's samples (see load_event_frames)
     clip_checks: dict = field(default_factory=dict, repr=False, compare=False)
+    # how the data source reads this sample: trust pickled .npy events; the mp4 frame cache (None: decode)
+    allow_pickle: bool = False
+    frame_cache: FrameCache | None = field(default=None, repr=False, compare=False)
 
     @property
     def index_path(self) -> Path:
@@ -106,10 +110,8 @@ def load_questions(dataset_dir: str | os.PathLike | None = None,
                    questions_file: str | os.PathLike | None = None) -> list[dict]:
     """Top questions [{"question", "count"}], most frequent first.
 
-    ``questions_file`` wins; else DIR/top50_questions.json; else the copy shipped in token_alignment/.
+    ``questions_file`` wins; else DIR/top50_questions.json; else the copy shipped in common/.
     """
-    from common.synthetic import load_top_questions
-
     path = Path(questions_file) if questions_file else None
     if path is None and dataset_dir is not None and (Path(dataset_dir) / "top50_questions.json").is_file():
         path = Path(dataset_dir) / "top50_questions.json"
@@ -282,6 +284,7 @@ class ClipDataset:
             frames_dir=checked.path("video_data", entry.get("video_data")),
             event_image_paths=images, event_image_1f_path=image_1f, dataset_dir=d, ground_truth_path=gt,
             event_source=self.event_source, clip_checks={},
+            allow_pickle=self.allow_pickle, frame_cache=self.frame_cache,
         )
         if self.max_questions == 1:
             return [ClipSample(id=entry_id, question=own_q, answer=own_a, **common)]
@@ -291,8 +294,6 @@ class ClipDataset:
     def _answer(self, sample: ClipSample) -> str | None:
         if sample.answer is not None or sample.ground_truth_path is None:
             return sample.answer
-        from common.synthetic import answer_question
-
         gt = self._ground_truth.get(sample.ground_truth_path)
         if gt is None:
             try:
@@ -431,7 +432,7 @@ def event_images_disagreement(stored: list[np.ndarray], rendered: list[np.ndarra
     return None
 
 
-def check_event_images(sample: ClipSample, num_frames: int = 5, allow_pickle: bool = False,
+def check_event_images(sample: ClipSample, num_frames: int = 5, allow_pickle: bool | None = None,
                        frames: list[np.ndarray] | None = None) -> str | None:
     """Compare a clip's stored event PNGs with a rendering of its events, once per clip and frame count
     (the verdict is shared by the clip's samples); returns the one-line disagreement, or None when
@@ -439,8 +440,9 @@ def check_event_images(sample: ClipSample, num_frames: int = 5, allow_pickle: bo
     a disagreement is logged as one warning line. ``frames``: the used side, when already loaded.
 
     ``load_event_frames`` calls it; a run loop may call it first, outside its timers, so that the
-    timed load does not pay for the comparison.
+    timed load does not pay for the comparison. ``allow_pickle`` None: the sample's own setting.
     """
+    allow_pickle = sample.allow_pickle if allow_pickle is None else allow_pickle
     stored = _stored_event_images(sample, num_frames)
     key = ("event_images_disagree", num_frames)
     if stored is None or sample.event_path is None:
@@ -465,14 +467,16 @@ def check_event_images(sample: ClipSample, num_frames: int = 5, allow_pickle: bo
     return sample.clip_checks[key]
 
 
-def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: bool = False) -> list[np.ndarray]:
+def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: bool | None = None) -> list[np.ndarray]:
     """Event images (HxWx3 uint8 RGB) of a sample from its ``event_source``: rendered from the events
     file (equal-count chunks, the default), or the stored PNGs (event_image_1f for 1 frame).
 
     When both exist they are compared once per clip (``check_event_images``): under events a
     disagreement is a warning (the PNGs are unused, the result is right); under images it is a
     DataError, since the frames would not come from the events file the record names.
+    ``allow_pickle`` None: the sample's own setting (its dataset's).
     """
+    allow_pickle = sample.allow_pickle if allow_pickle is None else allow_pickle
     stored = _stored_event_images(sample, num_frames)
     if sample.event_source == "images":
         if stored is None:
@@ -492,8 +496,9 @@ def load_event_frames(sample: ClipSample, num_frames: int = 5, allow_pickle: boo
 
 
 def load_video_frames(sample: ClipSample, num_frames: int = 8, cache: FrameCache | None = None) -> np.ndarray:
-    """(num_frames, H, W, 3) uint8 RGB video frames: the mp4 (through ``cache`` when given), else
-    the frame PNG folder, sampled as Video-LLaVA does."""
+    """(num_frames, H, W, 3) uint8 RGB video frames: the mp4 (through ``cache``, default the sample's
+    frame cache, when there is one), else the frame PNG folder, sampled as Video-LLaVA does."""
+    cache = cache if cache is not None else sample.frame_cache
     if sample.video_path is not None and sample.video_path.is_file():
         if cache is not None:
             return cache.get(sample.video_path, num_frames)

@@ -16,11 +16,10 @@ MODELS_DIR = REPO_ROOT / "models"
 RANDOM_MODELS_DIR = REPO_ROOT / ".cache" / "tiny_models"
 DEFAULT_DATASET_DIR = REPO_ROOT / "data" / "synthetic_default"
 # The split the default dataset holds and how it is made (same world settings as the shipped pair's training).
-DEFAULT_DATASET_ARGS = ["--num_clips", "12", "--duration", "1s", "--split", "test", "--seed", "1000",
-                        "--width", "320", "--height", "240"]
+DEFAULT_DATASET = {"num_clips": 12, "duration": "1s", "split": "test", "seed": 1000, "width": 320, "height": 240}
 
-# A small train split in the same folder (different seed), for the demo's alignment runs.
-DEFAULT_TRAIN_ARGS = ["--num_clips", "24", "--duration", "1s", "--split", "train", "--seed", "2000"]
+# A small train split in the same folder (different seed, same frame size), for the demo's alignment runs.
+DEFAULT_TRAIN = {**DEFAULT_DATASET, "num_clips": 24, "split": "train", "seed": 2000}
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def default_model_path(kind: str) -> Path:
         return shipped
     random_dir = RANDOM_MODELS_DIR / kind
     if not (random_dir / "config.json").is_file():
-        from scripts.make_tiny_models import make_tiny_models
+        from common.models.tiny import make_tiny_models  # heavy (transformers): only on first use
 
         log.warning("no shipped model pair under %s: writing random tiny models to %s", MODELS_DIR, RANDOM_MODELS_DIR)
         make_tiny_models(RANDOM_MODELS_DIR)
@@ -43,10 +42,10 @@ def default_dataset_dir() -> Path:
     """The default synthetic test split, generated on first use."""
     index = DEFAULT_DATASET_DIR / "EventGPT_Instruction_Subset.json"
     if not index.is_file():
-        from scripts.make_synthetic_dataset import main as make_dataset
+        from common.synthetic_dataset import write_synthetic_dataset  # heavy (video, PIL): only on first use
 
         log.warning("generating the default synthetic dataset in %s (first use)", DEFAULT_DATASET_DIR)
-        make_dataset(["--output_dir", str(DEFAULT_DATASET_DIR), *DEFAULT_DATASET_ARGS])
+        write_synthetic_dataset(DEFAULT_DATASET_DIR, **DEFAULT_DATASET)
     return DEFAULT_DATASET_DIR
 
 
@@ -55,12 +54,10 @@ def default_train_split() -> Path:
     folder = default_dataset_dir()
     index = folder / "EventGPT_Instruction_Subset.json"
     if '"split": "train"' not in index.read_text():
-        from scripts.make_synthetic_dataset import main as make_dataset
+        from common.synthetic_dataset import write_synthetic_dataset
 
-        size = [a for flag in ("--width", "--height") if flag in DEFAULT_DATASET_ARGS
-                for a in (flag, DEFAULT_DATASET_ARGS[DEFAULT_DATASET_ARGS.index(flag) + 1])]
         log.warning("adding a small synthetic train split to %s (first use)", folder)
-        make_dataset(["--output_dir", str(folder), *DEFAULT_TRAIN_ARGS, *size])
+        write_synthetic_dataset(folder, **DEFAULT_TRAIN)
     return folder
 
 

@@ -4,7 +4,7 @@ The launchers set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (plus ``MASTER_ADDR``/`
 plain ``python -m ...`` sets none of them and every helper here is then a no-op (world size 1),
 so a script behaves exactly as before when run alone.
 
-Extraction scripts use :func:`launcher_shard` (rank r takes shard r of WORLD_SIZE, the same
+Extraction scripts use :func:`launcher_chunks` (rank r takes shard r of WORLD_SIZE, the same
 contiguous :func:`common.cli.shard`) and :func:`barrier` (a CPU ``gloo`` group, so waiting for
 slower ranks never hits a GPU collective's timeout). Training scripts use ``accelerate.Accelerator``.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
 
 import torch
 
@@ -28,14 +27,13 @@ def world() -> tuple[int, int, int]:
     return rank, size, local
 
 
-def launcher_shard(args: Any) -> bool:
-    """Under a launcher with no explicit ``--num_chunks`` (> 1): set ``args.num_chunks/chunk_idx`` to
-    (WORLD_SIZE, RANK). Returns True when the launcher picked the shard."""
+def launcher_chunks(num_chunks: int | None, chunk_idx: int) -> tuple[int, int, bool]:
+    """The shard to take: under a launcher with no explicit ``num_chunks`` (> 1), (WORLD_SIZE, RANK, True);
+    else the given (num_chunks, chunk_idx, False)."""
     rank, size, _ = world()
-    if size > 1 and int(getattr(args, "num_chunks", 1) or 1) == 1:
-        args.num_chunks, args.chunk_idx = size, rank
-        return True
-    return False
+    if size > 1 and int(num_chunks or 1) == 1:
+        return size, rank, True
+    return int(num_chunks or 1), int(chunk_idx), False
 
 
 def local_device(name: str | torch.device | None) -> str | torch.device | None:

@@ -77,7 +77,7 @@ class RunSettings:
 
 class Benchmark:
     """What a benchmark defines over the harness; override :meth:`process`, :meth:`statistics`,
-    :meth:`render` (and :meth:`units`, :meth:`warmup`, :meth:`finish` where needed).
+    :meth:`render` (and :meth:`units`, :meth:`warmup`, :meth:`begin`, :meth:`finish` where needed).
 
     A sample yields one record per unit (``units``); ``unit_field`` names the record key that
     holds the unit (None: one record per sample).
@@ -107,6 +107,9 @@ class Benchmark:
 
     def render(self, stats: dict[str, Any], records: list[dict[str, Any]], run: RunFolder) -> str:
         raise NotImplementedError
+
+    def begin(self, run: RunFolder) -> None:
+        """Once the models are loaded, before the loop (e.g. record the chosen checkpoints in config.json)."""
 
     def finish(self, stats: dict[str, Any], records: list[dict[str, Any]], run: RunFolder) -> None:
         """Plots and other extra outputs (after results.json and RESULTS.md)."""
@@ -209,6 +212,7 @@ def run_benchmark(settings: RunSettings, samples: Sequence[Any], make_bench: Cal
     with run.lock():
         done = _prepare(run, settings)
         bench = make_bench()
+        bench.begin(run)
         done = {bench.key(r): r for r in done}
         log.info("run folder %s: %d samples, %d records so far", run.path, len(samples), len(done))
         _loop(run, settings, bench, samples, done)

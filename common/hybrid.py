@@ -9,7 +9,7 @@ it is cheap:
 - phase 1 (while the target is still prefilling: its state does not exist yet): raw EventGPT
   greedy tokens (``ModelDrafter``), i.e. the free tokens of ``run_parallel``;
 - phase 2 (from the moment the target's prefill is done): the EAGLE head over the target's features (``variant="eagle"``), or the L5
-  adapter conditioned on EventGPT's features (``variant="l5"``: feature_alignment's
+  adapter conditioned on EventGPT's features (``variant="l5"``: the
   ``EagleAdapter`` through ``load_hidden_adapter_drafter``).
 
     factory = HybridFactory.eagle(head)                    # or HybridFactory.l5(adapter)
@@ -23,6 +23,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from common.drafters.eagle_head import EagleTarget, make_eagle_drafter
+from common.drafters.hidden_drafter import adapter_input_layers, load_hidden_adapter_drafter
 from common.parallel import ParallelOutcome, run_parallel
 from common.speculative import DraftProposal, ModelDrafter
 from common.timing import sync_current_stream
@@ -34,7 +36,7 @@ __all__ = ["HybridDrafter", "HybridFactory", "run_hybrid"]
 class HybridDrafter:
     """``first`` while the target has no state yet (its prefill is running), then ``second``.
 
-    ``proxy`` is the target wrapper the engine verifies with (:class:`feature_alignment.eagle_head.EagleTarget`),
+    ``proxy`` is the target wrapper the engine verifies with (:class:`common.drafters.eagle_head.EagleTarget`),
     fresh for this generation: its ``last_state`` appears when the target's prefill is done. ``on_switch`` runs once
     at the switch (e.g. rolling the shared draft cache back for the second drafter).
     ``stats`` sums both drafters' counters and records where the switch happened.
@@ -48,13 +50,13 @@ class HybridDrafter:
         self.phase_tokens = {"first": 0, "second": 0}
 
     def _decoding(self) -> bool:
-        return getattr(self.proxy, "last_state", None) is not None
+        return self.proxy.last_state is not None
 
     @property
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part in (self.first, self.second):
-            for k, v in (getattr(part, "stats", None) or {}).items():
+            for k, v in part.stats.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     out[k] = out.get(k, 0) + v
         out.setdefault("steps", 0)
@@ -106,9 +108,12 @@ class HybridFactory:
         else:
             if adapter is None:
                 raise ValueError("the l5 hybrid needs an L5 adapter")
-            from feature_alignment.drafter import adapter_input_layers
-
             self.hidden_layers = adapter_input_layers(adapter)
+
+    def engine_target(self, target: Any) -> EagleTarget:
+        """A fresh wrapper recording ``feature_layer`` (nothing for the L5 variant) on every target forward:
+        the switch happens when its prefilled state appears."""
+        return EagleTarget(target, self.feature_layer)
 
     @classmethod
     def eagle(cls, head: Any, name: str | None = None) -> HybridFactory:
@@ -124,13 +129,9 @@ class HybridFactory:
         first = ModelDrafter(draft, draft_state, vocab_limit=limit, target_vocab_size=int(target.vocab_size),
                              name="eventgpt", sync=draft_sync)
         if self.variant == "eagle":
-            from feature_alignment.eagle_head import make_eagle_drafter
-
             second = make_eagle_drafter(self.head, None, target, None,
                                         sync=partial(sync_current_stream, target.device))
             return HybridDrafter(first, second, target, name=self.kind)
-        from feature_alignment.drafter import load_hidden_adapter_drafter
-
         second = load_hidden_adapter_drafter(self.adapter, draft, draft_state, target, sync=draft_sync)
 
         def rollback() -> None:  # the free tokens sit in the shared draft cache; the adapter drafter starts clean
@@ -147,17 +148,5 @@ def run_hybrid(draft: Any, target: Any, sample: Any, factory: HybridFactory, *, 
     The outcome's ``result`` is the target's own output; ``free_tokens`` are EventGPT's; the
     drafter (``outcome.drafter``) tells where the switch happened.
     """
-    from feature_alignment.eagle_head import EagleTarget
-
-    proxy = EagleTarget(target, factory.feature_layer)
-    captured: dict[str, Any] = {}
-
-    def make(draft_model, draft_state, tgt):
-        captured["drafter"] = factory(draft_model, draft_state, tgt)
-        return captured["drafter"]
-
-    make.hidden_layers = factory.hidden_layers  # read by run_parallel for the draft's prefill
-    outcome = run_parallel(draft, proxy, sample, make, max_new_tokens=max_new_tokens, gamma=gamma,
-                           max_free_tokens=max_free_tokens, question=question, tree=tree)
-    outcome.drafter = captured.get("drafter")
-    return outcome
+    return run_parallel(draft, factory.engine_target(target), sample, factory, max_new_tokens=max_new_tokens,
+                        gamma=gamma, max_free_tokens=max_free_tokens, question=question, tree=tree)

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 from common.pipeline import Prefilled, prefill_sample
-from common.speculative import Drafter, DraftProposal, SpecResult, speculative_generate
+from common.speculative import (
+    Drafter,
+    DrafterFactoryProtocol,
+    DraftProposal,
+    SpecResult,
+    speculative_generate,
+)
 from common.timing import Clock
 from common.timing import sync as device_sync
 from common.tree import TreeConfig
@@ -88,13 +94,15 @@ def _stream_sync(stream, device: torch.device):
 
 
 def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample: Any,
-                 make_drafter, *, max_new_tokens: int, gamma: int, max_free_tokens: int = 64,
+                 make_drafter: DrafterFactoryProtocol, *, max_new_tokens: int, gamma: int, max_free_tokens: int = 64,
                  question: str | None = None, tree: TreeConfig | None = None) -> ParallelOutcome:
     """Prefill both models concurrently, draft free tokens in the target's prefill window, then speculate.
 
     ``make_drafter(draft, draft_state, target) -> Drafter`` builds the drafter from the draft's
-    fresh state; its one-token proposals during the window are the free tokens. ``tree``: after
-    the free tokens, draft trees (common.tree) instead of chains.
+    fresh state (whose prefill keeps ``make_drafter.hidden_layers``); its one-token proposals during
+    the window are the free tokens. ``target`` is what the engine verifies with: pass
+    ``make_drafter.engine_target(vlm)``. ``tree``: after the free tokens, draft trees (common.tree)
+    instead of chains.
     """
     clock = Clock()
     target_done = threading.Event()
@@ -117,7 +125,7 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
         try:
             with torch.no_grad(), _on(d_stream):
                 pre = prefill_sample(draft, sample, question, clock=clock, lane="draft", stream=d_stream,
-                                     hidden_layers=getattr(make_drafter, "hidden_layers", ()))
+                                     hidden_layers=make_drafter.hidden_layers)
                 box["draft"], box["draft_end"] = pre, clock.now()
                 drafter: Drafter = make_drafter(draft, pre.state, target)
                 free: list[int] = []

@@ -40,18 +40,42 @@ class Prefilled:
     times: dict[str, float] = field(default_factory=dict)
 
 
-def load_pair(args: argparse.Namespace, dataset_dir) -> tuple[VisionLanguageModel, VisionLanguageModel]:
-    """(EventGPT draft, Video-LLaVA target) from the flags, defaulting to the embedded pair.
+@dataclass(frozen=True)
+class PairConfig:
+    """Where and how to load the model pair. Paths default to the embedded pair; a per-model
+    device overrides ``device``. How a sample is read (``allow_pickle``, the frame cache) is the
+    data source's setting, carried by each sample (:class:`common.data.ClipDataset`)."""
 
-    ``--draft_device`` / ``--target_device``, where a script has them, override ``--device``.
+    eventgpt_path: str | None = None
+    videollava_path: str | None = None
+    quant: str | None = None
+    device: str | None = None
+    draft_device: str | None = None
+    target_device: str | None = None
+
+
+def load_pair(config: PairConfig | argparse.Namespace, dataset_dir: Any = None
+              ) -> tuple[VisionLanguageModel, VisionLanguageModel]:
+    """(EventGPT draft, Video-LLaVA target) as ``config`` says, defaulting to the embedded pair.
+
+    A CLI's parsed flags are accepted too (converted by :func:`pair_config`). ``dataset_dir`` is
+    unused (kept for existing callers): samples carry their dataset's reading settings.
     """
-    egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
-    draft = load_vlm("eventgpt", egpt_path, quant=args.quant, device=getattr(args, "draft_device", None) or args.device,
-                     allow_pickle=getattr(args, "allow_pickle", False))
-    target = load_vlm("videollava", vllava_path, quant=args.quant,
-                      device=getattr(args, "target_device", None) or args.device,
-                      frame_cache=default_frame_cache(dataset_dir))
+    del dataset_dir
+    if not isinstance(config, PairConfig):
+        config = pair_config(config)
+    egpt_path, vllava_path = resolve_model_paths(config.eventgpt_path, config.videollava_path)
+    draft = load_vlm("eventgpt", egpt_path, quant=config.quant, device=config.draft_device or config.device)
+    target = load_vlm("videollava", vllava_path, quant=config.quant, device=config.target_device or config.device)
     return draft, target
+
+
+def pair_config(args: argparse.Namespace) -> PairConfig:
+    """The :class:`PairConfig` of a CLI's flags (``--draft_device``/``--target_device`` where it has them)."""
+    flags = vars(args)
+    return PairConfig(eventgpt_path=flags.get("eventgpt_path"), videollava_path=flags.get("videollava_path"),
+                      quant=flags.get("quant"), device=flags.get("device"), draft_device=flags.get("draft_device"),
+                      target_device=flags.get("target_device"))
 
 
 def prefill_sample(vlm: VisionLanguageModel, sample: Any, question: str | None = None, hidden_layers=(),
@@ -112,7 +136,8 @@ def prepare_benchmark(stage: str, args: argparse.Namespace, argv: list[str], def
     threads = pin_cpu_threads(device, lanes)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle, event_source=args.event_source)
+                          allow_pickle=args.allow_pickle, event_source=args.event_source,
+                          frame_cache_dir=default_frame_cache(dataset_dir).cache_dir)
     samples = shard(list(dataset), args.num_chunks, args.chunk_idx)[: args.max_samples]
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     settings = result_settings(args, dataset_dir=_resolved(dataset_dir), eventgpt_path=_resolved(egpt_path),

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.speculative import predicted_speedup
+
 _DPI = 120
 # What the timed stages are (the benchmarks' stage1..stage5); legends show these names.
 STAGE_LABELS = {"stage1": "1 data load", "stage2": "2 preprocess", "stage3": "3 vision encode",
@@ -184,11 +186,7 @@ def plot_timelines(
 
 def leviathan_speedup(acceptance: float, gamma: int, cost_ratio: float) -> float:
     """Expected wall-time speedup (1 - a^(g+1)) / ((1 - a)(g c + 1)); (g+1)/(g c+1) at a = 1."""
-    a, g, c = float(acceptance), int(gamma), float(cost_ratio)
-    denom = g * c + 1.0
-    if abs(1.0 - a) < 1e-9:
-        return (g + 1) / denom
-    return (1.0 - a ** (g + 1)) / ((1.0 - a) * denom)
+    return predicted_speedup(float(acceptance), int(gamma), float(cost_ratio))
 
 
 def plot_speedup_vs_acceptance(
@@ -284,30 +282,5 @@ def plot_bars(
                   ha="right" if len(names) > 4 else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(_wrap_title(title, width))
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_histogram(
-    counts: Mapping[int, int] | Sequence[int], path: str | Path, title: str = "", xlabel: str = ""
-) -> Path:
-    """Histogram of integers (e.g. accepted lengths): a ``{value: count}`` dict or a list of values."""
-    plt = _plt()
-    if isinstance(counts, Mapping):
-        hist = {int(k): int(v) for k, v in counts.items()}
-    else:
-        hist = {}
-        for v in counts:
-            hist[int(v)] = hist.get(int(v), 0) + 1
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if hist:
-        lo, hi = min(hist), max(hist)
-        xs = list(range(lo, hi + 1))
-        ys = [hist.get(x, 0) for x in xs]
-        ax.bar(xs, ys, color="C0", edgecolor="black", linewidth=0.5)
-        ax.set_xticks(xs if len(xs) <= 30 else xs[:: max(1, len(xs) // 15)])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,10 +48,11 @@ Clock = Callable[[], float]
 SyncFn = Callable[[], None]
 
 __all__ = [
-    "DraftProposal", "Drafter", "ModelDrafter", "StaticDrafter",
+    "DraftProposal", "Drafter", "DraftStats", "SyncedDrafter", "DrafterFactoryProtocol", "ModelDrafter",
+    "StaticDrafter",
     "SpecResult", "GenerationResult",
     "speculative_generate", "autoregressive_generate", "aggregate_metrics",
-    "expected_tokens_per_step", "predicted_speedup", "measured_cost_ratio", "speedup_summary",
+    "expected_tokens_per_step", "predicted_speedup",
     "common_prefix_length",
 ]
 
@@ -121,7 +122,149 @@ class StaticDrafter:
         return DraftProposal(out, None)
 
 
-class ModelDrafter:
+_STAT_FIELDS = ("steps", "tokens_fed", "seconds", "proposals", "tokens_proposed")
+
+
+@dataclass
+class DraftStats(MutableMapping):
+    """A drafter's counters: draft forward calls (``steps``), ``tokens_fed``, ``seconds`` spent in
+    ``propose``, ``proposals`` and ``tokens_proposed``; ``extra`` holds a drafter's own counters.
+
+    Reads like the dict it replaces (``stats["steps"]``, ``dict(stats)``), ``extra`` keys included.
+    """
+
+    steps: int = 0
+    tokens_fed: int = 0
+    seconds: float = 0.0
+    proposals: int = 0
+    tokens_proposed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key) if key in _STAT_FIELDS else self.extra[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in _STAT_FIELDS:
+            setattr(self, key, value)
+        else:
+            self.extra[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key in _STAT_FIELDS:
+            raise KeyError(f"{key} is a fixed draft counter")
+        del self.extra[key]
+
+    def __iter__(self):
+        return iter((*_STAT_FIELDS, *self.extra))
+
+    def __len__(self) -> int:
+        return len(_STAT_FIELDS) + len(self.extra)
+
+
+class SyncedDrafter:
+    """Base of the drafters that keep a draft cache in step with the accepted context.
+
+    It owns the one cache-sync routine: keep the longest common prefix of the fed tokens and
+    ``context``, roll the cache back to it, feed the missing tokens in one forward. Row ``j`` of
+    :attr:`rows` is the draft's output after ``fed_tokens[:j]`` (row 0: after the prompt); a
+    subclass may store None for rows it does not keep, and a sync ending on such a row refeeds
+    the last token. It also owns timing (``sync`` makes the clock wait for the device) and the
+    typed :class:`DraftStats`.
+
+    Subclasses implement ``_forward(tokens) -> one row per token`` (advancing the draft cache),
+    ``_truncate(keep)`` (cache back to ``keep`` fed tokens) and ``_draft(context, gamma)``.
+    """
+
+    name: str = "drafter"
+
+    def __init__(self, first_row: Any, *, name: str | None = None, sync: SyncFn | None = None,
+                 clock: Clock = time.perf_counter, **extra_stats: Any):
+        if name is not None:
+            self.name = name
+        self._now = _make_now(sync, clock)
+        self._fed: list[int] = []
+        self._rows: list[Any] = [first_row]
+        self.stats = DraftStats(extra=dict(extra_stats))
+
+    @staticmethod
+    def check_fresh(state: Any, who: str) -> None:
+        """Raise unless ``state`` holds only its prompt (a fresh prefill)."""
+        if state is not None and state.length != state.prompt_length:
+            raise ValueError(f"{who} needs a freshly prefilled state "
+                             f"(length {state.length} != prompt_length {state.prompt_length})")
+
+    @property
+    def fed_tokens(self) -> list[int]:
+        """Tokens currently in the draft cache after the prompt."""
+        return list(self._fed)
+
+    @property
+    def rows(self) -> list[Any]:
+        """The draft's outputs for rows 0..len(fed_tokens)."""
+        return list(self._rows)
+
+    def _forward(self, tokens: list[int]) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def _truncate(self, keep: int) -> None:
+        raise NotImplementedError
+
+    def _draft(self, context: list[int], gamma: int) -> DraftProposal:
+        raise NotImplementedError
+
+    def _feed(self, tokens: Sequence[int]) -> None:
+        """Run the draft over ``tokens`` after the fed ones; their output rows are appended."""
+        tokens = [int(t) for t in tokens]
+        self._rows.extend(self._forward(tokens))
+        self._fed.extend(tokens)
+        self.stats.steps += 1
+        self.stats.tokens_fed += len(tokens)
+
+    def _rollback(self, keep: int) -> None:
+        self._truncate(keep)
+        del self._fed[keep:]
+        del self._rows[keep + 1:]
+
+    def sync_to(self, context: Sequence[int]) -> None:
+        """Make the draft cache hold exactly ``context`` after the prompt, with its last row."""
+        keep = common_prefix_length(self._fed, context)
+        if keep < len(self._fed):
+            self._rollback(keep)
+        missing = [int(t) for t in context[keep:]]
+        if missing:
+            self._feed(missing)
+        elif self._fed and self._rows[-1] is None:  # that row was not kept: refeed its token
+            last = self._fed[-1]
+            self._rollback(len(self._fed) - 1)
+            self._feed([last])
+
+    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+        """Up to ``gamma`` draft tokens after ``context`` (timed and counted)."""
+        start = self._now()
+        proposal = self._draft([int(t) for t in context], int(gamma)) if gamma > 0 else DraftProposal([], None)
+        self.stats.proposals += 1
+        self.stats.tokens_proposed += len(proposal.tokens)
+        self.stats.seconds += self._now() - start
+        return proposal
+
+
+class DrafterFactoryProtocol(Protocol):
+    """Builds a drafter per sample: ``factory(draft, draft_state, target) -> Drafter``.
+
+    ``kind`` names it; ``hidden_layers`` are the draft layers its prefill must keep;
+    ``engine_target(target)`` is the object the engine verifies with (the target itself, or a
+    wrapper recording what the drafter reads).
+    """
+
+    kind: str
+    hidden_layers: Sequence[int]
+
+    def engine_target(self, target: Any) -> Any: ...
+
+    def __call__(self, draft: Any, draft_state: Any, target: Any) -> Drafter: ...
+
+
+class ModelDrafter(SyncedDrafter):
     """Drafts with a prefilled model behind the uniform interface (e.g. EventGPT).
 
     ``state`` must be freshly prefilled (its logits predict the first new token). The
@@ -151,9 +294,8 @@ class ModelDrafter:
                  target_vocab_size: int | None = None, stop_token_ids: Iterable[int] = (),
                  name: str = "model", sync: SyncFn | None = None, clock: Clock = time.perf_counter,
                  unknown_token_id: int = 0):
-        if state.length != state.prompt_length:
-            raise ValueError("ModelDrafter needs a freshly prefilled state "
-                             f"(length {state.length} != prompt_length {state.prompt_length})")
+        self.check_fresh(state, "ModelDrafter")
+        super().__init__(state.logits, name=name, sync=sync, clock=clock)
         self.model, self.state = model, state
         self.vocab_limit = int(vocab_limit)
         self.target_vocab_size = int(target_vocab_size) if target_vocab_size is not None else self.vocab_limit
@@ -161,19 +303,7 @@ class ModelDrafter:
         self.generator = generator
         self.map_logits = map_logits if map_logits is not None else self._copy_base_vocab
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
-        self.name = name
         self.unknown_token_id = int(unknown_token_id)
-        self._now = _make_now(sync, clock)
-        self._prefill_logits = state.logits
-        self._fed: list[int] = []
-        self._logits: torch.Tensor | None = state.logits
-        self.stats: dict[str, Any] = {"steps": 0, "tokens_fed": 0, "seconds": 0.0, "proposals": 0,
-                                      "tokens_proposed": 0}
-
-    @property
-    def fed_tokens(self) -> list[int]:
-        """Tokens currently in the draft cache after the prompt."""
-        return list(self._fed)
 
     def _copy_base_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         out = torch.full((self.target_vocab_size,), float("-inf"), dtype=torch.float32, device=logits.device)
@@ -181,34 +311,14 @@ class ModelDrafter:
         out[:n] = logits[:n].float()
         return out
 
-    def _feed(self, tokens: list[int]) -> None:
+    def _forward(self, tokens: list[int]) -> list[torch.Tensor | None]:
+        """Only the last row's logits are kept (a rollback onto another row refeeds its token)."""
         known = [t if t < self.vocab_limit else self.unknown_token_id for t in tokens]
         logits = self.model.forward(self.state, known)
-        self._fed.extend(tokens)
-        self._logits = logits[-1]
-        self.stats["steps"] += 1
-        self.stats["tokens_fed"] += len(tokens)
+        return [None] * (len(tokens) - 1) + [logits[-1]]
 
-    def _rollback(self, keep: int) -> None:
+    def _truncate(self, keep: int) -> None:
         self.model.truncate(self.state, self.state.prompt_length + keep)
-        del self._fed[keep:]
-        self._logits = None
-
-    def sync_to(self, context: Sequence[int]) -> None:
-        """Make the draft cache hold exactly ``context`` after the prompt, with fresh logits."""
-        keep = common_prefix_length(self._fed, context)
-        if keep < len(self._fed):
-            self._rollback(keep)
-        missing = [int(t) for t in context[keep:]]
-        if missing:
-            self._feed(missing)
-        elif self._logits is None:
-            if keep == 0:
-                self._logits = self._prefill_logits
-            else:
-                last = self._fed[-1]
-                self._rollback(keep - 1)
-                self._feed([last])
 
     def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         mapped = mask_from(self.map_logits(logits).float(), self.vocab_limit)
@@ -217,24 +327,19 @@ class ModelDrafter:
         q = probs_from_logits(mapped, self.temperature)
         return sample_from_probs(q, self.generator), q
 
-    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+    def _draft(self, context: list[int], gamma: int) -> DraftProposal:
         """Sync to ``context`` and draft up to ``gamma`` tokens (stopping after a stop token)."""
-        start = self._now()
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
-        if gamma > 0:
-            self.sync_to(context)
-            for i in range(gamma):
-                token, q = self._pick(self._logits)
-                tokens.append(token)
-                if q is not None:
-                    rows.append(q)
-                if token in self.stop_token_ids or i == gamma - 1:
-                    break
-                self._feed([token])
-        self.stats["proposals"] += 1
-        self.stats["tokens_proposed"] += len(tokens)
-        self.stats["seconds"] += self._now() - start
+        self.sync_to(context)
+        for i in range(gamma):
+            token, q = self._pick(self._rows[-1])
+            tokens.append(token)
+            if q is not None:
+                rows.append(q)
+            if token in self.stop_token_ids or i == gamma - 1:
+                break
+            self._feed([token])
         return DraftProposal(tokens, torch.stack(rows) if rows else None)
 
 
@@ -439,7 +544,7 @@ def _first_stop(tokens: Sequence[int], stops: frozenset[int]) -> int | None:
 
 def _drafter_steps(drafter: Any) -> int | None:
     stats = getattr(drafter, "stats", None)
-    return int(stats["steps"]) if isinstance(stats, dict) and "steps" in stats else None
+    return int(stats["steps"]) if isinstance(stats, Mapping) and "steps" in stats else None
 
 
 def _fit_width(q: torch.Tensor, width: int) -> torch.Tensor:
@@ -652,38 +757,9 @@ def predicted_speedup(a: float, gamma: int, c: float) -> float:
     """Predicted wall-time gain (1 - a^(g+1)) / ((1 - a)(g c + 1)), c = draft step / target step cost.
 
     A *prediction* from the MEASURED acceptance ``a`` and MEASURED cost ratio ``c``
-    (:func:`measured_cost_ratio`); it ignores verification overhead, prefill and overlap,
+    (draft step seconds / target step seconds); it ignores verification overhead, prefill and overlap,
     so it must always be reported beside the measured wall-clock speedup.
     """
     if c < 0:
         raise ValueError(f"cost ratio must be >= 0, got {c}")
     return expected_tokens_per_step(a, gamma) / (gamma * c + 1.0)
-
-
-def measured_cost_ratio(draft_seconds_per_step: float, target_seconds_per_step: float) -> float:
-    """c = measured draft step time / measured target (decode) step time."""
-    if target_seconds_per_step <= 0:
-        raise ValueError("target_seconds_per_step must be > 0")
-    if draft_seconds_per_step < 0:
-        raise ValueError("draft_seconds_per_step must be >= 0")
-    return draft_seconds_per_step / target_seconds_per_step
-
-
-def speedup_summary(result: SpecResult, baseline_seconds: float, *, gamma: int, cost_ratio: float) -> dict[str, Any]:
-    """Measured speedup (baseline seconds / speculative seconds) beside Leviathan's prediction.
-
-    The prediction uses the result's measured per-token acceptance and the given measured
-    ``cost_ratio``; both numbers are returned together so neither is reported alone.
-    """
-    a = result.token_acceptance_probability
-    return {
-        "measured_speedup": baseline_seconds / result.total_seconds if result.total_seconds > 0 else None,
-        "baseline_seconds": baseline_seconds,
-        "speculative_seconds": result.total_seconds,
-        "token_acceptance_probability": a,
-        "cost_ratio": cost_ratio,
-        "gamma": gamma,
-        "predicted_tokens_per_step": None if a is None else expected_tokens_per_step(a, gamma),
-        "measured_tokens_per_step": result.mean_accepted_length,
-        "predicted_speedup": None if a is None else predicted_speedup(a, gamma, cost_ratio),
-    }

@@ -60,7 +60,7 @@ _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight"
 def load_top_questions(path: str | Path | None = None) -> list[dict]:
     """The top-50 question list [{"question", "count"}], most frequent first (shipped copy by default)."""
     if path is None:
-        text = resources.files("token_alignment").joinpath("top50_questions.json").read_text()
+        text = resources.files("common").joinpath("top50_questions.json").read_text()
     else:
         text = Path(path).read_text()
     items = json.loads(text)

@@ -1,10 +1,9 @@
-"""Synchronised timers: wall-clock with device sync, per-stage accumulation, CUDA events, shared clock.
+"""Synchronised timers: wall-clock with device sync and a shared clock.
 
 GPU work is asynchronous: every wall-clock timer here synchronises the device before it
 reads the clock at start and at stop, so a measured interval covers the queued kernels.
-For work running concurrently on several CUDA streams use :class:`CudaEventTimer` (events
-on one stream, no device-wide sync) or :class:`Clock` spans that synchronise only their
-own stream.
+For work running concurrently on several CUDA streams use :class:`Clock` spans that
+synchronise only their own stream.
 """
 
 from __future__ import annotations
@@ -98,108 +97,6 @@ class Timer:
 def timer(device: DeviceLike = None) -> Timer:
     """A :class:`Timer` for use as ``with timer(device) as t: ...; t.seconds``."""
     return Timer(device)
-
-
-class StageTimer:
-    """Accumulates synchronised wall-clock seconds per named stage.
-
-    ``with st.stage("stage3_vision_encode", device): ...`` adds to ``st.times[name]``;
-    entering the same name again accumulates, and ``st.counts[name]`` counts the entries.
-    """
-
-    def __init__(self, device: DeviceLike = None):
-        self.device = device
-        self.times: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    @contextmanager
-    def stage(self, name: str, device: DeviceLike = None) -> Iterator[Timer]:
-        t = Timer(device if device is not None else self.device)
-        t.start()
-        try:
-            yield t
-        finally:
-            t.stop()
-            self.add(name, t.seconds)
-
-    def add(self, name: str, seconds: float) -> None:
-        """Add ``seconds`` to stage ``name`` (for times measured elsewhere)."""
-        self.times[name] = self.times.get(name, 0.0) + float(seconds)
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    @property
-    def total(self) -> float:
-        return sum(self.times.values())
-
-    def as_ms(self) -> dict[str, float]:
-        """Stage times in milliseconds."""
-        return {k: v * 1000.0 for k, v in self.times.items()}
-
-    def reset(self) -> None:
-        self.times.clear()
-        self.counts.clear()
-
-
-class CudaEventTimer:
-    """Times work queued on one CUDA stream with an event pair; perf_counter fallback on CPU.
-
-    ``start()`` / ``stop()`` record events on ``stream`` (default: the current stream of
-    ``device``) without synchronising anything, so concurrent streams are not serialised.
-    ``elapsed_ms()`` waits for the end event and returns the GPU time between the events.
-    """
-
-    def __init__(self, device: DeviceLike = None, stream: Any | None = None):
-        dev = _as_device(device)
-        if dev is None and stream is not None and hasattr(stream, "device"):
-            dev = stream.device
-        self.use_cuda = dev is not None and dev.type == "cuda" and torch.cuda.is_available()
-        self.device = dev
-        self.stream = stream
-        self._start_evt: Any = None
-        self._end_evt: Any = None
-        self._t0: float | None = None
-        self._t1: float | None = None
-
-    def _stream(self) -> Any:
-        return self.stream if self.stream is not None else torch.cuda.current_stream(self.device)
-
-    def start(self) -> CudaEventTimer:
-        if self.use_cuda:
-            self._start_evt = torch.cuda.Event(enable_timing=True)
-            self._end_evt = torch.cuda.Event(enable_timing=True)
-            self._start_evt.record(self._stream())
-        else:
-            self._t0 = time.perf_counter()
-            self._t1 = None
-        return self
-
-    def stop(self) -> CudaEventTimer:
-        if self.use_cuda:
-            if self._end_evt is None:
-                raise RuntimeError("CudaEventTimer.stop() called before start()")
-            self._end_evt.record(self._stream())
-        else:
-            if self._t0 is None:
-                raise RuntimeError("CudaEventTimer.stop() called before start()")
-            self._t1 = time.perf_counter()
-        return self
-
-    def elapsed_ms(self) -> float:
-        """Milliseconds between start and stop (waits for the stop event on CUDA)."""
-        if self.use_cuda:
-            if self._start_evt is None or self._end_evt is None:
-                raise RuntimeError("CudaEventTimer not started/stopped")
-            self._end_evt.synchronize()
-            return float(self._start_evt.elapsed_time(self._end_evt))
-        if self._t0 is None or self._t1 is None:
-            raise RuntimeError("CudaEventTimer not started/stopped")
-        return (self._t1 - self._t0) * 1000.0
-
-    def __enter__(self) -> CudaEventTimer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 class Clock:

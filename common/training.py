@@ -17,7 +17,6 @@ answers vs ground truth):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -32,7 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.data import ClipDataset, load_event_frames, load_video_frames
+from common.events import atomic_write_bytes
+from common.models.eventgpt import EVENT_PLACEHOLDER_ID
+from common.models.eventgpt_vlm import EventGPTVLM
 from common.models.tiny import TinySize
+from common.models.videollava_vlm import VideoLlavaVLM
+from common.models.vision import clip_image_processor, images_to_pixels
 from common.vlm import VisionLanguageModel, VisualInput
 
 # ----------------------------------------------------------------------------- sizes
@@ -46,11 +51,13 @@ SHIPPED_SIZES: dict[str, TinySize] = {
     "videollava": TinySize(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768, vision_hidden=128,
                            vision_layers=3, vision_heads=4, image_size=112, patch_size=16, max_positions=1024),
 }
-# Seconds-long smoke tests: 32 px, 16 px patches -> 4 patches + CLS per frame.
+# Seconds-long smoke tests: 32 px, 16 px patches -> 4 patches + CLS per frame. LLM widths are multiples of
+# 64 so that bitsandbytes' packed 4-bit CPU path (AVX512-BF16: in_features % 64, out_features % 32) can
+# quantize every layer.
 TINY_SIZES: dict[str, TinySize] = {
-    "eventgpt": TinySize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_hidden=16,
+    "eventgpt": TinySize(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vision_hidden=16,
                          vision_layers=1, vision_heads=1, image_size=32, patch_size=16, max_positions=512),
-    "videollava": TinySize(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=96, vision_hidden=16,
+    "videollava": TinySize(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, vision_hidden=16,
                            vision_layers=2, vision_heads=1, image_size=32, patch_size=16, max_positions=512),
 }
 SIZE_PRESETS = {"shipped": SHIPPED_SIZES, "tiny": TINY_SIZES}
@@ -78,8 +85,6 @@ class ClipQA:
 def group_by_clip(dataset_dir: str | os.PathLike, split: str | None = None, max_questions: int = 50,
                   max_clips: int | None = None) -> list[ClipQA]:
     """The dataset's clips in index order, each with its (question, ground-truth answer) pairs."""
-    from common.data import ClipDataset
-
     ds = ClipDataset(dataset_dir, split=split, max_questions=max_questions)
     clips: dict[str, ClipQA] = {}
     for sample in ds:
@@ -104,8 +109,6 @@ def load_image_processor(folder: str | os.PathLike, image_size: int):
     from transformers import AutoImageProcessor
     from transformers.utils import logging as hf_logging
 
-    from common.models.vision import clip_image_processor
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -120,9 +123,6 @@ def load_image_processor(folder: str | os.PathLike, image_size: int):
 
 def _pixels_of(kind: str, sample: Any, processor: Any) -> np.ndarray:
     """One clip's preprocessed frames (F, 3, S, S) float16: ``load_visual`` + ``preprocess`` of the model."""
-    from common.data import load_event_frames, load_video_frames
-    from common.models.vision import images_to_pixels
-
     if kind == "eventgpt":
         images = load_event_frames(sample, num_frames=NUM_FRAMES[kind])
     else:
@@ -151,7 +151,6 @@ def precompute_pixels_all(clips: Sequence[ClipQA], specs: dict[str, tuple[str | 
 
     Cache files are keyed by the model kind, the processor's configuration and the clip ids.
     """
-    from common.events import atomic_write_bytes
     from common.progress import progress_bar
 
     result: dict[str, torch.Tensor] = {}
@@ -213,17 +212,8 @@ def precompute_pixels(kind: str, clips: Sequence[ClipQA], processor_folder: str 
 
 
 def memoize_prompts(vlm: VisionLanguageModel) -> VisionLanguageModel:
-    """Cache ``vlm.prompt_ids`` (a pure function of the question; only 50 questions exist) on the instance."""
-    original = getattr(vlm, "prompt_ids", None)
-    if original is None or getattr(original, "_memoized", False):
-        return vlm
-    cached = functools.lru_cache(maxsize=4096)(lambda *args: tuple(original(*args)))
-
-    def prompt_ids(*args):
-        return list(cached(*args))
-
-    prompt_ids._memoized = True  # type: ignore[attr-defined]
-    vlm.prompt_ids = prompt_ids  # type: ignore[method-assign]
+    """Remember ``vlm.prompt_ids`` per question (``VisionLanguageModel.memoize_prompts``); returns ``vlm``."""
+    vlm.memoize_prompts()
     return vlm
 
 
@@ -233,9 +223,6 @@ def encode_batch_tensor(vlm: VisionLanguageModel, pixels: torch.Tensor) -> torch
     Row b equals ``vlm.encode_pixels(pixels[b]).embeds`` (EventGPT: per-frame spatial mean +
     temporal mean of the adapted CLIP tokens; Video-LLaVA: ``get_video_features`` over the batch).
     """
-    from common.models.eventgpt_vlm import EventGPTVLM
-    from common.models.videollava_vlm import VideoLlavaVLM
-
     b = pixels.shape[0]
     if isinstance(vlm, EventGPTVLM):
         body = vlm.model.model
@@ -267,10 +254,6 @@ def prompt_layout(vlm: VisionLanguageModel, question: str, num_visual: int) -> l
 
     None for a model this helper does not know (callers then use ``vlm.teacher_forced``).
     """
-    from common.models.eventgpt import EVENT_PLACEHOLDER_ID
-    from common.models.eventgpt_vlm import EventGPTVLM
-    from common.models.videollava_vlm import VideoLlavaVLM
-
     if isinstance(vlm, EventGPTVLM):
         ids = list(vlm.prompt_ids(question))
         at = ids.index(EVENT_PLACEHOLDER_ID)

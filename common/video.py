@@ -7,13 +7,14 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import DataError
+from common.events import atomic_write_bytes
+from common.results import atomic_write
 
 __all__ = ["sample_frame_indices", "read_mp4_frames", "count_mp4_frames", "FrameCache", "write_mp4", "mp4_codec",
            "MAX_FRAME_PIXELS", "MAX_VIDEO_FRAMES", "check_frame_size"]
@@ -165,17 +166,11 @@ class FrameCache:
         return frames
 
     def _store(self, entry: Path, frames: np.ndarray) -> None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{entry.stem}.", suffix=".tmp", dir=entry.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.save(f, frames, allow_pickle=False)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, entry)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        atomic_write(entry, write)
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,6 +219,4 @@ def encode_mp4_bytes(frames: Iterable[np.ndarray], fps: int = 20) -> bytes:
 
 def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 20) -> None:
     """Write RGB uint8 frames to an mp4 (libx264, yuv420p, even sizes), atomically."""
-    from common.events import atomic_write_bytes
-
     atomic_write_bytes(path, encode_mp4_bytes(frames, fps))

@@ -6,6 +6,7 @@ special-case a model:
 - ``load_visual(sample)``   stage 1: read the clip's visual data from disk (frames / event images)
 - ``preprocess(raw)``       stage 2: resize/crop/normalise into pixel tensors on the device
 - ``encode_pixels(pixels)`` stage 3: vision tower + projector (+ adaptor/pooling) -> ``VisualInput``
+  (subclasses write ``encode_pixels_eager``; graph replays after ``enable_vision_graphs``)
 - ``encode(sample)``        stages 1-3 together
 - ``prefill(visual, question, hidden_layers)`` stage 4: the prompt through the LLM -> ``DecodeState``
 - ``forward(state, token_ids, hidden_layers)`` 1..k new tokens -> float32 logits (k, V); decode
@@ -95,6 +96,8 @@ class VisionLanguageModel(ABC):
         self.graphs: CudaGraphDecoder | None = None
         self.fixed_step: int | None = None
         self._greedy_batch: BatchedGreedyDecoder | None = None
+        self.vision_graphs: GraphedVisionEncoder | None = None
+        self._prompt_memo: dict[tuple, tuple[int, ...]] | None = None
 
     # ----- fast decode -----
     def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,), compile: bool = False,
@@ -135,7 +138,7 @@ class VisionLanguageModel(ABC):
         """Back to eager decoding with a fresh cache per prefill (and an eager vision path)."""
         self.graphs = None
         self.runner.use_kernels(False)
-        self.__dict__.pop("encode_pixels", None)
+        self.vision_graphs = None
 
     def enable_vision_graphs(self) -> None:
         """Run ``encode_pixels`` as CUDA-graph replays (one capture per pixel shape; same kernels as eager).
@@ -145,8 +148,22 @@ class VisionLanguageModel(ABC):
         """
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        if "encode_pixels" not in self.__dict__:  # the instance attribute shadows the eager method
-            self.encode_pixels = GraphedVisionEncoder(type(self).encode_pixels.__get__(self), self.device)
+        if self.vision_graphs is None:
+            self.vision_graphs = GraphedVisionEncoder(self.encode_pixels_eager, self.device)
+
+    def memoize_prompts(self) -> None:
+        """Remember :meth:`prompt_ids` per arguments (a pure function of the question; few questions exist)."""
+        if self._prompt_memo is None:
+            self._prompt_memo = {}
+
+    def prompt_ids(self, question: str, *args: Any) -> list[int]:
+        """The prompt's token ids (``build_prompt_ids``), from the memo after :meth:`memoize_prompts`."""
+        if self._prompt_memo is None:
+            return self.build_prompt_ids(question, *args)
+        key = (question, *args)
+        if key not in self._prompt_memo:
+            self._prompt_memo[key] = tuple(self.build_prompt_ids(question, *args))
+        return list(self._prompt_memo[key])
 
     # ----- properties every consumer may rely on -----
     @property
@@ -198,9 +215,19 @@ class VisionLanguageModel(ABC):
     def preprocess(self, raw: Any) -> torch.Tensor:
         """Stage 2: pixel tensors on the device."""
 
-    @abstractmethod
+    def build_prompt_ids(self, question: str, *args: Any) -> list[int]:
+        """The prompt's token ids, with the model's visual placeholder(s) (model specific)."""
+        raise NotImplementedError(f"{type(self).__name__} builds its prompt embeddings without prompt ids")
+
+    def encode_pixels_eager(self, pixels: torch.Tensor) -> VisualInput:
+        """Stage 3 run eagerly: vision tower and projector (model specific)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_pixels_eager")
+
     def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
-        """Stage 3: vision tower and projector."""
+        """Stage 3: vision tower and projector (CUDA-graph replays after ``enable_vision_graphs``)."""
+        if self.vision_graphs is not None:
+            return self.vision_graphs(pixels)
+        return self.encode_pixels_eager(pixels)
 
     @abstractmethod
     def prompt_embeds(self, visual: VisualInput, question: str) -> torch.Tensor:

@@ -7,7 +7,7 @@
 Offline (``--hidden_dir``): cosine, acc@0.80-0.95 and token top-1/top-5 through the target's LM
 head over every position of the folder. Live (``--dataset_dir``, skipped with
 ``--live_samples 0``): per sample, the target's own greedy output, then speculative decoding
-with :class:`feature_alignment.drafter.HiddenAdapterDrafter` verified by the target; reports
+with :class:`common.drafters.hidden_drafter.HiddenAdapterDrafter` verified by the target; reports
 vLLM-style acceptance (rate, mean accepted length, per position), draft/verify seconds and
 whether every output equals the target's own (it must: lossless). Writes results.json and
 RESULTS.md into ``--output_dir``.
@@ -28,11 +28,11 @@ from tqdm import tqdm
 from common.cli import add_common_args, resolve_device, resolve_quant, set_seed, shard
 from common.data import ClipDataset
 from common.defaults import resolve_dataset_dir, resolve_model_paths
+from common.drafters.hidden_adapter import load_any_adapter, read_adapter_meta
+from common.drafters.hidden_drafter import adapter_input_layers, load_hidden_adapter_drafter
 from common.results import atomic_write_json, atomic_write_text, to_jsonable
 from common.speculative import ModelDrafter, aggregate_metrics, autoregressive_generate, speculative_generate
 from common.timing import sync
-from feature_alignment.drafter import adapter_input_layers, load_hidden_adapter_drafter
-from feature_alignment.hidden_adapter import load_any_adapter, read_adapter_meta
 from feature_alignment.hidden_store import HiddenStore, load_lm_head
 from feature_alignment.train_hidden_adapter import THRESHOLDS, evaluate
 

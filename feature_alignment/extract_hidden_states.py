@@ -36,9 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.cli import (
     add_common_args,
@@ -49,29 +47,18 @@ from common.cli import (
     set_seed,
     shard,
 )
-from common.data import ClipDataset
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.distributed import all_sum, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
+from common.lazy import no_grad
 from common.locations import data_dir
-from common.prefetch import prefetched
 from common.progress import progress_bar
 from common.results import file_lock
-from common.speculative import autoregressive_generate
-from common.timing import sync
-from feature_alignment.hidden_store import (
-    LM_HEAD_FILE,
-    LOCK_FILE,
-    HiddenStore,
-    SampleRecord,
-    chunk_problem,
-    load_index,
-    new_index,
-    next_chunk_name,
-    save_index,
-    save_lm_head,
-    write_chunk,
-)
+
+if TYPE_CHECKING:  # torch and numpy are imported inside the functions, so --help prints fast
+    import torch
+
+    from common.data import ClipDataset
+    from feature_alignment.hidden_store import SampleRecord
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +135,20 @@ def draft_unk_id(draft: Any) -> int:
 TARGET_STATES = ("greedy_pass", "teacher_forced")
 
 
-@torch.no_grad()
+@no_grad
 def target_answers(target: Any, visuals: Sequence[Any], questions: Sequence[str], max_new_tokens: int,
                    ) -> list[list[int]]:
     """The target's own greedy answer ids: one sample with the KV-cached engine, several decoded together
     (``generate_greedy_batch``: one decode step serves the batch)."""
+    from common.speculative import autoregressive_generate
+
     if len(visuals) > 1:
         return target.generate_greedy_batch(visuals, questions, max_new_tokens).answers
     state = target.prefill(visuals[0], questions[0])
     return [autoregressive_generate(target, state, max_new_tokens=max_new_tokens).tokens]
 
 
-@torch.no_grad()
+@no_grad
 def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Sequence[Any],
                   target_visuals: Sequence[Any], questions: Sequence[str], layers: Sequence[int],
                   max_new_tokens: int, stats: dict[str, Any] | None = None,
@@ -170,6 +159,11 @@ def extract_batch(draft: Any, target: Any, ids: Sequence[str], draft_visuals: Se
     (batched; each prompt goes through the target once); ``teacher_forced`` runs the target again
     over prompt + answer in a padded batch (the original path; same states up to rounding).
     """
+    import torch
+
+    from common.timing import sync
+    from feature_alignment.hidden_store import SampleRecord
+
     if target_states not in TARGET_STATES:
         raise ValueError(f"target_states must be one of {TARGET_STATES}, got {target_states!r}")
     timed = stats is not None  # then wait for the GPU at each timer, so the split is true
@@ -286,6 +280,8 @@ def load_models(args: argparse.Namespace, egpt_path: Path, vl_path: Path, device
 
 
 def _resolve_split(dataset_dir: Path, split: str | None) -> str:
+    from common.data import ClipDataset
+
     if split:
         return split
     probe = ClipDataset(dataset_dir, split=None)
@@ -330,9 +326,14 @@ def _check_resume(index: dict[str, Any], config: dict[str, Any], folder: Path) -
 def main(argv: Sequence[str] | None = None, *, models: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) an extraction; returns a summary dict. ``models`` = (draft, target) already loaded."""
     args = build_parser().parse_args(join_list_flags(sys.argv[1:] if argv is None else argv))
+    from common.data import ClipDataset
+    from common.distributed import launcher_chunks, local_device
+    from feature_alignment.hidden_store import LOCK_FILE
+
     if args.batch_size < 1 or args.chunk_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size, --chunk_size and --max_new_tokens must be >= 1")
-    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    args.num_chunks, args.chunk_idx, launched = launcher_chunks(args.num_chunks, args.chunk_idx)
     set_seed(args.seed)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     egpt_path, vl_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
@@ -380,6 +381,9 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
     Also the whole launch's throughput: new samples of all ranks over the time from the common
     start of the loops (after every rank loaded its models) to the last rank's end.
     """
+    from common.distributed import all_sum, barrier, destroy, world
+    from feature_alignment.hidden_store import HiddenStore
+
     rank, size, _ = world()
     new_samples = all_sum(summary["new_samples"])  # returns once every rank is done
     seconds = summary["loop_seconds"] + time.perf_counter() - finished  # this rank's loop + waiting for the rest
@@ -407,6 +411,8 @@ def merge_launched(root: Path, args: argparse.Namespace, dataset: ClipDataset, s
 def drop_bad_chunks(folder: Path, index: dict[str, Any]) -> int:
     """Verify every chunk of ``index`` against its recorded size and checksum; a missing, truncated or
     corrupt one is dropped from the index (its file deleted) so its samples are extracted again."""
+    from feature_alignment.hidden_store import chunk_problem, save_index
+
     bad = []
     for entry in index["chunks"]:
         problem = chunk_problem(folder, entry)
@@ -425,6 +431,8 @@ def drop_bad_chunks(folder: Path, index: dict[str, Any]) -> int:
 def open_index(folder: Path, config: dict[str, Any], planned_ids: list[str], retry_failed: bool) -> dict[str, Any]:
     """The folder's index (new, or checked for resume: same settings, every chunk intact), with the
     failed samples cleared when they are to be retried."""
+    from feature_alignment.hidden_store import load_index, new_index
+
     index = load_index(folder)
     if index is None:
         return new_index(config, planned_ids)
@@ -440,6 +448,8 @@ def open_index(folder: Path, config: dict[str, Any], planned_ids: list[str], ret
 def record_models(index: dict[str, Any], root: Path, config: dict[str, Any], draft: Any, target: Any,
                   need_head: bool) -> None:
     """The models' sizes into the index config; the target's LM head saved once at the root."""
+    from feature_alignment.hidden_store import LM_HEAD_FILE, save_lm_head
+
     index["config"].update({
         "draft_hidden_size": draft.hidden_size, "target_hidden_size": target.hidden_size,
         "draft_num_layers": draft.num_layers, "target_num_layers": target.num_layers,
@@ -457,6 +467,8 @@ def record_models(index: dict[str, Any], root: Path, config: dict[str, Any], dra
 def close_index(folder: Path, index: dict[str, Any], planned_ids: list[str], stats: dict[str, Any],
                 seconds: float) -> dict[str, Any]:
     """Chunks in planned order, ``complete``, this run's stats added to the index's; saved. Returns the stats."""
+    from feature_alignment.hidden_store import save_index
+
     order = {sid: n for n, sid in enumerate(planned_ids)}
     index["chunks"].sort(key=lambda c: order.get(c["sample_ids"][0], len(order)))
     finished = {s for c in index["chunks"] for s in c["sample_ids"]} | {f["id"] for f in index["failed"]}
@@ -474,6 +486,10 @@ def close_index(folder: Path, index: dict[str, Any], planned_ids: list[str], sta
 
 def _run(args, dataset, planned, planned_ids, root, folder, config, device, quant, egpt_path, vl_path, stop,
          models) -> dict[str, Any]:
+    from common.distributed import barrier
+    from common.prefetch import prefetched
+    from feature_alignment.hidden_store import LM_HEAD_FILE, next_chunk_name, save_index, write_chunk
+
     index = open_index(folder, config, planned_ids, args.retry_failed)
     done = {s for c in index["chunks"] for s in c["sample_ids"]}
     failed = {f["id"] for f in index["failed"]}

@@ -42,15 +42,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from common.cli import resolve_device, set_seed
-from common.plots import plot_training_curves
-from common.results import RunFolder, atomic_write_json, atomic_write_text, markdown_table, read_json
-from feature_alignment.eagle_head import (
+from common.drafters.eagle_head import (
     EagleHead,
     head_config_from_checkpoint,
     load_eagle_head,
     read_target_embeddings,
     save_eagle_head,
 )
+from common.plots import plot_training_curves
+from common.results import RunFolder, atomic_write_json, atomic_write_text, markdown_table, read_json
 from feature_alignment.hidden_store import HiddenStore, layer_key, load_lm_head
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,46 @@ def _check_split(store: HiddenStore, flag: str, path: str) -> None:
         raise SystemExit(f"{flag} {path} holds the test split: train and validate on train data only")
 
 
+def start_or_resume(args: argparse.Namespace, out: Path, run_args: dict[str, Any], head_cfg: Any,
+                    ) -> tuple[EagleHead, torch.optim.Optimizer, dict[str, Any]]:
+    """A new head and optimizer, or the ones of ``out/last`` with the saved state (history, epoch, best, steps)."""
+    fresh: dict[str, Any] = {"history": [], "epoch": 0, "best": None, "steps": 0}
+    state_file = out / STATE_FILE
+    if not (args.resume and state_file.is_file() and (out / "last").is_dir()):
+        head = EagleHead(head_cfg)
+        return head, torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay), fresh
+    saved = read_json(state_file)
+    diff = [k for k in RESUME_KEYS if saved.get("args", {}).get(k) != run_args[k]]
+    if diff:
+        raise SystemExit(f"{out}: made with other settings ({', '.join(diff)}); use another --output_dir or "
+                         "--no_resume")
+    head = load_eagle_head(out / "last", device="cpu", dtype=torch.float32)
+    head.config.extra = head_cfg.extra
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if (out / "last" / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(out / "last" / "optimizer.pt", weights_only=True))
+    log.info("resuming %s at epoch %d", out, saved["epoch"])
+    return head, optimizer, saved
+
+
+def train_epoch(head: EagleHead, optimizer: torch.optim.Optimizer, store: HiddenStore, keep, args: argparse.Namespace,
+                device: torch.device, rng: np.random.Generator, steps: int) -> tuple[dict[str, float], int]:
+    """One pass over the training samples (stops at ``--max_steps``); (metric sums, optimizer steps so far)."""
+    head.train()
+    total: dict[str, float] = {}
+    for batch in iter_batches(store, args.feature_layer, args.batch_size, keep, rng):
+        loss, sums = batch_loss(head, collate(batch, device), args, noise=args.feature_noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        _merge(total, sums)
+        steps += 1
+        if args.max_steps and steps >= args.max_steps:
+            break
+    return total, steps
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -294,24 +334,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       "val_dir": args.val_dir, "val_samples": len(val_ids) if not args.val_dir else None}
 
     state_file = out / STATE_FILE
-    history: list[dict[str, Any]] = []
-    start_epoch, best, steps = 0, None, 0
     run_args = {k: getattr(args, k) for k in RESUME_KEYS}
-    head = EagleHead(head_cfg)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.resume and state_file.is_file() and (out / "last").is_dir():
-        saved = read_json(state_file)
-        diff = [k for k in RESUME_KEYS if saved.get("args", {}).get(k) != run_args[k]]
-        if diff:
-            raise SystemExit(f"{out}: made with other settings ({', '.join(diff)}); use another --output_dir or "
-                             "--no_resume")
-        head = load_eagle_head(out / "last", device="cpu", dtype=torch.float32)
-        head.config.extra = head_cfg.extra
-        optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        if (out / "last" / "optimizer.pt").is_file():
-            optimizer.load_state_dict(torch.load(out / "last" / "optimizer.pt", weights_only=True))
-        history, start_epoch, best, steps = saved["history"], saved["epoch"], saved.get("best"), saved.get("steps", 0)
-        log.info("resuming %s at epoch %d", out, start_epoch)
+    head, optimizer, saved = start_or_resume(args, out, run_args, head_cfg)
+    history, start_epoch, best, steps = saved["history"], saved["epoch"], saved.get("best"), saved.get("steps", 0)
     head = head.to(device)
     for group in optimizer.state.values():
         for k, v in list(group.items()):
@@ -328,18 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stopped = "epochs"
     for epoch in range(start_epoch + 1, args.epochs + 1):
         t0 = time.perf_counter()
-        head.train()
-        total: dict[str, float] = {}
-        for batch in iter_batches(train_store, args.feature_layer, args.batch_size, train_keep, rng):
-            loss, sums = batch_loss(head, collate(batch, device), args, noise=args.feature_noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            optimizer.step()
-            _merge(total, sums)
-            steps += 1
-            if args.max_steps and steps >= args.max_steps:
-                break
+        total, steps = train_epoch(head, optimizer, train_store, train_keep, args, device, rng, steps)
         row: dict[str, Any] = {"epoch": epoch, "steps": steps, **_finish(total, "train", args)}
         row.update(evaluate(head, val_store, args.feature_layer, val_keep, args, device))
         row["seconds"] = time.perf_counter() - t0

@@ -46,6 +46,7 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,14 +54,21 @@ from common.cli import resolve_device, run_cli, set_seed, shard
 from common.lazy import no_grad
 from common.locations import find_with_legacy, results_dir
 from common.progress import progress
-from common.results import RunFolder, atomic_write_json, atomic_write_text, read_json, to_jsonable
+from common.results import (
+    RunFolder,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    to_jsonable,
+)
 from common.run_index import results_root_of, update_index
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
     import numpy as np
     import torch
 
-    from feature_alignment.hidden_adapter import (
+    from common.drafters.hidden_adapter import (
         BaseAdapter,
     )
     from feature_alignment.hidden_store import HiddenStore
@@ -68,7 +76,7 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints
 log = logging.getLogger(__name__)
 
 STAGE = "feature_alignment"
-ADAPTER_LEVELS = (1, 2, 3, 4, 5)  # the keys of feature_alignment.hidden_adapter.LEVELS (kept torch-free for --help)
+ADAPTER_LEVELS = (1, 2, 3, 4, 5)  # the keys of common.drafters.hidden_adapter.LEVELS (kept torch-free for --help)
 DEFAULT_TRAIN_DIR = Path("data") / STAGE / "hidden" / "train"
 LEGACY_TRAIN_DIR = Path(STAGE) / "hidden" / "train"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
@@ -272,6 +280,33 @@ def pad_batch(chunk, spans: Sequence[tuple[int, int]], device: torch.device):
     return x.to(device), h.to(device), ids.to(device), mask.to(device)
 
 
+def _batch_denoms(batch: Sequence[tuple[int, int]], next_on: bool) -> tuple[float, float]:
+    """(positions, next-state positions) of one global batch: the loss divides its sums by these."""
+    lengths = [e - a for a, e in batch]
+    return float(sum(lengths)), float(sum(max(n - 1, 0) for n in lengths)) if next_on else 1.0
+
+
+def _reduce_meter(meter: Meter, local_loss: float, positions: int, accelerator: Any, device: torch.device) -> int:
+    """Add up the meter's sums (and ``local_loss``, ``positions``) over every rank; no-op in one process."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    if world == 1:
+        meter.loss_sum = local_loss
+        return positions
+    import torch
+    import torch.distributed as dist
+
+    keys: list[list[str]] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(keys, sorted(meter.sums))  # keys in a fixed order known to all ranks
+    names = sorted({k for ks in keys for k in ks})
+    values = [local_loss, float(positions)] + [meter.sums.get(k, 0.0) for k in names] + \
+        [float(meter.counts.get(k, 0)) for k in names]
+    total = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduction="sum").tolist()
+    meter.loss_sum = total[0]
+    meter.sums = dict(zip(names, total[2:2 + len(names)]))
+    meter.counts = {k: int(round(v)) for k, v in zip(names, total[2 + len(names):])}
+    return int(round(total[1]))
+
+
 def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None, *, batch_size: int,
              input_layer: int, target_layer: int, lm_head: torch.Tensor | None, vocab_limit: int | None,
              weights: dict[str, float], device: torch.device, optimizer: torch.optim.Optimizer | None = None,
@@ -281,56 +316,17 @@ def run_pass(adapter: BaseAdapter, store: HiddenStore, selected: set[str] | None
 
     ``selected``: sample ids to use (None = all). Chunks are visited in a shuffled order and
     samples shuffled within a chunk when ``rng`` is given; one chunk is held at a time.
-    ``accelerator`` with several processes: every rank takes its contiguous share of each
-    global batch; metric sums are added up across ranks.
+    The same loop serves one process and many (``accelerator``, None = one process): every rank
+    takes its contiguous share of each global batch and divides its loss sums by the global
+    batch's positions, so the gradients DDP averages equal one process's update on the whole
+    batch; metric sums are added up across ranks.
     """
     import torch
 
-    if accelerator is not None and accelerator.num_processes > 1:
-        return _run_pass_distributed(adapter, store, selected, batch_size=batch_size, input_layer=input_layer,
-                                     target_layer=target_layer, lm_head=lm_head, vocab_limit=vocab_limit,
-                                     weights=weights, device=device, optimizer=optimizer, grad_clip=grad_clip,
-                                     rng=rng, desc=desc, accelerator=accelerator)
     train = optimizer is not None
-    adapter.train(train)
-    meter = Meter()
-    order = list(range(len(store.chunks)))
-    if rng is not None:
-        order = [int(i) for i in rng.permutation(len(order))]
-    positions = 0
-    for chunk in progress(store.iter_chunks(input_layer, target_layer, order), desc, "chunk", total=len(order)):
-        spans = [chunk.span(i) for i, sid in enumerate(chunk.sample_ids) if selected is None or sid in selected]
-        spans = [s for s in spans if s[1] > s[0]]
-        if rng is not None:
-            spans = [spans[int(i)] for i in rng.permutation(len(spans))]
-        for b in range(0, len(spans), batch_size):
-            x, h, ids, mask = pad_batch(chunk, spans[b:b + batch_size], device)
-            with torch.set_grad_enabled(train):
-                loss = batch_loss(adapter, x, h, ids, mask, lm_head, vocab_limit, weights, meter)
-            if train:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(adapter.parameters(), grad_clip)
-                optimizer.step()
-            meter.loss_sum += float(loss.detach())
-            meter.loss_batches += 1
-            positions += int(mask.sum())
-        del chunk  # hold one chunk at a time
-    out = meter.result("train" if train else "val")
-    out["positions"] = positions
-    return out
-
-
-def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, target_layer, lm_head, vocab_limit,
-                          weights, device, optimizer, grad_clip, rng, desc, accelerator) -> dict[str, Any]:
-    """run_pass with DDP: the same global batches as one process, split contiguously across ranks."""
-    import torch
-    import torch.distributed as dist
-
-    train = optimizer is not None
-    world, rank = accelerator.num_processes, accelerator.process_index
-    module = getattr(adapter, "module", adapter)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    module = getattr(adapter, "module", adapter)  # DistributedDataParallel wraps the adapter
     model = adapter if train else module  # evaluation needs no gradient sync
     model.train(train)
     next_on = module.predicts_next and weights["next"] > 0
@@ -338,47 +334,36 @@ def _run_pass_distributed(adapter, store, selected, *, batch_size, input_layer, 
     order = list(range(len(store.chunks)))
     if rng is not None:
         order = [int(i) for i in rng.permutation(len(order))]
-    positions = 0
-    local_loss = 0.0
+    positions, local_loss = 0, 0.0
     for chunk in progress(store.iter_chunks(input_layer, target_layer, order), desc, "chunk", total=len(order),
-                          disable=not accelerator.is_main_process):
+                          disable=accelerator is not None and not accelerator.is_main_process):
         spans = [chunk.span(i) for i, sid in enumerate(chunk.sample_ids) if selected is None or sid in selected]
         spans = [s for s in spans if s[1] > s[0]]
         if rng is not None:
             spans = [spans[int(i)] for i in rng.permutation(len(spans))]
         for b in range(0, len(spans), batch_size):
             batch = spans[b:b + batch_size]
-            lengths = [e - a for a, e in batch]
-            denoms = (float(sum(lengths)), float(sum(max(n - 1, 0) for n in lengths)) if next_on else 1.0)
             mine = shard(batch, world, rank)
+            # more ranks than samples in this batch: a forward on the batch's first sample, weighted 0,
+            # so DDP's gradient sync still sees this rank (zero gradients)
+            x, h, ids, mask = pad_batch(chunk, mine or batch[:1], device)
             with torch.set_grad_enabled(train):
-                if mine:
-                    x, h, ids, mask = pad_batch(chunk, mine, device)
-                    loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, meter, denoms)
-                    positions += int(mask.sum())
-                else:  # more ranks than samples in this batch: a forward on the batch's first sample,
-                    # weighted 0, so DDP's gradient sync still sees this rank (zero gradients)
-                    x, h, ids, mask = pad_batch(chunk, batch[:1], device)
-                    loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights, None, denoms) * 0.0
+                loss = batch_loss(model, x, h, ids, mask, lm_head, vocab_limit, weights,
+                                  meter if mine else None, _batch_denoms(batch, next_on)) * float(bool(mine))
+            positions += int(mask.sum()) if mine else 0
             if train:
                 optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss * world)  # DDP averages gradients over ranks: undo the 1/world
+                if accelerator is not None:
+                    accelerator.backward(loss * world)  # DDP averages gradients over ranks: undo the 1/world
+                else:
+                    loss.backward()
                 if grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
             local_loss += float(loss.detach())
             meter.loss_batches += 1
         del chunk  # hold one chunk at a time
-    # add up the metric sums of every rank (keys in a fixed order known to all ranks)
-    keys: list[list[str]] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(keys, sorted(meter.sums))
-    names = sorted({k for ks in keys for k in ks})
-    values = [local_loss, float(positions)] + [meter.sums.get(k, 0.0) for k in names] + \
-        [float(meter.counts.get(k, 0)) for k in names]
-    total = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduction="sum").tolist()
-    meter.loss_sum, positions = total[0], int(round(total[1]))
-    meter.sums = dict(zip(names, total[2:2 + len(names)]))
-    meter.counts = {k: int(round(v)) for k, v in zip(names, total[2 + len(names):])}
+    positions = _reduce_meter(meter, local_loss, positions, accelerator, device)
     out = meter.result("train" if train else "val")
     out["positions"] = positions
     return out
@@ -414,10 +399,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
                 tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(to_jsonable(sd["param_groups"])),
-                                           "scalars": json.dumps(to_jsonable(scalars))})
-    tmp.replace(path)
+    metadata = {"param_groups": json.dumps(to_jsonable(sd["param_groups"])), "scalars": json.dumps(to_jsonable(scalars))}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -454,7 +437,7 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def results_markdown(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    from feature_alignment.hidden_adapter import LEVELS
+    from common.drafters.hidden_adapter import LEVELS
 
     c = summary["adapter_config"]
     best = summary.get("best") or {}
@@ -550,20 +533,26 @@ def epoch_line(row: dict[str, Any], monitor: str, best: bool) -> str:
         (f"  * best {monitor}" if best else "")
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    import numpy as np
-    import torch
+@dataclass
+class _Data:
+    """The training folder, the validation source and which samples each side uses."""
 
-    from common.distributed import make_accelerator
-    from feature_alignment.hidden_adapter import create_adapter, load_any_adapter, save_adapter
+    train_dir: Path
+    store: HiddenStore
+    val_store: HiddenStore
+    train_ids: set[str]
+    val_ids: set[str] | None  # None: every sample of val_store (a --val_dir folder)
+    val_source: str
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.store.config
+
+
+def open_data(args: argparse.Namespace) -> _Data:
+    """Open ``--train_dir`` (and ``--val_dir``), check the layers and splits, pick the held-out samples."""
     from feature_alignment.hidden_store import HiddenStore
 
-    set_seed(args.seed)
-    accelerator = make_accelerator(args.device)
-    main_process = accelerator.is_main_process
-    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
-    out = run_folder(args, accelerator)
     train_dir = Path(args.train_dir) if args.train_dir else find_with_legacy(
         DEFAULT_TRAIN_DIR, LEGACY_TRAIN_DIR, "the train split's hidden states")
     store = HiddenStore.open(train_dir)
@@ -582,87 +571,125 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if val_store.config.get("split") == "test":
             raise SystemExit(f"--val_dir {args.val_dir} holds the test split; validate on held-out train samples "
                              "(drop --val_dir) or another split. The test split is only for --test_dir.")
-        val_ids, train_ids, val_source = None, set(all_ids), f"folder {args.val_dir}"
-    else:
-        val_store = store
-        val_ids = held_out_ids(all_ids, args.val_fraction, args.seed, args.val_by)
-        train_ids = set(all_ids) - val_ids
-        val_source = f"{len(val_ids)} held out of train by {args.val_by}, fraction {args.val_fraction}"
-        if not val_ids:
-            log.warning("no validation samples (fraction %s, %d samples)", args.val_fraction, len(all_ids))
-    lm_head, head_meta = _lm_head(store, device)
-    final_layers = (-1, cfg.get("target_num_layers"))
-    if lm_head is not None and args.target_layer not in final_layers:
+        return _Data(train_dir, store, val_store, set(all_ids), None, f"folder {args.val_dir}")
+    val_ids = held_out_ids(all_ids, args.val_fraction, args.seed, args.val_by)
+    if not val_ids:
+        log.warning("no validation samples (fraction %s, %d samples)", args.val_fraction, len(all_ids))
+    return _Data(train_dir, store, store, set(all_ids) - val_ids, val_ids,
+                 f"{len(val_ids)} held out of train by {args.val_by}, fraction {args.val_fraction}")
+
+
+@dataclass
+class _Setup:
+    """What every pass needs besides the adapter: loss weights, target head, checkpoint metadata."""
+
+    pass_kw: dict[str, Any]  # run_pass keywords shared by training, validation and test
+    meta: dict[str, Any]  # stored in every checkpoint
+    vocab: int
+
+
+def build_setup(args: argparse.Namespace, data: _Data, device: torch.device) -> _Setup:
+    """The target LM head (when it applies), loss weights and the checkpoint metadata."""
+    cfg = data.config
+    lm_head, head_meta = _lm_head(data.store, device)
+    if lm_head is not None and args.target_layer not in (-1, cfg.get("target_num_layers")):
         log.warning("--target_layer %d does not feed the LM head: token loss and metrics are off", args.target_layer)
         lm_head = None
     vocab_limit = head_meta.get("shared_vocab_size", cfg.get("shared_vocab_size"))
     weights = {"mse": args.mse_weight, "cos": args.cos_weight, "token": args.token_weight if lm_head is not None else 0.0,
                "next": args.next_weight}
     vocab = int(lm_head.shape[0]) if lm_head is not None else int(cfg.get("target_vocab_size") or 0)
-    adapter = create_adapter(args.adapter_level, cfg["draft_hidden_size"], cfg["target_hidden_size"],
-                             bottleneck=args.bottleneck, num_layers=args.num_layers, num_heads=args.num_heads,
-                             ffn_dim=args.ffn_dim, d_model=args.d_model, dropout=args.dropout,
-                             max_positions=args.max_positions, vocab_size=vocab).to(device)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     meta = {"input_layer": args.input_layer, "target_layer": args.target_layer,
             "eventgpt_path": cfg.get("eventgpt_path"), "videollava_path": cfg.get("videollava_path"),
-            "shared_vocab_size": vocab_limit, "target_vocab_size": vocab, "train_dir": str(train_dir),
+            "shared_vocab_size": vocab_limit, "target_vocab_size": vocab, "train_dir": str(data.train_dir),
             "draft_hidden_size": cfg["draft_hidden_size"], "target_hidden_size": cfg["target_hidden_size"]}
-    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    run_args["train_dir"] = str(train_dir)
-    if main_process:
-        atomic_write_json(out / "config.json", {"args": run_args,
-                                                "argv": list(argv) if argv is not None else sys.argv[1:],
-                                                "adapter_config": adapter.config.to_dict(), "meta": meta,
-                                                "extraction": cfg, "device": str(device),
-                                                "num_processes": accelerator.num_processes})
+    pass_kw = dict(batch_size=args.batch_size, input_layer=args.input_layer, target_layer=args.target_layer,
+                   lm_head=lm_head, vocab_limit=vocab_limit, weights=weights, device=device)
+    return _Setup(pass_kw, meta, vocab)
+
+
+def resume_state(args: argparse.Namespace, out: Path, run_args: dict[str, Any], adapter: BaseAdapter,
+                 optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A fresh training state, or the saved one (weights and optimizer loaded) when resuming ``out``."""
+    from common.drafters.hidden_adapter import load_any_adapter
 
     state = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "finished": False,
              "stop_reason": None}
-    state_file = out / STATE_FILE
-    if args.resume and state_file.is_file() and (out / "last.safetensors").is_file():
-        saved = read_json(state_file)
-        diff = [k for k in RESUME_KEYS if saved.get("args", {}).get(k) != run_args.get(k)]
-        if diff:
-            raise SystemExit(f"{out}: a run with other settings is there ({', '.join(diff)} differ); use another "
-                             "--output_dir or --no_resume")
-        state.update(saved["state"])
-        if state["finished"] and state.get("stop_reason") == "max epochs" and args.epochs > state["epoch"]:
-            state.update(finished=False, stop_reason=None)  # asked for more epochs: continue
-        adapter.load_state_dict(load_any_adapter(out / "last.safetensors").state_dict())
-        if (out / "last_optimizer.safetensors").is_file():
-            load_optimizer(optimizer, out / "last_optimizer.safetensors")
-        log.info("resuming %s after epoch %d", out, state["epoch"])
-    history: list[dict[str, Any]] = state["history"]
-    bare = adapter  # what checkpoints save (DDP wraps the model it trains)
-    if accelerator.num_processes > 1:
-        adapter, optimizer = accelerator.prepare(adapter, optimizer)
-        bare = accelerator.unwrap_model(adapter)
+    if not (args.resume and (out / STATE_FILE).is_file() and (out / "last.safetensors").is_file()):
+        return state
+    saved = read_json(out / STATE_FILE)
+    diff = [k for k in RESUME_KEYS if saved.get("args", {}).get(k) != run_args.get(k)]
+    if diff:
+        raise SystemExit(f"{out}: a run with other settings is there ({', '.join(diff)} differ); use another "
+                         "--output_dir or --no_resume")
+    state.update(saved["state"])
+    if state["finished"] and state.get("stop_reason") == "max epochs" and args.epochs > state["epoch"]:
+        state.update(finished=False, stop_reason=None)  # asked for more epochs: continue
+    adapter.load_state_dict(load_any_adapter(out / "last.safetensors").state_dict())
+    if (out / "last_optimizer.safetensors").is_file():
+        load_optimizer(optimizer, out / "last_optimizer.safetensors")
+    log.info("resuming %s after epoch %d", out, state["epoch"])
+    return state
 
-    shared = dict(batch_size=args.batch_size, input_layer=args.input_layer, target_layer=args.target_layer,
-                  lm_head=lm_head, vocab_limit=vocab_limit, weights=weights, device=device)
-    dist_kw = {"accelerator": accelerator} if accelerator.num_processes > 1 else {}
+
+@dataclass
+class _Training:
+    """One run's moving parts: the (possibly DDP-wrapped) adapter, its optimizer and where it saves."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    adapter: Any  # what trains (DDP wraps it under a launcher)
+    bare: BaseAdapter  # what checkpoints save
+    optimizer: torch.optim.Optimizer
+    data: _Data
+    setup: _Setup
+    out: Path
+    run_args: dict[str, Any]
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.out / STATE_FILE, {"args": self.run_args, "state": state})
+
+
+def run_epoch(t: _Training, epoch: int) -> dict[str, Any]:
+    """Train one epoch, validate, and return the history row."""
+    import numpy as np
+    import torch
+
+    args, data = t.args, t.data
+    start = time.perf_counter()
+    rng = np.random.default_rng([args.seed, epoch])
+    train_stats = run_pass(t.adapter, data.store, data.train_ids, optimizer=t.optimizer, grad_clip=args.grad_clip,
+                           rng=rng, desc=f"epoch {epoch} train", accelerator=t.accelerator, **t.setup.pass_kw)
+    val_stats: dict[str, Any] = {}
+    if data.val_ids is None or data.val_ids:
+        with torch.no_grad():
+            val_stats = run_pass(t.bare, data.val_store, data.val_ids, desc=f"epoch {epoch} val",
+                                 accelerator=t.accelerator, **t.setup.pass_kw)
+    return {"epoch": epoch, **{k: v for k, v in train_stats.items() if k != "positions"},
+            **{k: v for k, v in val_stats.items() if k != "positions"},
+            "train_positions": train_stats["positions"], "val_positions": val_stats.get("positions", 0),
+            "seconds": time.perf_counter() - start}
+
+
+def train_epochs(t: _Training, state: dict[str, Any]) -> None:
+    """Epochs until ``--epochs`` or early stopping; checkpoints and state written after each (main process)."""
+    from common.drafters.hidden_adapter import save_adapter
+
+    args, main_process = t.args, t.accelerator.is_main_process
+    history: list[dict[str, Any]] = state["history"]
     epoch = state["epoch"]
     while not state["finished"] and epoch < args.epochs:
         epoch += 1
-        start = time.perf_counter()
-        rng = np.random.default_rng([args.seed, epoch])
-        train_stats = run_pass(adapter, store, train_ids, optimizer=optimizer, grad_clip=args.grad_clip, rng=rng,
-                               desc=f"epoch {epoch} train", **shared, **dist_kw)
-        with torch.no_grad():
-            val_stats = run_pass(bare, val_store, val_ids, desc=f"epoch {epoch} val", **shared, **dist_kw) \
-                if (val_ids is None or val_ids) else {}
-        row = {"epoch": epoch, **{k: v for k, v in train_stats.items() if k != "positions"},
-               **{k: v for k, v in val_stats.items() if k != "positions"},
-               "train_positions": train_stats["positions"], "val_positions": val_stats.get("positions", 0),
-               "seconds": time.perf_counter() - start}
+        row = run_epoch(t, epoch)
         history.append(row)
-        monitor_value = row.get(args.monitor if val_stats else "train_loss")
-        epoch_meta = {**meta, "epoch": epoch, "metrics": to_jsonable(row)}
-        if _better(monitor_value, state["best_value"], args.monitor if val_stats else "val_loss"):
+        validated = t.data.val_ids is None or bool(t.data.val_ids)  # run_epoch validated
+        monitor_value = row.get(args.monitor if validated else "train_loss")
+        epoch_meta = {**t.setup.meta, "epoch": epoch, "metrics": to_jsonable(row)}
+        if _better(monitor_value, state["best_value"], args.monitor if validated else "val_loss"):
             state.update(best_value=monitor_value, best_epoch=epoch, bad_epochs=0)
             if main_process:
-                save_adapter(bare, out / "best.safetensors", epoch_meta)
+                save_adapter(t.bare, t.out / "best.safetensors", epoch_meta)
         else:
             state["bad_epochs"] += 1
         if args.early_stopping > 0 and state["bad_epochs"] >= args.early_stopping:
@@ -672,36 +699,79 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             state.update(finished=True, stop_reason="max epochs")
         state["epoch"] = epoch
         if main_process:
-            save_adapter(bare, out / "last.safetensors", epoch_meta)
-            save_optimizer(optimizer, out / "last_optimizer.safetensors")
-            atomic_write_json(state_file, {"args": run_args, "state": state})
-            atomic_write_json(out / "history.json", history)
-        log.info("%s", epoch_line(row, args.monitor if val_stats else "train_loss", state["best_epoch"] == epoch))
+            save_adapter(t.bare, t.out / "last.safetensors", epoch_meta)
+            save_optimizer(t.optimizer, t.out / "last_optimizer.safetensors")
+            atomic_write_json(t.out / "history.json", history)
+        t.save_state(state)
+        log.info("%s", epoch_line(row, args.monitor if validated else "train_loss", state["best_epoch"] == epoch))
     if not state["finished"]:
         state.update(finished=True, stop_reason=state.get("stop_reason") or "max epochs")
-        if main_process:
-            atomic_write_json(state_file, {"args": run_args, "state": state})
-    accelerator.wait_for_everyone()  # best.safetensors is written before anyone reads it
+        t.save_state(state)
 
+
+def summarize(t: _Training, state: dict[str, Any]) -> dict[str, Any]:
+    """The run's statistics (the test split evaluated once with the best checkpoint)."""
+    from common.drafters.hidden_adapter import load_any_adapter
+    from feature_alignment.hidden_store import HiddenStore
+
+    args, data, out = t.args, t.data, t.out
+    history = state["history"]
     best_row = next((h for h in history if h["epoch"] == state["best_epoch"]), None)
     test_metrics = None
     if args.test_dir and (out / "best.safetensors").is_file():
-        best = load_any_adapter(out / "best.safetensors", device)
-        test_store = HiddenStore.open(args.test_dir)
-        test_metrics = evaluate(best, test_store, None, **shared)
-    summary = {
-        "output_dir": str(out), "adapter_level": args.adapter_level, "adapter_config": bare.config.to_dict(),
-        "num_parameters": bare.num_parameters(), "num_processes": accelerator.num_processes, "input_layer": args.input_layer, "target_layer": args.target_layer,
-        "train_samples": len(train_ids), "val_samples": len(val_ids) if val_ids is not None else val_store.num_samples,
-        "val_source": val_source, "num_chunks": len(store.chunks), "epochs_run": state["epoch"],
+        best = load_any_adapter(out / "best.safetensors", t.setup.pass_kw["device"])
+        test_metrics = evaluate(best, HiddenStore.open(args.test_dir), None, **t.setup.pass_kw)
+    return {
+        "output_dir": str(out), "adapter_level": args.adapter_level, "adapter_config": t.bare.config.to_dict(),
+        "num_parameters": t.bare.num_parameters(), "num_processes": t.accelerator.num_processes,
+        "input_layer": args.input_layer, "target_layer": args.target_layer,
+        "train_samples": len(data.train_ids),
+        "val_samples": len(data.val_ids) if data.val_ids is not None else data.val_store.num_samples,
+        "val_source": data.val_source, "num_chunks": len(data.store.chunks), "epochs_run": state["epoch"],
         "stop_reason": state["stop_reason"], "monitor": args.monitor, "best_epoch": state["best_epoch"],
         "best": best_row, "test": test_metrics, "checkpoint": str(out / "best.safetensors"),
     }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from common.distributed import make_accelerator
+    from common.drafters.hidden_adapter import create_adapter
+
+    set_seed(args.seed)
+    accelerator = make_accelerator(args.device)
+    main_process = accelerator.is_main_process
+    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
+    out = run_folder(args, accelerator)
+    data = open_data(args)
+    setup = build_setup(args, data, device)
+    cfg = data.config
+    adapter = create_adapter(args.adapter_level, cfg["draft_hidden_size"], cfg["target_hidden_size"],
+                             bottleneck=args.bottleneck, num_layers=args.num_layers, num_heads=args.num_heads,
+                             ffn_dim=args.ffn_dim, d_model=args.d_model, dropout=args.dropout,
+                             max_positions=args.max_positions, vocab_size=setup.vocab).to(device)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    run_args["train_dir"] = str(data.train_dir)
     if main_process:
-        atomic_write_json(out / "results.json", {"statistics": summary, "history": history})
-        atomic_write_text(out / "RESULTS.md", results_markdown(summary, history))
-        if history:
-            plot_history(history, out / "training_curves.png", f"L{args.adapter_level} hidden adapter")
+        atomic_write_json(out / "config.json", {"args": run_args,
+                                                "argv": list(argv) if argv is not None else sys.argv[1:],
+                                                "adapter_config": adapter.config.to_dict(), "meta": setup.meta,
+                                                "extraction": cfg, "device": str(device),
+                                                "num_processes": accelerator.num_processes})
+    state = resume_state(args, out, run_args, adapter, optimizer)
+    model, optimizer = accelerator.prepare(adapter, optimizer)  # DDP under a launcher; as-is in one process
+    t = _Training(args, accelerator, model, accelerator.unwrap_model(model), optimizer, data, setup, out, run_args)
+    train_epochs(t, state)
+    accelerator.wait_for_everyone()  # best.safetensors is written before anyone reads it
+    summary = summarize(t, state)
+    if main_process:
+        atomic_write_json(out / "results.json", {"statistics": summary, "history": state["history"]})
+        atomic_write_text(out / "RESULTS.md", results_markdown(summary, state["history"]))
+        if state["history"]:
+            plot_history(state["history"], out / "training_curves.png", f"L{args.adapter_level} hidden adapter")
         RunFolder(out).mark_done()
         update_index(results_root_of(out))
     accelerator.wait_for_everyone()

@@ -39,6 +39,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,50 +256,78 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- main steps
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train (or resume) the pair; returns the training summary (also written to OUTPUT_DIR)."""
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """Everything one training run carries from step to step (models, optimisers, progress, timing)."""
 
-    from common.cli import resolve_device, set_seed
-    from common.models.errors import ModelLoadError
-    from common.models.loader import load_vlm
-    from common.models.state_file import save_state
-    from common.models.tiny import (
-        build_eventgpt,
-        build_tokenizer,
-        build_videollava,
-        save_eventgpt,
-        save_videollava,
-    )
-    from common.results import atomic_write_json, to_jsonable
-    from common.synthetic import tokenizer_corpus
+    args: argparse.Namespace
+    out: Path
+    device: torch.device
+    sizes: dict
+    train_kinds: list[str]
+    wall_start: float
+    vlms: dict = field(default_factory=dict)
+    clips: list = field(default_factory=list)
+    eval_clips: list = field(default_factory=list)
+    pixels: dict = field(default_factory=dict)
+    eval_pixels: dict = field(default_factory=dict)
+    prep_seconds: float = 0.0
+    batches: Any = None
+    steps_per_epoch: int = 0
+    clips_per_batch: int = 0
+    epochs: int = 0
+    schedule: dict = field(default_factory=dict)
+    opts: dict = field(default_factory=dict)
+    scheds: dict = field(default_factory=dict)
+    ids_cache: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    epoch: int = 0
+    global_step: int = 0
+    train_seconds: float = 0.0
+    step_losses: dict = field(default_factory=dict)
+    stopped_early: bool = False
 
-    args = build_parser().parse_args(argv)
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def batched(self) -> bool:
+        return self.args.teacher_forcing == "batched"
+
+    @property
+    def time_limit(self) -> float | None:
+        return self.args.max_minutes * 60 if self.args.max_minutes else None
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """One line per bad flag combination; returns the models to train (``--models``)."""
     if args.epochs < 0 or (args.epochs == 0 and not args.max_minutes):
         raise SystemExit("--epochs 0 (auto) needs --max_minutes")
     if args.batch_size < 1 or args.questions_per_clip < 1:
         raise SystemExit("--batch_size and --questions_per_clip must be >= 1")
-    wall_start = time.perf_counter()
-    device = resolve_device(args.device)
-    amp = device.type == "cuda"
-    set_seed(args.seed)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    train_kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    if not train_kinds or any(k not in KINDS for k in train_kinds):
+        raise SystemExit(f"--models must name some of {', '.join(KINDS)}")
+    return train_kinds
+
+
+def _sizes(args: argparse.Namespace) -> dict:
+    """The preset's sizes, or those of the ``--init_from`` pair."""
     sizes = dict(SIZE_PRESETS[args.size_preset])
     if args.init_from and (Path(args.init_from) / SUMMARY_FILE).is_file():
         from common.models.tiny import TinySize
 
         made = json.loads((Path(args.init_from) / SUMMARY_FILE).read_text()).get("sizes", {})
         sizes.update({k: TinySize(**v) for k, v in made.items() if k in KINDS})
-    train_kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    if not train_kinds or any(k not in KINDS for k in train_kinds):
-        raise SystemExit(f"--models must name some of {', '.join(KINDS)}")
-    state_path = out / STATE_FILE
+    return sizes
 
-    # ---- data: clips with their (question, answer) pairs, frames precomputed once
+
+def _load_clips(args: argparse.Namespace) -> tuple[list, list]:
+    """Training and held-out clips with their (question, answer) pairs."""
     clips = group_by_clip(args.dataset_dir, _split_arg(args.split), args.max_questions, args.max_train_samples)
     if not clips:
         raise SystemExit(f"{args.dataset_dir}: no clips with ground-truth answers in split {args.split!r}")
@@ -306,190 +335,276 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_dataset_dir:
         eval_clips = group_by_clip(args.eval_dataset_dir, _split_arg(args.eval_split), args.max_questions,
                                    args.eval_max_clips)
+    return clips, eval_clips
 
-    # ---- models: fresh (built, saved, loaded back through load_vlm) or resumed
-    state = None
-    if args.resume:
-        state = _load_resume_state(out)
-    if state is not None:
-        if state.get("size_preset") != args.size_preset or state.get("seed") != args.seed:
-            raise SystemExit(f"{state_path}: a run with other sizes or seed; use another --output_dir or --no_resume")
-    if state is None and args.init_from:
+
+def _write_initial_pair(args: argparse.Namespace, out: Path, sizes: dict) -> None:
+    """A fresh pair in ``out``: copied from ``--init_from``, or built with random weights."""
+    from common.models.tiny import (
+        build_eventgpt,
+        build_tokenizer,
+        build_videollava,
+        save_eventgpt,
+        save_videollava,
+    )
+    from common.synthetic import tokenizer_corpus
+
+    if args.init_from:
         import shutil
 
         for kind in KINDS:
             if (out / kind).resolve() != (Path(args.init_from) / kind).resolve():
                 shutil.copytree(Path(args.init_from) / kind, out / kind, dirs_exist_ok=True)
-    elif state is None:
-        tokenizer = build_tokenizer(tokenizer_corpus(), args.vocab_size)
-        egpt, egpt_tok = build_eventgpt(tokenizer, sizes["eventgpt"], seed=args.seed)
-        vllava, vllava_tok = build_videollava(tokenizer, sizes["videollava"], seed=args.seed + 1)
-        save_eventgpt(egpt, egpt_tok, out / "eventgpt", sizes["eventgpt"])
-        save_videollava(vllava, vllava_tok, out / "videollava", sizes["videollava"])
-        del egpt, vllava
+        return
+    tokenizer = build_tokenizer(tokenizer_corpus(), args.vocab_size)
+    egpt, egpt_tok = build_eventgpt(tokenizer, sizes["eventgpt"], seed=args.seed)
+    vllava, vllava_tok = build_videollava(tokenizer, sizes["videollava"], seed=args.seed + 1)
+    save_eventgpt(egpt, egpt_tok, out / "eventgpt", sizes["eventgpt"])
+    save_videollava(vllava, vllava_tok, out / "videollava", sizes["videollava"])
+
+
+def _load_models(run: _Run, state: dict | None) -> None:
+    """Fresh (built, saved, loaded back through load_vlm) or resumed models into ``run.vlms``."""
+    from common.models.errors import ModelLoadError
+    from common.models.loader import load_vlm
+
+    out = run.out
+    if state is None:
+        _write_initial_pair(run.args, out, run.sizes)
     # Training runs on the objects the loader gives, so tokenizer and prompt handling are the inference ones.
     try:
-        vlms = {kind: memoize_prompts(load_vlm(kind, out / kind, quant="fp32", device=device)) for kind in KINDS}
+        run.vlms = {kind: memoize_prompts(load_vlm(kind, out / kind, quant="fp32", device=run.device))
+                    for kind in KINDS}
     except ModelLoadError as exc:
         raise SystemExit(f"{exc} (the pair of {out}; pass --no_resume to rebuild it)") from exc
     if state is not None:
-        for kind in train_kinds:
+        for kind in run.train_kinds:
             try:
-                vlms[kind].model.load_state_dict(state["models"][kind])
+                run.vlms[kind].model.load_state_dict(state["models"][kind])
             except (KeyError, RuntimeError) as exc:
                 raise SystemExit(f"{out / STATE_FILE}: its {kind} weights do not fit the model in {out / kind} "
                                  f"({' '.join(str(exc).split())[:160]}); pass --no_resume to start over") from exc
-    for vlm in vlms.values():
+    for vlm in run.vlms.values():
         vlm.model.train()
-    if vlms["eventgpt"].base_vocab_size != vlms["videollava"].base_vocab_size:
+    if run.vlms["eventgpt"].base_vocab_size != run.vlms["videollava"].base_vocab_size:
         raise SystemExit("the two tokenizers do not share their base vocabulary")
 
+
+def _prepare_pixels(run: _Run) -> None:
+    """Every clip's frames, computed once (cached next to the datasets), on the GPU when there is one."""
+    args = run.args
     cache_dirs = {"train": Path(args.dataset_dir) / ".pixel_cache",
                   "eval": Path(args.eval_dataset_dir) / ".pixel_cache" if args.eval_dataset_dir else None}
-    specs = {kind: (out / kind, sizes[kind].image_size) for kind in train_kinds}
-    pixels = precompute_pixels_all(clips, specs, args.num_workers, cache_dirs["train"], desc="frames (train)")
-    eval_pixels = precompute_pixels_all(eval_clips, specs, args.num_workers, cache_dirs["eval"],
-                                        desc="frames (eval)") if eval_clips else {}
-    if device.type == "cuda":  # a few GB at most: keep every clip on the GPU
-        pixels = {k: v.to(device) for k, v in pixels.items()}
-        eval_pixels = {k: v.to(device) for k, v in eval_pixels.items()}
-    prep_seconds = time.perf_counter() - wall_start
+    specs = {kind: (run.out / kind, run.sizes[kind].image_size) for kind in run.train_kinds}
+    run.pixels = precompute_pixels_all(run.clips, specs, args.num_workers, cache_dirs["train"], desc="frames (train)")
+    run.eval_pixels = precompute_pixels_all(run.eval_clips, specs, args.num_workers, cache_dirs["eval"],
+                                            desc="frames (eval)") if run.eval_clips else {}
+    if run.device.type == "cuda":  # a few GB at most: keep every clip on the GPU
+        run.pixels = {k: v.to(run.device) for k, v in run.pixels.items()}
+        run.eval_pixels = {k: v.to(run.device) for k, v in run.eval_pixels.items()}
 
-    # ---- optimisation
-    clips_per_batch = max(1, args.batch_size // args.questions_per_clip)
-    batches = _Batches(clips, clips_per_batch, args.questions_per_clip, args.seed)
-    steps_per_epoch = batches.steps_per_epoch()
+
+def _setup_optimisation(run: _Run, state: dict | None) -> None:
+    """Batches, epochs, optimisers and schedules (restored when resuming) and the progress so far."""
+    args = run.args
+    run.clips_per_batch = max(1, args.batch_size // args.questions_per_clip)
+    run.batches = _Batches(run.clips, run.clips_per_batch, args.questions_per_clip, args.seed)
+    run.steps_per_epoch = run.batches.steps_per_epoch()
     if args.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+        run.steps_per_epoch = min(run.steps_per_epoch, args.max_steps_per_epoch)
     # a rerun continues to --epochs (0: the number the interrupted auto-sized run had picked)
-    epochs = args.epochs if (state is None or args.epochs > 0) else state["epochs"]
-    schedule = {"total": max(1, (epochs or 1) * steps_per_epoch)}
-    opts, scheds = {}, {}
-    for kind in train_kinds:
-        vlm = vlms[kind]
-        opts[kind] = _optimizer(vlm.model, args.lr, args.weight_decay, device)
-        scheds[kind] = torch.optim.lr_scheduler.LambdaLR(
-            opts[kind], lambda step: _lr_factor(step, args.lr_warmup_steps, schedule["total"], args.min_lr_ratio))
+    run.epochs = args.epochs if (state is None or args.epochs > 0) else state["epochs"]
+    run.schedule = schedule = {"total": max(1, (run.epochs or 1) * run.steps_per_epoch)}
+    for kind in run.train_kinds:
+        run.opts[kind] = _optimizer(run.vlms[kind].model, args.lr, args.weight_decay, run.device)
+        run.scheds[kind] = torch.optim.lr_scheduler.LambdaLR(
+            run.opts[kind], lambda step: _lr_factor(step, args.lr_warmup_steps, schedule["total"], args.min_lr_ratio))
         if state is not None:
-            opts[kind].load_state_dict(state["optimizers"][kind])
-            scheds[kind].load_state_dict(state["schedulers"][kind])
-    ids_cache: dict[str, dict] = {kind: {} for kind in train_kinds}
-    history: list[dict] = state["history"] if state is not None else []
-    start_epoch = state["epoch"] if state is not None else 0
-    global_step = state["step"] if state is not None else 0
-    train_seconds = state.get("train_seconds", 0.0) if state is not None else 0.0
-    step_losses: dict[str, list[float]] = state.get("step_losses", {k: [] for k in train_kinds}) if state else \
-        {k: [] for k in train_kinds}
-    params = {kind: count_parameters(vlm.model) for kind, vlm in vlms.items()}
-    print(f"train: {len(clips)} clips ({sum(len(c.qa) for c in clips)} question/answer pairs), "
-          f"{steps_per_epoch} steps/epoch of {clips_per_batch} clips x {args.questions_per_clip} questions; "
-          f"params eventgpt {params['eventgpt']:,} videollava {params['videollava']:,}; device {device}",
-          file=sys.stderr)
+            run.opts[kind].load_state_dict(state["optimizers"][kind])
+            run.scheds[kind].load_state_dict(state["schedulers"][kind])
+    run.ids_cache = {kind: {} for kind in run.train_kinds}
+    run.step_losses = {k: [] for k in run.train_kinds}
+    if state is not None:
+        run.history, run.epoch, run.global_step = state["history"], state["epoch"], state["step"]
+        run.train_seconds = state.get("train_seconds", 0.0)
+        run.step_losses = state.get("step_losses", run.step_losses)
 
-    batched = args.teacher_forcing == "batched"
-    stopped_early = False
-    time_limit = args.max_minutes * 60 if args.max_minutes else None
-    # --epochs 0: steps probe_start..auto_probe of the first epoch are timed (inside the warm-up)
-    probe_start, auto_probe = 15, 40
-    epoch = start_epoch
-    while epochs == 0 or epoch < epochs:
-        epoch_start = time.perf_counter()
-        sums = {k: [0.0, 0, 0] for k in train_kinds}  # loss * tokens, tokens, correct
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs or '?'}", unit="step")
-        probe_t0 = None
-        for step, (idx, pos, qa) in enumerate(batches.epoch(epoch)):
-            if step >= steps_per_epoch:
-                break
-            for kind in train_kinds:
-                vlm = vlms[kind]
-                res = _run_batch(vlm, pixels[kind], idx, pos, qa, ids_cache[kind], device, amp, batched)
-                opts[kind].zero_grad(set_to_none=True)
-                res.loss.backward()
-                torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), args.grad_clip)
-                opts[kind].step()
-                scheds[kind].step()
-                loss = float(res.loss.detach())
-                sums[kind][0] += loss * res.tokens
-                sums[kind][1] += res.tokens
-                sums[kind][2] += res.correct
-                step_losses[kind].append(round(loss, 4))
-            global_step += 1
-            bar.update()
-            bar.set_postfix({k[:4]: f"{sums[k][0] / max(sums[k][1], 1):.3f}" for k in train_kinds})
-            if epochs == 0:  # size the run from the measured step time
-                if step == probe_start or step == auto_probe - 1 or step == steps_per_epoch - 1:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                if step == probe_start:
-                    probe_t0 = time.perf_counter()
-                if step == auto_probe - 1 or step == steps_per_epoch - 1:
-                    if probe_t0 is not None and step > probe_start:
-                        per_step = (time.perf_counter() - probe_t0) / (step - probe_start)
-                    else:
-                        per_step = (time.perf_counter() - epoch_start) / (step + 1)
-                    eval_steps = 2 * math.ceil(sum(len(c.qa) for c in eval_clips) / args.batch_size)
-                    per_epoch = per_step * (steps_per_epoch + 0.5 * eval_steps) + 2.0
-                    left = time_limit - (time.perf_counter() - wall_start)
-                    epochs = max(1, int(0.95 * left / per_epoch))
-                    schedule["total"] = epochs * steps_per_epoch
-                    bar.set_description(f"epoch {epoch + 1}/{epochs}")
-                    print(f"auto: {per_step * 1000:.0f} ms/step -> {epochs} epochs in {args.max_minutes} min",
-                          file=sys.stderr)
-            if time_limit is not None and time.perf_counter() - wall_start > time_limit:
-                stopped_early = True
-                break
-        bar.close()
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-        record: dict[str, Any] = {"epoch": epoch + 1, "steps": global_step, "seconds": round(epoch_seconds, 2),
-                                  "lr_end": scheds[train_kinds[0]].get_last_lr()[0]}
-        for kind in train_kinds:
-            loss_sum, tokens, correct = sums[kind]
-            record[f"{kind}_train_loss"] = loss_sum / max(tokens, 1)
-            record[f"{kind}_train_token_accuracy"] = correct / max(tokens, 1)
-        if eval_clips:
-            for kind, scores in _evaluate({k: vlms[k] for k in train_kinds}, eval_pixels, eval_clips, args.batch_size, device, amp,
-                                          ids_cache, batched).items():
-                for name, value in scores.items():
-                    record[f"{kind}_eval_{name}"] = value
-        history.append(record)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), file=sys.stderr)
-        epoch += 1
-        if not stopped_early:
-            _save_pair({k: vlms[k] for k in train_kinds}, sizes, out, args.save_dtype)
-            save_state({
-                "epoch": epoch, "epochs": epochs, "step": global_step, "seed": args.seed,
-                "size_preset": args.size_preset, "history": history, "train_seconds": train_seconds,
-                "step_losses": step_losses,
-                "models": {k: vlms[k].model.state_dict() for k in train_kinds},
-                "optimizers": {k: v.state_dict() for k, v in opts.items()},
-                "schedulers": {k: v.state_dict() for k, v in scheds.items()},
-            }, state_path)
+
+def _train_step(run: _Run, idx: list[int], pos: list[int], qa: list, sums: dict) -> None:
+    """One optimiser step of every trained model on the same batch; adds to ``sums`` and the step losses."""
+    for kind in run.train_kinds:
+        vlm = run.vlms[kind]
+        res = _run_batch(vlm, run.pixels[kind], idx, pos, qa, run.ids_cache[kind], run.device, run.amp, run.batched)
+        run.opts[kind].zero_grad(set_to_none=True)
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), run.args.grad_clip)
+        run.opts[kind].step()
+        run.scheds[kind].step()
+        loss = float(res.loss.detach())
+        sums[kind][0] += loss * res.tokens
+        sums[kind][1] += res.tokens
+        sums[kind][2] += res.correct
+        run.step_losses[kind].append(round(loss, 4))
+
+
+class _AutoEpochs:
+    """--epochs 0: steps ``probe_start``..``probe_end`` of the first epoch are timed (inside the warm-up) and the
+    number of epochs that fits in --max_minutes is picked from them."""
+
+    probe_start, probe_end = 15, 40
+
+    def __init__(self, run: _Run, epoch_start: float):
+        self.run, self.epoch_start, self.t0 = run, epoch_start, None
+
+    def after_step(self, step: int, bar: Any) -> None:
+        run = self.run
+        last = step == self.probe_end - 1 or step == run.steps_per_epoch - 1
+        if (step == self.probe_start or last) and run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        if step == self.probe_start:
+            self.t0 = time.perf_counter()
+        if not last:
+            return
+        if self.t0 is not None and step > self.probe_start:
+            per_step = (time.perf_counter() - self.t0) / (step - self.probe_start)
         else:
-            _save_pair({k: vlms[k] for k in train_kinds}, sizes, out, args.save_dtype)  # the weights so far (the state keeps the last epoch)
-            break
+            per_step = (time.perf_counter() - self.epoch_start) / (step + 1)
+        eval_steps = 2 * math.ceil(sum(len(c.qa) for c in run.eval_clips) / run.args.batch_size)
+        per_epoch = per_step * (run.steps_per_epoch + 0.5 * eval_steps) + 2.0
+        left = run.time_limit - (time.perf_counter() - run.wall_start)
+        run.epochs = max(1, int(0.95 * left / per_epoch))
+        run.schedule["total"] = run.epochs * run.steps_per_epoch
+        bar.set_description(f"epoch {run.epoch + 1}/{run.epochs}")
+        print(f"auto: {per_step * 1000:.0f} ms/step -> {run.epochs} epochs in {run.args.max_minutes} min",
+              file=sys.stderr)
 
-    summary = {
+
+def _train_epoch(run: _Run) -> dict[str, list]:
+    """One epoch (or until the time limit); returns {kind: [loss * tokens, tokens, correct]}."""
+    from tqdm import tqdm
+
+    epoch_start = time.perf_counter()
+    sums = {k: [0.0, 0, 0] for k in run.train_kinds}
+    auto = _AutoEpochs(run, epoch_start)
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {run.epoch + 1}/{run.epochs or '?'}", unit="step")
+    for step, (idx, pos, qa) in enumerate(run.batches.epoch(run.epoch)):
+        if step >= run.steps_per_epoch:
+            break
+        _train_step(run, idx, pos, qa, sums)
+        run.global_step += 1
+        bar.update()
+        bar.set_postfix({k[:4]: f"{sums[k][0] / max(sums[k][1], 1):.3f}" for k in run.train_kinds})
+        if run.epochs == 0:  # size the run from the measured step time
+            auto.after_step(step, bar)
+        if run.time_limit is not None and time.perf_counter() - run.wall_start > run.time_limit:
+            run.stopped_early = True
+            break
+    bar.close()
+    return sums
+
+
+def _epoch_record(run: _Run, sums: dict, seconds: float) -> dict[str, Any]:
+    """The history row of the epoch just trained: train loss/accuracy and the held-out scores."""
+    record: dict[str, Any] = {"epoch": run.epoch + 1, "steps": run.global_step, "seconds": round(seconds, 2),
+                              "lr_end": run.scheds[run.train_kinds[0]].get_last_lr()[0]}
+    for kind in run.train_kinds:
+        loss_sum, tokens, correct = sums[kind]
+        record[f"{kind}_train_loss"] = loss_sum / max(tokens, 1)
+        record[f"{kind}_train_token_accuracy"] = correct / max(tokens, 1)
+    if run.eval_clips:
+        scores_of = _evaluate({k: run.vlms[k] for k in run.train_kinds}, run.eval_pixels, run.eval_clips,
+                              run.args.batch_size, run.device, run.amp, run.ids_cache, run.batched)
+        for kind, scores in scores_of.items():
+            for name, value in scores.items():
+                record[f"{kind}_eval_{name}"] = value
+    return record
+
+
+def _save_progress(run: _Run) -> None:
+    """The pair so far, and (after a finished epoch) the state a rerun resumes from."""
+    from common.models.state_file import save_state
+
+    args = run.args
+    _save_pair({k: run.vlms[k] for k in run.train_kinds}, run.sizes, run.out, args.save_dtype)
+    if run.stopped_early:
+        return  # the state keeps the last finished epoch
+    save_state({
+        "epoch": run.epoch, "epochs": run.epochs, "step": run.global_step, "seed": args.seed,
+        "size_preset": args.size_preset, "history": run.history, "train_seconds": run.train_seconds,
+        "step_losses": run.step_losses,
+        "models": {k: run.vlms[k].model.state_dict() for k in run.train_kinds},
+        "optimizers": {k: v.state_dict() for k, v in run.opts.items()},
+        "schedulers": {k: v.state_dict() for k, v in run.scheds.items()},
+    }, run.out / STATE_FILE)
+
+
+def _summary(run: _Run, argv: list[str] | None) -> dict[str, Any]:
+    """The run's summary (written to OUTPUT_DIR/train_tiny_pair.json)."""
+    args, sizes, clips, eval_clips = run.args, run.sizes, run.clips, run.eval_clips
+    return {
         "command": "python -m scripts.train_tiny_pair " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": vars(args), "epochs": epochs, "epochs_done": epoch, "steps": global_step,
-        "stopped_early": stopped_early, "trained_models": train_kinds, "init_from": args.init_from, "device": _device_name(device),
+        "args": vars(args), "epochs": run.epochs, "epochs_done": run.epoch, "steps": run.global_step,
+        "stopped_early": run.stopped_early, "trained_models": run.train_kinds, "init_from": args.init_from,
+        "device": _device_name(run.device),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "train_dataset": {"dir": str(args.dataset_dir), "split": args.split, "clips": len(clips),
                           "qa_pairs": sum(len(c.qa) for c in clips)},
         "eval_dataset": {"dir": str(args.eval_dataset_dir), "split": args.eval_split, "clips": len(eval_clips),
                          "qa_pairs": sum(len(c.qa) for c in eval_clips)} if eval_clips else None,
         "sizes": {k: vars(v) for k, v in sizes.items()},
-        "parameters": params,
+        "parameters": {kind: count_parameters(vlm.model) for kind, vlm in run.vlms.items()},
         "visual_tokens": {"eventgpt": 5 + (sizes["eventgpt"].image_size // sizes["eventgpt"].patch_size) ** 2 + 1,
-                          "videollava": 8 * ((sizes["videollava"].image_size // sizes["videollava"].patch_size) ** 2 + 1)},
-        "steps_per_epoch": steps_per_epoch, "clips_per_step": clips_per_batch,
-        "seconds": {"prepare": round(prep_seconds, 2), "train": round(train_seconds, 2),
-                    "total": round(time.perf_counter() - wall_start, 2)},
-        "history": history,
-        "first_losses": {k: v[:5] for k, v in step_losses.items()},
-        "last_losses": {k: v[-5:] for k, v in step_losses.items()},
-        "output_dir": str(out),
+                          "videollava": 8 * ((sizes["videollava"].image_size // sizes["videollava"].patch_size) ** 2
+                                             + 1)},
+        "steps_per_epoch": run.steps_per_epoch, "clips_per_step": run.clips_per_batch,
+        "seconds": {"prepare": round(run.prep_seconds, 2), "train": round(run.train_seconds, 2),
+                    "total": round(time.perf_counter() - run.wall_start, 2)},
+        "history": run.history,
+        "first_losses": {k: v[:5] for k, v in run.step_losses.items()},
+        "last_losses": {k: v[-5:] for k, v in run.step_losses.items()},
+        "output_dir": str(run.out),
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train (or resume) the pair; returns the training summary (also written to OUTPUT_DIR)."""
+    from common.cli import resolve_device, set_seed
+    from common.results import atomic_write_json, to_jsonable
+
+    args = build_parser().parse_args(argv)
+    train_kinds = _check_args(args)
+    wall_start = time.perf_counter()
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(args, out, device, _sizes(args), train_kinds, wall_start)
+    run.clips, run.eval_clips = _load_clips(args)
+    state = _load_resume_state(out) if args.resume else None
+    if state is not None and (state.get("size_preset") != args.size_preset or state.get("seed") != args.seed):
+        raise SystemExit(f"{out / STATE_FILE}: a run with other sizes or seed; use another --output_dir or --no_resume")
+    _load_models(run, state)
+    _prepare_pixels(run)
+    run.prep_seconds = time.perf_counter() - wall_start
+    _setup_optimisation(run, state)
+    params = {kind: count_parameters(vlm.model) for kind, vlm in run.vlms.items()}
+    print(f"train: {len(run.clips)} clips ({sum(len(c.qa) for c in run.clips)} question/answer pairs), "
+          f"{run.steps_per_epoch} steps/epoch of {run.clips_per_batch} clips x {args.questions_per_clip} questions; "
+          f"params eventgpt {params['eventgpt']:,} videollava {params['videollava']:,}; device {device}",
+          file=sys.stderr)
+    while run.epochs == 0 or run.epoch < run.epochs:
+        epoch_start = time.perf_counter()
+        sums = _train_epoch(run)
+        seconds = time.perf_counter() - epoch_start
+        run.train_seconds += seconds
+        record = _epoch_record(run, sums, seconds)
+        run.history.append(record)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), file=sys.stderr)
+        run.epoch += 1
+        _save_progress(run)
+        if run.stopped_early:
+            break
+    summary = _summary(run, argv)
     atomic_write_json(out / SUMMARY_FILE, to_jsonable(summary, strict=False))
     return summary
 

@@ -241,6 +241,28 @@ def test_4bit_refuses_layers_the_packed_cpu_path_cannot_pack(tmp_path, monkeypat
     assert "multiple of 64" in message and "(96->96)" in message and "--quant 8bit or fp32" in message
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_adapter_checkpoints_are_one_line_naming_the_file(tmp_path, damage):
+    """A damaged hidden-adapter or TokenAdapter weights file: ModelLoadError naming it, not a raw SafetensorError."""
+    from feature_alignment.hidden_adapter import create_adapter, load_any_adapter, save_adapter
+    from token_alignment.token_adapter import TokenAdapter, TokenAdapterConfig
+
+    hidden_file = save_adapter(create_adapter(1, 16, 32), tmp_path / "best.safetensors", {"epoch": 1})
+    token_dir = TokenAdapter(TokenAdapterConfig(draft_vocab_size=40, target_vocab_size=40, vocab_limit=32, d_model=16,
+                                                n_layers=1, n_heads=2)).save_pretrained(tmp_path / "token")
+    token_file = token_dir / "model.safetensors"
+    for file in (hidden_file, token_file):
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 7)
+    for load, file in ((lambda: load_any_adapter(hidden_file), hidden_file),
+                       (lambda: TokenAdapter.from_pretrained(token_dir), token_file)):
+        with pytest.raises(ModelLoadError) as info:
+            load()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{file}: corrupt or truncated safetensors file")
+        assert "again" in message  # the fix: train / save it again
+
+
 # ----------------------------------------------------------------------------- training states
 
 

@@ -73,8 +73,8 @@ def test_bad_sample_is_recorded_and_skipped(tiny_models_dir, tiny_dataset, tmp_p
 
 
 def test_token_adapter_drafter_reports_aligned_metrics(tiny_models_dir, tiny_dataset, tmp_path):  # noqa: F811
+    from common.drafters.token_adapter import TokenAdapter, TokenAdapterConfig
     from common.models.loader import load_vlm
-    from token_alignment.token_adapter import TokenAdapter, TokenAdapterConfig
 
     draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", device="cpu")
     target = load_vlm("videollava", tiny_models_dir / "videollava", device="cpu")
@@ -85,6 +85,8 @@ def test_token_adapter_drafter_reports_aligned_metrics(tiny_models_dir, tiny_dat
                         "--use_token_adapter", "--token_adapter_path", str(tmp_path / "adapter")))
     stats = out["statistics"]
     assert stats["drafter"] == "token_adapter" and stats["sd_lossless_rate"] == 1.0
+    config = read_json(tmp_path / "out" / out["run_dir"].split("/")[-1] / "config.json")  # the harness run records the checkpoint it used
+    assert config["drafter"] == {"kind": "token_adapter", "checkpoint": str(tmp_path / "adapter")}
     for key in ("aligned_acceptance_rate_avg", "aligned_acceptance_rate_std", "aligned_top5_rate_avg",
                 "aligned_improvement"):
         assert key in stats
@@ -92,8 +94,8 @@ def test_token_adapter_drafter_reports_aligned_metrics(tiny_models_dir, tiny_dat
 
 def test_eagle_drafter_flag_is_lossless_in_both_benchmarks(tiny_models_dir, tiny_dataset, tmp_path):  # noqa: F811
     from benchmark_parallel_prefill import benchmark_parallel_prefill as bp
+    from common.drafters.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
     from common.models.loader import load_vlm
-    from feature_alignment.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
 
     target = load_vlm("videollava", tiny_models_dir / "videollava", device="cpu")
     save_eagle_head(EagleHead(EagleHeadConfig.for_target(target)), tmp_path / "eagle")

@@ -12,12 +12,12 @@ from benchmark_parallel_prefill import compare_drafters as cd
 from common.compression import PooledVideoLlava, pool_video_tokens, pooled_drafter
 from common.data import ClipDataset
 from common.defaults import default_dataset_dir, default_model_path
+from common.drafters.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
+from common.drafters.hidden_adapter import create_adapter, save_adapter
 from common.models.loader import load_vlm
 from common.pipeline import prefill_sample
 from common.results import read_json
 from common.speculative import autoregressive_generate, speculative_generate
-from feature_alignment.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
-from feature_alignment.hidden_adapter import create_adapter, save_adapter
 
 NEW = 8
 
@@ -33,7 +33,7 @@ def pair():
 @pytest.fixture(scope="module")
 def checkpoints(pair, tmp_path_factory):
     """Random-weight TokenAdapter, L1, L5 and EAGLE head checkpoints for the default pair."""
-    from token_alignment.token_adapter import TokenAdapter, TokenAdapterConfig
+    from common.drafters.token_adapter import TokenAdapter, TokenAdapterConfig
 
     draft, target = pair
     out = tmp_path_factory.mktemp("drafter_ckpts")

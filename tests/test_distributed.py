@@ -127,3 +127,55 @@ def test_ddp_training_matches_one_process(single, tmp_path):
     stats = json.loads((tmp_path / "two" / "results.json").read_text())["statistics"]
     assert stats["num_processes"] == 2
     assert (tmp_path / "two" / "best.safetensors").is_file() and (tmp_path / "two" / "RESULTS.md").is_file()
+
+
+def _token_records(path: Path, n: int, seed: int, split: str) -> Path:
+    """``n`` synthetic token-pair records (no models needed): target answers that echo the draft's, with noise."""
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            draft = [rng.randrange(4, 30) for _ in range(rng.randrange(2, 7))]
+            target = [t if rng.random() < 0.7 else rng.randrange(4, 30) for t in draft]
+            f.write(json.dumps({"id": f"{split}{i}_q0", "clip_id": f"{split}{i}", "split": split,
+                                "egpt_token_ids": draft, "videollava_token_ids": target,
+                                "egpt_tf_token_ids": [rng.randrange(4, 30) for _ in target],
+                                "egpt_vocab_size": 40, "videollava_vocab_size": 40, "egpt_base_vocab_size": 32,
+                                "videollava_base_vocab_size": 32, "max_new_tokens": 6}) + "\n")
+    return path
+
+
+def test_ddp_token_adapter_training_matches_one_process(tmp_path):
+    from token_alignment.train_and_evaluate import main as train
+
+    train_file = _token_records(tmp_path / "train.jsonl", 9, 0, "train")
+    test_file = _token_records(tmp_path / "test.jsonl", 3, 1, "test")
+    # odd global batches (3 over 2 ranks) and dropout 0, so both runs see the same numbers
+    argv = ["--train_tokens", str(train_file), "--test_tokens", str(test_file), "--val_fraction", "0.3",
+            "--epochs", "3", "--early_stopping", "0", "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
+            "--dropout", "0", "--batch_size", "3", "--device", "cpu", "--live_samples", "0", "--task_name", "t"]
+    one = train([*argv, "--output_dir", str(tmp_path / "one")])
+    launch("token_alignment.train_and_evaluate", [*argv, "--output_dir", str(tmp_path / "two")])
+    runs = [p for p in (tmp_path / "two").iterdir() if p.is_dir() and p.name.startswith("t_")]
+    assert len(runs) == 1  # only the main process writes a run folder
+    two = json.loads((runs[0] / "results.json").read_text())
+    h1, h2 = one["history"], two["history"]
+    assert len(h1) == len(h2) == 3
+    for r1, r2 in zip(h1, h2):
+        for key in ("train_loss", "train_top1", "val_loss", "val_top1", "lr"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
+    assert h1[-1]["train_loss"] < h1[0]["train_loss"]
+    assert two["statistics"]["best_epoch"] == one["best_epoch"]
+
+
+def test_launcher_chunks_take_the_rank_shard_unless_chunks_are_given(monkeypatch) -> None:
+    from common.distributed import launcher_chunks
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert launcher_chunks(1, 0) == (4, 2, True)
+    assert launcher_chunks(None, 0) == (4, 2, True)
+    assert launcher_chunks(8, 5) == (8, 5, False)  # explicit --num_chunks wins
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launcher_chunks(1, 0) == (1, 0, False)

@@ -10,11 +10,7 @@ from safetensors import safe_open
 
 from common.data import ClipDataset
 from common.defaults import default_dataset_dir, default_model_path
-from common.models.loader import load_vlm
-from common.pipeline import prefill_sample
-from common.speculative import autoregressive_generate, speculative_generate
-from feature_alignment import extract_hidden_states as extract
-from feature_alignment.eagle_head import (
+from common.drafters.eagle_head import (
     EagleDrafter,
     EagleHead,
     EagleHeadConfig,
@@ -23,6 +19,10 @@ from feature_alignment.eagle_head import (
     make_eagle_drafter,
     save_eagle_head,
 )
+from common.models.loader import load_vlm
+from common.pipeline import prefill_sample
+from common.speculative import autoregressive_generate, speculative_generate
+from feature_alignment import extract_hidden_states as extract
 from feature_alignment.train_eagle_head import main as train_main
 
 MAX_NEW = 8
@@ -163,6 +163,7 @@ def test_cuda_graph_verification_with_features_is_lossless(tmp_path):
 
 def test_eagle_drafter_through_run_parallel(models):
     """As a benchmark would wire --drafter eagle: the engine's target is a fresh EagleTarget per sample."""
+    from common.drafters import DrafterFactory
     from common.parallel import run_parallel
 
     draft, target = models
@@ -171,8 +172,8 @@ def test_eagle_drafter_through_run_parallel(models):
     sample = samples(1)[0]
     reference = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=10).tokens
 
-    def make(draft_model, draft_state, tgt):
-        return make_eagle_drafter(head, draft_state, tgt, None)
-
-    out = run_parallel(draft, EagleTarget(target, -1), sample, make, max_new_tokens=10, gamma=3, max_free_tokens=4)
+    factory = DrafterFactory("eagle", adapter=head)
+    proxy = factory.engine_target(target)
+    assert isinstance(proxy, EagleTarget) and proxy.layer == -1
+    out = run_parallel(draft, proxy, sample, factory, max_new_tokens=10, gamma=3, max_free_tokens=4)
     assert out.result.tokens == reference and out.free_tokens == []

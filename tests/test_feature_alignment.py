@@ -12,11 +12,7 @@ import torch
 from safetensors import safe_open
 
 from common.defaults import default_model_path
-from common.models.loader import load_vlm
-from common.speculative import autoregressive_generate, speculative_generate
-from feature_alignment import extract_hidden_states as extract
-from feature_alignment.drafter import HiddenAdapterDrafter, adapter_input_layers, load_hidden_adapter_drafter
-from feature_alignment.hidden_adapter import (
+from common.drafters.hidden_adapter import (
     LEVELS,
     create_adapter,
     load_any_adapter,
@@ -24,6 +20,14 @@ from feature_alignment.hidden_adapter import (
     save_adapter,
     scaled_width,
 )
+from common.drafters.hidden_drafter import (
+    HiddenAdapterDrafter,
+    adapter_input_layers,
+    load_hidden_adapter_drafter,
+)
+from common.models.loader import load_vlm
+from common.speculative import autoregressive_generate, speculative_generate
+from feature_alignment import extract_hidden_states as extract
 from feature_alignment.hidden_store import (
     INDEX_FILE,
     LIVE_CHUNKS,

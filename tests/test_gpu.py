@@ -100,7 +100,7 @@ def test_graphed_vision_encode_matches_eager(tiny_models_dir, kind):
         eager = vlm.encode_pixels(pixels).embeds
         vlm.enable_vision_graphs()
         first, second = vlm.encode_pixels(pixels).embeds, vlm.encode_pixels(pixels * 0.5).embeds
-        assert isinstance(vlm.encode_pixels, GraphedVisionEncoder)
+        assert isinstance(vlm.vision_graphs, GraphedVisionEncoder)
         assert torch.allclose(first, eager, atol=1e-5)
         assert not torch.allclose(second, first)  # replays read the new input
         vlm.disable_cuda_graphs()

@@ -61,8 +61,5 @@ def test_training_curves(tmp_path: Path) -> None:
     assert _is_png(plots.plot_training_curves(hist, tmp_path / "curves.png", panels))
 
 
-def test_bars_and_histogram(tmp_path: Path) -> None:
+def test_bars(tmp_path: Path) -> None:
     assert _is_png(plots.plot_bars({"raw": 0.98, "L1": 1.1, "L4": 1.3}, tmp_path / "b.png", "Speedup", "x", ref=1.0))
-    assert _is_png(plots.plot_histogram({0: 10, 1: 4, 3: 1}, tmp_path / "h.png", "Accepted length", "tokens"))
-    assert _is_png(plots.plot_histogram([0, 0, 1, 2, 2, 2, 5], tmp_path / "h2.png", "t", "x"))
-    assert Path(plots.plot_histogram([], tmp_path / "h3.png", "empty", "x")).exists()

@@ -16,22 +16,22 @@ import pytest
 import torch
 
 from common.defaults import default_model_path
+from common.drafters.token_adapter import (
+    AdapterExample,
+    TokenAdapter,
+    TokenAdapterConfig,
+    TokenAdapterDrafter,
+    simulate_live_acceptance,
+)
+from common.drafters.token_drafter import aligned_metrics, find_latest_adapter, load_token_adapter_drafter
 from common.speculative import autoregressive_generate, speculative_generate
 from token_alignment import extract_tokens
-from token_alignment.drafter import aligned_metrics, find_latest_adapter, load_token_adapter_drafter
 from token_alignment.pairs import (
     append_jsonl,
     file_lock,
     load_token_pairs,
     read_jsonl,
     split_by_clip,
-)
-from token_alignment.token_adapter import (
-    AdapterExample,
-    TokenAdapter,
-    TokenAdapterConfig,
-    TokenAdapterDrafter,
-    simulate_live_acceptance,
 )
 from token_alignment.train_and_evaluate import main as train_main
 

@@ -36,17 +36,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.cli import add_common_args, add_retry_arg, positive_int, set_seed, shard
-from common.data import ClipDataset, ClipSample
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.distributed import all_true, barrier, destroy, launcher_shard, local_device, world
 from common.errors import DataError
+from common.lazy import no_grad
 from common.progress import progress, progress_bar
-from common.speculative import autoregressive_generate
 from token_alignment.pairs import (
     DRAFT_KEYS,
     DRAFT_TF_KEYS,
@@ -57,7 +53,9 @@ from token_alignment.pairs import (
     merge_parts,
     read_jsonl,
 )
-from token_alignment.token_adapter import masked_argmax, safe_draft_ids
+
+if TYPE_CHECKING:  # torch and numpy are imported inside the functions, so --help prints fast
+    from common.data import ClipSample
 
 DEFAULT_OUTPUT_DIR = Path("data") / "token_alignment"
 ALL_KEYS = DRAFT_KEYS + TARGET_KEYS + DRAFT_TF_KEYS
@@ -147,6 +145,8 @@ def _answer_record(model: Any, sample: ClipSample, ids: Sequence[int], seconds: 
 
 def _answer(model: Any, visual: Any, sample: ClipSample, max_new_tokens: int, prefix: str) -> dict:
     """Greedy answer of ``model`` (generated ids only) with its prompt, text and seconds."""
+    from common.speculative import autoregressive_generate
+
     start = time.perf_counter()
     state = model.prefill(visual, sample.question)
     gen = autoregressive_generate(model, state, max_new_tokens=max_new_tokens)
@@ -164,11 +164,13 @@ def _answers(model: Any, visuals: Sequence[Any], samples: Sequence[ClipSample], 
             for s, ids in zip(samples, answers, strict=True)]
 
 
-@torch.no_grad()
+@no_grad
 def _draft_teacher_forced(egpt: Any, visuals: Sequence[Any], samples: Sequence[ClipSample],
                           target_ids: Sequence[Sequence[int]], target_base_vocab: Sequence[int]) -> list[dict]:
     """EventGPT teacher forced on the target's answers (one padded pass): its masked greedy next token
     at every target position."""
+    from common.drafters.token_adapter import masked_argmax, safe_draft_ids
+
     out: list[dict | None] = [None] * len(samples)
     unk = getattr(egpt.tokenizer, "unk_token_id", None)
     rows = []
@@ -247,6 +249,8 @@ def _load(kind: str, path: Path, args: argparse.Namespace):
 
 def _release_memory() -> None:
     """Give freed model memory back (call after dropping the last reference to a model)."""
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -296,22 +300,32 @@ def _report(output: Path, samples: Sequence[ClipSample], have: dict, errors: lis
     return summary
 
 
+def planned_samples(dataset_dir: Path, args: argparse.Namespace, errors: list[tuple[str, str]]) -> list[ClipSample]:
+    """This run's samples (--split, --max_questions, --max_samples, this shard); unreadable ones go to ``errors``."""
+    from common.data import ClipDataset
+
+    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
+                          allow_pickle=args.allow_pickle, event_source=args.event_source)
+    samples = list(dataset.iter_samples(deep=False, errors=errors))
+    if args.max_samples is not None:
+        samples = samples[: args.max_samples]
+    return shard(samples, args.num_chunks, args.chunk_idx)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    from common.distributed import launcher_chunks, local_device
+
     set_seed(args.seed)
-    launched = launcher_shard(args)  # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    # under accelerate/torchrun: rank r takes shard r of WORLD_SIZE
+    args.num_chunks, args.chunk_idx, launched = launcher_chunks(args.num_chunks, args.chunk_idx)
     args.device = local_device(args.device)
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
     merged_output, output = output_files(args.output_file, args.split, args.max_questions, args.num_chunks,
                                          args.chunk_idx, launched)
-    dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
-                          allow_pickle=args.allow_pickle, event_source=args.event_source)
     errors: list[tuple[str, str]] = []
-    samples = list(dataset.iter_samples(deep=False, errors=errors))
-    if args.max_samples is not None:
-        samples = samples[: args.max_samples]
-    samples = shard(samples, args.num_chunks, args.chunk_idx)
+    samples = planned_samples(dataset_dir, args, errors)
     start = time.perf_counter()
     written = {"draft": 0, "target": 0, "draft_tf": 0, "complete": 0}
 
@@ -398,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _merge_launched(merged_output: Path, num_chunks: int, complete: bool) -> dict:
     """Every rank waits; rank 0 then writes the merged file from all parts (global order), atomically."""
+    from common.distributed import all_true, barrier, destroy, world
+
     rank, size, _ = world()
     barrier()
     all_complete = all_true(complete)  # every rank's "all my samples complete" flag

@@ -48,12 +48,12 @@ from token_alignment.pairs import clip_of, load_token_pairs, split_by_clip
 if TYPE_CHECKING:  # heavy imports happen inside the functions, so --help prints fast
     import torch
 
-    from common.speculative import SpecResult
-    from token_alignment.token_adapter import (
+    from common.drafters.token_adapter import (
         AdapterExample,
         TokenAdapter,
         TokenAdapterConfig,
     )
+    from common.speculative import SpecResult
 
 STAGE = "token_alignment"
 TASK_ROOT = results_dir(STAGE)  # results/token_alignment (older versions wrote token_alignment/task)
@@ -111,14 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------
 
 def to_example(record: dict) -> AdapterExample:
-    from token_alignment.token_adapter import AdapterExample
+    from common.drafters.token_adapter import AdapterExample
 
     return AdapterExample(list(record["egpt_token_ids"]), list(record["videollava_token_ids"]),
                           list(record["egpt_tf_token_ids"]))
 
 
 def _config_from(records: Sequence[dict], args: argparse.Namespace) -> TokenAdapterConfig:
-    from token_alignment.token_adapter import TokenAdapterConfig
+    from common.drafters.token_adapter import TokenAdapterConfig
 
     limit = min(int(r.get("vocab_limit") or min(r["egpt_base_vocab_size"], r["videollava_base_vocab_size"]))
                 for r in records)
@@ -145,7 +145,7 @@ def predict(adapter: TokenAdapter, records: Sequence[dict], batch_size: int = 64
     """Per record: top-5 ids at every target position, and the mean loss over all predictable positions."""
     import torch
 
-    from token_alignment.token_adapter import IGNORE
+    from common.drafters.token_adapter import IGNORE
 
     adapter.eval()
     tops: list[list[list[int]]] = []
@@ -170,8 +170,8 @@ def _rate(hits: int, total: int) -> float | None:
 
 
 def _simulated(hit_lists: Sequence[Sequence[bool]], gamma: int, max_new: Sequence[int]) -> dict[str, Any]:
+    from common.drafters.token_adapter import simulate_live_acceptance
     from common.speculative import SpecResult, aggregate_metrics
-    from token_alignment.token_adapter import simulate_live_acceptance
 
     results = [SpecResult(tokens=[], iterations=simulate_live_acceptance(h, gamma, m)["iterations"])
                for h, m in zip(hit_lists, max_new)]
@@ -263,89 +263,66 @@ class _Selection:
         return {"history": self.history, "best_epoch": self.best_epoch, "epochs_run": len(self.history)}
 
 
+def _train_step(model: Any, adapter: TokenAdapter, examples: list, batch_ids: list[int], accelerator: Any,
+                opt: torch.optim.Optimizer) -> torch.Tensor:
+    """One global batch: this rank's share, its loss sums over the whole batch's tokens; (loss, tokens, hits)."""
+    import torch
+
+    from common.drafters.token_adapter import IGNORE
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = shard(batch_ids, world, rank)
+    batch = adapter.collate([examples[j] for j in (mine or batch_ids[:1])])  # no share: a zero-weighted forward
+    whole = batch if mine == batch_ids else adapter.collate([examples[j] for j in batch_ids])
+    count = max(1, int((whole["labels"] != IGNORE).sum()))  # tokens of the global batch
+    logits = model(batch)
+    labels = batch["labels"].to(logits.device)
+    valid = labels != IGNORE
+    ce = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum") if bool(valid.any()) \
+        else logits.sum() * 0.0
+    loss = ce * (1.0 if mine else 0.0) / count
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss * world)  # DDP averages over ranks: undo the 1/world
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if not mine:
+        return torch.zeros(3, dtype=torch.float64)
+    return torch.tensor([float(ce.detach()), float(valid.sum()), float((logits.argmax(-1) == labels)[valid].sum())],
+                        dtype=torch.float64)
+
+
 def train(adapter: TokenAdapter, train_records: Sequence[dict], val_records: Sequence[dict],
           args: argparse.Namespace, checkpoint_dir: Path | None, log=print, accelerator: Any = None) -> dict[str, Any]:
     """Train; after every epoch evaluate on val and save the checkpoint when val top-1 improves (ties: lower loss).
 
     Only ``train_records`` and ``val_records`` are seen here: the test split cannot influence selection.
-    ``accelerator`` with several processes: DDP, every rank takes its contiguous share of each global
-    batch (same updates as one process); only the main process saves (``checkpoint_dir``).
+    One loop for one process and many (``accelerator``; None = a one-process CPU/device pass-through):
+    every rank takes its contiguous share of each global batch and divides its loss sum by the
+    global batch's tokens, so DDP's averaged gradients equal one process's update on the whole batch;
+    token sums are reduced across ranks and only the main process saves (``checkpoint_dir``).
     """
     import torch
 
-    from token_alignment.token_adapter import IGNORE
+    from common.distributed import make_accelerator
 
+    if accelerator is None:
+        accelerator = make_accelerator(str(adapter.device))
     examples = [to_example(r) for r in train_records]
     opt = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if accelerator is not None and accelerator.num_processes > 1:
-        return _train_distributed(adapter, examples, val_records, args, checkpoint_dir, log, accelerator, opt)
-    sched = _lr_schedule(opt, max(1, math.ceil(len(examples) / args.batch_size)), args.epochs)
-    gen = torch.Generator().manual_seed(args.seed)
-    selection = _Selection(adapter, args, checkpoint_dir, log)
-    for epoch in range(1, args.epochs + 1):
-        adapter.train()
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        loss_sum, n_tok, hit = 0.0, 0, 0
-        for i in range(0, len(order), args.batch_size):
-            batch = adapter.collate([examples[j] for j in order[i:i + args.batch_size]])
-            loss, logits = adapter.loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            labels = batch["labels"].to(logits.device)
-            valid = labels != IGNORE
-            k = int(valid.sum())
-            loss_sum += loss.item() * k
-            n_tok += k
-            hit += int((logits.argmax(-1) == labels)[valid].sum())
-        val = teacher_forced_report(adapter, val_records, args.gamma)
-        if selection.end_epoch(epoch, loss_sum, n_tok, hit, val, sched.get_last_lr()[0]):
-            break
-    return selection.result()
-
-
-def _train_distributed(adapter: TokenAdapter, examples: list, val_records: Sequence[dict], args: argparse.Namespace,
-                       checkpoint_dir: Path | None, log, accelerator: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """``train`` under DDP: global batches split across ranks, token sums reduced, main process saves."""
-    import torch
-
-    from token_alignment.token_adapter import IGNORE
-
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     sched = _lr_schedule(opt, max(1, math.ceil(len(examples) / args.batch_size)), args.epochs)  # not wrapped
     model, dopt = accelerator.prepare(adapter, opt)
     gen = torch.Generator().manual_seed(args.seed)
-    selection = _Selection(adapter, args, checkpoint_dir, log, main=main)
+    selection = _Selection(adapter, args, checkpoint_dir, log, main=accelerator.is_main_process)
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = torch.randperm(len(examples), generator=gen).tolist()
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, hits of this rank
         for i in range(0, len(order), args.batch_size):
-            batch_ids = order[i:i + args.batch_size]
-            whole = adapter.collate([examples[j] for j in batch_ids])
-            count = max(1, int((whole["labels"] != IGNORE).sum()))  # tokens of the global batch
-            mine = shard(batch_ids, world, rank) or batch_ids[:1]  # no share: a zero-weighted forward
-            weight = 1.0 if shard(batch_ids, world, rank) else 0.0
-            batch = adapter.collate([examples[j] for j in mine])
-            logits = model(batch)
-            labels = batch["labels"].to(logits.device)
-            valid = labels != IGNORE
-            ce = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum") if bool(valid.any()) \
-                else logits.sum() * 0.0
-            loss = ce * weight / count
-            dopt.zero_grad(set_to_none=True)
-            accelerator.backward(loss * world)  # DDP averages over ranks: undo the 1/world
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            dopt.step()
+            sums += _train_step(model, adapter, examples, order[i:i + args.batch_size], accelerator, dopt)
             sched.step()
-            if weight:
-                sums += torch.tensor([float(ce.detach()), float(valid.sum()),
-                                      float((logits.argmax(-1) == labels)[valid].sum())], dtype=torch.float64)
         loss_sum, n_tok, hit = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
         val = teacher_forced_report(adapter, val_records, args.gamma)  # every rank: same weights, same selection
-        if selection.end_epoch(epoch, loss_sum, n_tok, hit, val, sched.get_last_lr()[0]):
+        if selection.end_epoch(epoch, loss_sum, n_tok, int(hit), val, sched.get_last_lr()[0]):
             break
     accelerator.wait_for_everyone()
     return selection.result()
@@ -355,10 +332,29 @@ def _train_distributed(adapter: TokenAdapter, examples: list, val_records: Seque
 # Live evaluation
 # ----------------------------------------------------------------------------------------
 
+def _live_sample(record: dict, args: argparse.Namespace, datasets: dict[tuple, dict]) -> Any:
+    """The clip sample a token record was extracted from, read as the extraction read it (``event_source``)."""
+    from common.data import DEFAULT_EVENT_SOURCE, ClipDataset
+
+    key = (args.dataset_dir or record.get("dataset_dir"), record.get("split"), int(record.get("max_questions") or 1),
+           record.get("event_source") or DEFAULT_EVENT_SOURCE)
+    if key not in datasets:
+        if key[0] is None:
+            raise SystemExit("the test records name no dataset_dir: pass --dataset_dir for the live run")
+        ds = ClipDataset(key[0], split=key[1], max_questions=key[2], allow_pickle=args.allow_pickle,
+                         event_source=key[3])
+        datasets[key] = {s.id: s for s in ds.samples}
+    sample = datasets[key].get(str(record["id"]))
+    if sample is None:
+        raise SystemExit(f"sample {record['id']} not found in {key[0]} (split {key[1]}); pass the right --dataset_dir")
+    return sample
+
+
 def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Speculative decoding on test samples: raw EventGPT drafter vs adapter drafter, both checked lossless."""
-    from common.data import ClipDataset
     from common.defaults import resolve_model_paths
+    from common.drafters.token_adapter import SafeDraftModel, TokenAdapterDrafter
+    from common.drafters.token_drafter import aligned_metrics
     from common.models.loader import load_vlm
     from common.speculative import (
         ModelDrafter,
@@ -366,8 +362,6 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
         autoregressive_generate,
         speculative_generate,
     )
-    from token_alignment.drafter import aligned_metrics
-    from token_alignment.token_adapter import SafeDraftModel, TokenAdapterDrafter
 
     egpt_path, vllava_path = resolve_model_paths(args.eventgpt_path, args.videollava_path)
     kwargs = {"allow_pickle": True} if args.allow_pickle else {}
@@ -379,15 +373,7 @@ def live_report(adapter: TokenAdapter, records: Sequence[dict], args: argparse.N
     samples, pairs, raw_results, ada_results = [], [], [], []
     lossless_raw = lossless_ada = ref_same = answer_same = 0
     for r in progress(records, "live speculative decoding", "sample"):
-        key = (args.dataset_dir or r.get("dataset_dir"), r.get("split"), int(r.get("max_questions") or 1))
-        if key not in datasets:
-            if key[0] is None:
-                raise SystemExit("the test records name no dataset_dir: pass --dataset_dir for the live run")
-            ds = ClipDataset(key[0], split=key[1], max_questions=key[2], allow_pickle=args.allow_pickle)
-            datasets[key] = {s.id: s for s in ds.samples}
-        sample = datasets[key].get(str(r["id"]))
-        if sample is None:
-            raise SystemExit(f"sample {r['id']} not found in {key[0]} (split {key[1]}); pass the right --dataset_dir")
+        sample = _live_sample(r, args, datasets)
         max_new = int(args.max_new_tokens or r.get("max_new_tokens") or len(r["videollava_token_ids"]))
         vis_e, vis_v = egpt.encode(sample), vllava.encode(sample)
         ref = autoregressive_generate(vllava, vllava.prefill(vis_v, sample.question), max_new_tokens=max_new)
@@ -535,15 +521,12 @@ def _plots(history: list[dict], run: Path) -> None:
                          [("accuracy", ["train_top1", "val_top1", "val_top5", "val_baseline_draft_next"])])
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    from common.distributed import make_accelerator
-    from token_alignment.token_adapter import TokenAdapter
+def _pair_keys(records: Sequence[dict]) -> set[str]:
+    return {json.dumps([r.get("egpt_model"), r.get("videollava_model")], sort_keys=True) for r in records}
 
-    set_seed(args.seed)
-    accelerator = make_accelerator(args.device)
-    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
-    started = time.perf_counter()
+
+def load_splits(args: argparse.Namespace) -> tuple[list[dict], list[dict], str]:
+    """(train records, validation records, where validation comes from); warns on mixed pairs or shared clips."""
     train_records = load_token_pairs(args.train_tokens)
     if args.val_tokens:
         val_records, val_source = load_token_pairs(args.val_tokens), "--val_tokens"
@@ -552,44 +535,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
         val_source = f"{args.val_fraction:.0%} of train clips held out"
     if not train_records or not val_records:
         raise SystemExit("no complete training/validation records: finish the extraction first")
-    pairs_used = {json.dumps([r.get("egpt_model"), r.get("videollava_model")], sort_keys=True)
-                  for r in train_records + val_records}
+    pairs_used = _pair_keys(train_records + val_records)
     if len(pairs_used) > 1:
         warnings.warn(f"the training/validation records come from {len(pairs_used)} different model pairs",
                       stacklevel=1)
     overlap = {clip_of(r) for r in train_records} & {clip_of(r) for r in val_records}
     if overlap:
         warnings.warn(f"{len(overlap)} clips are in both train and validation", stacklevel=1)
-    output_dir = Path(args.output_dir) if args.output_dir else TASK_ROOT
-    adapter = TokenAdapter(_config_from(train_records + val_records, args)).to(device)
-    if accelerator.num_processes > 1:  # DDP: every rank trains its share; the main process does the rest
-        run = RunFolder.create(STAGE, args.task_name, output_dir=output_dir, resume=False) \
-            if accelerator.is_main_process else None
-        if run is not None:
-            run.write_config(args, list(argv) if argv is not None else None)
-        trained = train(adapter, train_records, val_records, args, run.path / "checkpoint" if run else None,
-                        accelerator=accelerator)
-        if run is None:  # no barrier: the main process may evaluate live for a long time
-            accelerator.end_training()
-            return {"run_dir": None, "rank": accelerator.process_index, "best_epoch": trained["best_epoch"],
-                    "history": trained["history"]}
-    else:
-        run = RunFolder.create(STAGE, args.task_name, output_dir=output_dir, resume=False)
-        run.write_config(args, list(argv) if argv is not None else None)
-    print(f"run folder {run.path}; train {len(train_records)} samples, val {len(val_records)} ({val_source})")
-    if accelerator.num_processes == 1:
-        trained = train(adapter, train_records, val_records, args, run.path / "checkpoint")
-    best = TokenAdapter.from_pretrained(run.path / "checkpoint", device=device)
-    val_report = teacher_forced_report(best, val_records, args.gamma)
-    # --- the test split is read only now, after selection ---
+    return list(train_records), list(val_records), val_source
+
+
+def load_test(args: argparse.Namespace, seen: Sequence[dict]) -> tuple[list[dict], int]:
+    """The test records (read only after selection) and how many of their clips the model has seen."""
     test_records = load_token_pairs(args.test_tokens)
-    test_pairs = {json.dumps([r.get("egpt_model"), r.get("videollava_model")], sort_keys=True) for r in test_records}
-    if test_pairs - pairs_used:
+    if _pair_keys(test_records) - _pair_keys(seen):
         warnings.warn("the test records come from another model pair than the training records", stacklevel=1)
-    leaked = {clip_of(r) for r in test_records} & {clip_of(r) for r in train_records + val_records}
+    leaked = {clip_of(r) for r in test_records} & {clip_of(r) for r in seen}
     if leaked:
         warnings.warn(f"{len(leaked)} test clips also appear in train/validation: test numbers are optimistic",
                       stacklevel=1)
+    return list(test_records), len(leaked)
+
+
+def evaluate_best(best: TokenAdapter, args: argparse.Namespace, train_records: list[dict], val_records: list[dict],
+                  val_source: str) -> tuple[dict[str, Any], list[dict]]:
+    """Statistics of the selected checkpoint (validation, test teacher forced, live) and the live samples."""
+    val_report = teacher_forced_report(best, val_records, args.gamma)
+    test_records, leaked = load_test(args, train_records + val_records)  # the test split is read only now
     test_report = teacher_forced_report(best, test_records, args.gamma)
     live = None
     if args.live_samples > 0:
@@ -597,16 +569,44 @@ def main(argv: Sequence[str] | None = None) -> dict:
         live = live_report(best, subset, args)
         live["teacher_forced_same_samples"] = teacher_forced_report(best, subset, args.gamma)
     stats = {
-        "best_epoch": trained["best_epoch"], "epochs_run": trained["epochs_run"],
         "data": {"train_samples": len(train_records), "train_clips": len({clip_of(r) for r in train_records}),
                  "val_samples": len(val_records), "val_clips": len({clip_of(r) for r in val_records}),
-                 "val_source": val_source, "test_clips_in_train_or_val": len(leaked)},
+                 "val_source": val_source, "test_clips_in_train_or_val": leaked},
         "val_teacher_forced": val_report, "test_teacher_forced": test_report,
         "live": {k: v for k, v in live.items() if k != "samples"} if live else None,
         "adapter_config": {k: v for k, v in best.config.__dict__.items() if k != "extra"},
-        "seconds": time.perf_counter() - started,
     }
-    run.write_results(live["samples"] if live else [], stats, extra={"history": trained["history"]})
+    return stats, live["samples"] if live else []
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    from common.distributed import make_accelerator
+    from common.drafters.token_adapter import TokenAdapter
+
+    set_seed(args.seed)
+    accelerator = make_accelerator(args.device)
+    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
+    started = time.perf_counter()
+    train_records, val_records, val_source = load_splits(args)
+    output_dir = Path(args.output_dir) if args.output_dir else TASK_ROOT
+    adapter = TokenAdapter(_config_from(train_records + val_records, args)).to(device)
+    run = None  # DDP: every rank trains its share; the main process writes the run and does the rest
+    if accelerator.is_main_process:
+        run = RunFolder.create(STAGE, args.task_name, output_dir=output_dir, resume=False)
+        run.write_config(args, list(argv) if argv is not None else None)
+        print(f"run folder {run.path}; train {len(train_records)} samples, val {len(val_records)} ({val_source})")
+    trained = train(adapter, train_records, val_records, args, run.path / "checkpoint" if run else None,
+                    accelerator=accelerator)
+    if run is None:  # no barrier: the main process may evaluate live for a long time
+        accelerator.end_training()
+        return {"run_dir": None, "rank": accelerator.process_index, "best_epoch": trained["best_epoch"],
+                "history": trained["history"]}
+    best = TokenAdapter.from_pretrained(run.path / "checkpoint", device=device)
+    evaluated, samples = evaluate_best(best, args, train_records, val_records, val_source)
+    stats = {"best_epoch": trained["best_epoch"], "epochs_run": trained["epochs_run"], **evaluated,
+             "seconds": time.perf_counter() - started}
+    run.write_results(samples, stats, extra={"history": trained["history"]})
     run.write_markdown(markdown(stats, args, run.path))
     _plots(trained["history"], run.path)
     run.mark_done()

@@ -108,8 +108,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (LLaMA's rotate-half form) of ``x`` with the given cos/sin rows."""
     return x * cos + _rotate_half(x) * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm computed in float32: ``weight * x / rms(x)``, back in ``x``'s dtype."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _concat_weights(linears: list[nn.Linear]) -> torch.Tensor:
@@ -217,14 +223,14 @@ class LlamaRunner:
         if self._fused is not None:  # one GEMV for q, k, v and one rotary pass over q and k
             qkv = F.linear(x, self._fused[layer_idx][0]).view(rows, k_new, s.num_heads + 2 * s.num_kv_heads,
                                                                s.head_dim)
-            qk = _apply_rope(qkv[:, :, : s.num_heads + s.num_kv_heads].transpose(1, 2), cos, sin)
+            qk = apply_rope(qkv[:, :, : s.num_heads + s.num_kv_heads].transpose(1, 2), cos, sin)
             q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
             v = qkv[:, :, s.num_heads + s.num_kv_heads:].transpose(1, 2)
         else:
             q = attn.q_proj(x).view(rows, k_new, s.num_heads, s.head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.keys[layer_idx], cache.values[layer_idx]
         if positions.dim() == 1:  # one row (or rows at the same positions)
             keys.index_copy_(2, positions, k.to(keys.dtype))
@@ -245,7 +251,7 @@ class LlamaRunner:
         """transformers' RMSNorm; with fused projections, torch's fused rms_norm (same math in float32)."""
         if self._fused is None:
             return norm(x)
-        return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=_eps(norm)).to(x.dtype)
+        return rms_norm(x, norm.weight, _eps(norm))
 
     def _mlp(self, layer: nn.Module, idx: int, x: torch.Tensor) -> torch.Tensor:
         if self._fused is None:
@@ -390,13 +396,18 @@ class CudaGraphDecoder:
     length, so they are never attended to and are overwritten by later steps.
     """
 
-    def __init__(self, runner: LlamaRunner, cache: KVCache, sizes: Sequence[int], compile: bool = False):
+    def __init__(self, runner: LlamaRunner, cache: KVCache, sizes: Sequence[int], compile: bool = False,
+                 step_fn: Callable[[torch.Tensor, torch.Tensor, KVCache], Any] | None = None):
+        """``step_fn(embeds, positions, cache)`` is the captured step (default ``runner.static_step``); it
+        returns (logits, final hidden) or one tensor (e.g. logits and a feature layer side by side)."""
         if cache.keys.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA cache")
         self.runner, self.cache = runner, cache
+        self.compiled = bool(compile)
+        base = step_fn if step_fn is not None else runner.static_step
         # torch.compile fuses the many small element-wise kernels (norms, rotary, residuals)
         # that dominate a batch-1 step once launches are gone; the graph then replays its kernels.
-        self._step_fn = torch.compile(runner.static_step, dynamic=False) if compile else runner.static_step
+        self._step_fn = torch.compile(base, dynamic=False) if compile else base
         self.sizes = sorted(set(int(k) for k in sizes))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._key_ptr = cache.keys.data_ptr()

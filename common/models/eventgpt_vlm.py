@@ -9,6 +9,14 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from common.cli import resolve_device
+from common.data import load_event_frames
+from common.models.checkpoint import (
+    expect_model_type,
+    load_pretrained,
+    pretrained_kwargs,
+    read_checkpoint_config,
+)
 from common.models.eventgpt import (
     EVENT_END_TOKEN,
     EVENT_PATCH_TOKEN,
@@ -19,13 +27,6 @@ from common.models.eventgpt import (
     SYSTEM_PROMPT,
     EventGPTForCausalLM,
     register_eventgpt,
-)
-from common.models.loader import (
-    expect_model_type,
-    load_pretrained,
-    pretrained_kwargs,
-    read_checkpoint_config,
-    resolve_device,
 )
 from common.models.vision import clip_image_processor, images_to_pixels
 from common.vlm import VisionLanguageModel, VisualInput
@@ -53,7 +54,7 @@ class EventGPTVLM(VisionLanguageModel):
         event = f"{EVENT_START_TOKEN}{EVENT_TOKEN}{EVENT_END_TOKEN}" if self.use_start_end else EVENT_TOKEN
         return f"{SYSTEM_PROMPT} USER: {event}\n{question} ASSISTANT:"
 
-    def prompt_ids(self, question: str) -> list[int]:
+    def build_prompt_ids(self, question: str) -> list[int]:
         """Prompt ids as upstream builds them: chunks around ``<event>`` tokenized apart, -200 between."""
         chunks = self.build_prompt(question).split(EVENT_TOKEN)
         ids: list[int] = [self.tokenizer.bos_token_id]
@@ -65,15 +66,14 @@ class EventGPTVLM(VisionLanguageModel):
         return ids
 
     def load_visual(self, sample: Any) -> list[np.ndarray]:
-        from common.data import load_event_frames
-
-        return load_event_frames(sample, num_frames=self.num_event_frames, allow_pickle=self.allow_pickle)
+        # the sample carries its data source's setting; a model loaded with allow_pickle=True trusts every file
+        return load_event_frames(sample, num_frames=self.num_event_frames, allow_pickle=self.allow_pickle or None)
 
     def preprocess(self, raw: list[np.ndarray]) -> torch.Tensor:
         tower_dtype = next(self.model.model.visual_tower.parameters()).dtype
         return images_to_pixels(self.image_processor, raw, self.device, tower_dtype)
 
-    def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
+    def encode_pixels_eager(self, pixels: torch.Tensor) -> VisualInput:
         return VisualInput(self.model.encode_events(pixels).to(self.dtype))
 
     def prompt_embeds(self, visual: VisualInput, question: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ them; weights are random (seeded) or trained later, and saved with ``save_pretra
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ from common.models.eventgpt import (
     EventChatConfig,
     EventGPTForCausalLM,
 )
+from common.models.vision import clip_image_processor
+from common.synthetic import tokenizer_corpus
 
 PAD_MULTIPLE = 64  # Video-LLaVA pads its vocabulary to a multiple of 64 (32003 -> 32064)
 EVENTGPT_SPECIAL = [EVENT_TOKEN, EVENT_PATCH_TOKEN, EVENT_START_TOKEN, EVENT_END_TOKEN]
@@ -137,8 +140,6 @@ def _copy_tokenizer(tokenizer):
 
 def save_eventgpt(model, tokenizer, folder: str | Path, size: TinySize) -> Path:
     """Write the released EventGPT layout: config.json, model.safetensors, tokenizer, CLIP preprocessor."""
-    from common.models.vision import clip_image_processor
-
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
@@ -166,3 +167,38 @@ def save_videollava(model, tokenizer, folder: str | Path, size: TinySize) -> Pat
 def size_dict(size: TinySize) -> dict:
     """JSON-ready sizes (stored next to the checkpoints)."""
     return asdict(size)
+
+
+# The random pair: the target is larger and sees ~6x more visual tokens, like the real pair.
+# Every width the 4-bit path quantizes is a multiple of 64, so bitsandbytes' packed CPU path
+# (AVX512-BF16 CPUs: 64-wide blocks along in_features, 32-row blocks along out_features) runs.
+EVENTGPT_SIZE = TinySize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+VIDEOLLAVA_SIZE = TinySize(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=256)
+
+
+def make_tiny_models(output_dir: str | Path, seed: int = 0, vocab_size: int = 1000,
+                     eventgpt_size: TinySize = EVENTGPT_SIZE, videollava_size: TinySize = VIDEOLLAVA_SIZE,
+                     corpus: list[str] | None = None) -> dict:
+    """Build and save both random tiny checkpoints under ``output_dir``; returns their paths and sizes.
+
+    The tokenizer is trained on ``corpus`` (default: the synthetic world's questions and answers).
+    """
+    out = Path(output_dir)
+    tokenizer = build_tokenizer(corpus if corpus is not None else tokenizer_corpus(), vocab_size)
+    egpt, egpt_tok = build_eventgpt(tokenizer, eventgpt_size, seed=seed)
+    vllava, vllava_tok = build_videollava(tokenizer, videollava_size, seed=seed + 1)
+    paths = {
+        "eventgpt": save_eventgpt(egpt, egpt_tok, out / "eventgpt", eventgpt_size),
+        "videollava": save_videollava(vllava, vllava_tok, out / "videollava", videollava_size),
+    }
+    summary = {
+        "output_dir": str(out),
+        "seed": seed,
+        "base_vocab_size": tokenizer.vocab_size,
+        "eventgpt": {"path": str(paths["eventgpt"]), "size": size_dict(eventgpt_size),
+                     "parameters": sum(p.numel() for p in egpt.parameters())},
+        "videollava": {"path": str(paths["videollava"]), "size": size_dict(videollava_size),
+                       "parameters": sum(p.numel() for p in vllava.parameters())},
+    }
+    (out / "tiny_models.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
 
-from common.models.loader import (
+from common.cli import resolve_device
+from common.data import load_video_frames
+from common.models.checkpoint import (
     expect_model_type,
     load_pretrained,
     pretrained_kwargs,
     read_checkpoint_config,
-    resolve_device,
 )
 from common.models.vision import clip_image_processor, images_to_pixels
 from common.vlm import VisionLanguageModel, VisualInput
@@ -48,21 +49,19 @@ class VideoLlavaVLM(VisionLanguageModel):
     def build_prompt(self, question: str) -> str:
         return f"USER: {VIDEO_TOKEN}\n{question} ASSISTANT:"
 
-    def prompt_ids(self, question: str, num_visual_tokens: int) -> list[int]:
+    def build_prompt_ids(self, question: str, num_visual_tokens: int) -> list[int]:
         """Prompt ids as the processor builds them: ``<video>`` repeated once per visual token."""
         text = self.build_prompt(question).replace(VIDEO_TOKEN, VIDEO_TOKEN * num_visual_tokens)
         return list(self.tokenizer(text).input_ids)
 
     def load_visual(self, sample: Any) -> np.ndarray:
-        from common.data import load_video_frames
-
-        return load_video_frames(sample, num_frames=NUM_FRAMES, cache=self.frame_cache)
+        return load_video_frames(sample, num_frames=NUM_FRAMES, cache=self.frame_cache)  # None: the sample's
 
     def preprocess(self, raw: np.ndarray) -> torch.Tensor:
         tower_dtype = next(self.model.model.video_tower.parameters()).dtype
         return images_to_pixels(self.image_processor, list(raw), self.device, tower_dtype).unsqueeze(0)
 
-    def encode_pixels(self, pixels: torch.Tensor) -> VisualInput:
+    def encode_pixels_eager(self, pixels: torch.Tensor) -> VisualInput:
         out = self.model.model.get_video_features(
             pixel_values_videos=pixels, vision_feature_layer=self.model.config.vision_feature_layer)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out

@@ -1,6 +1,6 @@
 """What the benchmarks call: find a trained TokenAdapter, wrap it as a Drafter, summarise its live numbers.
 
-    from token_alignment.drafter import aligned_metrics, find_latest_adapter, load_token_adapter_drafter
+    from common.drafters.token_drafter import aligned_metrics, find_latest_adapter, load_token_adapter_drafter
 
     path = find_latest_adapter()                      # newest finished run, or None
     drafter = load_token_adapter_drafter(path, egpt, egpt.prefill(visual_e, question),
@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from common.defaults import REPO_ROOT as _REPO_ROOT
+from common.drafters.token_adapter import CONFIG_NAME, WEIGHTS_NAME, TokenAdapter, TokenAdapterDrafter
 from common.locations import find_with_legacy
-from token_alignment.token_adapter import CONFIG_NAME, WEIGHTS_NAME, TokenAdapter, TokenAdapterDrafter
 
 DEFAULT_ROOT = "results/token_alignment"
 LEGACY_ROOT = "token_alignment/task"  # where runs went before results/ (still searched, with a deprecation line)
 CHECKPOINT_DIR = "checkpoint"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _is_checkpoint(folder: Path) -> bool:

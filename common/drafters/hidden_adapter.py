@@ -28,22 +28,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from common.drafters.config import strict_from_dict
+from common.models.checkpoint import safetensors_header
+from common.results import atomic_write
 
 LEVELS = {1: "bottleneck", 2: "multi_bottleneck", 3: "wide_bottleneck", 4: "attention", 5: "eagle"}
 CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
 
 __all__ = ["LEVELS", "AdapterConfig", "Bottleneck", "BottleneckAdapter", "MultiBottleneckAdapter",
            "AttentionAdapter", "EagleAdapter", "create_adapter", "save_adapter", "load_any_adapter",
-           "read_adapter_meta", "scaled_width", "masked_logits"]
+           "read_adapter_meta", "scaled_width", "masked_logits", "BaseAdapter", "resolve_config", "count_parameters"]
 
 
 def scaled_width(requested: int, hidden_in: int, hidden_out: int, wide: bool = False) -> int:
@@ -97,11 +100,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown adapter config keys {sorted(unknown)}; the checkpoint is from a newer version")
-        return cls(**d)
+        return strict_from_dict(cls, d, "adapter")
 
 
 class Bottleneck(nn.Module):
@@ -335,23 +334,10 @@ def create_adapter(level: int, hidden_in: int, hidden_out: int, **kw: Any) -> Ba
 
 def save_adapter(adapter: BaseAdapter, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``adapter`` as safetensors with its config and ``meta`` in the metadata (atomic)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
     metadata = {"adapter_config": json.dumps(adapter.config.to_dict()), "meta": json.dumps(meta or {}),
                 "format": "hidden_adapter_v1"}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _checkpoint_file(path: str | Path) -> Path:
@@ -369,8 +355,7 @@ def _checkpoint_file(path: str | Path) -> Path:
 def read_adapter_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config dict, meta dict) of a checkpoint file (or a folder holding best/last.safetensors)."""
     file = _checkpoint_file(path)
-    with safe_open(str(file), framework="pt") as f:
-        md = f.metadata() or {}
+    md = safetensors_header(file, "train or save the adapter again")[1]  # one line for a corrupt file
     if "adapter_config" not in md:
         raise ValueError(f"{file}: not a hidden adapter checkpoint (no adapter_config in its metadata)")
     return json.loads(md["adapter_config"]), json.loads(md.get("meta", "{}"))

@@ -42,7 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.speculative import DraftProposal, autoregressive_generate, common_prefix_length
+from common.models.checkpoint import safetensors_header
+from common.results import atomic_write, atomic_write_json
+from common.speculative import DraftProposal, SyncedDrafter, autoregressive_generate
 
 MODEL_TYPE = "token_adapter"
 CONFIG_NAME = "config.json"
@@ -251,17 +253,13 @@ class TokenAdapter(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` into ``folder``."""
         from safetensors.torch import save_file
 
-        from common.results import atomic_write_json
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = asdict(self.config)
         if extra:
             config["extra"] = {**config.get("extra", {}), **extra}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"model_type": MODEL_TYPE})
-        tmp.replace(folder / WEIGHTS_NAME)
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"model_type": MODEL_TYPE}))
         atomic_write_json(folder / CONFIG_NAME, config)
         return folder
 
@@ -275,6 +273,7 @@ class TokenAdapter(nn.Module):
         if not config_file.is_file() or not weights.is_file():
             raise FileNotFoundError(f"{folder}: not a TokenAdapter checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
                                     "train one with python -m token_alignment.train_and_evaluate")
+        safetensors_header(weights, "train the adapter again")  # one line for a corrupt file
         model = cls(TokenAdapterConfig.from_dict(json.loads(config_file.read_text())))
         model.load_state_dict(load_file(str(weights)))
         return model.to(device).eval()
@@ -298,8 +297,8 @@ class SafeDraftModel:
     """A draft model whose ``forward`` maps ids outside the shared base vocabulary to its unk id.
 
     The target may emit ids >= the shared vocabulary (special tokens, padded rows); fed to the
-    draft as context they would index past (or into other) embedding rows. Everything else is
-    passed through, so it stands in for the model wherever the uniform interface is expected.
+    draft as context they would index past (or into other) embedding rows. It offers what a
+    drafter calls on its model: ``forward`` and ``truncate``.
     """
 
     def __init__(self, model: Any, vocab_limit: int):
@@ -312,19 +311,19 @@ class SafeDraftModel:
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
         return self._model.forward(state, safe_draft_ids(ids, self._limit, self._unk), *args, **kwargs)
 
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
+    def truncate(self, state: Any, length: int) -> None:
+        self._model.truncate(state, length)
 
 
-class TokenAdapterDrafter:
+class TokenAdapterDrafter(SyncedDrafter):
     """Drafter protocol: proposes ``gamma`` target-space tokens from the draft's view through the adapter.
 
     - the draft's free-running answer ``D``: given as ``draft_tokens`` (e.g. free tokens drafted
       during the target's prefill) or generated here once from the fresh ``draft_state`` (greedy,
       ``config.draft_answer_tokens`` tokens), after which the draft cache is rolled back to the prompt;
-    - with ``use_draft_next``: the draft model is kept in sync with the accepted context (like
-      :class:`common.speculative.ModelDrafter`: longest common prefix, roll back, feed the rest)
-      and fed each proposed token, to read its next-token prediction ``e`` at every position.
+    - with ``use_draft_next``: the draft model is kept in sync with the accepted context
+      (:class:`common.speculative.SyncedDrafter`'s cache sync; its rows are the draft's next-token
+      predictions ``e``) and fed each proposed token, to read ``e`` at every position.
 
     Proposals are the adapter's greedy tokens below ``vocab_limit``. Lossless by construction: the
     target verifies every token. ``proposals`` logs (context length, tokens, top-5 per position)
@@ -337,13 +336,12 @@ class TokenAdapterDrafter:
                  name: str = "token_adapter", sync: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         c = adapter.config
+        self.check_fresh(draft_state, "TokenAdapterDrafter")
+        first = masked_argmax(draft_state.logits, c.vocab_limit) if draft_state is not None else None
+        super().__init__(first, name=name, sync=sync, clock=clock, adapter_forwards=0, answer_seconds=0.0)
         self.adapter = adapter.eval()
-        self.name = name
         self.vocab_limit = min(int(vocab_limit), c.vocab_limit) if vocab_limit is not None else c.vocab_limit
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
-        self._sync_fn, self._clock = sync, clock
-        self.stats: dict[str, Any] = {"steps": 0, "tokens_fed": 0, "seconds": 0.0, "proposals": 0,
-                                      "tokens_proposed": 0, "adapter_forwards": 0, "answer_seconds": 0.0}
         self.proposals: list[tuple[int, list[int], list[list[int]]]] = []
         needs_model = c.use_draft_next or (c.use_draft_answer and draft_tokens is None)
         if needs_model and (draft_model is None or draft_state is None):
@@ -355,76 +353,54 @@ class TokenAdapterDrafter:
                           stacklevel=2)
         self.model = SafeDraftModel(draft_model, c.vocab_limit) if draft_model is not None else None
         self.state = draft_state
-        if draft_state is not None and draft_state.length != draft_state.prompt_length:
-            raise ValueError("TokenAdapterDrafter needs a freshly prefilled draft state")
-        self._fed: list[int] = []
-        self._next: list[int] = []
-        if draft_state is not None:
-            self._next = [masked_argmax(draft_state.logits, c.vocab_limit)]
-        if not c.use_draft_answer:
-            self.draft_answer: list[int] = []
-        elif draft_tokens is not None:
-            self.draft_answer = [int(t) for t in draft_tokens]
-        else:
-            start = self._now()
-            n = int(max_draft_tokens or c.draft_answer_tokens)
-            # the raw model, as in extraction: the draft feeds back its own tokens, special ones included
-            gen = autoregressive_generate(draft_model, draft_state, max_new_tokens=n)
-            self.stats["steps"] += gen.steps
-            self.model.truncate(draft_state, draft_state.prompt_length)
-            self.draft_answer = list(gen.tokens)
-            self.stats["answer_seconds"] += self._now() - start
+        self.draft_answer: list[int] = self._draft_answer(draft_model, draft_state, draft_tokens, max_draft_tokens)
 
-    def _now(self) -> float:
-        if self._sync_fn is not None:
-            self._sync_fn()
-        return self._clock()
-
-    def _feed(self, tokens: list[int]) -> None:
-        logits = self.model.forward(self.state, tokens)
-        self._fed.extend(tokens)
-        self._next.extend(masked_argmax(row, self.adapter.config.vocab_limit) for row in logits)
-        self.stats["steps"] += 1
-        self.stats["tokens_fed"] += len(tokens)
-
-    def _sync_to(self, context: Sequence[int]) -> None:
-        """Make the draft cache hold ``context``; ``_next[j]`` is then the draft's prediction after context[:j]."""
-        keep = common_prefix_length(self._fed, context)
-        if keep < len(self._fed):
-            self.model.truncate(self.state, self.state.prompt_length + keep)
-            del self._fed[keep:]
-            del self._next[keep + 1:]
-        missing = [int(t) for t in context[keep:]]
-        if missing:
-            self._feed(missing)
-
-    def propose(self, context: list[int], gamma: int) -> DraftProposal:
-        """Up to ``gamma`` adapter tokens after ``context`` (the accepted target tokens)."""
-        start = self._now()
+    def _draft_answer(self, draft_model: Any, draft_state: Any, draft_tokens: Sequence[int] | None,
+                      max_draft_tokens: int | None) -> list[int]:
+        """The draft's free-running answer D (given, generated once here, or none when unused)."""
         c = self.adapter.config
-        ctx = [int(t) for t in context]
+        if not c.use_draft_answer:
+            return []
+        if draft_tokens is not None:
+            return [int(t) for t in draft_tokens]
+        start = self._now()
+        n = int(max_draft_tokens or c.draft_answer_tokens)
+        # the raw model, as in extraction: the draft feeds back its own tokens, special ones included
+        gen = autoregressive_generate(draft_model, draft_state, max_new_tokens=n)
+        self.stats.steps += gen.steps
+        self.model.truncate(draft_state, draft_state.prompt_length)
+        self.stats["answer_seconds"] += self._now() - start
+        return list(gen.tokens)
+
+    def _forward(self, tokens: list[int]) -> list[int]:
+        logits = self.model.forward(self.state, tokens)
+        return [masked_argmax(row, self.adapter.config.vocab_limit) for row in logits]
+
+    def _truncate(self, keep: int) -> None:
+        self.model.truncate(self.state, self.state.prompt_length + keep)
+
+    def _draft(self, context: list[int], gamma: int) -> DraftProposal:
+        """Up to ``gamma`` adapter tokens after ``context`` (the accepted target tokens)."""
+        c = self.adapter.config
+        ctx = list(context)
         tokens: list[int] = []
         tops: list[list[int]] = []
-        if gamma > 0:
+        if c.use_draft_next:
+            self.sync_to(ctx)
+        for i in range(gamma):
+            nxt = self._rows[: len(ctx) + 1] if c.use_draft_next else []
+            logits = self.adapter.next_logits(self.draft_answer, ctx, nxt)[: self.vocab_limit]
+            self.stats["adapter_forwards"] += 1
+            top = logits.topk(min(5, logits.shape[-1])).indices.tolist()
+            token = int(top[0])
+            tokens.append(token)
+            tops.append(top)
+            ctx.append(token)
+            if token in self.stop_token_ids or i == gamma - 1:
+                break
             if c.use_draft_next:
-                self._sync_to(ctx)
-            for i in range(gamma):
-                nxt = self._next[: len(ctx) + 1] if c.use_draft_next else []
-                logits = self.adapter.next_logits(self.draft_answer, ctx, nxt)[: self.vocab_limit]
-                self.stats["adapter_forwards"] += 1
-                top = logits.topk(min(5, logits.shape[-1])).indices.tolist()
-                token = int(top[0])
-                tokens.append(token)
-                tops.append(top)
-                ctx.append(token)
-                if token in self.stop_token_ids or i == gamma - 1:
-                    break
-                if c.use_draft_next:
-                    self._sync_to(ctx)
+                self.sync_to(ctx)
         self.proposals.append((len(context), tokens, tops))
-        self.stats["proposals"] += 1
-        self.stats["tokens_proposed"] += len(tokens)
-        self.stats["seconds"] += self._now() - start
         return DraftProposal(tokens, None)
 
     def top5_counts(self, output: Sequence[int]) -> tuple[int, int]:

@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +48,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.speculative import DraftProposal, common_prefix_length
+from common.drafters.config import strict_from_dict
+from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
+from common.results import atomic_write, atomic_write_text
+from common.speculative import DraftProposal, SyncedDrafter
 from common.tree import DraftTree, build_tree
 from common.vlm import DecodeState
 
 __all__ = [
     "EagleHeadConfig", "EagleHead", "HeadCache", "EagleTarget", "EagleDrafter", "make_eagle_drafter",
     "save_eagle_head", "load_eagle_head", "resolve_head_dir", "read_target_embeddings", "CONFIG_NAME",
-    "WEIGHTS_NAME", "FORMAT",
+    "WEIGHTS_NAME", "FORMAT", "head_config_from_checkpoint",
 ]
 
 CONFIG_NAME = "config.json"
@@ -89,13 +90,9 @@ class EagleHeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EagleHeadConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown eagle head config keys {sorted(unknown)}; the checkpoint is from a newer version")
         if d.get("format", FORMAT) != FORMAT:
             raise ValueError(f"not an EAGLE head config (format {d.get('format')!r}, expected {FORMAT!r})")
-        return cls(**d)
+        return strict_from_dict(cls, d, "eagle head")
 
     @classmethod
     def for_target(cls, target: Any, feature_layer: int = -1, num_heads: int | None = None,
@@ -111,21 +108,15 @@ class EagleHeadConfig:
 
 
 class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm with a learned scale (the math is :func:`common.models.decoder.rms_norm`)."""
+
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class HeadCache:
@@ -255,7 +246,7 @@ class EagleHead(nn.Module):
         k = self.k_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
         v = self.v_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
         cos, sin = self._rope(positions, q.dtype)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -306,25 +297,12 @@ class EagleHead(nn.Module):
 # Checkpoints
 # ----------------------------------------------------------------------------------------
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_eagle_head(head: EagleHead, folder: str | Path) -> Path:
     """Write ``folder/model.safetensors`` (the head's own weights only) and ``folder/config.json``."""
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
-    _atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    text = json.dumps(head.config.to_dict(), indent=2) + "\n"
-    _atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(head.config.to_dict(), indent=2) + "\n")
     return folder
 
 
@@ -423,8 +401,6 @@ _FEATURE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _feature_graphs(target: Any, layer: int):
     """A ``CudaGraphDecoder`` over the target's static cache whose step returns [logits | feature]."""
-    from common.models.decoder import CudaGraphDecoder
-
     graphs = target.graphs
     per_target = _FEATURE_GRAPHS.setdefault(target, {})
     key = (id(graphs), layer)
@@ -440,9 +416,7 @@ def _feature_graphs(target: Any, layer: int):
         feature = x[0] if idx == n else hidden[idx][0]
         return torch.cat([logits, feature.float()], dim=-1)
 
-    compiled = getattr(graphs, "_step_fn", None) != runner.static_step
-    decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=False)
-    decoder._step_fn = torch.compile(step, dynamic=False) if compiled else step
+    decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=graphs.compiled, step_fn=step)
     decoder.capture_all()
     per_target.clear()  # one set of graphs per target (older caches are gone)
     per_target[key] = decoder
@@ -452,7 +426,8 @@ def _feature_graphs(target: Any, layer: int):
 class EagleTarget:
     """The target VLM, recording its feature layer per position on every prefill/forward.
 
-    Everything else (encode, tokenizer, vocab sizes, ...) is the target's. With CUDA graphs on
+    The rest of the uniform interface (encode, tokenizer, vocab sizes, ...) is the target's, delegated
+    one name at a time (nothing else of the target is reachable through it). With CUDA graphs on
     the target, forwards replay graphs of the same step that also return the feature (same
     kernels for the logits, so the numerics match the target's own graph decode); fixed-step
     numerics (``use_fixed_step``) are honoured. ``layer=None`` records nothing (only tracks the
@@ -465,11 +440,85 @@ class EagleTarget:
         self.last_state: DecodeState | None = None
         self._buffers: dict[int, tuple[weakref.ref, _FeatureBuffer]] = {}
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the target's
-        target = self.__dict__.get("target")
-        if target is None:
-            raise AttributeError(name)
-        return getattr(target, name)
+    # ----- the rest of the uniform interface: the target's own -----
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.target.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.target.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.vocab_size
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self.target.base_vocab_size
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.target.eos_token_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.target.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.target.num_layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.target.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.target.embed_tokens
+
+    @property
+    def graphs(self) -> Any:
+        return self.target.graphs
+
+    @property
+    def fixed_step(self) -> int | None:
+        return self.target.fixed_step
+
+    def load_visual(self, sample: Any) -> Any:
+        return self.target.load_visual(sample)
+
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        return self.target.preprocess(raw)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> Any:
+        return self.target.encode_pixels(pixels)
+
+    def encode(self, sample: Any) -> Any:
+        return self.target.encode(sample)
+
+    def build_prompt(self, question: str) -> str:
+        return self.target.build_prompt(question)
+
+    def prompt_embeds(self, visual: Any, question: str) -> torch.Tensor:
+        return self.target.prompt_embeds(visual, question)
+
+    def prompt_ids(self, question: str, *args: Any) -> list[int]:
+        return self.target.prompt_ids(question, *args)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.target.tokenize(text)
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        return self.target.decode_text(token_ids)
 
     def __repr__(self) -> str:
         return f"EagleTarget({self.target.name}, layer={self.layer})"
@@ -569,7 +618,7 @@ class EagleTarget:
 # The drafter
 # ----------------------------------------------------------------------------------------
 
-class EagleDrafter:
+class EagleDrafter(SyncedDrafter):
     """Chain drafting with an EAGLE head over the target's recorded features (Drafter protocol).
 
     On :meth:`propose` with context ``c_0..c_{n-1}`` (the target has processed all but the last
@@ -578,12 +627,14 @@ class EagleDrafter:
     are drafted: token = argmax LM head(predicted feature), fed back with the predicted feature
     (temporary positions, dropped afterwards). When the target has already processed every
     context token (right after prefill), the first draft token comes from its true feature.
+    The committed positions are synced by :class:`common.speculative.SyncedDrafter` (rows: the
+    head's output at each committed position).
 
     ``target`` must be the :class:`EagleTarget` the engine verifies with; ``target_state`` its
     state (default: the wrapper's latest prefilled state, read at each proposal; while there is
     none, e.g. during ``run_parallel``'s free window, it proposes nothing). ``stats``
     counts head steps (``steps``), ``seconds`` (device-synchronised when ``sync`` is given),
-    proposals and tokens proposed.
+    proposals, tokens proposed and committed positions.
     """
 
     def __init__(self, head: EagleHead, target: EagleTarget, target_state: DecodeState | None = None, *,
@@ -595,6 +646,7 @@ class EagleDrafter:
                             "speculative_generate through proxy), not the bare target model")
         if target.layer != head.config.feature_layer:
             raise ValueError(f"the wrapper records layer {target.layer}, the head reads layer {head.config.feature_layer}")
+        super().__init__(None, name=name, sync=sync, clock=clock, committed_positions=0)
         if not head.bound:  # loaded without a target: move to the target's device and compute dtype, bind
             head.to(device=target.device, dtype=target.dtype)
             head.bind(target.target)
@@ -603,47 +655,33 @@ class EagleDrafter:
         self._state = target_state
         stops = [target.eos_token_id] if stop_token_ids is None else stop_token_ids
         self.stop_token_ids = frozenset(int(t) for t in stops)
-        self.name = name
-        self._sync, self._clock = sync, clock
         self._cache = head.new_cache()
-        self._committed: list[int] = []  # tokens c_j of the positions in the head cache (true features)
-        self._next: torch.Tensor | None = None  # head output of the last committed position
+        self._feats: torch.Tensor | None = None  # the target's true features while drafting
         self._bound_state: DecodeState | None = None
-        self.stats: dict[str, Any] = {"steps": 0, "seconds": 0.0, "proposals": 0, "tokens_proposed": 0,
-                                      "committed_positions": 0}
 
-    def _now(self) -> float:
-        if self._sync is not None:
-            self._sync()
-        return self._clock()
+    def _forward(self, tokens: list[int]) -> list[torch.Tensor]:
+        start = len(self._fed)
+        out = self.head.step(self._feats[start:start + len(tokens)], tokens, self._cache)
+        self.stats["committed_positions"] += len(tokens)
+        return list(out)
 
-    def _reset(self) -> None:
-        self._cache.truncate(0)
-        self._committed, self._next = [], None
+    def _truncate(self, keep: int) -> None:
+        self._cache.truncate(keep)
 
-    def _step(self, features: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
-        self.stats["steps"] += 1
-        return self.head.step(features, tokens, self._cache)
+    def _step(self, feature: torch.Tensor, token: int) -> torch.Tensor:
+        """One temporary head position (a predicted feature); returns its output."""
+        self.stats.steps += 1
+        return self.head.step(feature.unsqueeze(0), [token], self._cache)[-1]
 
     def _token(self, feature: torch.Tensor) -> int:
         return int(self.head.logits(feature).argmax())
 
     @torch.no_grad()
-    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+    def _draft(self, context: list[int], gamma: int) -> DraftProposal:
         """Draft up to ``gamma`` tokens after ``context`` (stopping after a stop token)."""
-        start = self._now()
-        tokens: list[int] = []
-        if gamma > 0:
-            tokens = self._draft([int(t) for t in context], int(gamma))
-        self.stats["proposals"] += 1
-        self.stats["tokens_proposed"] += len(tokens)
-        self.stats["seconds"] += self._now() - start
-        return DraftProposal(tokens, None)
-
-    def _draft(self, context: list[int], gamma: int) -> list[int]:
         synced = self._sync_context(context)
         if synced is None:  # the target is still prefilling (e.g. run_parallel's free window): nothing to read yet
-            return []
+            return DraftProposal([], None)
         committed = self._cache.length
         try:
             feature = self._root_feature(context, *synced)
@@ -653,8 +691,8 @@ class EagleDrafter:
                 out_tokens.append(token)
                 if token in self.stop_token_ids or i == gamma - 1:
                     break
-                feature = self._step(feature.unsqueeze(0), [token])[-1]
-            return out_tokens
+                feature = self._step(feature, token)
+            return DraftProposal(out_tokens, None)
         finally:
             self._cache.truncate(committed)
 
@@ -665,26 +703,18 @@ class EagleDrafter:
             return None
         if state is not self._bound_state:
             self._bound_state = state
-            self._reset()
+            self._rollback(0)
         feats = self.target.features(state)
         if feats is None or feats.shape[0] == 0:
             raise RuntimeError("the target state has no recorded features: it was not prefilled through this "
                                "EagleTarget wrapper")
         n = len(context)
         usable = min(n, int(feats.shape[0]))  # positions j < usable have a true feature and a known token
-        keep = common_prefix_length(self._committed, context[:usable])
-        if keep < len(self._committed):
-            self._cache.truncate(keep)
-            del self._committed[keep:]
-            self._next = None
-        if usable > keep:
-            out = self._step(feats[keep:usable], context[keep:usable])
-            self._committed.extend(context[keep:usable])
-            self._next = out[-1]
-            self.stats["committed_positions"] += usable - keep
-        elif keep > 0 and self._next is None:  # rolled back exactly to a boundary: recompute its output
-            self._cache.truncate(keep - 1)
-            self._next = self._step(feats[keep - 1:keep], context[keep - 1:keep])[-1]
+        self._feats = feats
+        try:
+            self.sync_to(context[:usable])  # SyncedDrafter: keep the common prefix, feed the new true rows
+        finally:
+            self._feats = None
         return feats, usable
 
     def _root_feature(self, context: list[int], feats: torch.Tensor, usable: int) -> torch.Tensor:
@@ -692,9 +722,9 @@ class EagleDrafter:
         n = len(context)
         if feats.shape[0] > n:  # the target has processed the whole context: its true next feature
             return feats[n]
-        feature = self._next if usable > 0 else feats[0]
+        feature = self._rows[-1] if usable > 0 else feats[0]
         for j in range(usable, n):  # context tokens without a true feature yet: predicted features
-            feature = self._step(feature.unsqueeze(0), [context[j]])[-1]
+            feature = self._step(feature, context[j])
         return feature
 
     # ----- draft trees (common.tree) -----
@@ -711,9 +741,9 @@ class EagleDrafter:
                 tree = self._tree(self._root_feature(context, *synced), config, max_depth)
             finally:
                 self._cache.truncate(committed)
-        self.stats["proposals"] += 1
-        self.stats["tokens_proposed"] += len(tree)
-        self.stats["seconds"] += self._now() - start
+        self.stats.proposals += 1
+        self.stats.tokens_proposed += len(tree)
+        self.stats.seconds += self._now() - start
         return tree
 
     def _tree(self, root: torch.Tensor, config: Any, max_depth: int) -> DraftTree:
@@ -735,7 +765,7 @@ class EagleDrafter:
                     up = tree.parents[up]
             positions = torch.tensor([base + depths[i] - 1 for i in frontier], device=device)
             feats = torch.stack([outputs[tree.parents[i]] for i in frontier])
-            self.stats["steps"] += 1
+            self.stats.steps += 1
             out = self.head.step(feats, [tree.tokens[i] for i in frontier], self._cache, positions, mask)
             outputs.update(zip(frontier, out))
             return torch.log_softmax(self.head.logits(out), dim=-1)

@@ -28,14 +28,14 @@ Wiring (benchmarks)::
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.speculative import DraftProposal, common_prefix_length
-from feature_alignment.hidden_adapter import BaseAdapter, load_any_adapter, masked_logits, read_adapter_meta
+from common.drafters.hidden_adapter import BaseAdapter, load_any_adapter, masked_logits, read_adapter_meta
+from common.speculative import DraftProposal, SyncedDrafter
 
 __all__ = ["HiddenAdapterDrafter", "load_hidden_adapter_drafter", "adapter_input_layers"]
 
@@ -49,7 +49,7 @@ def adapter_input_layers(path: str | Path | BaseAdapter) -> list[int]:
     return [int(meta.get("input_layer", -1))]
 
 
-class HiddenAdapterDrafter:
+class HiddenAdapterDrafter(SyncedDrafter):
     """Drafts target tokens from EventGPT hidden states through an adapter and the target's LM head.
 
     ``draft_state`` must be freshly prefilled with ``hidden_layers`` containing ``input_layer``
@@ -57,20 +57,21 @@ class HiddenAdapterDrafter:
     ``target_lm_head``: the target's LM head module or its (V, H) weight. ``vocab_limit``: ids
     >= it are never proposed (the shared base vocabulary). ``stats`` counts EventGPT forward
     calls (``steps``), ``tokens_fed``, ``seconds`` in :meth:`propose` (device-synchronised when
-    ``sync`` is given), proposals, tokens proposed and adapter calls.
+    ``sync`` is given), proposals, tokens proposed and adapter calls. The cache sync is
+    :class:`common.speculative.SyncedDrafter`'s; its rows are the states at ``input_layer``.
     """
 
     def __init__(self, adapter: BaseAdapter, draft_model: Any, draft_state: Any, target_lm_head: Any, *,
                  input_layer: int = -1, vocab_limit: int | None = None, draft_vocab_limit: int | None = None,
                  stop_token_ids: Iterable[int] = (), name: str | None = None, sync: Any = None,
                  clock: Any = time.perf_counter):
-        if draft_state.length != draft_state.prompt_length:
-            raise ValueError("HiddenAdapterDrafter needs a freshly prefilled draft state "
-                             f"(length {draft_state.length} != prompt_length {draft_state.prompt_length})")
+        self.check_fresh(draft_state, "HiddenAdapterDrafter")
         prompt_hidden = (getattr(draft_state, "hidden", None) or {}).get(input_layer)
         if prompt_hidden is None:
             raise ValueError(f"the draft state holds no hidden layer {input_layer}: prefill it with "
                              f"draft.prefill(visual, question, hidden_layers=[{input_layer}])")
+        super().__init__(prompt_hidden.reshape(-1, prompt_hidden.shape[-1])[-1],
+                         name=name or f"hidden_adapter_L{adapter.level}", sync=sync, clock=clock, adapter_calls=0)
         self.adapter = adapter.eval()
         self.model, self.state = draft_model, draft_state
         self.lm_head = target_lm_head
@@ -83,52 +84,24 @@ class HiddenAdapterDrafter:
         unk = getattr(getattr(draft_model, "tokenizer", None), "unk_token_id", None)
         self.unk = int(unk) if unk is not None else 0
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
-        self.name = name or f"hidden_adapter_L{adapter.level}"
-        self._sync = sync
-        self._clock = clock
-        self._fed: list[int] = []
-        self._states: list[torch.Tensor] = [prompt_hidden.reshape(-1, prompt_hidden.shape[-1])[-1]]
         p = next(adapter.parameters())
         self._adapter_device, self._adapter_dtype = p.device, p.dtype
-        self.stats: dict[str, Any] = {"steps": 0, "tokens_fed": 0, "seconds": 0.0, "proposals": 0,
-                                      "tokens_proposed": 0, "adapter_calls": 0}
-
-    # ----- EventGPT cache sync (as ModelDrafter, keeping hidden states instead of logits) -----
-    def _now(self) -> float:
-        if self._sync is not None:
-            self._sync()
-        return self._clock()
-
-    @property
-    def fed_tokens(self) -> list[int]:
-        """Tokens in the draft cache after the prompt (target ids)."""
-        return list(self._fed)
 
     @property
     def states(self) -> list[torch.Tensor]:
         """The draft's states at the adapter's input layer for rows 0..len(fed_tokens)."""
-        return list(self._states)
+        return self.rows
 
-    def _feed(self, tokens: Sequence[int]) -> None:
-        ids = [int(t) if 0 <= int(t) < self.draft_vocab_limit else self.unk for t in tokens]
+    # ----- the draft cache (synced by the base) -----
+    def _forward(self, tokens: list[int]) -> list[torch.Tensor]:
+        ids = [t if 0 <= t < self.draft_vocab_limit else self.unk for t in tokens]
         self.model.forward(self.state, ids, hidden_layers=[self.input_layer])
         hidden = self.state.hidden[self.input_layer]
         rows = hidden.reshape(-1, hidden.shape[-1])
-        self._states.extend(rows[i] for i in range(rows.shape[0]))
-        self._fed.extend(int(t) for t in tokens)
-        self.stats["steps"] += 1
-        self.stats["tokens_fed"] += len(tokens)
+        return [rows[i] for i in range(rows.shape[0])]
 
-    def sync_to(self, context: Sequence[int]) -> None:
-        """Make the draft cache hold exactly ``context`` after the prompt; states for rows 0..len(context)."""
-        keep = common_prefix_length(self._fed, context)
-        if keep < len(self._fed):
-            self.model.truncate(self.state, self.state.prompt_length + keep)
-            del self._fed[keep:]
-            del self._states[keep + 1:]
-        missing = [int(t) for t in context[keep:]]
-        if missing:
-            self._feed(missing)
+    def _truncate(self, keep: int) -> None:
+        self.model.truncate(self.state, self.state.prompt_length + keep)
 
     # ----- mapping -----
     def _map(self, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -145,27 +118,22 @@ class HiddenAdapterDrafter:
         return int(masked_logits(feature, self.lm_head, self.vocab_limit).argmax())
 
     @torch.no_grad()
-    def propose(self, context: list[int], gamma: int) -> DraftProposal:
+    def _draft(self, context: list[int], gamma: int) -> DraftProposal:
         """Sync to ``context`` and draft up to ``gamma`` tokens (stopping after a stop token)."""
-        start = self._now()
         tokens: list[int] = []
-        if gamma > 0:
-            self.sync_to(context)
-            if self.adapter.predicts_next:
-                x = torch.stack(self._states).to(self._adapter_device, self._adapter_dtype)
-                self.stats["adapter_calls"] += 1
-                tokens = self.adapter.speculative_decode(x, [int(t) for t in context], self.lm_head, gamma,
-                                                         self.vocab_limit, self.stop_token_ids)
-            else:
-                for i in range(gamma):
-                    token = self._token(self._map(self._states))
-                    tokens.append(token)
-                    if token in self.stop_token_ids or i == gamma - 1:
-                        break
-                    self._feed([token])
-        self.stats["proposals"] += 1
-        self.stats["tokens_proposed"] += len(tokens)
-        self.stats["seconds"] += self._now() - start
+        self.sync_to(context)
+        if self.adapter.predicts_next:
+            x = torch.stack(self._rows).to(self._adapter_device, self._adapter_dtype)
+            self.stats["adapter_calls"] += 1
+            tokens = self.adapter.speculative_decode(x, context, self.lm_head, gamma, self.vocab_limit,
+                                                     self.stop_token_ids)
+        else:
+            for i in range(gamma):
+                token = self._token(self._map(self._rows))
+                tokens.append(token)
+                if token in self.stop_token_ids or i == gamma - 1:
+                    break
+                self._feed([token])
         return DraftProposal(tokens, None)
 
 

@@ -30,6 +30,7 @@ from benchmark_inference.real_shape_timing import (
     verify_ratio,
 )
 from benchmark_parallel_prefill.drafter_costs import eagle_costs
+from common.models.decoder import capture_graph, graph_replay_ms
 from common.results import atomic_write_json
 from common.timing import sync
 
@@ -163,23 +164,9 @@ def gemv_floor_ms(vlm, rows: int = 1, repeats: int = 20) -> float:
                for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                          layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [vlm.lm_head.weight]
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=vlm.device, dtype=vlm.dtype) for w in weights}
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream(vlm.device)
-    with torch.cuda.stream(stream):
-        for w in weights:  # warm-up (cuBLAS handles and workspaces) outside the capture
-            F.linear(inputs[w.shape[1]], w)
-    stream.synchronize()
-    with torch.cuda.graph(graph, stream=stream):
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+    # one warm-up pass (cuBLAS handles and workspaces) outside the capture, as the decoder's graphs do
+    graph, _ = capture_graph(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], vlm.device, warmup=1)
+    return graph_replay_ms(graph, vlm.device, repeats)
 
 
 def _ours(target, visual, opts: EngineOptions, length: int) -> dict[str, dict[str, Any]]:

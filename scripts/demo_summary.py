@@ -76,6 +76,20 @@ def _ok(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in records if "error" not in r]
 
 
+def _mean_row(b: str, measure: str, key: str, stats: Mapping[str, Any], ok: Sequence[Mapping[str, Any]],
+              digits: int = 3) -> dict:
+    """A row of the run's ``<key>_avg`` with the spread of ``key`` over the samples ``ok``."""
+    return {"benchmark": b, "measure": measure, "value": fmt(stats.get(f"{key}_avg"), digits),
+            "n": f"{len(ok)} samples", "spread": fmt_spread(spread(r.get(key) for r in ok), digits)}
+
+
+def _lossless_row(b: str, ok: Sequence[Mapping[str, Any]], key: str) -> dict:
+    """How many of the samples ``ok`` have a true ``key`` (output == the target's own)."""
+    lossless = sum(bool(r.get(key)) for r in ok)
+    return {"benchmark": b, "measure": "lossless (output == the target's own)", "value": f"{lossless}/{len(ok)}",
+            "n": f"{len(ok)} samples", "spread": ""}
+
+
 def inference_rows(stats: Mapping[str, Any], records: Sequence[Mapping[str, Any]], gamma: int) -> list[dict]:
     """benchmark_inference: timings, raw agreement, sequential speculation (a, c, measured and predicted)."""
     ok = _ok(records)
@@ -83,21 +97,14 @@ def inference_rows(stats: Mapping[str, Any], records: Sequence[Mapping[str, Any]
     speed = spread(r["videollava_time"] / r["sd_time"] for r in ok if r.get("sd_time"))
     cs = cost_ratios(ok)
     pred = predicted_speedup(stats.get("sd_token_acceptance_probability"), gamma, cs)
-    lossless = sum(bool(r.get("sd_identical")) for r in ok)
     b = "benchmark_inference"
     return [
         {"benchmark": b, "measure": "decode ms per token: EventGPT / Video-LLaVA (CPU)",
          "value": f"{fmt(stats.get('egpt_decode_ms_per_token_avg'), 1)} / "
                   f"{fmt(stats.get('videollava_decode_ms_per_token_avg'), 1)}", "n": n, "spread": ""},
-        {"benchmark": b, "measure": "raw answers, same index (D_j == t_j; the weakest baseline)",
-         "value": fmt(stats.get("acceptance_rate_avg")), "n": n,
-         "spread": fmt_spread(spread(r.get("acceptance_rate") for r in ok))},
-        {"benchmark": b, "measure": "speculation with raw EventGPT drafting: acceptance rate",
-         "value": fmt(stats.get("sd_acceptance_rate_avg")), "n": n,
-         "spread": fmt_spread(spread(r.get("sd_acceptance_rate") for r in ok))},
-        {"benchmark": b, "measure": "mean accepted length",
-         "value": fmt(stats.get("sd_mean_accepted_length_avg"), 2), "n": n,
-         "spread": fmt_spread(spread(r.get("sd_mean_accepted_length") for r in ok), 2)},
+        _mean_row(b, "raw answers, same index (D_j == t_j; the weakest baseline)", "acceptance_rate", stats, ok),
+        _mean_row(b, "speculation with raw EventGPT drafting: acceptance rate", "sd_acceptance_rate", stats, ok),
+        _mean_row(b, "mean accepted length", "sd_mean_accepted_length", stats, ok, digits=2),
         {"benchmark": b, "measure": "cost ratio c = draft / target decode step (CPU-timed, median)",
          "value": fmt(pred["c_median"]), "n": n,
          "spread": f"range {fmt(pred['c_min'])}-{fmt(pred['c_max'])}" if cs else "n/a"},
@@ -106,8 +113,7 @@ def inference_rows(stats: Mapping[str, Any], records: Sequence[Mapping[str, Any]
         {"benchmark": b, "measure": "speedup predicted for decode (Leviathan at median c)",
          "value": fmt(pred["median"], 2), "n": n,
          "spread": f"{fmt(pred['low'], 2)}-{fmt(pred['high'], 2)} over c's range" if cs else "n/a"},
-        {"benchmark": b, "measure": "lossless (output == the target's own)", "value": f"{lossless}/{len(ok)}",
-         "n": n, "spread": ""},
+        _lossless_row(b, ok, "sd_identical"),
     ]
 
 
@@ -116,19 +122,13 @@ def parallel_rows(stats: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
     ok = _ok(records)
     n = f"{len(ok)} samples"
     b = "benchmark_parallel_prefill"
-    lossless = sum(bool(r.get("identical")) for r in ok)
     return [
         {"benchmark": b, "measure": "free draft tokens during the target's prefill / accepted",
          "value": f"{fmt(stats.get('free_draft_tokens_avg'), 1)} / {fmt(stats.get('accepted_free_tokens_avg'), 1)}",
          "n": n, "spread": fmt_spread(spread(r.get("free_draft_tokens") for r in ok), 1)},
-        {"benchmark": b, "measure": "acceptance rate (free tokens in the denominator)",
-         "value": fmt(stats.get("acceptance_rate_avg")), "n": n,
-         "spread": fmt_spread(spread(r.get("acceptance_rate") for r in ok))},
-        {"benchmark": b, "measure": "speedup measured end to end (per sample)",
-         "value": fmt(stats.get("speedup_avg"), 2), "n": n,
-         "spread": fmt_spread(spread(r.get("speedup") for r in ok), 2)},
-        {"benchmark": b, "measure": "lossless (output == the target's own)", "value": f"{lossless}/{len(ok)}",
-         "n": n, "spread": ""},
+        _mean_row(b, "acceptance rate (free tokens in the denominator)", "acceptance_rate", stats, ok),
+        _mean_row(b, "speedup measured end to end (per sample)", "speedup", stats, ok, digits=2),
+        _lossless_row(b, ok, "identical"),
     ]
 
 

@@ -22,12 +22,12 @@ def make_stream(n: int = 1000, width: int = 64, height: int = 48, seed: int = 0)
 
 
 def make_dataset(out: Path, num_clips: int = 3, split: str = "test", seed: int = 0, workers: int = 1,
-                 extra: list[str] | None = None) -> dict:
-    """Run the synthetic dataset maker in-process with tiny 64x48 clips."""
+                 extra: list[str] | None = None, width: int = 64, height: int = 48) -> dict:
+    """Run the synthetic dataset maker in-process with tiny (default 64x48) clips."""
     from scripts.make_synthetic_dataset import main
 
     argv = ["--output_dir", str(out), "--num_clips", str(num_clips), "--split", split, "--seed", str(seed),
-            "--width", "64", "--height", "48", "--num_workers", str(workers), *(extra or [])]
+            "--width", str(width), "--height", str(height), "--num_workers", str(workers), *(extra or [])]
     return main(argv)
 
 

@@ -346,37 +346,18 @@ def test_extract_tokens_counts_a_failed_sample_once_and_refuses_another_answer_c
     assert "max_new_tokens [4] -> 6" in one_line(exc) and "--output_file" in str(exc.value)
 
 
-@pytest.fixture(scope="module")
-def fa_dataset(tmp_path_factory):
-    from scripts.make_synthetic_dataset import main as make_dataset
-
-    out = tmp_path_factory.mktemp("bad_runs_fa")
-    make_dataset(["--output_dir", str(out), "--num_clips", "4", "--split", "train", "--seed", "5",
-                  "--width", "160", "--height", "120", "--num_workers", "1"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def fa_models():
-    from common.defaults import default_model_path
-    from common.models.loader import load_vlm
-
-    return (load_vlm("eventgpt", default_model_path("eventgpt"), device="cpu"),
-            load_vlm("videollava", default_model_path("videollava"), device="cpu"))
-
-
 def _extract_argv(dataset, out):
     return ["--dataset_dir", str(dataset), "--split", "train", "--output_dir", str(out), "--device", "cpu",
             "--max_new_tokens", "4", "--chunk_size", "2", "--batch_size", "2", "--layers=-1"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
-def test_a_lost_hidden_state_chunk_is_extracted_again(fa_dataset, fa_models, tmp_path, damage):
+def test_a_lost_hidden_state_chunk_is_extracted_again(fa_dataset, models, tmp_path, damage):
     from feature_alignment import extract_hidden_states as extract
     from feature_alignment.hidden_store import HiddenStore, extraction_complete, load_index
 
     out = tmp_path / "train"
-    first = extract.main(_extract_argv(fa_dataset, out), models=fa_models)
+    first = extract.main(_extract_argv(fa_dataset, out), models=models)
     assert first["complete"] and first["num_chunks"] == 2
     entries = load_index(out)["chunks"]
     assert all(len(c["sha256"]) == 64 and c["bytes"] == (out / c["file"]).stat().st_size for c in entries)
@@ -387,14 +368,14 @@ def test_a_lost_hidden_state_chunk_is_extracted_again(fa_dataset, fa_models, tmp
     else:
         chunk.unlink()
     assert not extraction_complete(out)  # the index alone no longer vouches for the folder
-    again = extract.main(_extract_argv(fa_dataset, out), models=fa_models)
+    again = extract.main(_extract_argv(fa_dataset, out), models=models)
     assert again["complete"] and again["new_samples"] == entries[0]["num_samples"] and again["num_samples"] == 4
     store = HiddenStore.open(out)
     assert store.sample_ids() == order and Counter(store.sample_ids()).most_common(1)[0][1] == 1
     assert extraction_complete(out)
 
 
-def test_hidden_state_retry_failed_and_exit_status(fa_dataset, fa_models, tmp_path):
+def test_hidden_state_retry_failed_and_exit_status(fa_dataset, models, tmp_path):
     import shutil
     import signal as _signal
 
@@ -403,32 +384,32 @@ def test_hidden_state_retry_failed_and_exit_status(fa_dataset, fa_models, tmp_pa
 
     data, _ = _bad_copy(fa_dataset, tmp_path / "data")
     out = tmp_path / "train"
-    summary = extract.main(_extract_argv(data, out), models=fa_models)
+    summary = extract.main(_extract_argv(data, out), models=models)
     assert summary["failed"] == 1 and summary["num_samples"] == 3 and extract.exit_status(summary) == 0
-    assert extract.main(_extract_argv(data, out), models=fa_models)["new_samples"] == 0  # failed: skipped
+    assert extract.main(_extract_argv(data, out), models=models)["new_samples"] == 0  # failed: skipped
     entry = read_json(fa_dataset / "EventGPT_Instruction_Subset.json")[0]
     shutil.copy(fa_dataset / entry["mp4_data"], data / entry["mp4_data"])  # the file is fixed
     if (fa_dataset / entry["video_data"]).is_dir():
         shutil.copytree(fa_dataset / entry["video_data"], data / entry["video_data"], dirs_exist_ok=True)
-    fixed = extract.main(_extract_argv(data, out) + ["--retry_failed"], models=fa_models)
+    fixed = extract.main(_extract_argv(data, out) + ["--retry_failed"], models=models)
     assert fixed["failed"] == 0 and fixed["num_samples"] == 4 and fixed["new_samples"] == 1 and fixed["complete"]
     assert extract.exit_status({"signal": _signal.SIGINT}) == 130
     assert extract.exit_status({"planned_samples": 2, "num_samples": 0, "failed": 2}) == 1
 
 
-def test_a_second_extraction_into_one_folder_is_refused_in_one_line(fa_dataset, fa_models, tmp_path):
+def test_a_second_extraction_into_one_folder_is_refused_in_one_line(fa_dataset, models, tmp_path):
     from common.results import file_lock
     from feature_alignment import extract_hidden_states as extract
     from feature_alignment.hidden_store import LOCK_FILE, extraction_complete
 
     out = tmp_path / "train"
-    assert extract.main(_extract_argv(fa_dataset, out), models=fa_models)["complete"]
+    assert extract.main(_extract_argv(fa_dataset, out), models=models)["complete"]
     assert not (out / LOCK_FILE).exists() and extraction_complete(out)
     with file_lock(out / LOCK_FILE, wait=False):  # the first extraction is still running
         assert not extraction_complete(out)
         with pytest.raises(RunFolderError) as exc:
-            extract.main(_extract_argv(fa_dataset, out), models=fa_models)
+            extract.main(_extract_argv(fa_dataset, out), models=models)
     assert "another run" in one_line(exc) and "--output_dir" in str(exc.value)
     (out / LOCK_FILE).write_text("12345\n")  # a file left by a killed run is not a held lock
     assert extraction_complete(out)
-    assert extract.main(_extract_argv(fa_dataset, out), models=fa_models)["new_samples"] == 0
+    assert extract.main(_extract_argv(fa_dataset, out), models=models)["new_samples"] == 0

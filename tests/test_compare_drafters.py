@@ -11,10 +11,9 @@ import torch
 from benchmark_parallel_prefill import compare_drafters as cd
 from common.compression import PooledVideoLlava, pool_video_tokens, pooled_drafter
 from common.data import ClipDataset
-from common.defaults import default_dataset_dir, default_model_path
+from common.defaults import default_dataset_dir
 from common.drafters.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
 from common.drafters.hidden_adapter import create_adapter, save_adapter
-from common.models.loader import load_vlm
 from common.pipeline import prefill_sample
 from common.results import read_json
 from common.speculative import autoregressive_generate, speculative_generate
@@ -25,17 +24,11 @@ NEW = 8
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return (load_vlm("eventgpt", default_model_path("eventgpt"), device="cpu"),
-            load_vlm("videollava", default_model_path("videollava"), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def checkpoints(pair, tmp_path_factory):
+def checkpoints(models, tmp_path_factory):
     """Random-weight TokenAdapter, L1, L5 and EAGLE head checkpoints for the default pair."""
     from common.drafters.token_adapter import TokenAdapter, TokenAdapterConfig
 
-    draft, target = pair
+    draft, target = models
     out = tmp_path_factory.mktemp("drafter_ckpts")
     torch.manual_seed(0)
     limit = min(draft.base_vocab_size, target.base_vocab_size)
@@ -103,8 +96,8 @@ def test_pooling_keeps_cls_and_averages_patch_windows():
     assert torch.equal(pool_video_tokens(embeds, 1), embeds)
 
 
-def test_pooled_self_draft_has_fewer_prompt_tokens_and_is_lossless(pair):
-    _, target = pair
+def test_pooled_self_draft_has_fewer_prompt_tokens_and_is_lossless(models):
+    _, target = models
     pooled = PooledVideoLlava(target, pool=2)
     sample = list(ClipDataset(default_dataset_dir()))[0]
     tgt = prefill_sample(target, sample)

@@ -52,11 +52,10 @@ def launch(module: str, argv: list[str], nproc: int = 2, timeout: int = 180) -> 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from scripts.make_synthetic_dataset import main as make_dataset
+    from tests.data_fixtures import make_dataset
 
     out = tmp_path_factory.mktemp("dist_dataset")
-    make_dataset(["--output_dir", str(out), "--num_clips", "3", "--split", "train", "--seed", "3",
-                  "--width", "64", "--height", "48", "--num_workers", "1"])
+    make_dataset(out, num_clips=3, split="train", seed=3)
     return out
 
 

@@ -31,18 +31,11 @@ MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
-def models():
-    return (load_vlm("eventgpt", default_model_path("eventgpt"), device="cpu"),
-            load_vlm("videollava", default_model_path("videollava"), device="cpu"))
-
-
-@pytest.fixture(scope="module")
 def extracted(models, tmp_path_factory):
-    from scripts.make_synthetic_dataset import main as make_dataset
+    from tests.data_fixtures import make_dataset
 
     data = tmp_path_factory.mktemp("eagle_ds")
-    make_dataset(["--output_dir", str(data), "--num_clips", "4", "--split", "train", "--seed", "3",
-                  "--width", "64", "--height", "48", "--num_workers", "1"])
+    make_dataset(data, num_clips=4, split="train", seed=3)
     out = tmp_path_factory.mktemp("eagle_hidden") / "train"
     extract.main(["--dataset_dir", str(data), "--split", "train", "--output_dir", str(out), "--device", "cpu",
                   "--max_new_tokens", str(MAX_NEW), "--chunk_size", "4", "--batch_size", "4", "--layers=-1",

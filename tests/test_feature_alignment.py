@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from common.defaults import default_model_path
 from common.drafters.hidden_adapter import (
     LEVELS,
     create_adapter,
@@ -25,7 +24,6 @@ from common.drafters.hidden_drafter import (
     adapter_input_layers,
     load_hidden_adapter_drafter,
 )
-from common.models.loader import load_vlm
 from common.speculative import autoregressive_generate, speculative_generate
 from feature_alignment import extract_hidden_states as extract
 from feature_alignment.hidden_store import (
@@ -52,24 +50,6 @@ MAX_NEW = 6
 
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A 4-clip, 160x120 synthetic train split."""
-    from scripts.make_synthetic_dataset import main as make_dataset
-
-    out = tmp_path_factory.mktemp("fa_dataset")
-    make_dataset(["--output_dir", str(out), "--num_clips", "4", "--split", "train", "--seed", "5",
-                  "--width", "160", "--height", "120", "--num_workers", "1"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def models():
-    """The default tiny pair (random weights until a trained pair ships), loaded once."""
-    return (load_vlm("eventgpt", default_model_path("eventgpt"), device="cpu"),
-            load_vlm("videollava", default_model_path("videollava"), device="cpu"))
-
-
 def extract_argv(dataset, out, chunk_size=2, batch_size=2):
     return ["--dataset_dir", str(dataset), "--split", "train", "--output_dir", str(out), "--device", "cpu",
             "--max_new_tokens", str(MAX_NEW), "--chunk_size", str(chunk_size), "--batch_size", str(batch_size),
@@ -77,9 +57,9 @@ def extract_argv(dataset, out, chunk_size=2, batch_size=2):
 
 
 @pytest.fixture(scope="module")
-def extracted(dataset, models, tmp_path_factory):
+def extracted(fa_dataset, models, tmp_path_factory):
     out = tmp_path_factory.mktemp("fa_hidden") / "train"
-    summary = extract.main(extract_argv(dataset, out), models=models)
+    summary = extract.main(extract_argv(fa_dataset, out), models=models)
     return out, summary
 
 
@@ -98,7 +78,7 @@ def per_sample(folder):
 
 # ----------------------------------------------------------------------------- extraction
 
-def test_extraction_writes_chunks_index_and_target_ids(extracted, models, dataset):
+def test_extraction_writes_chunks_index_and_target_ids(extracted, models, fa_dataset):
     out, summary = extracted
     draft, target = models
     assert summary["complete"] and summary["num_samples"] == 4 and summary["num_chunks"] == 2
@@ -107,7 +87,7 @@ def test_extraction_writes_chunks_index_and_target_ids(extracted, models, datase
     assert index["complete"] and [c["file"] for c in index["chunks"]] == [chunk_name(0), chunk_name(1)]
     from common.data import ClipDataset
 
-    ds = ClipDataset(dataset, split="train")
+    ds = ClipDataset(fa_dataset, split="train")
     assert [s for c in index["chunks"] for s in c["sample_ids"]] == [s.id for s in ds.samples]  # deterministic order
     assert index["config"]["draft_hidden_size"] == draft.hidden_size
     assert index["config"]["target_hidden_size"] == target.hidden_size
@@ -132,7 +112,7 @@ def test_extraction_writes_chunks_index_and_target_ids(extracted, models, datase
     assert meta["shared_vocab_size"] == min(draft.base_vocab_size, target.base_vocab_size)
 
 
-def test_killed_extraction_resumes_with_identical_content(extracted, dataset, models, tmp_path, monkeypatch):
+def test_killed_extraction_resumes_with_identical_content(extracted, fa_dataset, models, tmp_path, monkeypatch):
     clean, _ = extracted
     out = tmp_path / "train"
     real = extract.extract_batch
@@ -146,13 +126,13 @@ def test_killed_extraction_resumes_with_identical_content(extracted, dataset, mo
 
     monkeypatch.setattr(extract, "extract_batch", dies_on_second_batch)
     with pytest.raises(RuntimeError, match="killed"):
-        extract.main(extract_argv(dataset, out), models=models)
+        extract.main(extract_argv(fa_dataset, out), models=models)
     index = load_index(out)
     assert not index["complete"] and len(index["chunks"]) == 1  # only the unfinished chunk was lost
     assert not (out / LOCK_FILE).exists()
 
     monkeypatch.setattr(extract, "extract_batch", real)
-    summary = extract.main(extract_argv(dataset, out), models=models)
+    summary = extract.main(extract_argv(fa_dataset, out), models=models)
     assert summary["complete"] and summary["new_samples"] == 2 and summary["num_samples"] == 4
     assert load_index(out)["chunks"][0]["sample_ids"] == load_index(clean)["chunks"][0]["sample_ids"]
     for k in range(2):  # same chunks, same order, identical tensors
@@ -161,11 +141,11 @@ def test_killed_extraction_resumes_with_identical_content(extracted, dataset, mo
             assert sorted(a.keys()) == sorted(b.keys())
             for key in a.keys():
                 assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
-    again = extract.main(extract_argv(dataset, out), models=models)  # nothing left to do, nothing duplicated
+    again = extract.main(extract_argv(fa_dataset, out), models=models)  # nothing left to do, nothing duplicated
     assert again["new_samples"] == 0 and again["num_samples"] == 4
 
 
-def test_sigterm_flushes_the_current_chunk_and_exits_cleanly(extracted, dataset, models, tmp_path, monkeypatch):
+def test_sigterm_flushes_the_current_chunk_and_exits_cleanly(extracted, fa_dataset, models, tmp_path, monkeypatch):
     clean, _ = extracted
     out = tmp_path / "train"
     real = extract.extract_batch
@@ -176,13 +156,13 @@ def test_sigterm_flushes_the_current_chunk_and_exits_cleanly(extracted, dataset,
 
     monkeypatch.setattr(extract, "extract_batch", terminated_during_batch)
     before = signal.getsignal(signal.SIGTERM)
-    summary = extract.main(extract_argv(dataset, out, chunk_size=4), models=models)
+    summary = extract.main(extract_argv(fa_dataset, out, chunk_size=4), models=models)
     assert summary["interrupted"] and summary["signal"] == signal.SIGTERM and not summary["complete"]
     assert summary["num_samples"] == 2 and summary["num_chunks"] == 1  # the partial chunk was written
     assert signal.getsignal(signal.SIGTERM) is before and not (out / LOCK_FILE).exists()  # handlers restored
 
     monkeypatch.setattr(extract, "extract_batch", real)
-    assert extract.main(extract_argv(dataset, out, chunk_size=4), models=models)["complete"]
+    assert extract.main(extract_argv(fa_dataset, out, chunk_size=4), models=models)["complete"]
     got, want = per_sample(out), per_sample(clean)
     assert list(got) == list(want)
     for sid in want:
@@ -190,11 +170,11 @@ def test_sigterm_flushes_the_current_chunk_and_exits_cleanly(extracted, dataset,
             assert torch.equal(got[sid][key], want[sid][key]), (sid, key)
 
 
-def test_sharded_extraction_merges_in_order(extracted, dataset, models, tmp_path):
+def test_sharded_extraction_merges_in_order(extracted, fa_dataset, models, tmp_path):
     clean, _ = extracted
     root = tmp_path / "train"
     for k in range(2):
-        summary = extract.main(extract_argv(dataset, root) + ["--num_chunks", "2", "--chunk_idx", str(k)], models=models)
+        summary = extract.main(extract_argv(fa_dataset, root) + ["--num_chunks", "2", "--chunk_idx", str(k)], models=models)
         assert summary["complete"] and summary["output_dir"].endswith(f"part_{k:02d}_of_02")
         assert extraction_complete(root) == (k == 1)
     store = HiddenStore.open(root)
@@ -202,14 +182,14 @@ def test_sharded_extraction_merges_in_order(extracted, dataset, models, tmp_path
     assert per_sample(root / "part_01_of_02").keys() <= per_sample(clean).keys()
 
 
-def test_a_bad_clip_is_recorded_and_the_rest_extracted(extracted, dataset, models, tmp_path):
+def test_a_bad_clip_is_recorded_and_the_rest_extracted(extracted, fa_dataset, models, tmp_path):
     """A truncated mp4: its sample is listed under failed with the file named; the others match."""
     import shutil
 
     from common.data import ClipDataset
 
     data = tmp_path / "data"
-    shutil.copytree(dataset, data)
+    shutil.copytree(fa_dataset, data)
     bad = ClipDataset(data, split="train")[1]
     bad.video_path.write_bytes(bad.video_path.read_bytes()[:300])
     out = tmp_path / "train"
@@ -223,19 +203,19 @@ def test_a_bad_clip_is_recorded_and_the_rest_extracted(extracted, dataset, model
         assert got[sid]["target_ids"].tolist() == want[sid]["target_ids"].tolist()
 
 
-def test_resume_refuses_other_settings(extracted, dataset, models):
+def test_resume_refuses_other_settings(extracted, fa_dataset, models):
     out, _ = extracted
-    argv = extract_argv(dataset, out)
+    argv = extract_argv(fa_dataset, out)
     argv[argv.index("--max_new_tokens") + 1] = str(MAX_NEW + 1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         extract.main(argv, models=models)
 
 
-def test_teacher_forced_target_states_match_the_greedy_pass(extracted, dataset, models, tmp_path):
+def test_teacher_forced_target_states_match_the_greedy_pass(extracted, fa_dataset, models, tmp_path):
     """--target_states teacher_forced (second target pass) stores what the greedy pass recorded."""
     clean, _ = extracted
     out = tmp_path / "train"
-    summary = extract.main(extract_argv(dataset, out) + ["--target_states", "teacher_forced"], models=models)
+    summary = extract.main(extract_argv(fa_dataset, out) + ["--target_states", "teacher_forced"], models=models)
     assert summary["complete"] and summary["self_check_rate"] == 1.0
     want, got = per_sample(clean), per_sample(out)
     assert want.keys() == got.keys()
@@ -246,7 +226,7 @@ def test_teacher_forced_target_states_match_the_greedy_pass(extracted, dataset, 
                 assert torch.allclose(got[sid][name].float(), tensor.float(), atol=2e-3, rtol=2e-3), (sid, name)
 
 
-def test_folders_from_before_target_states_resume_as_teacher_forced(extracted, dataset, models, tmp_path):
+def test_folders_from_before_target_states_resume_as_teacher_forced(extracted, fa_dataset, models, tmp_path):
     import shutil
 
     out = tmp_path / "train"
@@ -255,8 +235,8 @@ def test_folders_from_before_target_states_resume_as_teacher_forced(extracted, d
     del index["config"]["target_states"]
     save_index(out, index)
     with pytest.raises(ValueError, match="target_states: 'teacher_forced' -> 'greedy_pass'"):
-        extract.main(extract_argv(dataset, out), models=models)
-    assert extract.main(extract_argv(dataset, out) + ["--target_states", "teacher_forced"], models=models)["complete"]
+        extract.main(extract_argv(fa_dataset, out), models=models)
+    assert extract.main(extract_argv(fa_dataset, out) + ["--target_states", "teacher_forced"], models=models)["complete"]
 
 
 # ----------------------------------------------------------------------------- adapters and training
@@ -378,12 +358,12 @@ def trained(extracted, tmp_path_factory):
 
 
 @pytest.mark.parametrize("level", [1, 5])
-def test_adapter_drafting_is_lossless(trained, models, dataset, level):
+def test_adapter_drafting_is_lossless(trained, models, fa_dataset, level):
     from common.data import ClipDataset
 
     draft, target = models
     path = trained[level]
-    ds = ClipDataset(dataset, split="train")
+    ds = ClipDataset(fa_dataset, split="train")
     drafted = 0
     for i in range(2):
         sample = ds[i]
@@ -403,14 +383,14 @@ def test_adapter_drafting_is_lossless(trained, models, dataset, level):
     assert drafted > 0
 
 
-def test_drafter_states_match_the_extracted_rows(trained, extracted, models, dataset):
+def test_drafter_states_match_the_extracted_rows(trained, extracted, models, fa_dataset):
     """After syncing to k target tokens the drafter holds extraction row k: aligned by position."""
     from common.data import ClipDataset
 
     draft, target = models
     hidden, _ = extracted
     adapter = load_any_adapter(trained[1])
-    sample = ClipDataset(dataset, split="train")[0]
+    sample = ClipDataset(fa_dataset, split="train")[0]
     rows = per_sample(hidden)[sample.id]
     answer = rows["target_ids"].tolist()
     limit = min(draft.base_vocab_size, target.base_vocab_size)
@@ -424,21 +404,21 @@ def test_drafter_states_match_the_extracted_rows(trained, extracted, models, dat
         assert proposed == [int(live.argmax())]
 
 
-def test_drafter_needs_the_hidden_layer_in_the_prefill(trained, models, dataset):
+def test_drafter_needs_the_hidden_layer_in_the_prefill(trained, models, fa_dataset):
     from common.data import ClipDataset
 
     draft, target = models
-    sample = ClipDataset(dataset, split="train")[0]
+    sample = ClipDataset(fa_dataset, split="train")[0]
     state = draft.prefill(draft.encode(sample), sample.question)
     with pytest.raises(ValueError, match="hidden_layers"):
         load_hidden_adapter_drafter(trained[1], draft, state, target)
 
 
-def test_evaluation_script_offline_and_live(trained, extracted, models, dataset, tmp_path):
+def test_evaluation_script_offline_and_live(trained, extracted, models, fa_dataset, tmp_path):
     from feature_alignment.evaluate_hidden_adapter import main as evaluate_main
 
     hidden, _ = extracted
-    out = evaluate_main(["--adapter", str(trained[5]), "--hidden_dir", str(hidden), "--dataset_dir", str(dataset),
+    out = evaluate_main(["--adapter", str(trained[5]), "--hidden_dir", str(hidden), "--dataset_dir", str(fa_dataset),
                          "--split", "train", "--live_samples", "1", "--max_new_tokens", "6", "--gamma", "3",
                          "--device", "cpu", "--output_dir", str(tmp_path)], models=models)
     assert out["offline"]["positions"] == sum(len(v["target_ids"]) for v in per_sample(hidden).values())

@@ -20,6 +20,18 @@ def _visual(vlm):
     return vlm.encode_pixels(vlm.preprocess(list(frames[:5]) if vlm.name == "eventgpt" else frames))
 
 
+def _fp32_pair(models_dir):
+    """(Video-LLaVA target, EventGPT draft): the tiny fp32 pair on the GPU."""
+    return (load_vlm("videollava", models_dir / "videollava", quant="fp32", device="cuda"),
+            load_vlm("eventgpt", models_dir / "eventgpt", quant="fp32", device="cuda"))
+
+
+def _drafter(draft, draft_visual, target) -> ModelDrafter:
+    """The plain EventGPT drafter for ``target``, prefilled on the question."""
+    return ModelDrafter(draft, draft.prefill(draft_visual, QUESTION), vocab_limit=target.base_vocab_size,
+                        target_vocab_size=target.vocab_size)
+
+
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_cuda_graph_decoding_matches_eager(tiny_models_dir, compile_step):
     vlm = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
@@ -40,15 +52,13 @@ def test_cuda_graph_decoding_matches_eager(tiny_models_dir, compile_step):
 
 
 def test_speculative_with_graphs_is_lossless(tiny_models_dir):
-    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
-    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cuda")
+    target, draft = _fp32_pair(tiny_models_dir)
     with torch.no_grad():
         tv, dv = _visual(target), _visual(draft)
         plain = autoregressive_generate(target, target.prefill(tv, QUESTION), max_new_tokens=24)
         for m in (target, draft):
             m.enable_cuda_graphs(512, step_sizes=(1, 4))
-        drafter = ModelDrafter(draft, draft.prefill(dv, QUESTION), vocab_limit=target.base_vocab_size,
-                               target_vocab_size=target.vocab_size)
+        drafter = _drafter(draft, dv, target)
         spec = speculative_generate(target, target.prefill(tv, QUESTION), drafter, max_new_tokens=24, gamma=3)
         assert spec.tokens == plain.tokens
 
@@ -114,8 +124,7 @@ def test_parallel_run_captures_vision_graphs_while_the_other_model_runs(tiny_mod
     from common.parallel import run_parallel
     from common.pipeline import configure_decode, prefill_sample
 
-    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cuda")
-    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
+    target, draft = _fp32_pair(tiny_models_dir)
     sample = ClipDataset(tiny_dataset)[0]
     with torch.no_grad():
         plain = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=16)
@@ -127,8 +136,7 @@ def test_parallel_run_captures_vision_graphs_while_the_other_model_runs(tiny_mod
 
 def test_fused_kernel_decoding_matches_eager(tiny_models_dir):
     """The Triton-kernel graph step gives the eager greedy tokens and logits (fp32), and stays lossless."""
-    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
-    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cuda")
+    target, draft = _fp32_pair(tiny_models_dir)
     with torch.no_grad():
         visual, dv = _visual(target), _visual(draft)
         eager = autoregressive_generate(target, target.prefill(visual, QUESTION), max_new_tokens=24)
@@ -141,8 +149,7 @@ def test_fused_kernel_decoding_matches_eager(tiny_models_dir):
         assert fused.tokens == eager.tokens
         state = target.prefill(visual, QUESTION)
         torch.testing.assert_close(target.forward(state, [5, 6, 7, 8, 9]), logits_eager, atol=1e-3, rtol=1e-3)
-        drafter = ModelDrafter(draft, draft.prefill(dv, QUESTION), vocab_limit=target.base_vocab_size,
-                               target_vocab_size=target.vocab_size)
+        drafter = _drafter(draft, dv, target)
         spec = speculative_generate(target, target.prefill(visual, QUESTION), drafter, max_new_tokens=24, gamma=5)
         assert spec.tokens == eager.tokens
         target.disable_cuda_graphs()

@@ -314,6 +314,18 @@ def chi_square_critical(df: int, z: float = 3.0902) -> float:
     return df * (1.0 - h + z * math.sqrt(h)) ** 3
 
 
+def assert_target_two_token_law(outs: list[tuple], target: FakeLM, prompt: list[int], temperature: float) -> None:
+    """The two-token outputs ``outs`` pass a chi-square test (0.1%) against the target's own joint distribution."""
+    p1 = probs_from_logits(target.context_logits(prompt), temperature)
+    joint = {}
+    for a in range(len(p1)):
+        p2 = probs_from_logits(target.context_logits(prompt + [a]), temperature)
+        for b in range(len(p2)):
+            joint[(a, b)] = float(p1[a] * p2[b])
+    stat, df = chi_square(Counter(outs), joint, len(outs))
+    assert stat < chi_square_critical(df), (stat, df)
+
+
 def run_many(target: FakeLM, draft: FakeLM | None, prompt, n: int, max_new: int, gamma: int, temperature=1.0,
              seed: int = 1234, static=None):
     gen = torch.Generator().manual_seed(seed)
@@ -347,13 +359,7 @@ def test_sampling_matches_target_distribution_two_tokens():
     assert all(len(o) == 2 for o in outs)
     agg = aggregate_metrics(results)
     assert 0.1 < agg["acceptance_rate"] < 0.95  # both accept and reject paths exercised
-    joint = {}
-    for a in range(6):
-        p2 = probs_from_logits(target.context_logits(prompt + [a]), temperature)
-        for b in range(6):
-            joint[(a, b)] = float(p1[a] * p2[b])
-    stat, df = chi_square(Counter(outs), joint, n)
-    assert stat < chi_square_critical(df), (stat, df)
+    assert_target_two_token_law(outs, target, prompt, temperature)
     first = Counter(o[0] for o in outs)
     stat1, df1 = chi_square(first, {a: float(p1[a]) for a in range(6)}, n)
     assert stat1 < chi_square_critical(df1)

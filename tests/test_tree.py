@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 
 from common.models.decoder import DecoderShape, KVCache
-from common.sampling import probs_from_logits
 from common.speculative import ModelDrafter, autoregressive_generate, speculative_generate
 from common.tree import (
     DraftTree,
@@ -22,7 +19,7 @@ from common.tree import (
 )
 from tests.data_fixtures import tiny_dataset  # noqa: F401  (session fixture)
 from tests.fakes import FakeLM, FakeTreeDrafter, copy_of, never_agree, sometimes_agree
-from tests.test_speculative import PROMPTS, chi_square, chi_square_critical, small_pair, target_lm
+from tests.test_speculative import PROMPTS, assert_target_two_token_law, small_pair, target_lm
 
 DRAFTS = {"copy": lambda t: copy_of(t), "never": never_agree, "sometimes": sometimes_agree,
           "random": lambda t: FakeLM(vocab_size=16, seed=5, eos_bias=-2.0)}
@@ -176,14 +173,7 @@ def test_sampled_tree_matches_target_distribution(sample):
         outs.append(tuple(r.tokens))
         accepted += r.num_accepted
     assert 0.2 * n < accepted < 0.98 * n  # accept and reject paths both exercised
-    p1 = probs_from_logits(target.context_logits(prompt), temperature)
-    joint = {}
-    for a in range(6):
-        p2 = probs_from_logits(target.context_logits(prompt + [a]), temperature)
-        for b in range(6):
-            joint[(a, b)] = float(p1[a] * p2[b])
-    stat, df = chi_square(Counter(outs), joint, n)
-    assert stat < chi_square_critical(df), (stat, df)
+    assert_target_two_token_law(outs, target, prompt, temperature)
 
 
 def test_sampled_tree_copy_draft_accepts_and_is_reproducible():
@@ -308,11 +298,12 @@ def test_eagle_tree_on_the_shipped_pair_is_lossless():
 # ----- the flags on the three benchmark scripts -----
 
 def test_tree_flags_in_the_benchmarks(tiny_models_dir, tiny_dataset, tmp_path):  # noqa: F811
+    from feature_alignment.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
+
     from benchmark_inference import benchmark_inference as bi
     from benchmark_parallel_prefill import benchmark_parallel_prefill as bp
     from benchmark_parallel_prefill import compare_drafters as cd
     from common.models.loader import load_vlm
-    from feature_alignment.eagle_head import EagleHead, EagleHeadConfig, save_eagle_head
 
     target = load_vlm("videollava", tiny_models_dir / "videollava", device="cpu")
     save_eagle_head(EagleHead(EagleHeadConfig.for_target(target)), tmp_path / "eagle")

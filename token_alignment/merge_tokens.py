@@ -16,17 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.results import atomic_write_text, dumps_json
-from token_alignment.pairs import is_complete, merge_parts, read_jsonl
+from token_alignment.pairs import is_complete, merge_files
 
 
 def merge_token_files(parts: Sequence[str | Path], output_file: str | Path) -> dict:
     """Write the parts' samples (in part order) to ``output_file`` atomically; returns counts."""
-    merged: dict[str, dict] = {}
-    for p in parts:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"{p}: token part file not found")
-        for rid, rec in merge_parts(read_jsonl(p)).items():
-            merged.setdefault(rid, {}).update(rec)
+    merged = merge_files(parts, missing="token part file not found")
     text = "".join(dumps_json(r, indent=None) + "\n" for r in merged.values())
     atomic_write_text(Path(output_file), text)
     complete = sum(int(is_complete(r)) for r in merged.values())

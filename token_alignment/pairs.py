@@ -63,17 +63,24 @@ def compact(path: str | Path, order: Sequence[str] | None = None) -> int:
     return len(ids)
 
 
+def merge_files(paths: Sequence[str | Path],
+                missing: str = "token file not found; run python -m token_alignment.extract_tokens first",
+                ) -> dict[str, dict]:
+    """Records merged per id over several token files (shards), in file order; a missing file raises ``missing``."""
+    merged: dict[str, dict] = {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: {missing}")
+        for rid, rec in merge_parts(read_jsonl(p)).items():
+            merged.setdefault(rid, {}).update(rec)
+    return merged
+
+
 def load_token_pairs(paths: str | Path | Sequence[str | Path], complete_only: bool = True) -> list[dict]:
     """Merged records of one or more token files (shards), in file order; incomplete ones dropped (with a warning)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    merged: dict[str, dict] = {}
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"{p}: token file not found; run python -m token_alignment.extract_tokens first")
-        for rid, rec in merge_parts(read_jsonl(p)).items():
-            merged.setdefault(rid, {}).update(rec)
-    records = list(merged.values())
+    records = list(merge_files(paths).values())
     if complete_only:
         done = [r for r in records if is_complete(r)]
         if len(done) < len(records):

@@ -364,6 +364,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def graph_replay_ms(graph: torch.cuda.CUDAGraph, device: torch.device, repeats: int = 50) -> float:
+    """GPU milliseconds of one replay of ``graph`` (CUDA events around ``repeats`` replays after one untimed)."""
+    with torch.cuda.device(device):
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Warm ``fn`` up on a side stream, then capture it as a CUDA graph on ``device``; (graph, outputs).
 
@@ -445,15 +458,7 @@ class CudaGraphDecoder:
         graph, _, _, positions = self._graphs[size]
         capacity = self.cache.capacity
         positions.copy_(torch.arange(capacity - size, capacity, device=positions.device))
-        with torch.cuda.device(positions.device):
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                graph.replay()
-            end.record()
-            end.synchronize()
-        return start.elapsed_time(end) / repeats
+        return graph_replay_ms(graph, positions.device, repeats)
 
     def step_fixed(self, embeds: torch.Tensor, size: int) -> torch.Tensor:
         """Run k tokens as consecutive padded steps of exactly ``size`` tokens.

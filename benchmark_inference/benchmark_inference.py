@@ -29,7 +29,6 @@ from common.drafters import (
     add_drafter_args,
     aligned_fields,
     aligned_statistics,
-    drafter_factory,
     record_drafter,
 )
 from common.harness import Benchmark, exit_code, run_benchmark
@@ -37,9 +36,7 @@ from common.pipeline import (
     STAGE_NAMES,
     STAGES,
     add_decode_args,
-    check_context,
-    configure_decode,
-    load_pair,
+    load_benchmark_pair,
     lossless_numerics,
     prefill_sample,
     prepare_benchmark,
@@ -241,13 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="benchmark")
 
     def make() -> InferenceBenchmark:
-        draft, target = load_pair(args, dataset_dir)
-        for vlm in (draft, target):
-            check_context(vlm, args.max_new_tokens)
-        mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
-                                vision_graphs=not args.eager_vision)
+        draft, target, mode, make_drafter = load_benchmark_pair(args, dataset_dir)
         log.info("decode mode %s", mode)
-        make_drafter = drafter_factory(args, device=target.device)
         args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
         return InferenceBenchmark(draft, target, args, make_drafter, mode, argv)
 

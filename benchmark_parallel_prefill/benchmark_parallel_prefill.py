@@ -27,7 +27,6 @@ from common.drafters import (
     add_drafter_args,
     aligned_fields,
     aligned_statistics,
-    drafter_factory,
     record_drafter,
 )
 from common.harness import Benchmark, exit_code, run_benchmark
@@ -35,9 +34,7 @@ from common.parallel import run_parallel, timed
 from common.pipeline import (
     STAGES,
     add_decode_args,
-    check_context,
-    configure_decode,
-    load_pair,
+    load_benchmark_pair,
     lossless_numerics,
     prefill_sample,
     prepare_benchmark,
@@ -264,12 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="parallel", lanes=2)
 
     def make() -> ParallelBenchmark:
-        draft, target = load_pair(args, dataset_dir)
-        for vlm in (draft, target):
-            check_context(vlm, args.max_new_tokens)
-        mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
-                                vision_graphs=not args.eager_vision)
-        make_drafter = drafter_factory(args, device=target.device)
+        draft, target, mode, make_drafter = load_benchmark_pair(args, dataset_dir)
         args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
         return ParallelBenchmark(draft, target, args, make_drafter, mode, argv)
 

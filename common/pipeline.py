@@ -20,6 +20,7 @@ import torch
 from common.cli import non_negative_int, positive_int, result_settings
 from common.data import default_frame_cache
 from common.defaults import resolve_model_paths
+from common.drafters.factory import DrafterFactory, drafter_factory
 from common.errors import DataError
 from common.harness import RunSettings, pin_cpu_threads
 from common.models.loader import load_vlm
@@ -159,6 +160,19 @@ def check_context(vlm: VisionLanguageModel, max_new_tokens: int) -> None:
     if isinstance(limit, int) and max_new_tokens >= limit:
         raise DataError(f"--max_new_tokens {max_new_tokens} does not fit {vlm.name}'s context of {limit} positions "
                         "(prompt + new tokens); pass a smaller --max_new_tokens")
+
+
+def load_benchmark_pair(args: argparse.Namespace, dataset_dir: Any
+                        ) -> tuple[VisionLanguageModel, VisionLanguageModel, str, DrafterFactory]:
+    """The pair of a one-drafter benchmark, ready to run: loaded, checked against ``--max_new_tokens``,
+    decoding configured (``--decode_mode``, graphed vision towers unless ``--eager_vision``), and the
+    drafter factory of the flags. Returns (draft, target, decode mode, drafter factory)."""
+    draft, target = load_pair(args, dataset_dir)
+    for vlm in (draft, target):
+        check_context(vlm, args.max_new_tokens)
+    mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
+                            vision_graphs=not args.eager_vision)
+    return draft, target, mode, drafter_factory(args, device=target.device)
 
 
 def add_decode_args(group, free_tokens: bool = False) -> None:

@@ -49,6 +49,17 @@ def default_dataset_dir() -> Path:
     return DEFAULT_DATASET_DIR
 
 
+DEFAULT_SPLIT = "test"
+
+
+def resolve_split(dataset_dir: str | None, split: str | None) -> str | None:
+    """``--split`` if given; on the embedded default dataset (no ``--dataset_dir``) its test split, so the
+    train clips the demo adds beside it are never benchmarked; else None (every split of the dataset)."""
+    if split:
+        return split
+    return DEFAULT_SPLIT if dataset_dir is None else None
+
+
 def default_train_split() -> Path:
     """The default folder with its small synthetic train split added (generated on first use)."""
     folder = default_dataset_dir()

@@ -129,13 +129,14 @@ def prepare_benchmark(stage: str, args: argparse.Namespace, argv: list[str], def
     """
     from common.cli import resolve_device, resolve_quant, set_seed, shard
     from common.data import ClipDataset
-    from common.defaults import resolve_dataset_dir
+    from common.defaults import resolve_dataset_dir, resolve_split
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_seed(args.seed)
     device = resolve_device(getattr(args, "target_device", None) or args.device)
     threads = pin_cpu_threads(device, lanes)
     dataset_dir = resolve_dataset_dir(args.dataset_dir)
+    args.split = resolve_split(args.dataset_dir, args.split)  # the embedded default: its test split
     dataset = ClipDataset(dataset_dir, split=args.split, max_questions=args.max_questions,
                           allow_pickle=args.allow_pickle, event_source=args.event_source,
                           frame_cache_dir=default_frame_cache(dataset_dir).cache_dir)

@@ -44,9 +44,10 @@ def test_no_readme_or_workflow_sends_outputs_into_source_folders():
 
 
 def test_default_locations():
+    from token_alignment.drafter import DEFAULT_ROOT
+
     from feature_alignment.extract_hidden_states import DEFAULT_OUTPUT_ROOT
     from feature_alignment.train_hidden_adapter import DEFAULT_TRAIN_DIR
-    from token_alignment.drafter import DEFAULT_ROOT
     from token_alignment.train_and_evaluate import TASK_ROOT
 
     assert TASK_ROOT.as_posix() == "results/token_alignment"
@@ -371,6 +372,32 @@ def test_help_needs_no_torch():
 
 def test_adapter_level_choices_match_the_adapters():
     from feature_alignment.hidden_adapter import LEVELS
+
     from feature_alignment.train_hidden_adapter import ADAPTER_LEVELS
 
     assert ADAPTER_LEVELS == tuple(sorted(LEVELS))
+
+
+def test_benchmarks_on_the_embedded_default_read_its_test_split_only(tmp_path, monkeypatch):
+    """With no --dataset_dir the benchmarks take the default dataset's test split, not the train clips the
+    demo adds beside it; with --dataset_dir and no --split every split is read, as before."""
+    from benchmark_inference.benchmark_inference import build_parser
+    from common import defaults
+    from common.defaults import resolve_split
+    from common.pipeline import prepare_benchmark
+    from tests.data_fixtures import make_dataset
+
+    assert resolve_split(None, None) == "test"
+    assert resolve_split(None, "train") == "train"
+    assert resolve_split("some/dir", None) is None
+    root = tmp_path / "default"
+    make_dataset(root, num_clips=2, split="test", seed=1)
+    make_dataset(root, num_clips=3, split="train", seed=2)
+    monkeypatch.setattr(defaults, "default_dataset_dir", lambda: root)
+    argv = ["--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    _, samples, settings = prepare_benchmark("benchmark_inference", build_parser().parse_args(argv), argv, "t")
+    assert sorted({s.split for s in samples}) == ["test"] and len(samples) == 2
+    assert settings.settings["split"] == "test"
+    argv += ["--dataset_dir", str(root)]
+    _, samples, _ = prepare_benchmark("benchmark_inference", build_parser().parse_args(argv), argv, "t")
+    assert sorted({s.split for s in samples}) == ["test", "train"] and len(samples) == 5

@@ -214,13 +214,14 @@ def configure_decode(models, mode: str, max_length: int, gamma: int, vision_grap
 @contextmanager
 def lossless_numerics(target: VisionLanguageModel, args: argparse.Namespace) -> Iterator[int | None]:
     """Within the block the target runs fixed (gamma+1)-token steps, when graphs allow; yields the step or None."""
-    step = args.gamma + 1 if target.graphs is not None and args.lossless_reference == "fixed_step" else None
-    previous = target.fixed_step
-    target.use_fixed_step(step)
+    decoding = target.decoding
+    step = args.gamma + 1 if decoding.graphs is not None and args.lossless_reference == "fixed_step" else None
+    previous = decoding.fixed_step
+    decoding.use_fixed_step(step)
     try:
         yield step
     finally:
-        target.use_fixed_step(previous)
+        decoding.use_fixed_step(previous)
 
 
 def reference_tokens(target: VisionLanguageModel, sample: Any, max_new_tokens: int) -> list[int]:

@@ -15,6 +15,9 @@ special-case a model:
 - ``lm_head``, ``embed_tokens``, ``tokenizer``, ``hidden_size``, ``device``, ``dtype``,
   ``build_prompt(question)``, ``base_vocab_size`` (ids below it are the shared base vocabulary)
 
+Decode routing (CUDA graphs, fixed step, kernels) lives in ``vlm.decoding`` (common.models.decoding);
+the batched passes ``teacher_forced`` / ``generate_greedy_batch`` in common.models.batch_passes.
+
 Hidden-state layer indices: 0 = token embeddings, i = output of decoder layer i,
 -1 (= num_layers) = the final normed state that feeds the LM head.
 """
@@ -29,9 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.models import batch_passes
+from common.models.batch_passes import TeacherForced
 from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
+from common.models.decoding import Decoding
 from common.models.graphed_vision import GraphedVisionEncoder
-from common.models.greedy_batch import BatchedGreedyDecoder, GreedyBatch
+from common.models.greedy_batch import GreedyBatch
 from common.tree import compact_cache
 
 # Room reserved in a fresh KV cache beyond the prompt (it grows by doubling past this).
@@ -70,15 +76,6 @@ class DecodeState:
         return self.cache.length - self.prompt_length
 
 
-@dataclass
-class TeacherForced:
-    """Outputs of ``teacher_forced``: per sample, rows aligned with the answer tokens."""
-
-    spans: list[tuple[int, int]]
-    logits: list[torch.Tensor] = field(default_factory=list)  # (len_i, V) float32
-    hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [(len_i, H)]
-
-
 class VisionLanguageModel(ABC):
     """A LLaVA-style model behind the uniform interface; subclasses supply the visual path."""
 
@@ -93,9 +90,7 @@ class VisionLanguageModel(ABC):
         self.runner = LlamaRunner(language_model, lm_head, masked_prefix=self.visual_pad_tokens)
         self.base_vocab_size = int(base_vocab_size)
         self.decode_room = DEFAULT_DECODE_ROOM
-        self.graphs: CudaGraphDecoder | None = None
-        self.fixed_step: int | None = None
-        self._greedy_batch: BatchedGreedyDecoder | None = None
+        self.decoding = Decoding(self.runner)  # graphs, fixed step, kernels switch: the decode routing
         self.vision_graphs: GraphedVisionEncoder | None = None
         self._prompt_memo: dict[tuple, tuple[int, ...]] | None = None
 
@@ -113,16 +108,8 @@ class VisionLanguageModel(ABC):
         ``LlamaRunner.use_kernels``; default: on unless ``compile``). Prefill stays eager. Only one decoding state of this
         model is live at a time (each prefill reuses the static cache).
         """
-        if self.device.type != "cuda":
-            raise ValueError("CUDA graphs need the model on a CUDA device (use eager decoding on CPU)")
-        if fuse:
-            self.runner.fuse_projections()
-        self.runner.use_kernels((not compile if kernels is None else kernels) and fuse)
-        cache = self.runner.new_cache(max_length, self.dtype, self.device)
-        sizes = sorted({*step_sizes, *([fixed_step] if fixed_step else [])})
-        self.graphs = CudaGraphDecoder(self.runner, cache, sizes, compile=compile)
-        self.graphs.capture_all()
-        self.fixed_step = fixed_step
+        self.decoding.enable_cuda_graphs(max_length, self.dtype, self.device, step_sizes, compile=compile,
+                                         fixed_step=fixed_step, fuse=fuse, kernels=kernels)
 
     def use_fixed_step(self, size: int | None) -> None:
         """Route every decode/verify forward through padded ``size``-token graph steps (None: fastest fit).
@@ -130,15 +117,22 @@ class VisionLanguageModel(ABC):
         With a fixed step, the target's plain greedy output and its speculative output go through
         identical kernels, so they agree bitwise in bf16/4-bit too; see ``CudaGraphDecoder.step_fixed``.
         """
-        if size is not None and (self.graphs is None or size not in self.graphs.sizes):
-            raise ValueError(f"fixed step {size} needs enable_cuda_graphs with that step size")
-        self.fixed_step = size
+        self.decoding.use_fixed_step(size)
 
     def disable_cuda_graphs(self) -> None:
         """Back to eager decoding with a fresh cache per prefill (and an eager vision path)."""
-        self.graphs = None
-        self.runner.use_kernels(False)
+        self.decoding.disable_cuda_graphs()
         self.vision_graphs = None
+
+    @property
+    def graphs(self) -> CudaGraphDecoder | None:
+        """The captured decode graphs (``decoding.graphs``), None when decoding eagerly."""
+        return self.decoding.graphs
+
+    @property
+    def fixed_step(self) -> int | None:
+        """The padded step every graph forward runs as (``decoding.fixed_step``), None: the fastest fit."""
+        return self.decoding.fixed_step
 
     def enable_vision_graphs(self) -> None:
         """Run ``encode_pixels`` as CUDA-graph replays (one capture per pixel shape; same kernels as eager).
@@ -249,14 +243,7 @@ class VisionLanguageModel(ABC):
     def prefill(self, visual: VisualInput, question: str, hidden_layers: Sequence[int] = ()) -> DecodeState:
         """Stage 4: run the prompt through the LLM into a fresh KV cache."""
         embeds = self.padded_prompt_embeds(visual, question)
-        if self.graphs is not None:
-            cache = self.graphs.cache
-            if embeds.shape[0] + max(self.graphs.sizes) > cache.capacity:
-                raise ValueError(f"prompt of {embeds.shape[0]} tokens does not fit the static cache "
-                                 f"({cache.capacity}); enable_cuda_graphs with a larger max_length")
-            cache.length = 0
-        else:
-            cache = self.runner.new_cache(embeds.shape[0] + self.decode_room, self.dtype, self.device)
+        cache = self.decoding.new_cache(embeds.shape[0], self.decode_room, self.dtype, self.device)
         logits, hidden = self.runner.run(embeds, cache, hidden_layers, all_logits=False)
         return DecodeState(cache=cache, logits=logits[-1], prompt_length=embeds.shape[0], hidden=hidden)
 
@@ -273,21 +260,8 @@ class VisionLanguageModel(ABC):
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("forward needs at least one token")
-        embeds = self.embed_tokens(ids)
-        graphs = self.graphs if attn_mask is None else None
-        # graphs also return the final normed state, so layer -1 requests stay on the fast path
-        final_only = all(i in (-1, self.num_layers) for i in hidden_layers)
-        on_graph = graphs is not None and final_only and state.cache is graphs.cache
-        if on_graph and self.fixed_step and state.length + self.fixed_step * -(-ids.numel() // self.fixed_step) \
-                <= graphs.cache.capacity:
-            logits = graphs.step_fixed(embeds, self.fixed_step)
-            hidden = {i: graphs.last_hidden for i in hidden_layers}
-        elif on_graph and graphs.size_for(ids.numel()) is not None:
-            logits = graphs.step(embeds)
-            hidden = {i: graphs.last_hidden for i in hidden_layers}
-        else:
-            logits, hidden = self.runner.run(embeds, state.cache, hidden_layers, attn_mask=attn_mask,
-                                             position_ids=position_ids)
+        logits, hidden = self.decoding.step(state.cache, self.embed_tokens(ids), hidden_layers,
+                                            attn_mask=attn_mask, position_ids=position_ids)
         state.logits = logits[-1]
         state.hidden = hidden
         return logits
@@ -311,71 +285,13 @@ class VisionLanguageModel(ABC):
     def teacher_forced(self, visuals: Sequence[VisualInput], questions: Sequence[str],
                        answers: Sequence[Sequence[int]], hidden_layers: Sequence[int] = (),
                        logits: bool = True) -> TeacherForced:
-        """One batched, padded forward over prompt + answer for several samples (no KV cache).
+        """One batched forward over prompt + answer per sample; see ``common.models.batch_passes.teacher_forced``."""
+        return batch_passes.teacher_forced(self, visuals, questions, answers, hidden_layers, logits)
 
-        Row t of sample i's outputs is the state just before answer token t (the position that
-        predicts it), so two models teacher-forced on the same answer ids are aligned by position.
-        Gradients flow when called outside ``torch.no_grad`` (training).
-        """
-        seqs, spans = [], []
-        for visual, question, answer in zip(visuals, questions, answers, strict=True):
-            prompt = self.padded_prompt_embeds(visual, question)
-            ids = torch.as_tensor(list(answer), dtype=torch.long, device=self.device)
-            seqs.append(torch.cat([prompt, self.embed_tokens(ids).to(prompt.dtype)]))
-            spans.append((prompt.shape[0] - 1, prompt.shape[0] - 1 + len(answer)))
-        longest = max(s.shape[0] for s in seqs)
-        batch = seqs[0].new_zeros((len(seqs), longest, seqs[0].shape[1]))
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            batch[i, : s.shape[0]] = s
-            mask[i, : s.shape[0]] = 1
-        if self.visual_pad_tokens:  # padded rows attend as the runner's rows do (a 4D additive mask)
-            mask = self._prefix_mask(mask, batch.dtype)
-        wanted = {self.runner.layer_index(layer) for layer in hidden_layers}
-        states, hooks = {0: batch}, []  # forward hooks keep only the wanted layers (not all 33)
-        for idx in wanted - {0, self.num_layers}:
-            def keep(module, args, output, idx=idx):
-                states[idx] = output[0] if isinstance(output, tuple) else output
-            hooks.append(self.runner.layers[idx - 1].register_forward_hook(keep))
-        try:
-            out = self.runner.language_model(inputs_embeds=batch, attention_mask=mask, use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        final = states[self.num_layers] = out.last_hidden_state
-        result = TeacherForced(spans=spans)
-        for layer in hidden_layers:
-            chosen = states[self.runner.layer_index(layer)]
-            result.hidden[layer] = [chosen[i, a:b] for i, (a, b) in enumerate(spans)]
-        if logits:
-            result.logits = [self.lm_head(final[i, a:b]).float() for i, (a, b) in enumerate(spans)]
-        return result
-
-    def _prefix_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, T, T) additive mask: causal, padding keys hidden, the masked visual prefix hidden from later rows."""
-        pos = torch.arange(valid.shape[1], device=valid.device)
-        seen = self.runner.visible(pos[None, :], pos[:, None])[None] & valid[:, None, :].bool()
-        return torch.zeros(seen.shape, dtype=dtype, device=valid.device).masked_fill(
-            ~seen, torch.finfo(dtype).min)[:, None]
-
-    @torch.no_grad()
     def generate_greedy_batch(self, visuals: Sequence[VisualInput], questions: Sequence[str],
                               max_new_tokens: int, hidden_layers: Sequence[int] = ()) -> GreedyBatch:
-        """Greedy answers of several samples decoded together (one decode step serves the whole batch).
-
-        Each prompt is prefilled alone into its row of a batched static KV cache; decode steps run
-        every row at its own position (a CUDA graph on CUDA). Each answer stops after the eos
-        token, as ``autoregressive_generate`` does. With ``hidden_layers``, also returns each
-        answer's states (row t = the state before answer token t): the target teacher-forced on
-        its own answer, without a second prompt pass. Used where throughput matters (feature
-        extraction); the speculative engine stays batch-1.
-        """
-        if self._greedy_batch is None:
-            if self.device.type == "cuda":
-                self.runner.fuse_projections()  # no-op for quantized layers
-            self._greedy_batch = BatchedGreedyDecoder(self.runner)
-        prompts = [self.padded_prompt_embeds(v, q) for v, q in zip(visuals, questions, strict=True)]
-        return self._greedy_batch.generate(prompts, max_new_tokens, self.eos_token_id, hidden_layers)
+        """Greedy answers decoded together; see ``common.models.batch_passes.generate_greedy_batch``."""
+        return batch_passes.generate_greedy_batch(self, visuals, questions, max_new_tokens, hidden_layers)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (for answers and targets)."""

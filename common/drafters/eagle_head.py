@@ -50,6 +50,7 @@ from torch import nn
 
 from common.drafters.config import strict_from_dict
 from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
+from common.models.decoding import Decoding, replay
 from common.results import atomic_write, atomic_write_text
 from common.speculative import DraftProposal, SyncedDrafter
 from common.tree import DraftTree, build_tree
@@ -401,7 +402,7 @@ _FEATURE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _feature_graphs(target: Any, layer: int):
     """A ``CudaGraphDecoder`` over the target's static cache whose step returns [logits | feature]."""
-    graphs = target.graphs
+    graphs = target.decoding.graphs
     per_target = _FEATURE_GRAPHS.setdefault(target, {})
     key = (id(graphs), layer)
     if key in per_target:
@@ -493,6 +494,10 @@ class EagleTarget:
     def fixed_step(self) -> int | None:
         return self.target.fixed_step
 
+    @property
+    def decoding(self) -> Decoding:
+        return self.target.decoding
+
     def load_visual(self, sample: Any) -> Any:
         return self.target.load_visual(sample)
 
@@ -566,7 +571,7 @@ class EagleTarget:
         if ids.numel() == 0:
             raise ValueError("forward needs at least one token")
         start = state.length
-        graphs = t.graphs
+        graphs = t.decoding.graphs
         if graphs is not None and not hidden_layers and state.cache is graphs.cache and not tree:
             logits = self._graph_forward(state, ids)
             if logits is not None:
@@ -581,13 +586,9 @@ class EagleTarget:
         t = self.target
         decoder = _feature_graphs(t, self.layer)
         embeds = t.embed_tokens(ids)
-        k, start = ids.numel(), state.length
-        fixed = t.fixed_step
-        if fixed and start + fixed * -(-k // fixed) <= decoder.cache.capacity:
-            out = decoder.step_fixed(embeds, fixed)
-        elif decoder.size_for(k) is not None:
-            out = decoder.step(embeds)
-        else:
+        start = state.length
+        out = replay(decoder, embeds, t.decoding.fixed_step)
+        if out is None:
             return None
         vocab = int(t.vocab_size)
         logits, feature = out[:, :vocab], out[:, vocab:]

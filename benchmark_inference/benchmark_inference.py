@@ -20,35 +20,15 @@ import argparse
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.cli import add_common_args, add_retry_arg
-from common.data import sample_fields
-from common.drafters import (
-    DrafterFactory,
-    add_drafter_args,
-    aligned_fields,
-    aligned_statistics,
-    record_drafter,
-)
+from common.flags import add_decode_args, add_drafter_args, add_tree_args
 from common.harness import Benchmark, exit_code, run_benchmark
-from common.pipeline import (
-    STAGE_NAMES,
-    STAGES,
-    add_decode_args,
-    load_benchmark_pair,
-    lossless_numerics,
-    prefill_sample,
-    prepare_benchmark,
-    reference_tokens,
-    run_model,
-    token_match_rate,
-)
-from common.plots import plot_stage_breakdown
 from common.results import markdown_table, summarize
-from common.speculative import SpecResult, aggregate_metrics, predicted_speedup, speculative_generate
-from common.timing import sync
-from common.tree import add_tree_args, tree_from_flags
+
+if TYPE_CHECKING:  # the heavy modules load where they are used, so --help needs no torch
+    from common.speculative import SpecResult
 
 STAGE = "benchmark_inference"
 MODELS = ("egpt", "videollava")
@@ -69,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult, Any]:
     """Target + draft prefilled afresh, then the speculative loop; times are end to end."""
+    from common.pipeline import prefill_sample
+    from common.speculative import speculative_generate
+    from common.timing import sync
+
     start = time.perf_counter()
     engine_target = make_drafter.engine_target(target)
     tgt = prefill_sample(engine_target, sample)
@@ -97,6 +81,10 @@ def speculative_sample(draft, target, sample, args, make_drafter) -> tuple[dict[
 
 def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], SpecResult]:
     """Everything measured for one sample."""
+    from common.data import sample_fields
+    from common.drafters import DrafterFactory, aligned_fields
+    from common.pipeline import lossless_numerics, reference_tokens, run_model, token_match_rate
+
     record: dict[str, Any] = sample_fields(sample)
     record.update(run_model(draft, sample, "egpt", args.max_new_tokens))
     record.update(run_model(target, sample, "videollava", args.max_new_tokens))
@@ -117,6 +105,10 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
 
 def compute_statistics(records: list[dict[str, Any]], gamma: int) -> dict[str, Any]:
     """Means (with std) of stage times, agreement and the speculative metrics, measured beside predicted speedup."""
+    from common.drafters import aligned_statistics
+    from common.pipeline import STAGES
+    from common.speculative import SpecResult, aggregate_metrics, predicted_speedup
+
     ok = [r for r in records if "error" not in r]
     stats: dict[str, Any] = {"num_samples": len(ok), "num_failed": len(records) - len(ok), "gamma": gamma}
     if not ok:
@@ -151,6 +143,8 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int) -> dict[str, A
 
 def render_markdown(stats: dict[str, Any], argv: list[str], run_path) -> str:
     """The RESULTS.md summary a person reads."""
+    from common.pipeline import STAGE_NAMES, STAGES
+
     n = stats["num_samples"]
     lines = [f"# benchmark_inference: {run_path.name}", "", f"Command: `python -m {STAGE}.{STAGE} {' '.join(argv)}`",
              "", f"Samples: {n} (failed: {stats['num_failed']}); torch threads per model: "
@@ -187,6 +181,9 @@ def render_markdown(stats: dict[str, Any], argv: list[str], run_path) -> str:
 
 def write_plots(run: Any, stats: dict[str, Any]) -> None:
     """stage_breakdown.png of a run."""
+    from common.pipeline import STAGE_NAMES, STAGES
+    from common.plots import plot_stage_breakdown
+
     if stats["num_samples"]:
         means = {m: {f"{s} {STAGE_NAMES[s]}": stats[f"{m}_{s}_time_avg"] for s in STAGES} for m in MODELS}
         plot_stage_breakdown(means, run.path / "stage_breakdown.png", title="Stage times per model")
@@ -208,6 +205,8 @@ class InferenceBenchmark(Benchmark):
         self.mode, self.argv = mode, argv
 
     def begin(self, run) -> None:
+        from common.drafters import record_drafter
+
         record_drafter(run.path / "config.json", self.make_drafter)  # e.g. which TokenAdapter was picked
 
     def warmup(self, sample, steps: int) -> None:
@@ -234,7 +233,10 @@ class InferenceBenchmark(Benchmark):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the statistics and the run folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help prints at once
+    from common.pipeline import load_benchmark_pair, prepare_benchmark
+    from common.tree import tree_from_flags
+
     dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="benchmark")
 
     def make() -> InferenceBenchmark:

@@ -21,30 +21,9 @@ import sys
 from typing import Any
 
 from common.cli import add_common_args, add_retry_arg, non_negative_int
-from common.data import sample_fields
-from common.drafters import (
-    DrafterFactory,
-    add_drafter_args,
-    aligned_fields,
-    aligned_statistics,
-    record_drafter,
-)
+from common.flags import add_decode_args, add_drafter_args, add_tree_args
 from common.harness import Benchmark, exit_code, run_benchmark
-from common.parallel import run_parallel, timed
-from common.pipeline import (
-    STAGES,
-    add_decode_args,
-    load_benchmark_pair,
-    lossless_numerics,
-    prefill_sample,
-    prepare_benchmark,
-    reference_tokens,
-)
-from common.plots import plot_speedup_vs_acceptance, plot_timelines
 from common.results import markdown_table, summarize
-from common.speculative import SpecResult, aggregate_metrics, autoregressive_generate, predicted_speedup
-from common.timing import sync
-from common.tree import add_tree_args, tree_from_flags
 
 STAGE = "benchmark_parallel_prefill"
 log = logging.getLogger(STAGE)
@@ -70,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def target_alone(target, sample, max_new_tokens: int) -> tuple[float, list[int], dict[str, float]]:
     """The baseline: stages 1-4 and greedy decoding of the target by itself."""
+    from common.parallel import timed
+    from common.pipeline import prefill_sample
+    from common.speculative import autoregressive_generate
+    from common.timing import sync
+
     def run():
         pre = prefill_sample(target, sample)
         gen = autoregressive_generate(target, pre.state, max_new_tokens=max_new_tokens,
@@ -82,6 +66,11 @@ def target_alone(target, sample, max_new_tokens: int) -> tuple[float, list[int],
 
 def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], list[dict]]:
     """Target alone, then the concurrent run, for one sample."""
+    from common.data import sample_fields
+    from common.drafters import DrafterFactory, aligned_fields
+    from common.parallel import run_parallel
+    from common.pipeline import STAGES, lossless_numerics, reference_tokens
+
     alone_s, alone_tokens, alone_stages = target_alone(target, sample, args.max_new_tokens)
     with lossless_numerics(target, args) as step:
         reference = reference_tokens(target, sample, args.max_new_tokens) if step else alone_tokens
@@ -127,6 +116,10 @@ def compute_statistics(records: list[dict[str, Any]], gamma: int, cost_ratio: fl
     ``cost_ratio``: the measured c; None takes the mean of the ``cost_ratio_c`` each record carries
     (the value measured in the session that made it), so a resumed run predicts as an uninterrupted one.
     """
+    from common.drafters import aligned_statistics
+    from common.pipeline import STAGES
+    from common.speculative import SpecResult, aggregate_metrics, predicted_speedup
+
     ok = [r for r in records if "error" not in r]
     stats: dict[str, Any] = {"num_samples": len(ok), "num_failed": len(records) - len(ok), "gamma": gamma}
     if not ok:
@@ -160,6 +153,9 @@ def measure_cost_ratio(draft, target, sample, make_drafter, steps: int = 8, repe
     The median of ``repeats`` interleaved measurements: one 8-step ratio moved by +-25% between
     repeats on a busy CPU (0.30-0.49 over 12 repeats of the demo pair), and the Leviathan
     prediction with it."""
+    from common.parallel import timed
+    from common.pipeline import prefill_sample
+
     states = {id(vlm): prefill_sample(vlm, sample).state for vlm in (draft, target)}
 
     def per_step(vlm):
@@ -195,6 +191,8 @@ def render_markdown(stats: dict[str, Any], argv: list[str], name: str, drafter: 
 
 def write_plots(run: Any, records: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     """timeline.png (the records' stored timelines) and speedup_vs_acceptance.png of a run."""
+    from common.plots import plot_speedup_vs_acceptance, plot_timelines
+
     timelines = [(r["id"], r["timeline"]) for r in records if "timeline" in r][:TIMELINE_SAMPLES]
     if timelines:
         plot_timelines([t for _, t in timelines], run.path / "timeline.png", titles=[i for i, _ in timelines])
@@ -225,6 +223,8 @@ class ParallelBenchmark(Benchmark):
         self.timelines = 0
 
     def begin(self, run) -> None:
+        from common.drafters import record_drafter
+
         record_drafter(run.path / "config.json", self.make_drafter)  # e.g. which TokenAdapter was picked
 
     def warmup(self, sample, steps: int) -> None:
@@ -256,7 +256,10 @@ class ParallelBenchmark(Benchmark):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help prints at once
+    from common.pipeline import load_benchmark_pair, prepare_benchmark
+    from common.tree import tree_from_flags
+
     # both models run at once: on a CPU each lane gets half the cores (pinned, recorded)
     dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="parallel", lanes=2)
 

@@ -38,36 +38,16 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.cli import add_common_args, add_retry_arg, non_negative_int
-from common.compression import PooledFactory, PooledVideoLlava
-from common.data import sample_fields
-from common.drafters import DrafterFactory
-from common.drafters.factory import add_token_adapter_flag
+from common.flags import add_decode_args, add_token_adapter_flag, add_tree_args
 from common.harness import Benchmark, exit_code, run_benchmark
-from common.hybrid import HybridFactory, run_hybrid
-from common.parallel import run_parallel, timed
-from common.pipeline import (
-    add_decode_args,
-    check_context,
-    configure_decode,
-    load_pair,
-    lossless_numerics,
-    prefill_sample,
-    prepare_benchmark,
-)
-from common.plots import plot_bars
 from common.results import markdown_table, summarize
-from common.speculative import (
-    SpecResult,
-    aggregate_metrics,
-    autoregressive_generate,
-    predicted_speedup,
-    speculative_generate,
-)
-from common.timing import sync, sync_current_stream
-from common.tree import TREE_DRAFTERS, add_tree_args, tree_from_flags
+
+if TYPE_CHECKING:  # the heavy modules load where they are used, so --help needs no torch
+    from common.compression import PooledFactory, PooledVideoLlava
+    from common.speculative import SpecResult
 
 STAGE = "benchmark_parallel_prefill"
 SCRIPT = "compare_drafters"
@@ -133,11 +113,17 @@ def parse_named_paths(text: str | None) -> list[tuple[str | None, str]]:
 
 
 def _pooled_factory(pooled: PooledVideoLlava) -> PooledFactory:
+    from common.compression import PooledFactory
+
     return PooledFactory(pooled)
 
 
 def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list[Spec], list[str]]:
     """The drafters this run can compare, and notes on those skipped (why)."""
+    from common.compression import PooledVideoLlava
+    from common.drafters import DrafterFactory
+    from common.hybrid import HybridFactory
+
     specs: list[Spec] = [Spec("eventgpt", "draft_model", draft, DrafterFactory("eventgpt"),
                               description="raw EventGPT greedy tokens")]
     notes: list[str] = []
@@ -212,6 +198,11 @@ def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list
 
 def run_target(target: Any, sample: Any, max_new_tokens: int) -> dict[str, Any]:
     """The baseline: stages 1-4 and greedy decoding of the target by itself (timed)."""
+    from common.parallel import timed
+    from common.pipeline import prefill_sample
+    from common.speculative import autoregressive_generate
+    from common.timing import sync
+
     def run():
         pre = prefill_sample(target, sample)
         gen = autoregressive_generate(target, pre.state, max_new_tokens=max_new_tokens,
@@ -240,6 +231,8 @@ def _spec_fields(result: SpecResult, free: list[int]) -> dict[str, Any]:
 
 def tree_specs(specs: list[Spec], args: argparse.Namespace) -> list[Spec]:
     """With --tree_topk/--tree_tokens: a ``<name>_tree`` copy of each tree-capable drafter (eagle, hybrid)."""
+    from common.tree import TREE_DRAFTERS, tree_from_flags
+
     able = [s for s in specs if s.name in TREE_DRAFTERS]
     tree = tree_from_flags(args.tree_topk, args.tree_tokens, [s.name for s in able])
     if tree is None:
@@ -251,6 +244,12 @@ def tree_specs(specs: list[Spec], args: argparse.Namespace) -> list[Spec]:
 
 def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One drafter on one sample: wall time, the engine's accounting and the prefill sizes."""
+    from common.hybrid import run_hybrid
+    from common.parallel import run_parallel, timed
+    from common.pipeline import prefill_sample
+    from common.speculative import speculative_generate
+    from common.timing import sync, sync_current_stream
+
     gamma, new = args.gamma, args.max_new_tokens
     engine_sync = partial(sync, target.device)
     if spec.kind == "eagle":
@@ -300,11 +299,16 @@ def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> 
 
 
 def _base_record(sample: Any, name: str) -> dict[str, Any]:
+    from common.data import sample_fields
+
     return {**sample_fields(sample), "drafter": name}
 
 
 def process_target(target: Any, sample: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The target's record: timed baseline (fastest numerics) and its reference under verification numerics."""
+    from common.pipeline import lossless_numerics, prefill_sample
+    from common.speculative import autoregressive_generate
+
     record = _base_record(sample, TARGET)
     alone = run_target(target, sample, args.max_new_tokens)
     with lossless_numerics(target, args) as step:
@@ -321,6 +325,8 @@ def process_target(target: Any, sample: Any, args: argparse.Namespace) -> dict[s
 
 def process_drafter(spec: Spec, target: Any, sample: Any, args: argparse.Namespace,
                     target_record: dict[str, Any]) -> dict[str, Any]:
+    from common.pipeline import lossless_numerics
+
     record = _base_record(sample, spec.name)
     with lossless_numerics(target, args):
         record.update(run_spec(spec, target, sample, args))
@@ -345,6 +351,8 @@ def _mean(values) -> float | None:
 
 def compute_statistics(records: list[dict[str, Any]], names: list[str], gamma: int) -> dict[str, Any]:
     """Per drafter: pooled vLLM metrics, measured c, measured and predicted speedups, lossless rate."""
+    from common.speculative import SpecResult, aggregate_metrics, predicted_speedup
+
     targets = {r["id"]: r for r in records if r["drafter"] == TARGET and "error" not in r}
     stats: dict[str, Any] = {"gamma": gamma, "num_samples": len(targets),
                              "num_failed": sum(1 for r in records if r["drafter"] == TARGET and "error" in r)}
@@ -493,6 +501,8 @@ class DrafterComparison(Benchmark):
         return render_markdown(stats, self.specs, self.notes, self.argv, run.path.name, self.args)
 
     def finish(self, stats, records, run) -> None:
+        from common.plots import plot_bars
+
         per = stats.get("drafters", {})
         if per:
             plot_bars({n: s["speedup_measured"] for n, s in per.items()}, run.path / "speedup.png",
@@ -505,7 +515,10 @@ class DrafterComparison(Benchmark):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help prints at once
+    from common.compression import PooledVideoLlava
+    from common.pipeline import check_context, configure_decode, load_pair, prepare_benchmark
+
     lanes = 2 if args.harness == "parallel" else 1  # on a CPU each concurrent model gets its share of the cores
     dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="compare_drafters",
                                                        lanes=lanes)

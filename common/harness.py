@@ -24,15 +24,15 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.errors import DataError
 from common.progress import progress
 from common.results import RunFolder
 from common.run_index import results_root_of, update_index
-from common.timing import gc_paused
+
+if TYPE_CHECKING:  # torch is imported where it is used, so a CLI's --help needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class Benchmark:
 def pin_cpu_threads(device: str | torch.device, lanes: int = 1) -> int:
     """On a CPU, fix torch's intra-op threads so ``lanes`` models running at once share the cores
     evenly (cores // lanes each); returns the thread count each lane uses."""
+    import torch
+
     if torch.device(device).type != "cpu":
         return torch.get_num_threads()
     threads = max(1, (os.cpu_count() or 1) // max(1, lanes))
@@ -149,6 +151,8 @@ def _prepare(run: RunFolder, settings: RunSettings) -> list[dict[str, Any]]:
 
 def _run_one(bench: Benchmark, sample: Any, unit: str, done: Mapping) -> dict[str, Any] | None:
     """One unit, its failure recorded: any exception but KeyboardInterrupt/SystemExit becomes ``error``."""
+    from common.timing import gc_paused
+
     try:
         with gc_paused():  # no collector pause inside the timed stages
             return bench.process(sample, unit, done)
@@ -161,6 +165,8 @@ def _run_one(bench: Benchmark, sample: Any, unit: str, done: Mapping) -> dict[st
 
 def _loop(run: RunFolder, settings: RunSettings, bench: Benchmark, samples: Sequence[Any],
           done: dict[tuple[str, str], dict]) -> None:
+    import torch
+
     todo = [(s, [u for u in bench.units(s) if (u, str(s.id)) not in done]) for s in samples]
     todo = [(s, units) for s, units in todo if units]
     with torch.no_grad():
@@ -187,6 +193,8 @@ def _records(run: RunFolder, bench: Benchmark, samples: Sequence[Any]) -> list[d
 
 def notices(device: str, quant: str | None) -> list[str]:
     """Lines for the top of RESULTS.md that say when timings are not to be trusted."""
+    import torch
+
     if torch.device(device).type != "cpu":
         return []
     return [CPU_NOTICE] + ([CPU_4BIT_NOTICE] if quant == "4bit" else [])

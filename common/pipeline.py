@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from common.cli import non_negative_int, positive_int, result_settings
+from common.cli import result_settings
 from common.data import default_frame_cache
 from common.defaults import resolve_model_paths
 from common.drafters.factory import DrafterFactory, drafter_factory
 from common.errors import DataError
+from common.flags import add_decode_args  # noqa: F401  (re-exported: the flags live there)
 from common.harness import RunSettings, pin_cpu_threads
 from common.models.loader import load_vlm
 from common.speculative import autoregressive_generate
@@ -174,28 +175,6 @@ def load_benchmark_pair(args: argparse.Namespace, dataset_dir: Any
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
                             vision_graphs=not args.eager_vision)
     return draft, target, mode, drafter_factory(args, device=target.device)
-
-
-def add_decode_args(group, free_tokens: bool = False) -> None:
-    """``--max_new_tokens --gamma --decode_mode --lossless_reference`` (and ``--max_free_tokens`` for
-    benchmarks that draft during the target's prefill), shared by the benchmarks."""
-    group.add_argument("--max_new_tokens", type=positive_int, default=50,
-                       help="tokens generated per answer (default 50)")
-    group.add_argument("--gamma", type=positive_int, default=5, help="draft tokens per speculative step (default 5)")
-    if free_tokens:
-        group.add_argument("--max_free_tokens", type=non_negative_int, default=64,
-                           help="cap on tokens drafted during the target's prefill (default 64)")
-    group.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
-                       help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "
-                            "(slower start) (default auto)")
-    group.add_argument("--eager_vision", action="store_true",
-                       help="with CUDA graphs, keep the vision towers eager (default: replay them as CUDA graphs, "
-                            "which keeps two concurrently driven models from holding up each other's launches)")
-    group.add_argument("--lossless_reference", choices=["fixed_step", "fastest"], default="fixed_step",
-                       help="with CUDA graphs, run the target's reference decode and its speculative verification "
-                            "through the same padded (gamma+1)-token step so they agree bitwise in bf16/4-bit "
-                            "(fixed_step, default), or compare against the fastest 1-token decode (fastest). "
-                            "The baseline is always timed with the fastest decode.")
 
 
 def configure_decode(models, mode: str, max_length: int, gamma: int, vision_graphs: bool = True) -> str:

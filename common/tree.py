@@ -31,7 +31,6 @@ Everything here is a pure function over plain tensors and lists (testable with f
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 
+from common.flags import add_tree_args  # noqa: F401  (re-exported: the flags live there)
 from common.sampling import is_greedy, probs_from_logits, sample_from_probs, uniform
 
 __all__ = [
@@ -340,16 +340,6 @@ def verify_tree(target: Any, state: Any, pending: list[int], tree: DraftTree, te
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
-
-def add_tree_args(parser: argparse.ArgumentParser) -> None:
-    """``--tree_topk K --tree_tokens N`` (both needed; default off: chain drafting)."""
-    g = parser.add_argument_group("draft trees (EAGLE-2 style)")
-    g.add_argument("--tree_topk", type=int, default=None,
-                   help="draft a tree: expand the K most likely nodes into K children per depth (needs --tree_tokens)")
-    g.add_argument("--tree_tokens", type=int, default=None,
-                   help="tree rows verified in one target forward, the pending token included "
-                        "(equal verify cost to a chain of gamma: gamma + 1)")
-
 
 def tree_config_from(topk: int | None, tokens: int | None) -> TreeConfig | None:
     """The TreeConfig of the two flags, None when both are off; one-line errors otherwise."""

@@ -13,7 +13,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common.cli import DeprecatedFlag
 from common.defaults import resolve_model_paths
 from common.drafters.eagle_head import EagleTarget, load_eagle_head, make_eagle_drafter
 from common.drafters.hidden_adapter import load_any_adapter
@@ -24,38 +23,10 @@ from common.drafters.token_drafter import (
     load_token_adapter,
     load_token_adapter_drafter,
 )
+from common.flags import DRAFTER_CHOICES, add_drafter_args, add_token_adapter_flag  # noqa: F401  (re-exported)
 from common.results import atomic_write_json, read_json
 from common.speculative import Drafter, ModelDrafter
 from common.timing import sync_current_stream
-
-DRAFTER_CHOICES = ("eventgpt", "token_adapter", "hidden_adapter", "eagle")
-
-
-def add_drafter_args(parser: argparse.ArgumentParser) -> None:
-    """``--drafter KIND`` plus one flag per checkpoint: ``--token_adapter``, ``--hidden_adapter``, ``--eagle_head``.
-
-    The old spellings ``--use_token_adapter`` and ``--token_adapter_path`` still work (one deprecation line).
-    """
-    g = parser.add_argument_group("drafter")
-    g.add_argument("--drafter", choices=DRAFTER_CHOICES, default=None,
-                   help="what proposes tokens: raw EventGPT greedy tokens (default), the TokenAdapter, "
-                        "a hidden-state adapter through the target's LM head, or the EAGLE head")
-    add_token_adapter_flag(g, "TokenAdapter checkpoint or run folder; with --drafter token_adapter (default: the "
-                              "latest for this model pair under token_alignment/task, recorded in config.json)")
-    g.add_argument("--use_token_adapter", dest="drafter", action=DeprecatedFlag, nargs=0, const="token_adapter",
-                   use="--drafter token_adapter", help=argparse.SUPPRESS)
-    g.add_argument("--hidden_adapter", metavar="PATH", default=None,
-                   help="hidden-state adapter checkpoint (L1-L5); implies --drafter hidden_adapter")
-    g.add_argument("--eagle_head", metavar="PATH", default=None,
-                   help="EAGLE-style head over Video-LLaVA's own features (python -m feature_alignment."
-                        "train_eagle_head); implies --drafter eagle")
-
-
-def add_token_adapter_flag(group: Any, help: str) -> None:
-    """``--token_adapter PATH`` (stored as ``token_adapter_path``) and its deprecated spelling ``--token_adapter_path``."""
-    group.add_argument("--token_adapter", dest="token_adapter_path", metavar="PATH", default=None, help=help)
-    group.add_argument("--token_adapter_path", dest="token_adapter_path", action=DeprecatedFlag,
-                       use="--token_adapter PATH", help=argparse.SUPPRESS)
 
 
 @dataclass(frozen=True)

@@ -49,18 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def target_alone(target, sample, max_new_tokens: int) -> tuple[float, list[int], dict[str, float]]:
     """The baseline: stages 1-4 and greedy decoding of the target by itself."""
-    from common.parallel import timed
-    from common.pipeline import prefill_sample
-    from common.speculative import autoregressive_generate
-    from common.timing import sync
+    from common.pipeline import time_target_alone
 
-    def run():
-        pre = prefill_sample(target, sample)
-        gen = autoregressive_generate(target, pre.state, max_new_tokens=max_new_tokens,
-                                      sync=lambda: sync(target.device))
-        return pre, gen
-
-    seconds, (pre, gen) = timed(run, target.device)
+    seconds, pre, gen = time_target_alone(target, sample, max_new_tokens)
     return seconds, list(gen.tokens), pre.times
 
 

@@ -198,18 +198,9 @@ def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list
 
 def run_target(target: Any, sample: Any, max_new_tokens: int) -> dict[str, Any]:
     """The baseline: stages 1-4 and greedy decoding of the target by itself (timed)."""
-    from common.parallel import timed
-    from common.pipeline import prefill_sample
-    from common.speculative import autoregressive_generate
-    from common.timing import sync
+    from common.pipeline import time_target_alone
 
-    def run():
-        pre = prefill_sample(target, sample)
-        gen = autoregressive_generate(target, pre.state, max_new_tokens=max_new_tokens,
-                                      sync=lambda: sync(target.device))
-        return pre, gen
-
-    seconds, (pre, gen) = timed(run, target.device)
+    seconds, pre, gen = time_target_alone(target, sample, max_new_tokens)
     return {"wall_time": seconds, "token_ids": list(gen.tokens), "decode_seconds": gen.seconds,
             "decode_steps": gen.steps, "prompt_tokens": pre.state.prompt_length,
             "prefill_ms": 1000 * pre.times["stage4"], "stage_times": pre.times}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -201,6 +202,19 @@ def lossless_numerics(target: VisionLanguageModel, args: argparse.Namespace) -> 
         yield step
     finally:
         decoding.use_fixed_step(previous)
+
+
+def time_target_alone(target: VisionLanguageModel, sample: Any, max_new_tokens: int) -> tuple[float, Prefilled, Any]:
+    """The baseline of every speculative benchmark: stages 1-4 and greedy decoding of the target by itself.
+
+    Returns (wall seconds, synchronised at both ends; the prefill with its stage times; the generation).
+    """
+    sync(target.device)
+    start = time.perf_counter()
+    pre = prefill_sample(target, sample)
+    gen = autoregressive_generate(target, pre.state, max_new_tokens=max_new_tokens, sync=lambda: sync(target.device))
+    sync(target.device)
+    return time.perf_counter() - start, pre, gen
 
 
 def reference_tokens(target: VisionLanguageModel, sample: Any, max_new_tokens: int) -> list[int]:

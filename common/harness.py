@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from common.errors import DataError
+from common.errors import sample_failure
 from common.progress import progress
 from common.results import RunFolder
 from common.run_index import results_root_of, update_index
@@ -157,7 +157,7 @@ def _run_one(bench: Benchmark, sample: Any, unit: str, done: Mapping) -> dict[st
         with gc_paused():  # no collector pause inside the timed stages
             return bench.process(sample, unit, done)
     except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)
-        text = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        text = sample_failure(exc)
         text = " ".join(text.split())  # one line in the record and the log
         log.warning("skipping %s%s: %s", sample.id, f" ({unit})" if unit else "", text)
         return {**bench.base_record(sample, unit), "error": text}

@@ -48,7 +48,7 @@ from common.cli import (
     shard,
 )
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.errors import DataError
+from common.errors import DataError, sample_failure
 from common.lazy import no_grad
 from common.locations import data_dir
 from common.progress import progress_bar
@@ -235,7 +235,7 @@ class ClipPixelLoader:
                     self.last_clip = sample.clip_id
                 out.append((sample, pixels, None))
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run (issue #16)
-                out.append((sample, None, str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"))
+                out.append((sample, None, sample_failure(exc)))
         return out
 
 

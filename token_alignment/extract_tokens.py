@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.cli import add_common_args, add_retry_arg, positive_int, set_seed, shard
 from common.defaults import resolve_dataset_dir, resolve_model_paths
-from common.errors import DataError
+from common.errors import sample_failure
 from common.lazy import no_grad
 from common.progress import progress, progress_bar
 from token_alignment.pairs import (
@@ -271,7 +271,7 @@ def guarded(fn: Any, sample: ClipSample, errors: list[tuple[str, str]]) -> Any:
     try:
         return fn(sample)
     except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)
-        text = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        text = sample_failure(exc)
         warnings.warn(f"skipping {sample.id}: {text}", stacklevel=3)
         errors.append((sample.id, text))
         return None

@@ -34,7 +34,7 @@ from torch import nn
 
 from common.models import batch_passes
 from common.models.batch_passes import TeacherForced
-from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
+from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner, VocabLimitedHead
 from common.models.decoding import Decoding
 from common.models.graphed_vision import GraphedVisionEncoder
 from common.models.greedy_batch import GreedyBatch
@@ -87,6 +87,9 @@ class VisionLanguageModel(ABC):
         self.tokenizer = tokenizer
         # a widened twin's masked visual padding (common.models.widen): positions before the prompt
         self.visual_pad_tokens = int(getattr(model.config, "visual_pad_tokens", 0) or 0)
+        answer_vocab = int(getattr(model.config, "answer_vocab_size", 0) or 0)
+        if 0 < answer_vocab < int(lm_head.weight.shape[0]):  # a twin's padded ids are never produced
+            lm_head = VocabLimitedHead(lm_head, answer_vocab)
         self.runner = LlamaRunner(language_model, lm_head, masked_prefix=self.visual_pad_tokens)
         self.base_vocab_size = int(base_vocab_size)
         self.decode_room = DEFAULT_DECODE_ROOM

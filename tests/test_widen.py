@@ -12,7 +12,7 @@ import torch
 from common.data import ClipDataset
 from common.defaults import MODELS_DIR, default_dataset_dir
 from common.errors import DataError
-from common.models.decoder import LlamaRunner
+from common.models.decoder import LlamaRunner, VocabLimitedHead
 from common.models.loader import load_vlm
 from common.models.widen import LlmShape, WidenPlan, plan_for, prepare, write_widened
 from common.speculative import autoregressive_generate
@@ -40,6 +40,21 @@ def test_small_twin_config_doubles_every_dimension(small_twin):
     assert config["visual_pad_tokens"] == 400  # 8 x 50 real visual tokens, doubled
     assert config["text_config"]["rms_norm_eps"] == pytest.approx(1e-6 / 4)
     assert json.loads((small_twin / "eventgpt" / "config.json").read_text())["visual_pad_tokens"] == 55
+    for kind in KINDS:
+        config = json.loads((small_twin / kind / "config.json").read_text())
+        assert config["answer_vocab_size"] == summary[kind]["source_shape"]["vocab_size"]
+
+
+def test_vocab_limited_head_scores_padding_minus_inf():
+    """Rows at or above the limit are -inf; the others are the plain head's logits."""
+    head = torch.nn.Linear(8, 12, bias=False)
+    limited = VocabLimitedHead(head, 9)
+    x = torch.randn(3, 8)
+    out = limited(x)
+    assert torch.equal(out[:, :9], head(x)[:, :9]) and torch.isneginf(out[:, 9:]).all()
+    assert limited.weight is head.weight
+    probs = torch.softmax(out, dim=-1)
+    assert probs[:, 9:].sum() == 0
 
 
 @pytest.mark.slow
@@ -59,7 +74,8 @@ def test_small_twin_answers_token_for_token(small_twin, kind):
             real = b.hidden[layer][twin.visual_pad_tokens:]
             assert torch.allclose(real[:, : source.hidden_size], a.hidden[layer], atol=1e-3, rtol=1e-4)
             assert real[:, source.hidden_size:].abs().max() == 0
-        # padded vocabulary ids never beat the real ones
+        # padded vocabulary ids score -inf: never produced, greedy or sampled
+        assert torch.isneginf(b.logits[source.vocab_size:]).all()
         assert int(b.logits.argmax()) < source.vocab_size
         ours = autoregressive_generate(source, a, max_new_tokens=48).tokens
         theirs = autoregressive_generate(twin, b, max_new_tokens=48).tokens

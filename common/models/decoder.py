@@ -129,6 +129,30 @@ def _concat_weights(linears: list[nn.Linear]) -> torch.Tensor:
     return weight
 
 
+class VocabLimitedHead(nn.Module):
+    """An LM head whose rows at or above ``limit`` (a widened twin's padded vocabulary) score -inf.
+
+    The padding ids then have probability 0 under sampling as well as under greedy decoding, and the
+    head still multiplies by every row, so it costs what the full-vocabulary head costs.
+    """
+
+    def __init__(self, head: nn.Module, limit: int):
+        super().__init__()
+        self.head = head
+        self.limit = int(limit)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped head's weight (all rows)."""
+        return self.head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every row; padding rows are -inf."""
+        logits = self.head(x)
+        logits[..., self.limit:] = float("-inf")
+        return logits
+
+
 class LlamaRunner:
     """Runs a transformers ``LlamaModel`` (layers, norm, rotary) plus an LM head over a ``KVCache``."""
 

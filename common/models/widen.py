@@ -17,9 +17,9 @@ what a step of the larger shape costs:
 - MLP: extra units have zero gate/up rows and zero ``down_proj`` columns; extra layers (after
   the small ones) have all-zero projections, so they are the identity on the residual;
 - vocabulary: rows above the small vocabulary copy the small LM head's last row (a special or
-  padding id the model never answers with). Their logit always equals that row's, so greedy
-  decoding (argmax takes the first of equal values) never picks them; the drafters never propose
-  ids above the shared base vocabulary anyway;
+  padding id the model never answers with), and config.json's ``answer_vocab_size`` makes
+  ``common.vlm`` score them -inf (``VocabLimitedHead``): they are never produced, greedy or
+  sampled, and never proposed; the head still multiplies by every row, so it costs a 7B head;
 - visual prompt: ``visual_pad_tokens`` in config.json makes the model prepend that many masked
   positions to every prompt (see ``common.vlm``): they are computed like real tokens, no real
   token attends to them, and rotary attention only sees relative positions, so answers stay.
@@ -296,6 +296,7 @@ def widened_config(config: dict, kind: str, src: LlmShape, plan: WidenPlan, sour
                 rms_norm_eps=eps * src.hidden_size / big.hidden_size)
     have = visual_token_count(config, kind)
     out["visual_pad_tokens"] = max(0, plan.visual_tokens - have)
+    out["answer_vocab_size"] = src.vocab_size  # ids from here on are padding: common.vlm scores them -inf
     out["widened_from"] = {"path": str(source), "shape": asdict(src), "visual_tokens": have}
     return out
 

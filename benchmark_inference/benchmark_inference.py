@@ -203,6 +203,7 @@ class InferenceBenchmark(Benchmark):
     def __init__(self, draft, target, args: argparse.Namespace, make_drafter, mode: str, argv: list[str]):
         self.draft, self.target, self.args, self.make_drafter = draft, target, args, make_drafter
         self.mode, self.argv = mode, argv
+        self.event_frames = getattr(draft, "num_event_frames", None)
 
     def begin(self, run) -> None:
         from common.drafters import record_drafter

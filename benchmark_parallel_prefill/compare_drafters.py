@@ -457,6 +457,8 @@ class DrafterComparison(Benchmark):
     def __init__(self, target: Any, specs: list[Spec], notes: list[str], args: argparse.Namespace, mode: str,
                  argv: list[str]):
         self.target, self.specs, self.notes, self.args, self.mode, self.argv = target, specs, notes, args, mode, argv
+        self.event_frames = next((s.draft.num_event_frames for s in specs if hasattr(s.draft, "num_event_frames")),
+                                 None)
         self.started = time.perf_counter()
 
     def units(self, sample: Any) -> list[str]:

@@ -84,6 +84,7 @@ class Benchmark:
     """
 
     unit_field: str | None = None
+    event_frames: int | None = None  # the draft's event-frame count: its PNG check runs before the timers
 
     def units(self, sample: Any) -> Sequence[str]:
         return ("",)
@@ -97,6 +98,14 @@ class Benchmark:
 
     def warmup(self, sample: Any, steps: int) -> None:
         """Untimed work before the timed loop (``steps`` = --warmup_steps)."""
+
+    def untimed_checks(self, sample: Any) -> None:
+        """Per-sample checks run before :meth:`process`, outside its timers: today the comparison of a
+        clip's stored event PNGs with its events (once per clip), which the timed load would pay for."""
+        if self.event_frames and getattr(sample, "event_path", None) is not None:
+            from common.data import check_event_images
+
+            check_event_images(sample, self.event_frames)
 
     def process(self, sample: Any, unit: str, done: Mapping[tuple[str, str], dict]) -> dict[str, Any] | None:
         """The record of one unit of one sample (None: nothing to record). ``done``: records so far."""
@@ -154,6 +163,7 @@ def _run_one(bench: Benchmark, sample: Any, unit: str, done: Mapping) -> dict[st
     from common.timing import gc_paused
 
     try:
+        bench.untimed_checks(sample)
         with gc_paused():  # no collector pause inside the timed stages
             return bench.process(sample, unit, done)
     except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run (issue #16)

@@ -440,6 +440,34 @@ def test_disagreeing_pngs_are_refused_under_images(data) -> None:
     assert len(load_event_frames(ds[1], 5)) == 5  # the next clip goes on
 
 
+def test_harness_compares_pngs_before_the_timed_load(data, tmp_path) -> None:
+    """The run loop checks the PNGs outside the sample's timers: the timed load finds the verdict cached."""
+    from common.harness import Benchmark, RunSettings, run_benchmark
+
+    sample_id, _ = _swap_pngs(data, 0, 1)
+    seen: list = []
+
+    class Bench(Benchmark):
+        event_frames = 5
+
+        def process(self, sample, unit, done):
+            seen.append(dict(sample.clip_checks))  # what the timed stages would find
+            return {"id": sample.id, "split": sample.split, "query": sample.question}
+
+        def statistics(self, records):
+            return {"num_samples": len(records), "num_failed": 0}
+
+        def render(self, stats, records, run):
+            return "# checks\n"
+
+    settings = RunSettings(stage="checks", task_name="t", settings={"x": 1}, output_dir=str(tmp_path / "out"),
+                           warmup_steps=0)
+    run_benchmark(settings, list(ClipDataset(data))[:2], Bench)
+    verdict = seen[0][("event_images_disagree", 5)]
+    assert f"sample {sample_id}" in verdict and "disagree with the events" in verdict
+    assert seen[1][("event_images_disagree", 5)] is None  # clip 1's own PNGs agree
+
+
 def test_pickle_refusal_applies_whenever_events_are_the_source(data) -> None:
     ds = ClipDataset(data)
     npz = ds[0].event_path

@@ -196,11 +196,13 @@ def write_plots(run: Any, records: list[dict[str, Any]], stats: dict[str, Any]) 
 
 
 def write_readouts(run: Any, records: list[dict[str, Any]], stats: dict[str, Any], argv: list[str],
-                   drafter: str) -> None:
+                   drafter: str, quant: str | None = None) -> None:
     """results.json, RESULTS.md and the plots of merged shards (scripts.merge_results); a run writes its own
     through the harness."""
-    run.write_results(records, stats, extra={"stage": STAGE})
-    run.write_markdown(render_markdown(stats, argv, run.path.name, drafter))
+    from common.harness import write_readouts as write_run
+
+    write_run(run, STAGE, records, stats, render_markdown(stats, argv, run.path.name, drafter),
+              str(stats.get("device") or "cpu"), quant)
     write_plots(run, records, stats)
 
 

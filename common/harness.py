@@ -203,20 +203,27 @@ def _records(run: RunFolder, bench: Benchmark, samples: Sequence[Any]) -> list[d
 
 def notices(device: str, quant: str | None) -> list[str]:
     """Lines for the top of RESULTS.md that say when timings are not to be trusted."""
-    import torch
+    from common.cli import resolve_device
 
-    if torch.device(device).type != "cpu":
+    if resolve_device(device).type != "cpu":
         return []
     return [CPU_NOTICE] + ([CPU_4BIT_NOTICE] if quant == "4bit" else [])
 
 
-def _markdown(text: str, settings: RunSettings) -> str:
-    """``text`` with the notices after its title line."""
-    extra = notices(settings.device, settings.quant)
+def with_notices(text: str, device: str, quant: str | None) -> str:
+    """``text`` (a RESULTS.md) with the timing notices of ``device``/``quant`` after its title line."""
+    extra = notices(device, quant)
     if not extra:
         return text
     title, _, rest = text.partition("\n")
     return "\n".join([title, "", *(f"**{n}**" for n in extra), rest])
+
+
+def write_readouts(run: RunFolder, stage: str, records: list[dict[str, Any]], stats: dict[str, Any],
+                   markdown: str, device: str, quant: str | None) -> None:
+    """results.json and RESULTS.md (with its notices) of a run, or of merged shards (scripts.merge_results)."""
+    run.write_results(records, stats, extra={"stage": stage})
+    run.write_markdown(with_notices(markdown, device, quant))
 
 
 def run_benchmark(settings: RunSettings, samples: Sequence[Any], make_bench: Callable[[], Benchmark]
@@ -237,8 +244,8 @@ def run_benchmark(settings: RunSettings, samples: Sequence[Any], make_bench: Cal
         records = _records(run, bench, samples)
         stats = bench.statistics(records)
         stats.update(torch_threads=settings.torch_threads, device=str(settings.device))
-        run.write_results(records, stats, extra={"stage": settings.stage})
-        run.write_markdown(_markdown(bench.render(stats, records, run), settings))
+        write_readouts(run, settings.stage, records, stats, bench.render(stats, records, run), settings.device,
+                       settings.quant)
         bench.finish(stats, records, run)
         run.mark_done()
     update_index(results_root_of(run.path))

@@ -61,16 +61,17 @@ def recompute(stage: str, records: list[dict], args: dict, chunk_stats: list[dic
 def write_readouts(stage: str, run: RunFolder, records: list[dict], stats: dict[str, Any], args: dict,
                    argv: list[str]) -> None:
     """results.json, RESULTS.md and PNGs through the benchmark's own renderer (as a single run writes them)."""
-    for key in ("decode_mode", "drafter", "draft_device", "target_device"):
+    for key in ("decode_mode", "drafter", "draft_device", "target_device", "device"):
         stats.setdefault(key, args.get(key))
     if stage == "benchmark_inference":
         from benchmark_inference.benchmark_inference import write_readouts as write
 
-        write(run, records, stats, argv)
+        write(run, records, stats, argv, args.get("quant"))
     else:
         from benchmark_parallel_prefill.benchmark_parallel_prefill import write_readouts as write
 
-        write(run, records, stats, argv, str(stats.get("drafter") or args.get("drafter") or "eventgpt"))
+        write(run, records, stats, argv, str(stats.get("drafter") or args.get("drafter") or "eventgpt"),
+              args.get("quant"))
     text = (run.path / "RESULTS.md").read_text()
     note = f"Merged from {len(stats['merged_from'])} run folders: " + ", ".join(
         f"`{p}`" for p in stats["merged_from"]) + "; statistics recomputed over all samples.\n"
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chunk_stats = [read_json(r / "results.json").get("statistics", {}) for r, _, _ in runs]
     stats = recompute(stage, records, runs[0][2], chunk_stats)
     stats["merged_from"] = [str(r) for r, _, _ in runs]
+    stats["device"] = chunk_stats[0].get("device")  # where the shards ran (their timing notice)
     out = RunFolder.create(stage, args.task_name, args.output_dir, resume=False)
     argv_used = list(argv if argv is not None else sys.argv[1:])
     out.write_config({"merged_from": [str(r) for r, _, _ in runs]}, argv_used)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmark_inference import benchmark_inference as bi
 from scripts.merge_results import main as merge
 from tests.data_fixtures import tiny_dataset  # noqa: F401  (session fixture)
@@ -22,3 +24,9 @@ def test_two_chunks_merge_to_the_single_run(tiny_models_dir, tiny_dataset, tmp_p
     assert ids == single_ids
     for key in ("num_samples", "sd_lossless_rate", "acceptance_rate_avg", "sd_acceptance_rate_avg"):
         assert merged["statistics"][key] == single["statistics"][key]
+    # merged shards carry the same timing notice as a single run, and their own RESULTS.md
+    from common.harness import CPU_NOTICE
+
+    text = (Path(merged["run_dir"]) / "RESULTS.md").read_text()
+    assert CPU_NOTICE in text and "Merged from 2 run folders" in text
+    assert text.count(CPU_NOTICE) == (Path(single["run_dir"]) / "RESULTS.md").read_text().count(CPU_NOTICE) == 1

@@ -255,6 +255,10 @@ def nf4_part(args, device: torch.device, repeats: int) -> dict[str, Any]:
             row[f"triton_rows_{m}_rel_err"] = float((nf4_kernels.nf4_linear(x, weight).float() - ref).abs().max()
                                                     / ref.abs().max())
         row["dense_bf16_rows_6_ms"] = time_ms(lambda x=x, d=dense: F.linear(x, d), device, repeats)
+        row["triton_rows_6_ms_per_config"] = {
+            f"n{c.block_n}_sub{c.sub}_w{c.warps}_p{c.programs_per_sm}": time_ms(
+                lambda x=x, c=c, w=weight: nf4_kernels.nf4_linear(x, w, c), device, repeats)
+            for c in nf4_kernels.CONFIGS}
         out[name] = row
     return out
 

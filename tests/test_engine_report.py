@@ -27,6 +27,7 @@ def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
     assert report["eagle_c"] == pytest.approx(c) and c > 0
     assert report["prompt_tokens"] > 8 * 17  # 8 frames x (16 patches + CLS) at the tiny shapes
     assert report["prefill_ms"] > 0 and report["vision_encode_ms"] > 0
+    assert 0 < report["prefill_llm_ms"] and "prefill_eager_ms" not in report  # Triton prefill: CUDA only
     slowdown = report["target_prefill_concurrent_ms"] / report["target_prefill_alone_ms"]
     assert report["concurrent_prefill_slowdown"] == pytest.approx(slowdown)
     assert report["free_draft_tokens"] >= 0 and report["free_draft_tokens"] == int(report["free_draft_tokens"])

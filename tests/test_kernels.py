@@ -96,20 +96,23 @@ def _nf4_layer(weight: torch.Tensor, nested: bool):
 @pytest.mark.parametrize("nested", [False, True])  # double-quantized absmax (the project's 4-bit config) or not
 @pytest.mark.parametrize("rows", [1, 6, 16])
 def test_nf4_linear_equals_the_dequantized_weight(nested, rows):
+    """Every tile config; 5 quantization blocks a row, so tiles of 2 and 4 blocks end part-filled."""
     import bitsandbytes as bnb
 
     from common.models import nf4_kernels
 
     torch.manual_seed(0)
-    layer = _nf4_layer(torch.randn(96, 256) * 0.05, nested)
+    layer = _nf4_layer(torch.randn(96, 320) * 0.05, nested)
     weight = nf4_kernels.nf4_weight(layer)
-    assert weight is not None and weight.out_features == 96 and weight.in_features == 256
+    assert weight is not None and weight.out_features == 96 and weight.in_features == 320
     dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-    x = torch.randn(rows, 256, device=DEVICE)
-    torch.testing.assert_close(nf4_kernels.nf4_linear(x, weight), x @ dense.T, atol=1e-5, rtol=1e-5)
+    x = torch.randn(rows, 320, device=DEVICE)
+    for config in nf4_kernels.CONFIGS[:4]:
+        torch.testing.assert_close(nf4_kernels.nf4_linear(x, weight, config), x @ dense.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nf4_kernels.nf4_linear(x[None], weight)[0], x @ dense.T, atol=1e-5, rtol=1e-5)
     assert nf4_kernels.nf4_weight(torch.nn.Linear(4, 4, bias=False)) is None
     with pytest.raises(ValueError, match="up to 16 rows"):
-        nf4_kernels.nf4_linear(torch.randn(17, 256, device=DEVICE), weight)
+        nf4_kernels.nf4_linear(torch.randn(17, 320, device=DEVICE), weight)
 
 
 def _quantize_runner(runner: LlamaRunner) -> LlamaRunner:

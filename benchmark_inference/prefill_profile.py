@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from common.results import atomic_write_json
 
 CLASSES = (("attention", r"flash|fmha|attention|cudnn|sdpa"),
-           ("triton", r"triton|_kernel\b|add_rms_norm|rope_kv|silu_mul"),
+           ("triton", r"triton|add_rms_norm|rope_kv|silu_mul|_nf4_|_sum_parts"),
            ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|wgmma"),
            ("copy", r"copy|cat|index|fill|memset|memcpy"))
 

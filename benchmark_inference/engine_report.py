@@ -12,6 +12,7 @@ loaded models, so the CPU path is tested at tiny shapes.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import inspect
 import statistics
 import threading
@@ -224,6 +225,7 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
         enc = [_time_ms(lambda: target.encode_pixels(pixels), target.device) for _ in range(opts.concurrent_repeats + 2)]
         report.update(prompt_tokens=length, prefill_ms=statistics.median(fill[1:]),
                       vision_encode_ms=statistics.median(enc[1:]))
+        report.update(_prefill_variants(target, visual, length, opts.concurrent_repeats + 2))
         report["ours"] = _ours(target, visual, opts, length)
         if target.device.type == "cuda":
             report["gemv_floor_ms"] = {f"rows_{k}": gemv_floor_ms(target, k) for k in (1, opts.gamma + 1)}
@@ -255,6 +257,48 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
             report["baselines"] = _baselines(target, visual, opts)
             write(report)
     return report
+
+
+def _prefill_variants(target, visual, length: int, repeats: int) -> dict[str, float]:
+    """``prefill_llm_ms``: the LLM alone from ready embeddings; ``prefill_eager_ms``: the eager path (CUDA)."""
+    out: dict[str, float] = {}
+    embeds = target.padded_prompt_embeds(visual, QUESTION)
+
+    def llm():
+        target.runner.run(embeds, target.runner.new_cache(length + 128, target.dtype, target.device), all_logits=False)
+
+    out["prefill_llm_ms"] = statistics.median([_time_ms(llm, target.device) for _ in range(repeats)][1:])
+    if target.runner.use_prefill_kernels(target.device.type == "cuda"):
+        target.runner.use_prefill_kernels(False)
+        old = [_time_ms(lambda: target.prefill(visual, QUESTION), target.device) for _ in range(repeats)]
+        target.runner.use_prefill_kernels(True)
+        out["prefill_eager_ms"] = statistics.median(old[1:])
+    return out
+
+
+def quant4_report(target4, opts: EngineOptions) -> dict[str, Any]:
+    """Prefill, decode ms/token and verify(gamma+1)/decode(1) of a 4-bit (nf4) target, per decode mode.
+
+    With the Triton nf4 kernel for few-row steps (the default on CUDA) and, where it runs, without it
+    (bitsandbytes alone: its one-row GEMV, and its own path for the verify rows).
+    """
+    with torch.no_grad():
+        visual = target4.encode_pixels(target4.preprocess(raw_inputs("videollava")))
+        length = target4.prefill(visual, QUESTION).prompt_length
+        fill = [_time_ms(lambda: target4.prefill(visual, QUESTION), target4.device) for _ in range(3)]
+        out: dict[str, Any] = {"prefill_ms_4bit": statistics.median(fill[1:])}
+        kernel = target4.runner.use_nf4_kernel(target4.device.type == "cuda")
+        runs = {"nf4_kernel": True, "bnb": False} if kernel else {"bnb": False}
+        for name, on in runs.items():
+            target4.runner.use_nf4_kernel(on)
+            out[f"ours_4bit_{name}"] = _ours(target4, visual, opts, length)
+        target4.runner.use_nf4_kernel(kernel)
+    mode, best = _best(out[f"ours_4bit_{next(iter(runs))}"])
+    out.update(decode_mode_4bit=mode, decode_ms_per_token_4bit=best["decode_ms_per_token"],
+               verify_over_decode_4bit=best["verify_over_decode"])
+    if kernel:
+        out["verify_over_decode_4bit_bnb"] = _best(out["ours_4bit_bnb"])[1]["verify_over_decode"]
+    return out
 
 
 def _time_ms(fn, device) -> float:
@@ -297,6 +341,15 @@ def run_engine_report(args, argv: list[str]) -> dict[str, Any]:
 
     report = engine_report(draft, target, opts, write)
     write(report)
+    if args.quant == "bf16" and not args.no_4bit and importlib.util.find_spec("bitsandbytes") is not None:
+        del draft, target
+        torch.cuda.empty_cache()
+        try:
+            report.update(quant4_report(load_vlm("videollava", paths["videollava"], quant="4bit", device="cuda"),
+                                        opts))
+        except Exception as exc:  # report, keep the rest
+            report["verify_over_decode_4bit"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        write(report)
     print({k: v for k, v in report.items() if k != "ours"}, flush=True)
     print(report["ours"], flush=True)
     return report

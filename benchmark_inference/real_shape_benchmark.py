@@ -15,7 +15,8 @@ Video-LLaVA-7B shapes: our decode ms/token (CUDA graphs, with and without the Tr
 transformers ``generate`` with a static cache and a ~30-line ``torch.compile`` loop over HF's
 ``StaticCache`` on the same weights, verify(gamma+1)/decode(1), the EAGLE head's draft cost c,
 the 2069-token prefill, and the target's prefill slowdown with the draft running beside it plus
-the free draft tokens it managed; written to ``--engine_json`` (default output_dir/engine_<quant>.json).
+the free draft tokens it managed, and (bitsandbytes importable, ``--quant bf16``) the 4-bit target's
+decode ms/token and verify/decode with and without the Triton nf4 kernel; written to ``--engine_json`` (default output_dir/engine_<quant>.json).
 
     python -m benchmark_inference.real_shape_benchmark --engine --engine_json docs/gpu_runs/engine_h200.json
 """
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine_modes", default="cuda_graph,fused_graph",
                    help="our decode modes for --engine: cuda_graph, fused_graph (Triton kernels), eager")
     p.add_argument("--no_baselines", action="store_true", help="--engine without HF generate / torch.compile loop")
+    p.add_argument("--no_4bit", action="store_true", help="--engine without the 4-bit (nf4) target's decode and "
+                                                       "verify (measured after the bf16 report when bitsandbytes imports)")
     return p
 
 

@@ -94,6 +94,9 @@ class VisionLanguageModel(ABC):
         self.base_vocab_size = int(base_vocab_size)
         self.decode_room = DEFAULT_DECODE_ROOM
         self.decoding = Decoding(self.runner)  # graphs, fixed step, kernels switch: the decode routing
+        if self.device.type == "cuda":  # Triton prefill kernels; few-row nf4 steps (4-bit) without a bf16 weight copy
+            self.runner.use_prefill_kernels(True)
+            self.runner.use_nf4_kernel(True)
         self.vision_graphs: GraphedVisionEncoder | None = None
         self._prompt_memo: dict[tuple, tuple[int, ...]] | None = None
 

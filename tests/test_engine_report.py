@@ -27,8 +27,24 @@ def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
     assert report["eagle_c"] == pytest.approx(c) and c > 0
     assert report["prompt_tokens"] > 8 * 17  # 8 frames x (16 patches + CLS) at the tiny shapes
     assert report["prefill_ms"] > 0 and report["vision_encode_ms"] > 0
+    assert 0 < report["prefill_llm_ms"] and "prefill_eager_ms" not in report  # Triton prefill: CUDA only
     slowdown = report["target_prefill_concurrent_ms"] / report["target_prefill_alone_ms"]
     assert report["concurrent_prefill_slowdown"] == pytest.approx(slowdown)
     assert report["free_draft_tokens"] >= 0 and report["free_draft_tokens"] == int(report["free_draft_tokens"])
     assert "baselines" not in report
     assert len(written) == 3 and written[-1]["free_draft_tokens"] == report["free_draft_tokens"]
+
+
+def test_quant4_report_on_the_cpu(tiny_models_dir):
+    """The 4-bit target's decode and verify figures (bitsandbytes alone: no Triton nf4 kernel on the CPU)."""
+    pytest.importorskip("bitsandbytes")
+    from benchmark_inference.engine_report import quant4_report
+
+    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="4bit", device="cpu")
+    opts = EngineOptions(modes=["eager"], new_tokens=3, gamma=3, steps=2)
+    out = quant4_report(target, opts)
+    row = out["ours_4bit_bnb"]["eager"]
+    assert out["decode_mode_4bit"] == "eager" and "ours_4bit_nf4_kernel" not in out
+    assert out["decode_ms_per_token_4bit"] == row["decode_ms_per_token"] > 0
+    assert out["verify_over_decode_4bit"] == row["verify_over_decode"] > 0
+    assert out["prefill_ms_4bit"] > 0

@@ -187,3 +187,28 @@ def test_fused_kernels_in_bf16_at_7b_head_shapes():
         assert runner.use_kernels(True)
         fused_logits, _ = runner.static_step(embeds, positions, cache.clone())
     assert _rel(fused_logits, eager_logits) < 2e-2
+
+
+def test_triton_prefill_and_nf4_kernel_in_bf16():
+    """bf16 on the GPU (the interpreter cannot): Triton prefill (with a masked prefix) vs eager; nf4 kernel vs dequant."""
+    from tests.test_kernels import _nf4_layer, _runner
+
+    for masked_prefix in (0, 300):
+        runner = _runner(masked_prefix=masked_prefix)
+        runner.language_model.to(torch.bfloat16), runner.lm_head.to(torch.bfloat16)
+        prompt = torch.randn(1, 500, 64, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            eager = runner.run(prompt, runner.new_cache(600, torch.bfloat16, torch.device("cuda")))[0]
+            assert runner.use_prefill_kernels(True)
+            fused = runner.run(prompt, runner.new_cache(600, torch.bfloat16, torch.device("cuda")))[0]
+        assert _rel(fused, eager) < 2e-2
+    import bitsandbytes as bnb
+
+    from common.models import nf4_kernels
+
+    layer = _nf4_layer(torch.randn(4096, 4096) * 0.02, nested=True)
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    for rows in (1, 6):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        out = nf4_kernels.nf4_linear(x, nf4_kernels.nf4_weight(layer))
+        assert out.dtype == torch.bfloat16 and _rel(out, x.float() @ dense.T) < 2e-2

@@ -60,3 +60,87 @@ def test_use_kernels_off_restores_the_eager_ops():
     runner = _runner()
     assert runner.use_kernels(True)
     assert not runner.use_kernels(False) and not runner.kernels_on
+
+
+@pytest.mark.parametrize("hidden,kv_heads", [(64, 2), (96, 4)])
+@pytest.mark.parametrize("masked_prefix", [0, 20, 50])  # none, inside the prompt, longer than the prompt
+def test_kernel_prefill_equals_eager_prefill(hidden, kv_heads, masked_prefix):
+    """A fresh prompt through the Triton prefill: same logits, hidden states and cache; decoding after it agrees."""
+    runner = _runner(hidden=hidden, kv_heads=kv_heads, masked_prefix=masked_prefix)
+    prompt, step = torch.randn(1, 40, hidden, device=DEVICE), torch.randn(1, 6, hidden, device=DEVICE)
+    with torch.no_grad():
+        eager_cache, kernel_cache = runner.new_cache(60, torch.float32, DEVICE), runner.new_cache(60, torch.float32, DEVICE)
+        logits, hidden_states = runner.run(prompt, eager_cache, hidden_layers=(0, 1, -1))
+        assert runner.use_prefill_kernels(True)
+        kernel_logits, kernel_hidden = runner.run(prompt, kernel_cache, hidden_layers=(0, 1, -1))
+        after, kernel_after = runner.run(step, eager_cache)[0], runner.run(step, kernel_cache)[0]
+    torch.testing.assert_close(kernel_logits, logits, atol=1e-5, rtol=1e-5)
+    for layer in (0, 1, -1):
+        torch.testing.assert_close(kernel_hidden[layer], hidden_states[layer], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel_cache.keys, eager_cache.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel_cache.values, eager_cache.values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel_after, after, atol=1e-5, rtol=1e-5)
+    assert not runner.use_prefill_kernels(False)
+
+
+def _nf4_layer(weight: torch.Tensor, nested: bool):
+    bnb = pytest.importorskip("bitsandbytes")
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                              compress_statistics=nested, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight.detach().clone(), requires_grad=False, compress_statistics=nested,
+                                     quant_type="nf4")
+    return layer.to(DEVICE)
+
+
+@pytest.mark.parametrize("nested", [False, True])  # double-quantized absmax (the project's 4-bit config) or not
+@pytest.mark.parametrize("rows", [1, 6, 16])
+def test_nf4_linear_equals_the_dequantized_weight(nested, rows):
+    """Every tile config; 5 quantization blocks a row, so tiles of 2 and 4 blocks end part-filled."""
+    import bitsandbytes as bnb
+
+    from common.models import nf4_kernels
+
+    torch.manual_seed(0)
+    layer = _nf4_layer(torch.randn(96, 320) * 0.05, nested)
+    weight = nf4_kernels.nf4_weight(layer)
+    assert weight is not None and weight.out_features == 96 and weight.in_features == 320
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    x = torch.randn(rows, 320, device=DEVICE)
+    for config in nf4_kernels.CONFIGS[:4]:
+        torch.testing.assert_close(nf4_kernels.nf4_linear(x, weight, config), x @ dense.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nf4_kernels.nf4_linear(x[None], weight)[0], x @ dense.T, atol=1e-5, rtol=1e-5)
+    assert nf4_kernels.nf4_weight(torch.nn.Linear(4, 4, bias=False)) is None
+    with pytest.raises(ValueError, match="up to 16 rows"):
+        nf4_kernels.nf4_linear(torch.randn(17, 320, device=DEVICE), weight)
+
+
+def _quantize_runner(runner: LlamaRunner) -> LlamaRunner:
+    """The runner's decoder with every projection an nf4 ``Linear4bit`` (double-quantized absmax)."""
+    for layer in runner.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(parent, name, _nf4_layer(getattr(parent, name).weight, nested=True))
+    return LlamaRunner(runner.language_model, runner.lm_head, masked_prefix=runner.masked_prefix)
+
+
+def test_nf4_kernel_verify_step_equals_bitsandbytes():
+    """A 4-bit decoder: 6-row eager and Triton steps through the nf4 kernel equal bitsandbytes' own matmuls."""
+    runner = _quantize_runner(_runner(hidden=64, kv_heads=2))
+    prompt, step = torch.randn(1, 30, 64, device=DEVICE), torch.randn(1, 6, 64, device=DEVICE)
+    with torch.no_grad():
+        cache = runner.new_cache(80, torch.float32, DEVICE)
+        runner.run(prompt, cache)
+        eager_cache, nf4_cache, fused_cache = cache.clone(), cache.clone(), cache.clone()
+        logits = runner.run(step, eager_cache)[0]
+        assert runner.use_nf4_kernel(True)
+        nf4_logits = runner.run(step, nf4_cache)[0]
+        positions = torch.arange(30, 36, device=DEVICE)
+        static_logits, _ = runner.static_step(step, positions, cache.clone())
+        assert runner.use_kernels(True)  # quantized projections: q/k/v and gate/up concatenated per step
+        fused_logits, _ = runner.static_step(step, positions, fused_cache)
+    torch.testing.assert_close(nf4_logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_logits, static_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_logits, logits, atol=1e-4, rtol=1e-4)
+    assert not runner.use_nf4_kernel(False)

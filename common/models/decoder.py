@@ -166,6 +166,9 @@ class LlamaRunner:
         self.layers = list(language_model.layers)[: self.shape.num_layers]
         self._fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._kernels: Any = None  # common.models.kernels once use_kernels(True) succeeded
+        self._prefill_kernels: Any = None  # the same module once use_prefill_kernels(True) succeeded
+        self._nf4: dict[int, Any] = {}  # id(Linear4bit) -> common.models.nf4_kernels.Nf4Weight (use_nf4_kernel)
+        self._nf4_max_rows = 0
 
     def fuse_projections(self) -> bool:
         """Concatenate each layer's q/k/v and gate/up weights into one matrix (one GEMV instead of 3 and 2).
@@ -190,24 +193,88 @@ class LlamaRunner:
     def use_kernels(self, on: bool = True) -> bool:
         """Run ``static_step`` (the CUDA-graph path) through the Triton kernels of ``common.models.kernels``.
 
-        Needs fused projections (plain bf16/fp16/fp32 ``nn.Linear``), SiLU, an even head size and
-        Triton on a CUDA device; otherwise (and on CPU, where Triton is never imported) it stays on
-        the eager ops and returns False. The eager ``run`` path is the reference and never changes.
+        Needs SiLU, an even head size, bias-free q/k/v and gate/up projections (fused when they are
+        plain ``nn.Linear``; quantized ones are concatenated per step) and Triton on a CUDA device;
+        otherwise (and on CPU, where Triton is never imported) it stays on the eager ops and returns
+        False. The eager ``run`` path is the reference and never changes.
         """
-        self._kernels = None
-        if not on or not self.fuse_projections():
-            return False
-        device = self._fused[0][0].device
+        self._kernels = self._kernel_module() if on else None
+        return self._kernels is not None
+
+    def use_prefill_kernels(self, on: bool = True) -> bool:
+        """Run a fresh prompt's prefill (``run`` from an empty cache) through the Triton kernels too.
+
+        Fused add+RMSNorm, rotary+KV-cache write and SiLU*up over every prompt row, fused q/k/v and
+        gate/up GEMMs, and the causal flash kernel of SDPA (a masked prefix runs as its own causal
+        block: nothing after it attends to it). Same conditions as ``use_kernels``; returns whether on.
+        """
+        self._prefill_kernels = self._kernel_module() if on else None
+        return self._prefill_kernels is not None
+
+    def _kernel_module(self) -> Any:
+        """``common.models.kernels`` when the Triton kernels can run this decoder, else None."""
+        self.fuse_projections()  # no-op (False) for quantized layers: their outputs are concatenated
+        layer = self.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        if any(getattr(m, "bias", None) is not None
+               for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
+            return None
+        device = self.language_model.norm.weight.device
         act = getattr(self.language_model.config, "hidden_act", "silu")
-        hd = self.shape.head_dim
-        if act != "silu" or hd % 2 or (device.type != "cuda" and not _interpreting()):
-            return False
+        if act != "silu" or self.shape.head_dim % 2 or (device.type != "cuda" and not _interpreting()):
+            return None
         try:
             from common.models import kernels
         except ImportError:  # no Triton in this install
+            return None
+        return kernels if kernels.available(device) else None
+
+    def use_nf4_kernel(self, on: bool = True, max_rows: int = 16) -> bool:
+        """Multiply 2..``max_rows``-row inputs of bitsandbytes nf4 layers with ``common.models.nf4_kernels``.
+
+        The kernel reads each packed 4-bit weight once for all rows (bitsandbytes dequantizes the
+        whole weight to bf16 first, or uses a kernel slower than its one-row GEMV on Hopper), so a
+        verify step of gamma + 1 rows costs about a decode step. One-row inputs keep bitsandbytes'
+        GEMV, larger ones its dequantize + GEMM. Needs Triton on CUDA; returns whether any layer uses it.
+        """
+        self._nf4, self._nf4_max_rows = {}, int(max_rows)
+        device = self.language_model.norm.weight.device
+        if not on or (device.type != "cuda" and not _interpreting()):
             return False
-        self._kernels = kernels if kernels.available(device) else None
-        return self._kernels is not None
+        try:
+            from common.models import nf4_kernels
+        except ImportError:  # no Triton in this install
+            return False
+        for layer in self.layers:
+            for module in layer.modules():
+                weight = nf4_kernels.nf4_weight(module)
+                if weight is not None:
+                    self._nf4[id(module)] = weight
+        return bool(self._nf4)
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)``, or the nf4 kernel for a few rows of an nf4 layer (``use_nf4_kernel``)."""
+        weight = self._nf4.get(id(module)) if self._nf4 else None
+        rows = x.numel() // x.shape[-1]
+        if weight is None or not 2 <= rows <= self._nf4_max_rows:
+            return module(x)
+        from common.models import nf4_kernels
+
+        return nf4_kernels.nf4_linear(x, weight)
+
+    def _qkv(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v of x side by side (..., (NH + 2 NKV) HD): one GEMM when fused."""
+        if self._fused is not None:
+            return F.linear(x, self._fused[idx][0])
+        attn = self.layers[idx].self_attn
+        return torch.cat([self._linear(m, x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
+
+    def _gate_up(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """gate and up projections of x side by side (..., 2 I): one GEMM when fused."""
+        if self._fused is not None:
+            return F.linear(x, self._fused[idx][1])
+        mlp = self.layers[idx].mlp
+        return torch.cat([self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)], dim=-1)
 
     @property
     def kernels_on(self) -> bool:
@@ -224,15 +291,62 @@ class LlamaRunner:
         h, _ = kern.add_rms_norm(x, None, norms[0].weight, _eps(norms[0]))
         res = x
         for idx, layer in enumerate(self.layers):
-            q = kern.rope_kv_write(F.linear(h, self._fused[idx][0]), cos[0], sin[0], positions,
+            q = kern.rope_kv_write(self._qkv(idx, h), cos[0], sin[0], positions,
                                    cache.keys[idx, 0], cache.values[idx, 0], s.num_heads, s.num_kv_heads)
             attn = kern.decode_attention(q, cache.keys[idx, 0], cache.values[idx, 0], positions,
                                          s.head_dim ** -0.5, masked_prefix=self.masked_prefix)
             post, nxt = norms[2 * idx + 1], norms[2 * idx + 2]
-            h, res = kern.add_rms_norm(layer.self_attn.o_proj(attn), res, post.weight, _eps(post))
-            mlp = layer.mlp.down_proj(kern.silu_mul(F.linear(h, self._fused[idx][1])))
+            h, res = kern.add_rms_norm(self._linear(layer.self_attn.o_proj, attn), res, post.weight, _eps(post))
+            mlp = self._linear(layer.mlp.down_proj, kern.silu_mul(self._gate_up(idx, h)))
             h, res = kern.add_rms_norm(mlp, res, nxt.weight, _eps(nxt))
         return h
+
+    def _kernel_prefill(self, x: torch.Tensor, cache: KVCache, wanted: set[int]
+                        ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """A fresh prompt x (1, T, H) through every layer and the final norm with the Triton kernels.
+
+        Same math as ``run_layers`` from an empty cache; returns the normed output (1, T, H) and the
+        wanted layers' states (1, T, H).
+        """
+        kern, s, t = self._prefill_kernels, self.shape, x.shape[1]
+        positions = torch.arange(t, device=x.device)
+        cos, sin = self.language_model.rotary_emb(x, positions[None, :])
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms.append(self.language_model.norm)
+        hidden = {0: x} if 0 in wanted else {}
+        h, res = kern.add_rms_norm(x[0], None, norms[0].weight, _eps(norms[0]))
+        for idx, layer in enumerate(self.layers):
+            keys, values = cache.keys[idx, 0], cache.values[idx, 0]
+            q = kern.rope_kv_write(self._qkv(idx, h), cos[0], sin[0], positions, keys, values,
+                                   s.num_heads, s.num_kv_heads)
+            attn = self._prompt_attention(q, keys[:, :t], values[:, :t])
+            post, nxt = norms[2 * idx + 1], norms[2 * idx + 2]
+            h, res = kern.add_rms_norm(self._linear(layer.self_attn.o_proj, attn), res, post.weight, _eps(post))
+            mlp = self._linear(layer.mlp.down_proj, kern.silu_mul(self._gate_up(idx, h)))
+            h, res = kern.add_rms_norm(mlp, res, nxt.weight, _eps(nxt))
+            if idx + 1 in wanted and idx + 1 != s.num_layers:
+                hidden[idx + 1] = res[None]
+        if s.num_layers in wanted:
+            hidden[s.num_layers] = h[None]
+        return h[None], hidden
+
+    def _prompt_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Causal attention of a fresh prompt: q (T, NH, HD), keys/values (NKV, T, HD); returns (T, NH * HD).
+
+        Plain causal SDPA (its flash kernel). A masked prefix is its own causal block and the rows
+        after it a second one over their own keys: exactly ``visible``, as nothing later attends to the prefix.
+        """
+        s, t = self.shape, q.shape[0]
+        if s.num_kv_heads != s.num_heads:
+            rep = s.num_heads // s.num_kv_heads
+            keys, values = keys.repeat_interleave(rep, dim=0), values.repeat_interleave(rep, dim=0)
+        q, keys, values = q.transpose(0, 1)[None], keys[None].to(q.dtype), values[None].to(q.dtype)
+        cut = min(self.masked_prefix, t)
+        blocks = [(0, cut), (cut, t)] if 0 < cut < t else [(0, t)]
+        outs = [F.scaled_dot_product_attention(q[:, :, a:b], keys[:, :, a:b], values[:, :, a:b], is_causal=True)
+                for a, b in blocks]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out[0].transpose(0, 1).reshape(t, s.num_heads * s.head_dim)
 
     def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         """An empty cache for ``capacity`` positions."""
@@ -251,9 +365,9 @@ class LlamaRunner:
             q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
             v = qkv[:, :, s.num_heads + s.num_kv_heads:].transpose(1, 2)
         else:
-            q = attn.q_proj(x).view(rows, k_new, s.num_heads, s.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
+            q = self._linear(attn.q_proj, x).view(rows, k_new, s.num_heads, s.head_dim).transpose(1, 2)
+            k = self._linear(attn.k_proj, x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
+            v = self._linear(attn.v_proj, x).view(rows, k_new, s.num_kv_heads, s.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.keys[layer_idx], cache.values[layer_idx]
         if positions.dim() == 1:  # one row (or rows at the same positions)
@@ -269,7 +383,7 @@ class LlamaRunner:
             keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                              is_causal=mask is None)
-        return attn.o_proj(out.transpose(1, 2).reshape(rows, k_new, s.num_heads * s.head_dim))
+        return self._linear(attn.o_proj, out.transpose(1, 2).reshape(rows, k_new, s.num_heads * s.head_dim))
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """transformers' RMSNorm; with fused projections, torch's fused rms_norm (same math in float32)."""
@@ -278,10 +392,14 @@ class LlamaRunner:
         return rms_norm(x, norm.weight, _eps(norm))
 
     def _mlp(self, layer: nn.Module, idx: int, x: torch.Tensor) -> torch.Tensor:
-        if self._fused is None:
-            return layer.mlp(x)
-        gate, up = F.linear(x, self._fused[idx][1]).chunk(2, dim=-1)
-        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        mlp = layer.mlp
+        if self._fused is not None:
+            gate, up = F.linear(x, self._fused[idx][1]).chunk(2, dim=-1)
+        elif self._nf4:
+            gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
+        else:
+            return mlp(x)
+        return self._linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
     def visible(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Which key positions each query position attends to: causal, the masked prefix hidden from the rest."""
@@ -348,9 +466,13 @@ class LlamaRunner:
         wanted = {self.layer_index(i) for i in hidden_layers}
         if attn_mask is not None and tuple(attn_mask.shape) != (k_new, start + k_new):
             raise ValueError(f"attn_mask must be ({k_new}, {start + k_new}), got {tuple(attn_mask.shape)}")
-        x, hidden = self.run_layers(inputs_embeds, positions, start + k_new, cache, wanted,
-                                 causal_prefill=start == 0 and k_new > 1 and attn_mask is None,
-                                 attn_mask=attn_mask, rope_positions=position_ids)
+        causal_prefill = start == 0 and k_new > 1 and attn_mask is None
+        if causal_prefill and self._prefill_kernels is not None and inputs_embeds.shape[0] == 1:
+            x, hidden = self._kernel_prefill(inputs_embeds, cache, wanted)
+        else:
+            x, hidden = self.run_layers(inputs_embeds, positions, start + k_new, cache, wanted,
+                                        causal_prefill=causal_prefill, attn_mask=attn_mask,
+                                        rope_positions=position_ids)
         cache.length = start + k_new
         head_in = x[0] if all_logits else x[0, -1:]
         logits = self.lm_head(head_in).float()

@@ -1,0 +1,192 @@
+"""A Triton matmul of a few rows by a bitsandbytes nf4 weight, reading the packed weight once.
+
+Imported only by ``LlamaRunner.use_nf4_kernel`` and only where Triton runs (CUDA, or its CPU
+interpreter in tests). bitsandbytes' one-row GEMV is fast, but for 2..16 rows (a verify step of
+gamma + 1 tokens) it dequantizes the whole weight to bf16 and runs a GEMM, or takes a custom kernel
+that its own dispatch rates below that on Hopper: a 6-row step then costs 2.3-2.5x a 1-row step.
+Here each program dequantizes its weight tile in registers (nf4 code x absmax, double-quantized
+absmax decoded in the kernel too) and multiplies it with every row (split-K, fixed-order sum of the
+parts, so results are deterministic). The dequantized weight rounds to the activations' dtype as
+bitsandbytes' dequantize does, so the result equals ``x @ dequantize_4bit(W).T`` up to summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # BLOCK_M of the kernel: rows of one call
+
+
+@dataclass
+class Nf4Weight:
+    """The tensors of one bitsandbytes nf4 ``Linear4bit`` the kernel reads (views, nothing copied)."""
+
+    packed: torch.Tensor  # uint8 (N * K / 2,): two codes a byte, the even element in the high nibble
+    absmax: torch.Tensor  # float32 (N * K / blocksize,), or uint8 when double-quantized (nested)
+    code: torch.Tensor  # float32 (16,): the nf4 values
+    out_features: int
+    in_features: int
+    blocksize: int
+    nested_absmax: torch.Tensor | None = None  # float32 (blocks / nested_blocksize,)
+    nested_code: torch.Tensor | None = None  # float32 (256,)
+    nested_blocksize: int = 256
+    offset: torch.Tensor | None = None  # float32 (1,)
+
+
+def nf4_weight(module: torch.nn.Module) -> Nf4Weight | None:
+    """The kernel's view of a bias-free bitsandbytes nf4 linear layer; None for anything else."""
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None or getattr(module, "bias", None) is not None or state.quant_type != "nf4":
+        return None
+    if len(state.shape) != 2 or getattr(state, "packing_format_for_cpu", False):
+        return None
+    out_features, in_features = (int(v) for v in state.shape)
+    if state.blocksize < 32 or in_features % state.blocksize or state.code.numel() != 16:
+        return None
+    w = Nf4Weight(packed=weight.data.reshape(-1), absmax=state.absmax.reshape(-1), code=state.code.float(),
+                  out_features=out_features, in_features=in_features, blocksize=int(state.blocksize))
+    if state.nested:
+        w.nested_absmax = state.state2.absmax.reshape(-1).float()
+        w.nested_code = state.state2.code.float()
+        w.nested_blocksize = int(state.state2.blocksize)
+        w.offset = torch.as_tensor(state.offset, dtype=torch.float32, device=w.absmax.device).reshape(1)
+    return w
+
+
+@triton.jit
+def _nf4_splitk_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, part_ptr,
+                       M, N, K, stride_xm, ITERS: tl.constexpr,
+                       NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, SUB: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < N
+    HALF: tl.constexpr = BS // 2
+    W: tl.constexpr = SUB * HALF  # bytes of one weight row read per iteration (SUB quantization blocks)
+    j = tl.arange(0, W)
+    sub = tl.arange(0, SUB)
+    nblk = K // BS  # blocks per weight row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for i in range(ITERS):
+        b = (sp * ITERS + i) * SUB  # first quantization block of this iteration
+        if b < nblk:
+            g = cols[:, None] * nblk + b + sub[None, :]  # (BLOCK_N, SUB) global block indices
+            gmask = nmask[:, None] & (b + sub[None, :] < nblk)
+            if NESTED:
+                a8 = tl.load(absmax_ptr + g, mask=gmask, other=0).to(tl.int32)
+                scale = tl.load(abs2_ptr + g // BS2, mask=gmask, other=0.0)
+                am = tl.load(code2_ptr + a8) * scale + tl.load(offset_ptr)
+            else:
+                am = tl.load(absmax_ptr + g, mask=gmask, other=0.0)
+            am = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, SUB, HALF)), (BLOCK_N, W))
+            jmask = b * HALF + j < nblk * HALF
+            byte = tl.load(w_ptr + (cols[:, None] * nblk + b) * HALF + j[None, :],
+                           mask=nmask[:, None] & jmask[None, :], other=0).to(tl.int32)
+            kk = b * BS + 2 * j
+            xmask = rmask[:, None] & jmask[None, :]
+            xe = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
+            xo = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] + 1, mask=xmask, other=0.0)
+            hi = (tl.load(code_ptr + (byte >> 4)) * am).to(xe.dtype)
+            lo = (tl.load(code_ptr + (byte & 15)) * am).to(xe.dtype)
+            acc += tl.dot(xe, tl.trans(hi), input_precision=PRECISION)
+            acc += tl.dot(xo, tl.trans(lo), input_precision=PRECISION)
+    tl.store(part_ptr + (sp * M + rows[:, None]) * N + cols[None, :], acc, mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _sum_parts_kernel(part_ptr, out_ptr, total, N_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(N_PARTS):  # a fixed order: the same bits every run
+        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@dataclass(frozen=True)
+class Nf4Config:
+    """Tile of one program: ``block_n`` output features x ``sub`` quantization blocks per iteration."""
+
+    block_n: int = 64
+    sub: int = 1
+    warps: int = 4
+    programs_per_sm: int = 4
+
+
+# tried once per weight shape on CUDA (the fastest is kept); the CPU interpreter uses the first
+CONFIGS = (Nf4Config(64, 1, 4), Nf4Config(32, 2, 4), Nf4Config(64, 2, 8), Nf4Config(32, 4, 8),
+           Nf4Config(128, 1, 8), Nf4Config(16, 4, 4, 8))
+_chosen: dict[tuple, Nf4Config] = {}
+
+
+def _launch(x2: torch.Tensor, w: Nf4Weight, cfg: Nf4Config, out: torch.Tensor) -> None:
+    rows, k = x2.shape
+    n, nblk = w.out_features, k // w.blocksize
+    col_programs = triton.cdiv(n, cfg.block_n)
+    steps = triton.cdiv(nblk, cfg.sub)  # iterations of the whole K
+    splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * _sm_count(x2.device), col_programs)))
+    if x2.device.type != "cuda":
+        splits = min(steps, 2)  # the interpreter: two parts, so the sum of parts is exercised
+    iters = triton.cdiv(steps, splits)
+    splits = triton.cdiv(steps, iters)
+    parts = torch.empty((splits, rows, n), dtype=torch.float32, device=x2.device)
+    nested = w.nested_absmax is not None
+    dummy = w.code
+    _nf4_splitk_kernel[(col_programs, splits)](
+        x2, w.packed, w.absmax, w.code, w.nested_absmax if nested else dummy,
+        w.nested_code if nested else dummy, w.offset if nested else dummy, parts,
+        rows, n, k, x2.stride(0), ITERS=iters, NESTED=nested, BS=w.blocksize, BS2=w.nested_blocksize,
+        SUB=cfg.sub, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n,
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", num_warps=cfg.warps)
+    block = 1024
+    _sum_parts_kernel[(triton.cdiv(rows * n, block),)](parts, out, rows * n, N_PARTS=splits, BLOCK=block, num_warps=4)
+
+
+def _config(x2: torch.Tensor, w: Nf4Weight) -> Nf4Config:
+    """The fastest of ``CONFIGS`` for this weight shape (timed once, never while a CUDA graph is captured)."""
+    key = (w.out_features, w.in_features, x2.dtype, x2.device)
+    if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return _chosen.get(key, CONFIGS[0])
+    if key not in _chosen:
+        out = torch.empty((x2.shape[0], w.out_features), dtype=x2.dtype, device=x2.device)
+        times = {}
+        for cfg in CONFIGS:
+            _launch(x2, w, cfg, out)  # compile and warm
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                _launch(x2, w, cfg, out)
+            end.record()
+            end.synchronize()
+            times[cfg] = start.elapsed_time(end)
+        _chosen[key] = min(times, key=times.get)
+    return _chosen[key]
+
+
+def nf4_linear(x: torch.Tensor, w: Nf4Weight, config: Nf4Config | None = None) -> torch.Tensor:
+    """``x @ dequantize(W).T`` for x (..., K) of at most ``MAX_ROWS`` rows; (..., N) in x's dtype.
+
+    ``config`` fixes the tile; by default the fastest of ``CONFIGS`` for the weight's shape.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    rows, k = x2.shape
+    if rows > MAX_ROWS or k != w.in_features:
+        raise ValueError(f"nf4_linear takes up to {MAX_ROWS} rows of {w.in_features}, got {tuple(x.shape)}")
+    out = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
+    _launch(x2, w, config or _config(x2, w), out)
+    return out.reshape(*lead, w.out_features)

@@ -60,9 +60,10 @@ from common.vlm import DecodeState
 __all__ = [
     "EagleHeadConfig", "EagleHead", "HeadCache", "EagleTarget", "EagleDrafter", "make_eagle_drafter",
     "save_eagle_head", "load_eagle_head", "resolve_head_dir", "read_target_embeddings", "CONFIG_NAME",
-    "WEIGHTS_NAME", "FORMAT", "head_config_from_checkpoint",
+    "WEIGHTS_NAME", "FORMAT", "head_config_from_checkpoint", "CHAIN_CAPACITY", "CHAIN_MODES", "resolve_chain_mode",
 ]
 
+CHAIN_CAPACITY = 2048  # head positions of an EagleDrafter's static chain (answers longer than that draft eagerly)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "eagle_head_v1"
@@ -319,7 +320,7 @@ class EagleHead(nn.Module):
         attn = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         return self._residual_mlp(x, attn)[0]
 
-    def draft_chain(self, capacity: int = 2048, commit_size: int = 6, graphs: bool = False) -> HeadChain:
+    def draft_chain(self, capacity: int = CHAIN_CAPACITY, commit_size: int = 6, graphs: bool = False) -> HeadChain:
         """The head's static chain (:class:`common.drafters.draft_graphs.HeadChain`): a fixed-capacity cache,
         its buffers and, with ``graphs``, the CUDA graphs of its commit and chain; made once per
         configuration (device, dtype and binding included) and shared by the drafters of this head."""
@@ -680,7 +681,7 @@ class EagleDrafter(SyncedDrafter):
 
     def __init__(self, head: EagleHead, target: EagleTarget, target_state: DecodeState | None = None, *,
                  stop_token_ids: Iterable[int] | None = None, name: str = "eagle", sync: Any = None,
-                 clock: Any = time.perf_counter, chain: str = "auto", chain_capacity: int = 2048):
+                 clock: Any = time.perf_counter, chain: str = "auto", chain_capacity: int = CHAIN_CAPACITY):
         if not isinstance(target, EagleTarget):
             raise TypeError("EagleDrafter needs the EagleTarget wrapper that the engine verifies with "
                             "(proxy = EagleTarget(target, head.config.feature_layer); prefill and "

@@ -17,8 +17,10 @@ buffers (the CPU path and the reference the CUDA graphs must equal bitwise). Cap
 side stream and hold ``common.timing.CAPTURE_LOCK`` (:func:`common.models.decoder.capture_graph`);
 their warm-up writes at the end of the capacity, never over live positions.
 
-The head is duck-typed (``EagleHead``: ``static_step``, ``logits``, ``new_cache``, ``fc``, ``config``),
-so this module does not import it.
+The head is duck-typed: ``static_step``, ``logits``, ``new_cache``, ``feature_size`` and ``fc`` (its
+weight's device and dtype are the buffers'), so the same graphs serve the EAGLE head
+(``common.drafters.eagle_head.EagleHead``) and the L5 adapter's trunk
+(``common.drafters.hidden_adapter.L5Trunk``); this module imports neither.
 """
 
 from __future__ import annotations
@@ -30,7 +32,22 @@ import torch
 
 from common.models.decoder import capture_graph
 
-__all__ = ["HeadChain", "draft_chain"]
+__all__ = ["HeadChain", "StaticKV", "draft_chain"]
+
+
+class StaticKV:
+    """Keys and values (layers, heads, capacity, head_dim) and a filled ``length``; never grows."""
+
+    def __init__(self, layers: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.keys = torch.zeros((layers, heads, capacity, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
 
 
 def draft_chain(head: Any, root: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -67,7 +84,7 @@ class HeadChain:
         self.owner: object | None = None
         p = head.fc.weight
         self.device = p.device
-        hidden = int(head.config.hidden_size)
+        hidden = int(head.feature_size)
         self._feats = torch.zeros((self.commit_size, hidden), dtype=p.dtype, device=p.device)
         self._index = torch.zeros(2 * self.commit_size, dtype=torch.long, device=p.device)  # [ids | positions]
         self._root = torch.zeros(hidden, dtype=p.dtype, device=p.device)

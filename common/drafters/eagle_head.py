@@ -202,6 +202,11 @@ class EagleHead(nn.Module):
         return self
 
     @property
+    def feature_size(self) -> int:
+        """Width of the features it reads and predicts (the target's hidden size)."""
+        return self.config.hidden_size
+
+    @property
     def bound(self) -> bool:
         return self._target_modules is not None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.drafters.draft_graphs import HeadChain, draft_chain
+from common.drafters.draft_graphs import HeadChain, cut_after_stop, draft_chain
 from common.drafters.eagle_head import (
     EagleDrafter,
     EagleHead,
@@ -209,6 +209,67 @@ def test_tree_drafting_on_the_static_chain_is_lossless():
     assert result.tokens == expected
 
 
+# ----- the L5 adapter's chain -----
+
+def _l5(dtype=torch.float64, device="cpu", hidden_in=24, hidden_out=32, vocab=V):
+    from common.drafters.hidden_adapter import create_adapter
+
+    torch.manual_seed(1)
+    adapter = create_adapter(5, hidden_in, hidden_out, vocab_size=vocab, num_heads=4, num_layers=2)
+    torch.nn.init.normal_(adapter.out.weight, std=0.3)  # a fresh trunk predicts "no change"; make it move
+    return adapter.to(device, dtype).eval()
+
+
+@torch.no_grad()
+def test_l5_chain_over_a_kv_cache_equals_the_full_history_recompute():
+    adapter = _l5()
+    lm = torch.randn(V, 32, dtype=torch.float64)
+    states = torch.randn(12, 24, dtype=torch.float64)
+    context = [(7 * i + 3) % V for i in range(11)]
+    chain = adapter.draft_chain(lm, LIMIT, capacity=40, commit_size=4)
+    assert adapter.draft_chain(lm, LIMIT, capacity=40, commit_size=4) is chain  # shared per configuration
+    aligned = adapter.align(states)
+    chain.commit(aligned[:5], context[:5])
+    chain.commit(aligned[5:11], context[5:])  # 4 + 2 rows
+    assert chain.cache.length == 11
+    for gamma in (1, 2, 6):
+        expected = adapter.speculative_decode(states, context, lm, gamma, LIMIT)
+        assert chain.chain(aligned[-1], gamma) == expected
+    full = adapter.speculative_decode(states, context, lm, 6, LIMIT)
+    stop = frozenset({full[2]})
+    assert cut_after_stop(chain.chain(aligned[-1], 6), stop) == adapter.speculative_decode(
+        states, context, lm, 6, LIMIT, stop)
+    assert len(set(full)) > 1  # the chain moves in feature space
+
+
+def test_l5_drafter_on_the_static_chain_proposes_the_eager_drafters_tokens(models):
+    from common.data import ClipDataset
+    from common.defaults import default_dataset_dir
+    from common.drafters.hidden_drafter import HiddenAdapterDrafter
+    from common.pipeline import prefill_sample
+
+    draft, target = models
+    sample = list(ClipDataset(default_dataset_dir()))[0]
+    adapter = _l5(torch.float64, hidden_in=draft.hidden_size, hidden_out=target.hidden_size, vocab=target.vocab_size)
+    limit = min(draft.base_vocab_size, target.base_vocab_size)
+    expected = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=16).tokens
+    runs = {}
+    with torch.no_grad():
+        visual = draft.encode(sample)
+        for chain in ("eager", "static"):
+            state = draft.prefill(visual, sample.question, hidden_layers=[-1])
+            drafter = HiddenAdapterDrafter(adapter, draft, state, target.lm_head, vocab_limit=limit,
+                                           stop_token_ids=[target.eos_token_id], chain=chain)
+            rec = Recording(drafter)
+            result = speculative_generate(target, prefill_sample(target, sample).state, rec, max_new_tokens=16,
+                                          gamma=4)
+            assert result.tokens == expected
+            runs[chain] = (rec.proposals, drafter.chain_mode, result.iterations)
+    assert runs["static"][1] == "static" and runs["eager"][1] == "eager"
+    assert runs["static"][0] == runs["eager"][0] and any(runs["eager"][0])
+    assert runs["static"][2] == runs["eager"][2]
+
+
 # ----- CUDA graphs (run on the GPU machine) -----
 
 def _gpu_target(tiny_models_dir, quant="fp32"):
@@ -293,3 +354,22 @@ def test_tree_drafting_beside_the_graphed_chain_is_lossless(tiny_models_dir):
         tree = speculative_generate(proxy, state, EagleDrafter(head, proxy, state), max_new_tokens=24, gamma=0,
                                     tree=TreeConfig(topk=3, tokens=6))  # eager head steps on the shared cache
         assert tree.tokens == expected
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_graphed_l5_chain_replays_its_eager_run():
+    adapter = _l5(torch.float32, "cuda")
+    lm = torch.randn(V, 32, device="cuda")
+    graphed = adapter.draft_chain(lm, LIMIT, capacity=64, commit_size=6, graphs=True)
+    static = adapter.draft_chain(lm, LIMIT, capacity=64, commit_size=6, graphs=False)
+    assert graphed is not static
+    aligned = adapter.align(torch.randn(21, 24, device="cuda"))
+    context = [(5 * i + 1) % V for i in range(20)]
+    for lo, hi in ((0, 9), (9, 10), (10, 16), (16, 20)):
+        graphed.commit(aligned[lo:hi], context[lo:hi])
+        static.commit(aligned[lo:hi], context[lo:hi])
+        for gamma in (1, 5):
+            assert graphed.chain(aligned[hi], gamma) == static.chain(aligned[hi], gamma)
+    ms = graphed.replay_ms(5, repeats=5)
+    assert ms["commit_ms"] > 0 and ms["chain_ms"] > 0

@@ -32,7 +32,38 @@ import torch
 
 from common.models.decoder import capture_graph
 
-__all__ = ["HeadChain", "StaticKV", "draft_chain"]
+__all__ = ["HeadChain", "StaticKV", "draft_chain", "CHAIN_MODES", "pick_chain_mode", "plain_weights",
+           "cut_after_stop"]
+
+CHAIN_MODES = ("auto", "eager", "static", "graph")
+
+
+def plain_weights(*modules: Any) -> bool:
+    """Whether every module is a floating-point tensor, ``nn.Linear`` or ``nn.Embedding`` (safe to graph;
+    quantized layers are not)."""
+    return all(isinstance(m, (torch.Tensor, torch.nn.Linear, torch.nn.Embedding)) and
+               (m if isinstance(m, torch.Tensor) else m.weight).is_floating_point() for m in modules)
+
+
+def pick_chain_mode(mode: str, on_cuda: bool, graphable: bool) -> str:
+    """A drafter's chain mode: ``eager`` (its own eager steps: the reference), ``static`` (the fixed-shape
+    chain run eagerly), ``graph`` (that chain as CUDA graphs); ``auto`` is graph when ``on_cuda`` and
+    ``graphable`` (plain weights and a model that decodes with CUDA graphs), else eager."""
+    if mode not in CHAIN_MODES:
+        raise ValueError(f"chain must be one of {', '.join(CHAIN_MODES)}, got {mode!r}")
+    if mode == "graph" and not on_cuda:
+        raise ValueError("chain='graph' needs the drafter on a CUDA device (use 'static' or 'eager' on CPU)")
+    if mode != "auto":
+        return mode
+    return "graph" if on_cuda and graphable else "eager"
+
+
+def cut_after_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
+    """``tokens`` up to and including the first stop token (what an eager chain would have drafted)."""
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:i + 1]
+    return tokens
 
 
 class StaticKV:

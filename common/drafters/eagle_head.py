@@ -49,7 +49,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.drafters.config import strict_from_dict
-from common.drafters.draft_graphs import HeadChain
+from common.drafters.draft_graphs import (
+    CHAIN_MODES,
+    HeadChain,
+    cut_after_stop,
+    pick_chain_mode,
+    plain_weights,
+)
 from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
 from common.models.decoding import Decoding, replay
 from common.results import atomic_write, atomic_write_text
@@ -767,7 +773,7 @@ class EagleDrafter(SyncedDrafter):
         try:
             feature = self._root_feature(context, *synced)
             if self._chain is not None:  # one replay; the host reads the gamma tokens once
-                out_tokens = _cut_after_stop(self._chain.chain(feature, gamma), self.stop_token_ids)
+                out_tokens = cut_after_stop(self._chain.chain(feature, gamma), self.stop_token_ids)
                 self.stats.steps += len(out_tokens) - 1  # counted as the eager chain runs them
                 return DraftProposal(out_tokens, None)
             out_tokens: list[int] = []
@@ -861,33 +867,13 @@ class EagleDrafter(SyncedDrafter):
                           stop_tokens=self.stop_token_ids)
 
 
-def _cut_after_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
-    """``tokens`` up to and including the first stop token (what the eager chain would have drafted)."""
-    for i, token in enumerate(tokens):
-        if token in stops:
-            return tokens[:i + 1]
-    return tokens
-
-
-CHAIN_MODES = ("auto", "eager", "static", "graph")
-
-
 def resolve_chain_mode(mode: str, head: EagleHead, target: Any) -> str:
-    """How an :class:`EagleDrafter` drafts: ``eager`` (head steps over a growing cache: the reference),
-    ``static`` (the fixed-shape chain run eagerly), ``graph`` (that chain as CUDA graphs); ``auto`` is graph
-    when the head is on CUDA, the target decodes with CUDA graphs and its LM head and embeddings are plain
-    weights, else eager."""
-    if mode not in CHAIN_MODES:
-        raise ValueError(f"chain must be one of {', '.join(CHAIN_MODES)}, got {mode!r}")
-    if mode == "graph" and head.fc.weight.device.type != "cuda":
-        raise ValueError("chain='graph' needs the EAGLE head on a CUDA device (use 'static' or 'eager' on CPU)")
-    if mode != "auto":
-        return mode
-    lm_head, embed = head._modules_bound() if head.bound else (None, None)
-    plain = all(isinstance(m, (torch.Tensor, nn.Linear, nn.Embedding)) and
-                (m if isinstance(m, torch.Tensor) else m.weight).is_floating_point() for m in (lm_head, embed))
+    """How an :class:`EagleDrafter` drafts (:func:`common.drafters.draft_graphs.pick_chain_mode`): ``auto`` is
+    graph when the head is on CUDA, the target decodes with CUDA graphs and its LM head and embeddings are
+    plain weights, else eager."""
+    plain = head.bound and plain_weights(*head._modules_bound())
     on_graphs = getattr(target, "graphs", None) is not None
-    return "graph" if plain and on_graphs and head.fc.weight.device.type == "cuda" else "eager"
+    return pick_chain_mode(mode, head.fc.weight.device.type == "cuda", plain and on_graphs)
 
 
 def make_eagle_drafter(head: EagleHead, draft_state_or_none: Any, target: Any, target_state: Any = None, *,

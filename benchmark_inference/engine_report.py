@@ -4,7 +4,7 @@ At Video-LLaVA-7B shapes (random weights through the real loaders) it measures o
 each ``--engine_modes`` mode, transformers ``generate`` with a static cache, a ~30-line
 ``torch.compile`` loop over HF's ``StaticCache`` on the same weights, verify(gamma+1)/decode(1),
 the EAGLE drafter's cost c per drafted token (its commit and gamma-token chain replayed as CUDA graphs;
-the eager head's c beside it as ``eagle_c_eager``), the LLM prefill of the 2069-token prompt, and the
+the eager head's c beside it as ``eagle_c_eager``; the L5 drafter's feature-space chain as ``l5_chain_c``), the LLM prefill of the 2069-token prompt, and the
 target's prefill (vision + LLM) alone vs with EventGPT prefilling and drafting beside it on its
 own stream, with the free draft tokens finished inside that window. ``engine_report`` takes
 loaded models, so the CPU path is tested at tiny shapes.
@@ -30,7 +30,7 @@ from benchmark_inference.real_shape_timing import (
     raw_inputs,
     verify_ratio,
 )
-from benchmark_parallel_prefill.drafter_costs import eagle_chain_costs, eagle_costs
+from benchmark_parallel_prefill.drafter_costs import eagle_chain_costs, eagle_costs, l5_chain_costs
 from common.models.decoder import capture_graph, graph_replay_ms
 from common.results import atomic_write_json
 from common.timing import sync
@@ -213,6 +213,15 @@ def _eagle(target, opts: EngineOptions) -> dict[str, Any]:
     return out
 
 
+def _l5(draft, target, opts: EngineOptions) -> dict[str, Any]:
+    """The L5 drafter's feature-space chain per proposal (random adapter; CUDA graphs on CUDA)."""
+    try:
+        costs = l5_chain_costs(draft, target, opts.context, opts.gamma, opts.steps, graphs=target.device.type == "cuda")
+    except Exception as exc:  # report, keep the rest
+        return {"l5_chain_failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {f"l5_chain_{k}": v for k, v in costs.items()}
+
+
 def _best(ours: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     ok = {m: r for m, r in ours.items() if "decode_ms_per_token" in r}
     if not ok:
@@ -253,6 +262,9 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
         report.update(eagle, eagle_step_ms=step, eagle_commit_ms=commit, eagle_c=(step + commit / opts.gamma) / decode,
                       eagle_c_eager=(eagle["eagle_eager_step_ms"] + eagle["eagle_eager_commit_ms"] / opts.gamma)
                       / decode)
+        report.update(_l5(draft, target, opts))
+        if "l5_chain_proposal_ms" in report:  # the chain alone: the EventGPT forward that feeds it is extra
+            report["l5_chain_c"] = report["l5_chain_proposal_ms"] / opts.gamma / decode
         write(report)
         graphs = [m for m in (draft, target) if m.device.type == "cuda"] if mode != "eager" else []
         for m in graphs:

@@ -688,6 +688,13 @@ class EagleDrafter(SyncedDrafter):
     none, e.g. during ``run_parallel``'s free window, it proposes nothing). ``stats``
     counts head steps (``steps``), ``seconds`` (device-synchronised when ``sync`` is given),
     proposals, tokens proposed and committed positions.
+
+    ``chain`` (:func:`resolve_chain_mode`): ``graph`` commits and drafts on the head's shared static
+    chain (:class:`common.drafters.draft_graphs.HeadChain`: one CUDA-graph replay for the commit, one
+    for the whole gamma-token chain, one host read), the default on CUDA when the target decodes
+    with CUDA graphs; ``static`` runs that chain eagerly (its reference); ``eager`` the head step by
+    step over a growing cache (the default elsewhere). Past ``chain_capacity`` head positions the
+    drafter continues eagerly. Tree drafting always runs eager head steps (on the chain's cache).
     """
 
     def __init__(self, head: EagleHead, target: EagleTarget, target_state: DecodeState | None = None, *,
@@ -793,7 +800,8 @@ class EagleDrafter(SyncedDrafter):
         if state is None:
             return None
         self._attach_chain(commit_size)
-        self._keep_chain(len(context) + 2 * commit_size + 8)  # commit padding + a chain of commit_size tokens
+        if self._chain is not None:  # the padded commit of the new rows, then a chain of up to commit_size tokens
+            self._keep_chain(len(context) + self._chain.commit_size + commit_size + 8)
         if state is not self._bound_state:
             self._bound_state = state
             self._rollback(0)

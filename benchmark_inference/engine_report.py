@@ -3,7 +3,8 @@
 At Video-LLaVA-7B shapes (random weights through the real loaders) it measures our decode step in
 each ``--engine_modes`` mode, transformers ``generate`` with a static cache, a ~30-line
 ``torch.compile`` loop over HF's ``StaticCache`` on the same weights, verify(gamma+1)/decode(1),
-the EAGLE head's cost c per drafted token, the LLM prefill of the 2069-token prompt, and the
+the EAGLE drafter's cost c per drafted token (its commit and gamma-token chain replayed as CUDA graphs;
+the eager head's c beside it as ``eagle_c_eager``; the L5 drafter's feature-space chain as ``l5_chain_c``), the LLM prefill of the 2069-token prompt, and the
 target's prefill (vision + LLM) alone vs with EventGPT prefilling and drafting beside it on its
 own stream, with the free draft tokens finished inside that window. ``engine_report`` takes
 loaded models, so the CPU path is tested at tiny shapes.
@@ -30,7 +31,7 @@ from benchmark_inference.real_shape_timing import (
     raw_inputs,
     verify_ratio,
 )
-from benchmark_parallel_prefill.drafter_costs import eagle_costs
+from benchmark_parallel_prefill.drafter_costs import eagle_chain_costs, eagle_costs, l5_chain_costs
 from common.models.decoder import capture_graph, graph_replay_ms
 from common.results import atomic_write_json
 from common.timing import sync
@@ -192,12 +193,34 @@ def _ours(target, visual, opts: EngineOptions, length: int) -> dict[str, dict[st
     return out
 
 
-def _eagle(target, opts: EngineOptions) -> dict[str, float]:
-    """The EAGLE head's step and commit ms (random head at the target's shape)."""
+def _eagle(target, opts: EngineOptions) -> dict[str, Any]:
+    """The EAGLE drafter's cost (random head at the target's shape): its chain as CUDA graphs on CUDA (the
+    fixed-shape chain run eagerly on the CPU), and the eager head's step and commit beside it."""
     from feature_alignment.eagle_head import EagleHead, EagleHeadConfig
 
     head = EagleHead(EagleHeadConfig.for_target(target)).to(target.device, target.dtype).eval().bind(target)
-    return eagle_costs(target, head, opts.context, opts.gamma, opts.steps)
+    eager = eagle_costs(target, head, opts.context, opts.gamma, opts.steps)
+    out: dict[str, Any] = {"eagle_eager_step_ms": eager["step_ms"], "eagle_eager_commit_ms": eager["commit_ms"]}
+    graphs = target.device.type == "cuda"
+    try:
+        chain = eagle_chain_costs(target, head, opts.context, opts.gamma, opts.steps, graphs=graphs)
+    except Exception as exc:  # report, keep the eager numbers as the cost
+        out.update(eagle_chain_mode="eager", eagle_chain_failed=f"{type(exc).__name__}: {str(exc)[:200]}",
+                   step_ms=eager["step_ms"], commit_ms=eager["commit_ms"])
+        return out
+    out.update({f"eagle_chain_{k}": v for k, v in chain.items()})
+    out.update(eagle_chain_mode="graph" if graphs else "static", step_ms=chain["chain_ms"] / opts.gamma,
+               commit_ms=chain["commit_ms"])
+    return out
+
+
+def _l5(draft, target, opts: EngineOptions) -> dict[str, Any]:
+    """The L5 drafter's feature-space chain per proposal (random adapter; CUDA graphs on CUDA)."""
+    try:
+        costs = l5_chain_costs(draft, target, opts.context, opts.gamma, opts.steps, graphs=target.device.type == "cuda")
+    except Exception as exc:  # report, keep the rest
+        return {"l5_chain_failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {f"l5_chain_{k}": v for k, v in costs.items()}
 
 
 def _best(ours: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
@@ -236,8 +259,14 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
                       verify_over_decode=best["verify_over_decode"])
         write(report)
         eagle = _eagle(target, opts)
-        report.update(eagle_step_ms=eagle["step_ms"], eagle_commit_ms=eagle["commit_ms"],
-                      eagle_c=(eagle["step_ms"] + eagle["commit_ms"] / opts.gamma) / report["decode_ms_per_token"])
+        decode = report["decode_ms_per_token"]
+        step, commit = eagle.pop("step_ms"), eagle.pop("commit_ms")  # per drafted token / per proposal
+        report.update(eagle, eagle_step_ms=step, eagle_commit_ms=commit, eagle_c=(step + commit / opts.gamma) / decode,
+                      eagle_c_eager=(eagle["eagle_eager_step_ms"] + eagle["eagle_eager_commit_ms"] / opts.gamma)
+                      / decode)
+        report.update(_l5(draft, target, opts))
+        if "l5_chain_proposal_ms" in report:  # the chain alone: the EventGPT forward that feeds it is extra
+            report["l5_chain_c"] = report["l5_chain_proposal_ms"] / opts.gamma / decode
         write(report)
         graphs = [m for m in (draft, target) if m.device.type == "cuda"] if mode != "eager" else []
         for m in graphs:

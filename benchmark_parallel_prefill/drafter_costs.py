@@ -12,7 +12,8 @@ decoding on CUDA, and measures, as medians of synchronised single steps on a cac
 - EventGPT's decode step (raw drafting: one step per draft token);
 - the pooled self-draft's decode step (the target with ``pool x pool``-pooled video tokens) and its prefill;
 - the EAGLE head's step (one head position + the target's LM head + argmax), random weights at the
-  target's shape (or ``--eagle_head``), and its commit step (gamma + 1 positions);
+  target's shape (or ``--eagle_head``), and its commit step (gamma + 1 positions); and the drafter's
+  static chain (commit + gamma-token chain, CUDA graphs when the target decodes with them) per proposal;
 - L1 adapter + LM head per token (plus the EventGPT forward with hidden states that the L1-L4
   drafters pay per token), and the L5 adapter's feature-space step at ``--context`` rows.
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from common.compression import PooledVideoLlava
+from common.drafters.eagle_head import CHAIN_CAPACITY
 from common.models.loader import load_vlm
 from common.pipeline import configure_decode
 from common.results import atomic_write_json, atomic_write_text, markdown_table
@@ -132,6 +134,54 @@ def eagle_costs(target, head, context: int, gamma: int, steps: int) -> dict[str,
         return {"step_ms": _median_ms(one, steps, dev), "commit_ms": _median_ms(commit, steps, dev)}
 
 
+def chain_costs(chain, feats: torch.Tensor, ids: list[int], context: int, gamma: int, steps: int
+                ) -> dict[str, float]:
+    """A drafter's static chain (``common.drafters.draft_graphs.HeadChain``), ms per call, host reads included:
+    ``commit_ms`` (gamma + 1 padded rows), ``chain_ms`` (gamma tokens, one replay, one host read) and
+    ``proposal_ms`` (both, as a proposal runs them) after ``context`` committed rows; with CUDA graphs also
+    ``*_replay_ms`` (GPU time alone). ``feats``/``ids``: context + gamma + 1 rows."""
+    dev = feats.device
+    chain.claim(object())  # the benchmark's own context in the shared cache
+    with torch.no_grad():
+        root = chain.commit(feats[:context], ids[:context])[-1]
+
+        def commit():
+            chain.cache.truncate(context)
+            return chain.commit(feats[context:], ids[context:])
+
+        def proposal():
+            return chain.chain(commit()[-1], gamma)
+
+        out = {"commit_ms": _median_ms(commit, steps, dev),
+               "chain_ms": _median_ms(lambda: chain.chain(root, gamma), steps, dev),
+               "proposal_ms": _median_ms(proposal, steps, dev)}
+        if chain.graphs:
+            out.update({f"{k[:-3]}_replay_ms": v for k, v in chain.replay_ms(gamma).items()})
+    chain.claim(object())
+    return out
+
+
+def eagle_chain_costs(target, head, context: int, gamma: int, steps: int, graphs: bool,
+                      capacity: int = CHAIN_CAPACITY) -> dict[str, float]:
+    """:func:`chain_costs` of the EAGLE drafter's chain (CUDA graphs when ``graphs``)."""
+    feats = torch.randn(context + gamma + 1, target.hidden_size, device=target.device, dtype=target.dtype)
+    chain = head.draft_chain(capacity, gamma + 1, graphs=graphs)
+    return chain_costs(chain, feats, _tokens(target, context + gamma + 1), context, gamma, steps)
+
+
+def l5_chain_costs(draft, target, context: int, gamma: int, steps: int, graphs: bool,
+                   capacity: int = CHAIN_CAPACITY) -> dict[str, float]:
+    """:func:`chain_costs` of the L5 drafter's feature-space chain (a random L5 adapter, float32, as loaded)."""
+    from common.drafters.hidden_adapter import create_adapter
+
+    dev = target.device
+    limit = min(int(draft.base_vocab_size), int(target.base_vocab_size))
+    l5 = create_adapter(5, draft.hidden_size, target.hidden_size, vocab_size=int(target.vocab_size)).to(dev).eval()
+    feats = torch.randn(context + gamma + 1, target.hidden_size, device=dev)
+    chain = l5.draft_chain(target.lm_head, limit, capacity, gamma + 1, graphs=graphs)
+    return chain_costs(chain, feats, _tokens(target, context + gamma + 1), context, gamma, steps)
+
+
 def adapter_costs(draft, target, context: int, gamma: int, steps: int) -> dict[str, float]:
     """L1 (adapter + LM head + argmax per token) and L5 (feature-space chain step at ``context`` rows), ms."""
     from feature_alignment.hidden_adapter import create_adapter, masked_logits
@@ -205,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             head = EagleHead(EagleHeadConfig.for_target(target)).to(target.device, target.dtype).eval().bind(target)
         eagle = eagle_costs(target, head, ctx, g, steps)
+        chain_graphs = target.graphs is not None  # the drafter's own choice (chain="auto")
+        chain = eagle_chain_costs(target, head, ctx, g, steps, graphs=chain_graphs)
+        l5_chain = l5_chain_costs(draft, target, ctx, g, steps, graphs=chain_graphs)
         adapters = adapter_costs(draft, target, ctx, g, steps)
     info.update(target_decode_ms=t_ms, target_verify_ms=t_ver, target_prefill_ms=t_pre, target_prompt_tokens=t_prompt,
                 eventgpt_prefill_ms=e_pre, eventgpt_prompt_tokens=e_prompt, pooled_prefill_ms=p_pre,
@@ -222,12 +275,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    "once per proposal")
     row("eagle (per token, incl. commit)", eagle["step_ms"] + eagle["commit_ms"] / g,
         "commit amortised over gamma tokens")
+    row(f"eagle chain ({'CUDA graphs' if chain_graphs else 'static, eager'}, per token, incl. commit)",
+        chain["proposal_ms"] / g, f"one proposal: commit of {g + 1} rows ({chain['commit_ms']:.2f} ms) + "
+                                  f"{g}-token chain ({chain['chain_ms']:.2f} ms), one host read")
     row("L1 adapter + LM head", adapters["L1_ms"], "adapter and LM head only")
     row("L1-L4 drafter", e_hid_ms + adapters["L1_ms"], "EventGPT forward with hidden states (eager: hidden states "
                                                        "bypass CUDA graphs) + L1 adapter + LM head, per token")
     row("L5 step", adapters["L5_step_ms"], f"feature-space chain step over {ctx + 1} rows (no cache) + LM head")
     row("L5 drafter (per token)", adapters["L5_step_ms"] + e_hid_ms / g,
         "L5 step + one EventGPT forward per proposal amortised over gamma")
+    row(f"L5 drafter on its chain ({'CUDA graphs' if chain_graphs else 'static, eager'}, per token)",
+        (l5_chain["proposal_ms"] + e_hid_ms) / g, f"commit of {g + 1} trunk rows + {g}-token chain over a KV cache "
+                                                  "+ one EventGPT forward per proposal, amortised over gamma")
     device_name = torch.cuda.get_device_name() if target.device.type == "cuda" else "cpu"
     out = {"device": device_name, "models": label, "quant": args.quant, "decode_mode": mode, "date": dt.date.today()
            .isoformat(), "torch": torch.__version__, "argv": argv, "gamma": g, "context": ctx, **info, "rows": rows}

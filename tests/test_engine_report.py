@@ -25,6 +25,14 @@ def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
     assert report["verify_over_decode"] == report["ours"]["eager"]["verify_over_decode"] > 0
     c = (report["eagle_step_ms"] + report["eagle_commit_ms"] / 3) / report["decode_ms_per_token"]
     assert report["eagle_c"] == pytest.approx(c) and c > 0
+    assert report["eagle_chain_mode"] == "static"  # the graphs' fixed-shape chain, run eagerly on the CPU
+    assert report["eagle_step_ms"] == pytest.approx(report["eagle_chain_chain_ms"] / 3)
+    assert report["eagle_commit_ms"] == report["eagle_chain_commit_ms"] > 0
+    assert report["eagle_chain_proposal_ms"] > 0 and "eagle_chain_failed" not in report
+    c_eager = (report["eagle_eager_step_ms"] + report["eagle_eager_commit_ms"] / 3) / report["decode_ms_per_token"]
+    assert report["eagle_c_eager"] == pytest.approx(c_eager) and c_eager > 0
+    l5 = report["l5_chain_proposal_ms"] / 3 / report["decode_ms_per_token"]
+    assert report["l5_chain_c"] == pytest.approx(l5) and l5 > 0 and "l5_chain_failed" not in report
     assert report["prompt_tokens"] > 8 * 17  # 8 frames x (16 patches + CLS) at the tiny shapes
     assert report["prefill_ms"] > 0 and report["vision_encode_ms"] > 0
     assert 0 < report["prefill_llm_ms"] and "prefill_eager_ms" not in report  # Triton prefill: CUDA only

@@ -49,6 +49,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.drafters.config import strict_from_dict
+from common.drafters.draft_graphs import (
+    CHAIN_MODES,
+    HeadChain,
+    cut_after_stop,
+    pick_chain_mode,
+    plain_weights,
+)
 from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
 from common.models.decoding import Decoding, replay
 from common.results import atomic_write, atomic_write_text
@@ -59,9 +66,10 @@ from common.vlm import DecodeState
 __all__ = [
     "EagleHeadConfig", "EagleHead", "HeadCache", "EagleTarget", "EagleDrafter", "make_eagle_drafter",
     "save_eagle_head", "load_eagle_head", "resolve_head_dir", "read_target_embeddings", "CONFIG_NAME",
-    "WEIGHTS_NAME", "FORMAT", "head_config_from_checkpoint",
+    "WEIGHTS_NAME", "FORMAT", "head_config_from_checkpoint", "CHAIN_CAPACITY", "CHAIN_MODES", "resolve_chain_mode",
 ]
 
+CHAIN_CAPACITY = 2048  # head positions of an EagleDrafter's static chain (answers longer than that draft eagerly)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "eagle_head_v1"
@@ -177,6 +185,7 @@ class EagleHead(nn.Module):
         # the target's frozen modules, bound by bind(); a plain tuple, so never in state_dict()
         self._target_modules: tuple[Any, Any] | None = None
         self.vocab_limit: int | None = None
+        self._chains: dict[tuple, HeadChain] = {}  # static caches + CUDA graphs of the draft chain (draft_chain)
 
     # ----- binding to the target's frozen LM head and embeddings -----
     def bind(self, target: Any = None, *, lm_head: Any = None, embed_tokens: Any = None,
@@ -197,6 +206,11 @@ class EagleHead(nn.Module):
         self._target_modules = (lm_head, embed_tokens)
         self.vocab_limit = None if vocab_limit is None else int(vocab_limit)
         return self
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the features it reads and predicts (the target's hidden size)."""
+        return self.config.hidden_size
 
     @property
     def bound(self) -> bool:
@@ -238,16 +252,28 @@ class EagleHead(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _layer(self, x: torch.Tensor, positions: torch.Tensor, cache: HeadCache | None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, h = x.shape
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys and the values (B, heads, T, head_dim) of the layer's input x (B, T, H)."""
+        b, t, _ = x.shape
         n = self.config.num_heads
         hs = self.input_norm(x)
         q = self.q_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
         k = self.k_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
         v = self.v_proj(hs).view(b, t, n, self.head_dim).transpose(1, 2)
         cos, sin = self._rope(positions, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _residual_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The attention output's projection and the MLP, both residual; attn (B, heads, T, head_dim)."""
+        b, t, h = x.shape
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, h))
+        hs = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(hs)) * self.up_proj(hs))
+
+    def _layer(self, x: torch.Tensor, positions: torch.Tensor, cache: HeadCache | None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        t = x.shape[1]
+        q, k, v = self._qkv(x, positions)
         if cache is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -260,9 +286,7 @@ class EagleHead(nn.Module):
             mask = torch.arange(start + t, device=x.device)[None, :] <= positions[:, None]
             mask = mask if attn_mask is None else attn_mask  # a draft tree's own mask (common.tree)
             attn = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, h))
-        hs = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(hs)) * self.up_proj(hs))
+        return self._residual_mlp(x, attn)
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
         """(B, T, H) features + (B, T, H) embeddings of the tokens they predict -> (B, T, H) next features."""
@@ -289,6 +313,34 @@ class EagleHead(nn.Module):
             positions = torch.arange(cache.length, cache.length + x.shape[1], device=p.device)
         return self._layer(x, positions.to(p.device), cache,
                            None if attn_mask is None else attn_mask.to(p.device))[0]
+
+    def static_step(self, features: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                    keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A fixed-shape :meth:`step` for CUDA-graph capture: every input a device tensor, no host reads.
+
+        ``features`` (k, H), ``ids`` (k,) and ``positions`` (k,) of k new rows; their keys and values are
+        written at ``positions`` into ``keys``/``values`` (1, heads, capacity, head_dim), and every row
+        attends the whole capacity masked to positions <= its own. Returns (k, H) next features.
+        """
+        p = self.fc.weight
+        x = self.fc(torch.cat([features.to(p.dtype), self.embed(ids)], dim=-1)).unsqueeze(0)
+        q, k, v = self._qkv(x, positions)
+        keys.index_copy_(2, positions, k.to(keys.dtype))
+        values.index_copy_(2, positions, v.to(values.dtype))
+        mask = torch.arange(keys.shape[2], device=positions.device)[None, :] <= positions[:, None]
+        attn = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        return self._residual_mlp(x, attn)[0]
+
+    def draft_chain(self, capacity: int = CHAIN_CAPACITY, commit_size: int = 6, graphs: bool = False) -> HeadChain:
+        """The head's static chain (:class:`common.drafters.draft_graphs.HeadChain`): a fixed-capacity cache,
+        its buffers and, with ``graphs``, the CUDA graphs of its commit and chain; made once per
+        configuration (device, dtype and binding included) and shared by the drafters of this head."""
+        p = self.fc.weight
+        key = (int(capacity), int(commit_size), bool(graphs), p.device, p.dtype, *map(id, self._modules_bound()))
+        chain = self._chains.get(key)
+        if chain is None or not chain.valid():
+            chain = self._chains[key] = HeadChain(self, capacity, commit_size, graphs)
+        return chain
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -636,11 +688,18 @@ class EagleDrafter(SyncedDrafter):
     none, e.g. during ``run_parallel``'s free window, it proposes nothing). ``stats``
     counts head steps (``steps``), ``seconds`` (device-synchronised when ``sync`` is given),
     proposals, tokens proposed and committed positions.
+
+    ``chain`` (:func:`resolve_chain_mode`): ``graph`` commits and drafts on the head's shared static
+    chain (:class:`common.drafters.draft_graphs.HeadChain`: one CUDA-graph replay for the commit, one
+    for the whole gamma-token chain, one host read), the default on CUDA when the target decodes
+    with CUDA graphs; ``static`` runs that chain eagerly (its reference); ``eager`` the head step by
+    step over a growing cache (the default elsewhere). Past ``chain_capacity`` head positions the
+    drafter continues eagerly. Tree drafting always runs eager head steps (on the chain's cache).
     """
 
     def __init__(self, head: EagleHead, target: EagleTarget, target_state: DecodeState | None = None, *,
                  stop_token_ids: Iterable[int] | None = None, name: str = "eagle", sync: Any = None,
-                 clock: Any = time.perf_counter):
+                 clock: Any = time.perf_counter, chain: str = "auto", chain_capacity: int = CHAIN_CAPACITY):
         if not isinstance(target, EagleTarget):
             raise TypeError("EagleDrafter needs the EagleTarget wrapper that the engine verifies with "
                             "(proxy = EagleTarget(target, head.config.feature_layer); prefill and "
@@ -659,10 +718,42 @@ class EagleDrafter(SyncedDrafter):
         self._cache = head.new_cache()
         self._feats: torch.Tensor | None = None  # the target's true features while drafting
         self._bound_state: DecodeState | None = None
+        self.chain_mode = resolve_chain_mode(chain, head, target)
+        self._chain_capacity = int(chain_capacity)
+        self._chain: HeadChain | None = None  # attached at the first proposal (its commit size is gamma + 1)
+        self._owner = object()  # which drafter's context a shared chain cache holds
+
+    # ----- the static chain (common.drafters.draft_graphs) -----
+    def _attach_chain(self, commit_size: int) -> None:
+        """Draft on the head's shared static chain (``chain_mode`` static or graph), from the first proposal on."""
+        if self.chain_mode == "eager" or self._chain is not None or self._fed or self._cache.length:
+            return
+        self._chain = self.head.draft_chain(self._chain_capacity, commit_size, graphs=self.chain_mode == "graph")
+        self._cache = self._chain.cache
+
+    def _keep_chain(self, room: int) -> None:
+        """Own the chain's cache; leave the chain (eager from now on) when ``room`` more rows would not fit."""
+        chain = self._chain
+        if chain is None:
+            return
+        if chain.owner is not self._owner:  # another drafter of this head used the cache: start over
+            chain.claim(self._owner)
+            self._rollback(0)
+        if chain.valid() and chain.fits(room):
+            return
+        old, self._chain, self.chain_mode = self._cache, None, "eager"
+        self._cache = self.head.new_cache(2 * old.keys.shape[2])
+        self._cache.keys[:, :, :old.length] = old.keys[:, :, :old.length]
+        self._cache.values[:, :, :old.length] = old.values[:, :, :old.length]
+        self._cache.length = old.length
 
     def _forward(self, tokens: list[int]) -> list[torch.Tensor]:
         start = len(self._fed)
-        out = self.head.step(self._feats[start:start + len(tokens)], tokens, self._cache)
+        feats = self._feats[start:start + len(tokens)]
+        if self._chain is not None:
+            out = self._chain.commit(feats, tokens)
+        else:
+            out = self.head.step(feats, tokens, self._cache)
         self.stats["committed_positions"] += len(tokens)
         return list(out)
 
@@ -672,6 +763,8 @@ class EagleDrafter(SyncedDrafter):
     def _step(self, feature: torch.Tensor, token: int) -> torch.Tensor:
         """One temporary head position (a predicted feature); returns its output."""
         self.stats.steps += 1
+        if self._chain is not None:
+            return self._chain.step(feature, token)
         return self.head.step(feature.unsqueeze(0), [token], self._cache)[-1]
 
     def _token(self, feature: torch.Tensor) -> int:
@@ -680,12 +773,16 @@ class EagleDrafter(SyncedDrafter):
     @torch.no_grad()
     def _draft(self, context: list[int], gamma: int) -> DraftProposal:
         """Draft up to ``gamma`` tokens after ``context`` (stopping after a stop token)."""
-        synced = self._sync_context(context)
+        synced = self._sync_context(context, gamma + 1)
         if synced is None:  # the target is still prefilling (e.g. run_parallel's free window): nothing to read yet
             return DraftProposal([], None)
         committed = self._cache.length
         try:
             feature = self._root_feature(context, *synced)
+            if self._chain is not None:  # one replay; the host reads the gamma tokens once
+                out_tokens = cut_after_stop(self._chain.chain(feature, gamma), self.stop_token_ids)
+                self.stats.steps += len(out_tokens) - 1  # counted as the eager chain runs them
+                return DraftProposal(out_tokens, None)
             out_tokens: list[int] = []
             for i in range(gamma):
                 token = self._token(feature)
@@ -697,11 +794,14 @@ class EagleDrafter(SyncedDrafter):
         finally:
             self._cache.truncate(committed)
 
-    def _sync_context(self, context: list[int]) -> tuple[torch.Tensor, int] | None:
+    def _sync_context(self, context: list[int], commit_size: int) -> tuple[torch.Tensor, int] | None:
         """Commit the context's true target features to the head cache; (features, usable rows) or None."""
         state = self._state if self._state is not None else self.target.last_state
         if state is None:
             return None
+        self._attach_chain(commit_size)
+        if self._chain is not None:  # the padded commit of the new rows, then a chain of up to commit_size tokens
+            self._keep_chain(len(context) + self._chain.commit_size + commit_size + 8)
         if state is not self._bound_state:
             self._bound_state = state
             self._rollback(0)
@@ -735,7 +835,7 @@ class EagleDrafter(SyncedDrafter):
         start = self._now()
         tree = DraftTree()
         context = [int(t) for t in context]
-        synced = self._sync_context(context) if max_depth > 0 else None
+        synced = self._sync_context(context, max_depth + 1) if max_depth > 0 else None
         if synced is not None:
             committed = self._cache.length
             try:
@@ -773,6 +873,15 @@ class EagleDrafter(SyncedDrafter):
 
         return build_tree(torch.log_softmax(self.head.logits(root), dim=-1), expand, config, max_depth=max_depth,
                           stop_tokens=self.stop_token_ids)
+
+
+def resolve_chain_mode(mode: str, head: EagleHead, target: Any) -> str:
+    """How an :class:`EagleDrafter` drafts (:func:`common.drafters.draft_graphs.pick_chain_mode`): ``auto`` is
+    graph when the head is on CUDA, the target decodes with CUDA graphs and its LM head and embeddings are
+    plain weights, else eager."""
+    plain = head.bound and plain_weights(*head._modules_bound())
+    on_graphs = getattr(target, "graphs", None) is not None
+    return pick_chain_mode(mode, head.fc.weight.device.type == "cuda", plain and on_graphs)
 
 
 def make_eagle_drafter(head: EagleHead, draft_state_or_none: Any, target: Any, target_state: Any = None, *,

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common.drafters.config import strict_from_dict
+from common.drafters.draft_graphs import HeadChain, StaticKV
 from common.models.checkpoint import safetensors_header
 from common.results import atomic_write
 
@@ -46,7 +47,8 @@ CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
 
 __all__ = ["LEVELS", "AdapterConfig", "Bottleneck", "BottleneckAdapter", "MultiBottleneckAdapter",
            "AttentionAdapter", "EagleAdapter", "create_adapter", "save_adapter", "load_any_adapter",
-           "read_adapter_meta", "scaled_width", "masked_logits", "BaseAdapter", "resolve_config", "count_parameters"]
+           "read_adapter_meta", "scaled_width", "masked_logits", "BaseAdapter", "resolve_config", "count_parameters",
+           "L5Trunk"]
 
 
 def scaled_width(requested: int, hidden_in: int, hidden_out: int, wide: bool = False) -> int:
@@ -143,6 +145,18 @@ class Block(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+    def cached(self, z: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for k new rows z (k, d) at ``positions`` over a static cache (heads, capacity,
+        head_dim): their keys/values are written there, ``mask`` (k, capacity) says what each row sees."""
+        k, d = z.shape
+        q, key, value = self.qkv(self.norm1(z)).view(k, 3, self.num_heads, d // self.num_heads).permute(1, 2, 0, 3)
+        keys.index_copy_(1, positions, key.to(keys.dtype))
+        values.index_copy_(1, positions, value.to(values.dtype))
+        attn = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        z = z + self.drop(self.proj(attn.transpose(0, 1).reshape(k, d)))
+        return z + self.drop(self.ffn(self.norm2(z)))
 
 
 class BaseAdapter(nn.Module):
@@ -246,6 +260,18 @@ class EagleAdapter(BaseAdapter):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self._chains: dict[tuple, Any] = {}  # draft_chain's static caches and CUDA graphs
+
+    def draft_chain(self, lm_head: torch.Tensor | Callable, vocab_limit: int | None, capacity: int = 2048,
+                    commit_size: int = 6, graphs: bool = False) -> Any:
+        """The trunk's static chain (:class:`common.drafters.draft_graphs.HeadChain` over :class:`L5Trunk`):
+        made once per LM head and configuration and shared by the drafters of this adapter."""
+        p = self.fc.weight
+        key = (id(lm_head), vocab_limit, int(capacity), int(commit_size), bool(graphs), p.device, p.dtype)
+        chain = self._chains.get(key)
+        if chain is None or not chain.valid():
+            chain = self._chains[key] = HeadChain(L5Trunk(self, lm_head, vocab_limit), capacity, commit_size, graphs)
+        return chain
 
     def next_features(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, H_out) target-space features + (B, T) tokens -> predicted features of rows t + 1."""
@@ -296,6 +322,42 @@ class EagleAdapter(BaseAdapter):
             features = torch.cat([features, nxt.unsqueeze(0)])
             tokens.append(token)
         return out
+
+
+class L5Trunk:
+    """The L5 adapter's next-feature trunk bound to the target's LM head, at fixed shapes with a KV cache.
+
+    The head of :class:`common.drafters.draft_graphs.HeadChain` (duck-typed like the EAGLE head):
+    ``static_step(features, ids, positions, keys, values)`` is :meth:`EagleAdapter.next_features` for
+    new rows at ``positions`` over cached earlier rows, ``logits`` the target's LM head (ids >= the
+    vocabulary limit masked). Get it through :meth:`EagleAdapter.draft_chain`.
+    """
+
+    def __init__(self, adapter: EagleAdapter, lm_head: torch.Tensor | Callable, vocab_limit: int | None):
+        self.adapter, self.lm_head, self.vocab_limit = adapter, lm_head, vocab_limit
+        self.fc = adapter.fc  # its weight's device and dtype are the chain buffers'
+        self.feature_size = adapter.config.hidden_out
+
+    def new_cache(self, capacity: int) -> Any:
+        c, p = self.adapter.config, self.fc.weight
+        heads = self.adapter.blocks[0].num_heads if len(self.adapter.blocks) else 1
+        return StaticKV(max(len(self.adapter.blocks), 1), heads, capacity, c.d_model // heads, p.dtype, p.device)
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        return masked_logits(feature, self.lm_head, self.vocab_limit)
+
+    def static_step(self, features: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                    keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """(k, H_out) features + (k,) tokens at ``positions`` -> (k, H_out) predicted next features."""
+        a, c = self.adapter, self.adapter.config
+        features = features.to(self.fc.weight.dtype)
+        tokens = ids.clamp(0, c.vocab_size - 1)
+        z = a.fc(torch.cat([features, a.embed(tokens).to(features.dtype)], dim=-1))
+        z = z + a.pos(positions.clamp_max(c.max_positions - 1))
+        mask = torch.arange(keys.shape[2], device=positions.device)[None, :] <= positions[:, None]
+        for layer, block in enumerate(a.blocks):
+            z = block.cached(z, positions, keys[layer], values[layer], mask)
+        return features + a.out(a.norm(z))
 
 
 _CLASSES = {1: BottleneckAdapter, 2: MultiBottleneckAdapter, 3: BottleneckAdapter, 4: AttentionAdapter,

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from common.drafters.draft_graphs import cut_after_stop, pick_chain_mode, plain_weights
 from common.drafters.hidden_adapter import BaseAdapter, load_any_adapter, masked_logits, read_adapter_meta
 from common.speculative import DraftProposal, SyncedDrafter
 
@@ -64,7 +65,7 @@ class HiddenAdapterDrafter(SyncedDrafter):
     def __init__(self, adapter: BaseAdapter, draft_model: Any, draft_state: Any, target_lm_head: Any, *,
                  input_layer: int = -1, vocab_limit: int | None = None, draft_vocab_limit: int | None = None,
                  stop_token_ids: Iterable[int] = (), name: str | None = None, sync: Any = None,
-                 clock: Any = time.perf_counter):
+                 clock: Any = time.perf_counter, chain: str = "auto", chain_capacity: int = 2048):
         self.check_fresh(draft_state, "HiddenAdapterDrafter")
         prompt_hidden = (getattr(draft_state, "hidden", None) or {}).get(input_layer)
         if prompt_hidden is None:
@@ -86,6 +87,15 @@ class HiddenAdapterDrafter(SyncedDrafter):
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         p = next(adapter.parameters())
         self._adapter_device, self._adapter_dtype = p.device, p.dtype
+        # L5 only: its feature-space chain at fixed shapes over a KV cache (CUDA graphs when the draft model
+        # decodes with them); the eager reference recomputes the whole history per token
+        graphable = plain_weights(target_lm_head) and getattr(draft_model, "graphs", None) is not None
+        mode = pick_chain_mode(chain, p.device.type == "cuda", graphable)
+        self.chain_mode = mode if adapter.predicts_next else "eager"
+        self._chain_capacity = int(chain_capacity)
+        self._chain: Any = None
+        self._trunk_len = 0  # trunk rows in the chain's cache: rows t < it hold (aligned state t, fed token t)
+        self._owner = object()
 
     @property
     def states(self) -> list[torch.Tensor]:
@@ -102,6 +112,7 @@ class HiddenAdapterDrafter(SyncedDrafter):
 
     def _truncate(self, keep: int) -> None:
         self.model.truncate(self.state, self.state.prompt_length + keep)
+        self._trunk_len = min(self._trunk_len, keep)
 
     # ----- mapping -----
     def _map(self, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -122,6 +133,9 @@ class HiddenAdapterDrafter(SyncedDrafter):
         """Sync to ``context`` and draft up to ``gamma`` tokens (stopping after a stop token)."""
         tokens: list[int] = []
         self.sync_to(context)
+        chain = self._l5_chain(len(context), gamma) if self.adapter.predicts_next else None
+        if chain is not None:
+            return DraftProposal(self._chain_draft(chain, context, gamma), None)
         if self.adapter.predicts_next:
             x = torch.stack(self._rows).to(self._adapter_device, self._adapter_dtype)
             self.stats["adapter_calls"] += 1
@@ -135,6 +149,36 @@ class HiddenAdapterDrafter(SyncedDrafter):
                     break
                 self._feed([token])
         return DraftProposal(tokens, None)
+
+
+    # ----- the L5 chain at fixed shapes (common.drafters.draft_graphs) -----
+    def _l5_chain(self, n: int, gamma: int) -> Any:
+        """The adapter's shared static chain holding this drafter's trunk rows, or None (eager L5)."""
+        if self.chain_mode == "eager":
+            return None
+        if self._chain is None:
+            self._chain = self.adapter.draft_chain(self.lm_head, self.vocab_limit, self._chain_capacity, gamma + 1,
+                                                   graphs=self.chain_mode == "graph")
+        chain = self._chain
+        if chain.owner is not self._owner:  # another drafter of this adapter used the cache
+            chain.claim(self._owner)
+            self._trunk_len = 0
+        chain.cache.truncate(self._trunk_len)
+        size = chain.commit_size
+        if not chain.fits(size * -(-(n - self._trunk_len) // size) + gamma):
+            self._chain, self.chain_mode = None, "eager"  # the answer outgrew the static cache
+            return None
+        return chain
+
+    def _chain_draft(self, chain: Any, context: list[int], gamma: int) -> list[int]:
+        """Commit the new trunk rows, then draft ``gamma`` tokens from the aligned last state in one chain."""
+        n, done = len(context), chain.cache.length
+        aligned = self.adapter.align(torch.stack(self._rows[done:]).to(self._adapter_device, self._adapter_dtype))
+        self.stats["adapter_calls"] += 1
+        if n > done:
+            chain.commit(aligned[:n - done], context[done:n])
+        self._trunk_len = n
+        return cut_after_stop(chain.chain(aligned[-1], gamma), self.stop_token_ids)
 
 
 def load_hidden_adapter_drafter(path: str | Path | BaseAdapter, draft_model: Any, draft_state: Any,

@@ -39,7 +39,17 @@ class ConcurrencyOptions:
         return asdict(self)
 
 
-BEST_KNOWN = ConcurrencyOptions(draft_priority=-1, graph_draft_prefill=True)  # see docs/PERFORMANCE.md
+NAMED = {"threads": ConcurrencyOptions(),
+         "draft_graphs": ConcurrencyOptions(draft_priority=-1, graph_draft_prefill=True)}
+
+
+def named_options(name: str | None) -> ConcurrencyOptions:
+    """The options behind a ``--concurrency`` value (None: ``threads``, the plain run)."""
+    if name is None:
+        return NAMED["threads"]
+    if name not in NAMED:
+        raise ValueError(f"unknown --concurrency {name!r}; choose one of {', '.join(NAMED)}")
+    return NAMED[name]
 
 _STREAMS: dict[tuple[str, str, int], Any] = {}
 _GREEN: dict[tuple[str, int], Any] = {}

@@ -50,6 +50,10 @@ def add_decode_args(group, free_tokens: bool = False) -> None:
     if free_tokens:
         group.add_argument("--max_free_tokens", type=non_negative_int, default=64,
                            help="cap on tokens drafted during the target's prefill (default 64)")
+        group.add_argument("--concurrency", choices=["threads", "draft_graphs"], default=None,
+                           help="how the draft runs beside the target's prefill on one GPU: threads (two threads, "
+                                "two streams; the default) or draft_graphs (+ the draft's stream at high priority "
+                                "and its LLM prefill as a CUDA graph); see benchmark_inference.concurrency_probe")
     group.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
                        help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "
                             "(slower start) (default auto)")

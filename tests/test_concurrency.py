@@ -24,6 +24,7 @@ from common.concurrency import (
 from common.errors import DataError
 from common.models.graphed_prefill import GraphedPrefill
 from common.models.loader import load_vlm
+from tests.data_fixtures import tiny_dataset  # noqa: F401  (session fixture)
 
 
 class _FakeGraph:
@@ -161,3 +162,35 @@ def test_graphed_prefill_matches_the_eager_prefill_on_the_gpu(tiny_models_dir):
             assert torch.allclose(state.logits, eager_logits, atol=1e-4)
             assert torch.allclose(draft.forward(state, [5]), eager_next, atol=1e-4)
         assert draft.prefill_graphs.lengths == 1
+
+
+def test_run_parallel_with_concurrency_options_stays_lossless(pair, tiny_dataset):  # noqa: F811
+    from common.data import ClipDataset
+    from common.drafters import DrafterFactory
+    from common.parallel import run_parallel
+    from common.pipeline import prefill_sample
+    from common.speculative import autoregressive_generate
+
+    draft, target = pair
+    sample = ClipDataset(tiny_dataset)[0]
+    options = ConcurrencyOptions(draft_priority=-1, graph_draft_prefill=True, head_start_s=0.05,
+                                 switch_interval_s=0.001)
+    before = sys.getswitchinterval()
+    out = run_parallel(draft, target, sample, DrafterFactory("eventgpt"), max_new_tokens=10, gamma=3,
+                       max_free_tokens=4, concurrency=options)
+    with torch.no_grad():
+        alone = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=10)
+    assert out.result.tokens == alone.tokens
+    assert sys.getswitchinterval() == before
+    starts = {lane: min(i["start"] for i in out.intervals if i["lane"] == lane and i["label"] == "stage1")
+              for lane in ("draft", "target")}
+    assert starts["target"] - starts["draft"] > 0.04  # the draft's head start
+
+
+def test_concurrency_flag_names():
+    from common.concurrency import named_options
+
+    assert named_options(None) == ConcurrencyOptions() == named_options("threads")
+    assert named_options("draft_graphs").graph_draft_prefill and named_options("draft_graphs").draft_priority < 0
+    with pytest.raises(ValueError, match="--concurrency"):
+        named_options("fast")

@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_free", type=int, default=64, help="cap on draft tokens per round (default 64)")
     p.add_argument("--variants", default="all", help="comma list of variant names or prefixes (a0,a,b,c,d,e); "
                                                      "default all")
-    p.add_argument("--green_sms", default="16,32,66", help="SM counts of the green-context variants")
+    p.add_argument("--green_sms", default="16,32,64",
+                   help="SM counts of the green-context variants (multiples of 8 on Hopper)")
+    p.add_argument("--process_timeout", type=float, default=150.0,
+                   help="seconds the per-process variants may wait for a child (loading included; default 150)")
     p.add_argument("--head_start_ms", default="5,10", help="head starts of the e variants, ms")
     return p
 
@@ -62,8 +65,9 @@ def in_process_variants(green_sms: list[int], head_starts_ms: list[float]) -> di
     out = {"a0_threads": ConcurrencyOptions(), "a_threads_priority": ConcurrencyOptions(draft_priority=-1),
            "b_draft_graphs": ConcurrencyOptions(**graphs),
            "b_draft_graphs_switch": ConcurrencyOptions(**graphs, switch_interval_s=0.0005)}
-    out.update({f"d_green_{n}": ConcurrencyOptions(graph_draft_prefill=True, draft_sms=n) for n in green_sms})
     out.update({f"e_head_start_{ms:g}": ConcurrencyOptions(**graphs, head_start_s=ms / 1000) for ms in head_starts_ms})
+    # last: a green context that fails could leave the CUDA context unusable for what follows
+    out.update({f"d_green_{n}": ConcurrencyOptions(graph_draft_prefill=True, draft_sms=n) for n in green_sms})
     return out
 
 
@@ -257,14 +261,14 @@ def probe_processes(args, names: list[str]) -> tuple[dict[str, Any], dict[str, A
                             max_free=args.max_free)
     results: dict[str, Any] = {}
     if "c_processes" in names:
-        results["c_processes"] = run_process_variant(cfg, args.repeats)
+        results["c_processes"] = run_process_variant(cfg, args.repeats, timeout_s=args.process_timeout)
     mps: dict[str, Any] = {"tried": False}
     if "c_processes_mps" in names and args.device.startswith("cuda"):
         mps = {"tried": True, **start_mps(Path(tempfile.mkdtemp(prefix="mps_", dir="/tmp")))}
         try:
             if mps["started"]:
                 results["c_processes_mps"] = run_process_variant(
-                    cfg, args.repeats, on_ready=lambda: {"mps_server_list": mps_servers(mps)})
+                    cfg, args.repeats, timeout_s=args.process_timeout, on_ready=lambda: {"mps_server_list": mps_servers(mps)})
             else:
                 results["c_processes_mps"] = {"failed": f"MPS did not start: {mps.get('error')}"}
         finally:

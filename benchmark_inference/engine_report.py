@@ -48,7 +48,9 @@ class EngineOptions:
     baselines: bool = True
 
 
-ENGINE_VARIANTS = ("a0_threads", "a_threads_priority", "b_draft_graphs", "b_draft_graphs_switch", "d_green_32")
+# the in-process ways engine_report tries (concurrency_probe also tries green contexts, a head start and a
+# process per model; a green context that fails may leave the CUDA context unusable, so not here)
+ENGINE_VARIANTS = ("a0_threads", "a_threads_priority", "b_draft_graphs", "b_draft_graphs_switch")
 KEYS = ("target_prefill_alone_ms", "target_prefill_concurrent_ms", "draft_prefill_alone_ms",
         "draft_prefill_end_concurrent_ms", "concurrent_prefill_slowdown", "free_draft_tokens")
 
@@ -81,14 +83,9 @@ def best_concurrent_prefill(draft, target, repeats: int, max_free: int = 256) ->
 
     Returns the ``KEYS`` of the best variant (``best_variant``: slowdown within 1.15 first, then free
     tokens), its name as ``concurrency_variant``, and every variant's medians under ``concurrency_variants``.
-    Green contexts are tried only where torch has them on a CUDA device.
     """
-    from common.concurrency import green_contexts_supported
-
-    names = [n for n in ENGINE_VARIANTS if not n.startswith("d_") or
-             (target.device.type == "cuda" and green_contexts_supported())]
-    every = in_process_variants([32], [])
-    probe = probe_in_process(draft, target, {n: every[n] for n in names}, repeats, max_free)
+    every = in_process_variants([], [])
+    probe = probe_in_process(draft, target, {n: every[n] for n in ENGINE_VARIANTS}, repeats, max_free)
     best = best_variant(probe["variants"])
     if best is None:
         raise RuntimeError(f"no concurrency variant ran: {probe['variants']}")

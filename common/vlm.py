@@ -94,6 +94,7 @@ class VisionLanguageModel(ABC):
         self.decoding = Decoding(self.runner)  # graphs, fixed step, kernels switch: the decode routing
         self.vision_graphs: GraphedVisionEncoder | None = None
         self.prefill_graphs: GraphedPrefill | None = None
+        self._parked_prefill: GraphedPrefill | None = None  # kept by disable_prefill_graphs for reuse
         self._prompt_memo: dict[tuple, tuple[int, ...]] | None = None
 
     # ----- fast decode -----
@@ -125,7 +126,7 @@ class VisionLanguageModel(ABC):
         """Back to eager decoding with a fresh cache per prefill (and an eager vision path)."""
         self.decoding.disable_cuda_graphs()
         self.vision_graphs = None
-        self.prefill_graphs = None
+        self.prefill_graphs = self._parked_prefill = None
 
     @property
     def graphs(self) -> CudaGraphDecoder | None:
@@ -158,10 +159,11 @@ class VisionLanguageModel(ABC):
         if self.device.type != "cuda" or self.graphs is None:
             raise ValueError("prefill graphs need the model on a CUDA device with enable_cuda_graphs on")
         if self.prefill_graphs is None:
-            self.prefill_graphs = GraphedPrefill(self.runner, max_lengths)
+            self.prefill_graphs = self._parked_prefill or GraphedPrefill(self.runner, max_lengths)
 
     def disable_prefill_graphs(self) -> None:
-        """Back to the eager prefill (decode graphs stay on)."""
+        """Back to the eager prefill (decode graphs stay on); ``enable_prefill_graphs`` reuses the captures."""
+        self._parked_prefill = self.prefill_graphs or self._parked_prefill
         self.prefill_graphs = None
 
     def memoize_prompts(self) -> None:

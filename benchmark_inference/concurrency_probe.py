@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "default all")
     p.add_argument("--green_sms", default="16,32,64",
                    help="SM counts of the green-context variants (multiples of 8 on Hopper)")
-    p.add_argument("--process_timeout", type=float, default=150.0,
-                   help="seconds the per-process variants may wait for a child (loading included; default 150)")
+    p.add_argument("--process_timeout", type=float, default=120.0,
+                   help="seconds the per-process variants may wait for a child (loading included; default 120)")
     p.add_argument("--head_start_ms", default="5,10", help="head starts of the e variants, ms")
     return p
 

@@ -106,6 +106,7 @@ def _draft_worker(draft, pixels, options, ready: threading.Event, go: threading.
             go.wait()
             box["start"] = time.perf_counter()
             state = draft.prefill(draft.encode_pixels(pixels), QUESTION)
+            box["launched"] = time.perf_counter()
             token = int(state.logits.argmax())  # a host read on the draft's stream: its prefill is done
             box["prefill_end"], ends = time.perf_counter(), []
             while not done.is_set() and len(ends) < max_free:
@@ -140,6 +141,7 @@ def concurrent_round(draft, target, t_pix, d_pix, options, max_free: int) -> dic
         with torch.cuda.stream(t_stream) if t_stream is not None else _Null():
             t0 = time.perf_counter()
             target.prefill(target.encode_pixels(t_pix), QUESTION)
+            launched = time.perf_counter()  # the host has queued the target's prefill
             if t_stream is not None:
                 t_stream.synchronize()
             t1 = time.perf_counter()
@@ -147,10 +149,31 @@ def concurrent_round(draft, target, t_pix, d_pix, options, max_free: int) -> dic
         thread.join()
     if "error" in box:
         raise box["error"]
-    ends = box["token_ends"]
-    return {"target_prefill_ms": 1000 * (t1 - t0), "draft_prefill_end_ms": 1000 * (box["prefill_end"] - t0),
-            "free_draft_tokens": float(sum(e <= t1 for e in ends)), "draft_tokens": float(len(ends)),
-            "draft_start_ms": 1000 * (box["start"] - t0)}
+    return {"target_prefill_ms": 1000 * (t1 - t0), "target_launched_ms": 1000 * (launched - t0),
+            **draft_figures(t0, t1, box["start"], box["launched"], box["prefill_end"], box["token_ends"])}
+
+
+def draft_figures(t0: float, t1: float, start: float, launched: float, prefill_end: float, ends: list[float]
+                  ) -> dict[str, float]:
+    """The draft's side of a round, ms from the target's start ``t0`` (the target's prefill ended at ``t1``).
+
+    ``launched``: when the host had queued the draft's prefill; step times are the gaps between token ends
+    inside the target's window (``draft_step_ms_in_window``) and after it (``draft_step_ms_after``).
+    """
+    marks = [prefill_end, *ends]
+    inside = [b - a for a, b in zip(marks, marks[1:]) if b <= t1]
+    after = [b - a for a, b in zip(marks, marks[1:]) if a >= t1]
+    return {"draft_start_ms": 1000 * (start - t0), "draft_prefill_launched_ms": 1000 * (launched - t0),
+            "draft_prefill_end_ms": 1000 * (prefill_end - t0), "free_draft_tokens": float(sum(e <= t1 for e in ends)),
+            "draft_tokens": float(len(ends)),
+            "draft_step_ms_in_window": 1000 * statistics.median(inside) if inside else float("nan"),
+            "draft_step_ms_after": 1000 * statistics.median(after) if after else float("nan")}
+
+
+def _median(values) -> float:
+    """Median of the values that are numbers (NaN marks 'none in this round'); NaN when none are."""
+    kept = [v for v in values if v == v]
+    return statistics.median(kept) if kept else float("nan")
 
 
 class _Null:
@@ -188,7 +211,7 @@ def run_variant(draft, target, t_pix, d_pix, options, repeats: int, max_free: in
     else:
         draft.disable_prefill_graphs()
     rounds = [concurrent_round(draft, target, t_pix, d_pix, options, max_free) for _ in range(repeats + 1)][1:]
-    out: dict[str, Any] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    out: dict[str, Any] = {key: _median(r[key] for r in rounds) for key in rounds[0]}
     out["target_prefill_concurrent_ms"] = out.pop("target_prefill_ms")
     out.update(target_prefill_alone_ms=target_alone,
                concurrent_prefill_slowdown=out["target_prefill_concurrent_ms"] / target_alone,

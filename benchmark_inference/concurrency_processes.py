@@ -128,12 +128,12 @@ def lane_main(role: str, cfg: ProcessLaneConfig, ctrl, stamps, barrier, done, er
 
 def round_result(t_stamps, d_stamps) -> dict[str, float]:
     """One concurrent round's figures from the two stamp tensors (ms from the target's start)."""
+    from benchmark_inference.concurrency_probe import draft_figures
+
     t0, t1 = float(t_stamps[0]), float(t_stamps[1])
-    n = int(d_stamps[2])
-    ends = [float(d_stamps[HEADER + i]) for i in range(n)]
-    return {"target_prefill_ms": 1000 * (t1 - t0), "draft_prefill_end_ms": 1000 * (float(d_stamps[1]) - t0),
-            "free_draft_tokens": float(sum(e <= t1 for e in ends)), "draft_tokens": float(n),
-            "draft_start_ms": 1000 * (float(d_stamps[0]) - t0)}
+    ends = [float(d_stamps[HEADER + i]) for i in range(int(d_stamps[2]))]
+    return {"target_prefill_ms": 1000 * (t1 - t0),
+            **draft_figures(t0, t1, float(d_stamps[0]), float(d_stamps[1]), float(d_stamps[1]), ends)}
 
 
 def run_process_variant(cfg: ProcessLaneConfig, repeats: int, timeout_s: float = 300.0,
@@ -197,7 +197,8 @@ def summarize(rows: dict[str, list]) -> dict[str, Any]:
 
     both = rows["both"][1:] or rows["both"]
     alone = statistics.median(rows["target"])
-    out = {key: statistics.median(r[key] for r in both) for key in both[0]}
+    out = {key: statistics.median([v for v in (r[key] for r in both) if v == v] or [float("nan")])
+           for key in both[0]}
     out.update(target_prefill_alone_ms=alone, target_prefill_concurrent_ms=out.pop("target_prefill_ms"),
                draft_prefill_alone_ms=statistics.median(r[0] for r in rows["draft"]),
                draft_step_alone_ms=statistics.median(r[1] for r in rows["draft"]), rounds=both)

@@ -14,7 +14,8 @@ target's prefill end (both from the target's start). Variants:
   launches need no interpreter-lock time; ``b_draft_graphs_switch``: + a 0.5 ms thread switch interval;
 - ``c_processes`` / ``c_processes_mps``: a process per model (own CUDA contexts), without and with MPS
   (started here if permitted; the JSON says whether it was);
-- ``d_green_<n>``: the draft in a green context of n SMs (where torch has them);
+- ``d_green_<n>``: the draft in a green context of n SMs (where torch has them); ``d_green_target_<n>``:
+  the target in one of n SMs, so the card's other SMs stay free for the draft;
 - ``e_head_start_<ms>``: the draft starts that long before the target (b's settings).
 
 The best variant (slowdown within the goal first, then free tokens, then slowdown) is named in
@@ -49,16 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_free", type=int, default=64, help="cap on draft tokens per round (default 64)")
     p.add_argument("--variants", default="all", help="comma list of variant names or prefixes (a0,a,b,c,d,e); "
                                                      "default all")
-    p.add_argument("--green_sms", default="16,32,64",
+    p.add_argument("--green_sms", default="16,32",
                    help="SM counts of the green-context variants (multiples of 8 on Hopper)")
     p.add_argument("--process_timeout", type=float, default=120.0,
                    help="seconds the per-process variants may wait for a child (loading included; default 120)")
-    p.add_argument("--head_start_ms", default="5,10", help="head starts of the e variants, ms")
+    p.add_argument("--target_sms", default="112,96",
+                   help="SM counts of the target's green context in the d_green_target variants (H200: 132 SMs)")
+    p.add_argument("--head_start_ms", default="10,20,30", help="head starts of the e variants, ms")
     return p
 
 
-def in_process_variants(green_sms: list[int], head_starts_ms: list[float]) -> dict[str, Any]:
-    """Name -> ``ConcurrencyOptions`` of every in-process variant."""
+def in_process_variants(green_sms: list[int], head_starts_ms: list[float], target_sms: list[int] = ()
+                        ) -> dict[str, Any]:
+    """Name -> ``ConcurrencyOptions`` of every in-process variant (``d_green_<n>``: the draft on n SMs;
+    ``d_green_target_<n>``: the target on n SMs, the rest kept for the draft)."""
     from common.concurrency import ConcurrencyOptions
 
     graphs = dict(draft_priority=-1, graph_draft_prefill=True)
@@ -68,6 +73,7 @@ def in_process_variants(green_sms: list[int], head_starts_ms: list[float]) -> di
     out.update({f"e_head_start_{ms:g}": ConcurrencyOptions(**graphs, head_start_s=ms / 1000) for ms in head_starts_ms})
     # last: a green context that fails could leave the CUDA context unusable for what follows
     out.update({f"d_green_{n}": ConcurrencyOptions(graph_draft_prefill=True, draft_sms=n) for n in green_sms})
+    out.update({f"d_green_target_{n}": ConcurrencyOptions(**graphs, target_sms=n) for n in target_sms})
     return out
 
 
@@ -124,11 +130,10 @@ def concurrent_round(draft, target, t_pix, d_pix, options, max_free: int) -> dic
     import torch
 
     from benchmark_inference.real_shape_timing import QUESTION
-    from common.concurrency import lane_stream, switch_interval
+    from common.concurrency import switch_interval, target_lane
     from common.timing import sync
 
     ready, go, done, box = threading.Event(), threading.Event(), threading.Event(), {}
-    t_stream = lane_stream(target.device, "target")
     sync(target.device)
     thread = threading.Thread(target=_draft_worker, args=(draft, d_pix, options, ready, go, done, box, max_free),
                               name="draft")
@@ -138,7 +143,7 @@ def concurrent_round(draft, target, t_pix, d_pix, options, max_free: int) -> dic
         go.set()
         if options.head_start_s > 0:
             time.sleep(options.head_start_s)
-        with torch.cuda.stream(t_stream) if t_stream is not None else _Null():
+        with target_lane(target.device, options) as t_stream:
             t0 = time.perf_counter()
             target.prefill(target.encode_pixels(t_pix), QUESTION)
             launched = time.perf_counter()  # the host has queued the target's prefill
@@ -329,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.models_dir = Path(args.models_dir)
     started = time.perf_counter()
     variants = in_process_variants([int(n) for n in args.green_sms.split(",") if n],
-                                   [float(ms) for ms in args.head_start_ms.split(",") if ms])
+                                   [float(ms) for ms in args.head_start_ms.split(",") if ms],
+                                   [int(n) for n in args.target_sms.split(",") if n])
     names = [n for n in [*variants, "c_processes", "c_processes_mps"] if wanted(n, args.variants)]
     report: dict[str, Any] = {}
 

@@ -6,7 +6,9 @@
 - ``draft_priority``: CUDA stream priority of the draft's lane (negative = above the target's);
 - ``graph_draft_prefill``: the draft's LLM prefill as one CUDA-graph replay (``enable_prefill_graphs``),
   so its ~500 launches need no interpreter-lock time while the target's thread launches its own;
-- ``draft_sms``: run the draft in a green context of that many SMs (``torch.cuda.green_contexts``);
+- ``draft_sms`` / ``target_sms``: run that model in a green context of that many SMs
+  (``torch.cuda.green_contexts``); a green context bounds its own work only, so SMs are kept free for
+  the draft by putting the *target* in one (``target_sms`` < the card's SMs);
 - ``head_start_s``: the target's lane starts this long after the draft's;
 - ``switch_interval_s``: Python's thread switch interval while both lanes run (default 5 ms).
 
@@ -31,6 +33,7 @@ class ConcurrencyOptions:
     draft_priority: int = 0
     graph_draft_prefill: bool = False
     draft_sms: int | None = None
+    target_sms: int | None = None
     head_start_s: float = 0.0
     switch_interval_s: float | None = None
 
@@ -102,11 +105,13 @@ def green_context(device: torch.device, num_sms: int) -> Iterator[Any]:
         return
     enter = getattr(ctx, "set_context", None) or ctx.make_current
     leave = getattr(ctx, "pop_context", None) or ctx.pop_current
+    previous = torch.cuda.current_stream(device)
     enter()
     try:
         yield torch.cuda.current_stream(device)
     finally:
         leave()
+        torch.cuda.set_stream(previous)  # whatever the green context made current, this thread's stream is back
 
 
 @contextmanager
@@ -136,11 +141,24 @@ def prepare_draft(draft: Any, options: ConcurrencyOptions) -> bool:
 @contextmanager
 def draft_lane(device: torch.device, options: ConcurrencyOptions) -> Iterator[Any]:
     """The draft lane's stream for the block: a green context's when ``draft_sms``, else a priority stream."""
-    if options.draft_sms:
-        with green_context(device, options.draft_sms) as stream:
+    with _lane(device, "draft", options.draft_sms, options.draft_priority) as stream:
+        yield stream
+
+
+@contextmanager
+def target_lane(device: torch.device, options: ConcurrencyOptions) -> Iterator[Any]:
+    """The target lane's stream for the block: a green context's when ``target_sms``, else its own stream."""
+    with _lane(device, "target", options.target_sms, 0) as stream:
+        yield stream
+
+
+@contextmanager
+def _lane(device: torch.device, lane: str, sms: int | None, priority: int) -> Iterator[Any]:
+    if sms:
+        with green_context(device, sms) as stream:
             yield stream
         return
-    stream = lane_stream(device, "draft", options.draft_priority)
+    stream = lane_stream(device, lane, priority)
     if stream is None:
         yield None
         return

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from common.concurrency import ConcurrencyOptions, draft_lane, lane_stream, prepare_draft, switch_interval
+from common.concurrency import ConcurrencyOptions, draft_lane, prepare_draft, switch_interval
+from common.concurrency import target_lane as target_stream
 from common.pipeline import Prefilled, prefill_sample
 from common.speculative import (
     Drafter,
@@ -63,12 +63,6 @@ class ParallelOutcome:
         return int(self.result.iterations[0][1])
 
 
-@contextmanager
-def _on(stream):
-    with torch.cuda.stream(stream) if stream is not None else nullcontext():
-        yield
-
-
 def _stream_sync(stream, device: torch.device):
     if stream is not None:
         return stream.synchronize
@@ -94,7 +88,6 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
     prepare_draft(draft, options)
     clock = Clock()
     target_done = threading.Event()
-    t_stream = lane_stream(target.device, "target")
     box: dict[str, Any] = {}
     errors: list[BaseException] = []
 
@@ -102,7 +95,7 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
         try:
             if options.head_start_s > 0:
                 time.sleep(options.head_start_s)
-            with torch.no_grad(), _on(t_stream):
+            with torch.no_grad(), target_stream(target.device, options) as t_stream:
                 box["target"] = prefill_sample(target, sample, question, clock=clock, lane="target",
                                                stream=t_stream)
             box["target_end"] = clock.now()

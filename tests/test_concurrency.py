@@ -96,7 +96,9 @@ def test_concurrency_options_on_the_cpu(pair):
 
 
 def test_variants_and_how_the_best_is_chosen():
-    variants = in_process_variants([16], [5.0])
+    variants = in_process_variants([16], [5.0], [112])
+    assert variants["d_green_target_112"].target_sms == 112 and variants["d_green_target_112"].draft_sms is None
+    assert list(variants)[-2:] == ["d_green_16", "d_green_target_112"]  # green contexts last
     assert variants["d_green_16"].draft_sms == 16 and variants["e_head_start_5"].head_start_s == pytest.approx(0.005)
     assert variants["b_draft_graphs"].graph_draft_prefill and variants["a_threads_priority"].draft_priority == -1
     assert wanted("b_draft_graphs_switch", "b") and wanted("a0_threads", "a0") and not wanted("a0_threads", "a")
@@ -125,7 +127,22 @@ def test_probe_in_process_on_the_cpu(pair):
             row["target_prefill_concurrent_ms"] / out["target_prefill_alone_ms"])
         assert 0 <= row["free_draft_tokens"] <= row["draft_tokens"] <= 3
         assert len(row["rounds"]) == 1 and row["draft_prefill_graphed"] is False
+        assert row["draft_prefill_launched_ms"] <= row["draft_prefill_end_ms"]
+        assert 0 < row["target_launched_ms"] <= row["target_prefill_concurrent_ms"]
     assert out["variants"]["e_head_start_50"]["draft_start_ms"] < 0  # the draft started before the target
+
+
+def test_draft_figures_of_a_round():
+    from benchmark_inference.concurrency_probe import draft_figures
+
+    # target 10.000 -> 10.070 s; draft queued its prefill at 10.005, done at 10.030, tokens every 10 ms, then 5 ms
+    out = draft_figures(10.0, 10.070, 9.990, 10.005, 10.030, [10.040, 10.050, 10.060, 10.075, 10.080])
+    assert out["draft_start_ms"] == pytest.approx(-10) and out["draft_prefill_launched_ms"] == pytest.approx(5)
+    assert out["draft_prefill_end_ms"] == pytest.approx(30)
+    assert out["free_draft_tokens"] == 3 and out["draft_tokens"] == 5
+    assert out["draft_step_ms_in_window"] == pytest.approx(10) and out["draft_step_ms_after"] == pytest.approx(5)
+    assert draft_figures(0.0, 0.01, 0.0, 0.0, 0.02, [])["draft_step_ms_in_window"] != \
+        draft_figures(0.0, 0.01, 0.0, 0.0, 0.02, [])["draft_step_ms_in_window"]  # NaN: no step in the window
 
 
 def test_probe_refuses_a_folder_without_checkpoints_on_the_cpu(tmp_path):

@@ -20,10 +20,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs, so ``--concurrency`` parses without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,31 @@ NAMED = {"threads": ConcurrencyOptions(),
          "draft_graphs": ConcurrencyOptions(draft_priority=-1, graph_draft_prefill=True)}
 
 
-def named_options(name: str | None) -> ConcurrencyOptions:
-    """The options behind a ``--concurrency`` value (None: ``threads``, the plain run)."""
-    if name is None:
-        return NAMED["threads"]
+_FIELDS = {"priority": ("draft_priority", int), "graph_prefill": ("graph_draft_prefill", lambda v: bool(int(v))),
+           "draft_sms": ("draft_sms", int), "target_sms": ("target_sms", int),
+           "head_start_ms": ("head_start_s", lambda v: float(v) / 1000),
+           "switch_ms": ("switch_interval_s", lambda v: float(v) / 1000)}
+
+
+def named_options(spec: str | None) -> ConcurrencyOptions:
+    """The options of a ``--concurrency`` value: a name (``threads``, ``draft_graphs``), optionally followed by
+    ``,key=value`` overrides (keys: priority, graph_prefill, draft_sms, target_sms, head_start_ms, switch_ms),
+    e.g. ``draft_graphs,head_start_ms=20,target_sms=112``. None: ``threads``, the plain run."""
+    name, *pairs = [p.strip() for p in (spec or "threads").split(",") if p.strip()] or ["threads"]
     if name not in NAMED:
-        raise ValueError(f"unknown --concurrency {name!r}; choose one of {', '.join(NAMED)}")
-    return NAMED[name]
+        raise ValueError(f"--concurrency {spec!r}: unknown name {name!r}; start with one of {', '.join(NAMED)}")
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in _FIELDS or not value:
+            raise ValueError(f"--concurrency {spec!r}: {pair!r} is not key=value with a key among {', '.join(_FIELDS)}")
+        field_name, convert = _FIELDS[key]
+        try:
+            changes[field_name] = convert(value)
+        except ValueError:
+            raise ValueError(f"--concurrency {spec!r}: {key} takes a number, got {value!r}") from None
+    return replace(NAMED[name], **changes)
+
 
 _STREAMS: dict[tuple[str, str, int], Any] = {}
 _GREEN: dict[tuple[str, int], Any] = {}
@@ -66,6 +85,8 @@ def lane_stream(device: torch.device, lane: str, priority: int = 0):
     """
     if device.type != "cuda":
         return None
+    import torch
+
     key = (str(device), lane, int(priority))
     if key not in _STREAMS:
         _STREAMS[key] = torch.cuda.Stream(device=device, priority=int(priority))
@@ -74,6 +95,8 @@ def lane_stream(device: torch.device, lane: str, priority: int = 0):
 
 def green_contexts_supported() -> bool:
     """Whether this torch build has ``torch.cuda.green_contexts`` and a CUDA device."""
+    import torch
+
     try:
         from torch.cuda import green_contexts
     except ImportError:
@@ -91,6 +114,7 @@ def green_context(device: torch.device, num_sms: int) -> Iterator[Any]:
     """
     if device.type != "cuda" or not green_contexts_supported():
         raise RuntimeError("green contexts need a CUDA device and a torch built with them (torch.cuda.green_contexts)")
+    import torch
     from torch.cuda.green_contexts import GreenContext
 
     key = (str(device), int(num_sms))
@@ -162,5 +186,7 @@ def _lane(device: torch.device, lane: str, sms: int | None, priority: int) -> It
     if stream is None:
         yield None
         return
+    import torch
+
     with torch.cuda.stream(stream):
         yield stream

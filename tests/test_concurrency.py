@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import pytest
@@ -206,8 +207,16 @@ def test_run_parallel_with_concurrency_options_stays_lossless(pair, tiny_dataset
 
 def test_concurrency_flag_names():
     from common.concurrency import named_options
+    from common.flags import concurrency_spec
 
     assert named_options(None) == ConcurrencyOptions() == named_options("threads")
     assert named_options("draft_graphs").graph_draft_prefill and named_options("draft_graphs").draft_priority < 0
-    with pytest.raises(ValueError, match="--concurrency"):
-        named_options("fast")
+    custom = named_options("draft_graphs, head_start_ms=20,target_sms=112,switch_ms=0.5,graph_prefill=0")
+    assert custom == ConcurrencyOptions(draft_priority=-1, graph_draft_prefill=False, target_sms=112,
+                                        head_start_s=0.02, switch_interval_s=0.0005)
+    for bad in ("fast", "threads,speed=2", "threads,target_sms=lots", "threads,head_start_ms"):
+        with pytest.raises(ValueError, match="--concurrency"):
+            named_options(bad)
+    assert concurrency_spec("threads,priority=-1") == "threads,priority=-1"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown name 'fast'"):
+        concurrency_spec("fast")

@@ -152,27 +152,12 @@ def concurrent_round(draft, target, t_pix, d_pix, options, max_free: int) -> dic
             t1 = time.perf_counter()
         done.set()
         thread.join()
+    from benchmark_inference.concurrency_processes import draft_figures
+
     if "error" in box:
         raise box["error"]
     return {"target_prefill_ms": 1000 * (t1 - t0), "target_launched_ms": 1000 * (launched - t0),
             **draft_figures(t0, t1, box["start"], box["launched"], box["prefill_end"], box["token_ends"])}
-
-
-def draft_figures(t0: float, t1: float, start: float, launched: float, prefill_end: float, ends: list[float]
-                  ) -> dict[str, float]:
-    """The draft's side of a round, ms from the target's start ``t0`` (the target's prefill ended at ``t1``).
-
-    ``launched``: when the host had queued the draft's prefill; step times are the gaps between token ends
-    inside the target's window (``draft_step_ms_in_window``) and after it (``draft_step_ms_after``).
-    """
-    marks = [prefill_end, *ends]
-    inside = [b - a for a, b in zip(marks, marks[1:]) if b <= t1]
-    after = [b - a for a, b in zip(marks, marks[1:]) if a >= t1]
-    return {"draft_start_ms": 1000 * (start - t0), "draft_prefill_launched_ms": 1000 * (launched - t0),
-            "draft_prefill_end_ms": 1000 * (prefill_end - t0), "free_draft_tokens": float(sum(e <= t1 for e in ends)),
-            "draft_tokens": float(len(ends)),
-            "draft_step_ms_in_window": 1000 * statistics.median(inside) if inside else float("nan"),
-            "draft_step_ms_after": 1000 * statistics.median(after) if after else float("nan")}
 
 
 def _median(values) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -126,10 +127,25 @@ def lane_main(role: str, cfg: ProcessLaneConfig, ctrl, stamps, barrier, done, er
         barrier.abort()
 
 
+def draft_figures(t0: float, t1: float, start: float, launched: float, prefill_end: float, ends: list[float]
+                  ) -> dict[str, float]:
+    """The draft's side of a round, ms from the target's start ``t0`` (the target's prefill ended at ``t1``).
+
+    ``launched``: when the host had queued the draft's prefill; step times are the gaps between token ends
+    inside the target's window (``draft_step_ms_in_window``) and after it (``draft_step_ms_after``).
+    """
+    marks = [prefill_end, *ends]
+    inside = [b - a for a, b in zip(marks, marks[1:]) if b <= t1]
+    after = [b - a for a, b in zip(marks, marks[1:]) if a >= t1]
+    return {"draft_start_ms": 1000 * (start - t0), "draft_prefill_launched_ms": 1000 * (launched - t0),
+            "draft_prefill_end_ms": 1000 * (prefill_end - t0), "free_draft_tokens": float(sum(e <= t1 for e in ends)),
+            "draft_tokens": float(len(ends)),
+            "draft_step_ms_in_window": 1000 * statistics.median(inside) if inside else float("nan"),
+            "draft_step_ms_after": 1000 * statistics.median(after) if after else float("nan")}
+
+
 def round_result(t_stamps, d_stamps) -> dict[str, float]:
     """One concurrent round's figures from the two stamp tensors (ms from the target's start)."""
-    from benchmark_inference.concurrency_probe import draft_figures
-
     t0, t1 = float(t_stamps[0]), float(t_stamps[1])
     ends = [float(d_stamps[HEADER + i]) for i in range(int(d_stamps[2]))]
     return {"target_prefill_ms": 1000 * (t1 - t0),
@@ -142,8 +158,6 @@ def run_process_variant(cfg: ProcessLaneConfig, repeats: int, timeout_s: float =
 
     ``on_ready()`` runs once both children are loaded (e.g. to ask MPS for its servers); its dict joins the result.
     """
-    import statistics
-
     import torch
     import torch.multiprocessing as mp
 
@@ -193,8 +207,6 @@ def run_process_variant(cfg: ProcessLaneConfig, repeats: int, timeout_s: float =
 
 def summarize(rows: dict[str, list]) -> dict[str, Any]:
     """Medians of the rounds (the first concurrent round is a warm-up)."""
-    import statistics
-
     both = rows["both"][1:] or rows["both"]
     alone = statistics.median(rows["target"])
     out = {key: statistics.median([v for v in (r[key] for r in both) if v == v] or [float("nan")])

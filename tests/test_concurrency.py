@@ -134,7 +134,7 @@ def test_probe_in_process_on_the_cpu(pair):
 
 
 def test_draft_figures_of_a_round():
-    from benchmark_inference.concurrency_probe import draft_figures
+    from benchmark_inference.concurrency_processes import draft_figures
 
     # target 10.000 -> 10.070 s; draft queued its prefill at 10.005, done at 10.030, tokens every 10 ms, then 5 ms
     out = draft_figures(10.0, 10.070, 9.990, 10.005, 10.030, [10.040, 10.050, 10.060, 10.075, 10.080])

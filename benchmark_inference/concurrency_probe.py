@@ -212,7 +212,9 @@ def run_variant(draft, target, t_pix, d_pix, options, repeats: int, max_free: in
 def probe_in_process(draft, target, variants: dict[str, Any], repeats: int, max_free: int,
                      write=None) -> dict[str, Any]:
     """Every in-process variant on loaded models (graphs on where CUDA); a variant that fails is reported, not fatal."""
-    from benchmark_inference.real_shape_timing import raw_inputs
+    import torch
+
+    from benchmark_inference.real_shape_timing import decode_ms_per_token, raw_inputs
     from common.concurrency import lane_stream
 
     write = write or (lambda part: None)
@@ -221,6 +223,8 @@ def probe_in_process(draft, target, variants: dict[str, Any], repeats: int, max_
                                                                   lane_stream(target.device, "target"))}
     draft.disable_prefill_graphs()
     report["draft_prefill_alone_ms"] = alone_ms(draft, d_pix, repeats)
+    with torch.no_grad():
+        report["draft_step_alone_ms"] = decode_ms_per_token(draft, draft.encode_pixels(d_pix), 10)
     if draft.device.type == "cuda" and draft.graphs is not None:
         draft.enable_prefill_graphs()
         report["draft_prefill_graphed_alone_ms"] = alone_ms(draft, d_pix, repeats)

@@ -121,6 +121,7 @@ def test_probe_in_process_on_the_cpu(pair):
     seen = []
     out = probe_in_process(draft, target, variants, repeats=1, max_free=3, write=seen.append)
     assert len(seen) == 3 and out["target_prefill_alone_ms"] > 0 and out["draft_prefill_alone_ms"] > 0
+    assert out["draft_step_alone_ms"] > 0
     assert out["variants"]["d_green_8"]["failed"].startswith("RuntimeError")  # no green contexts on the CPU
     for name in ("a0_threads", "e_head_start_50"):
         row = out["variants"][name]
@@ -220,3 +221,26 @@ def test_concurrency_flag_names():
     assert concurrency_spec("threads,priority=-1") == "threads,priority=-1"
     with pytest.raises(argparse.ArgumentTypeError, match="unknown name 'fast'"):
         concurrency_spec("fast")
+
+
+@pytest.mark.gpu
+def test_run_parallel_with_the_draft_graphed_is_lossless_on_the_gpu(tiny_models_dir, tiny_dataset):  # noqa: F811
+    """The first run captures the draft's prefill graph while the target prefills; both runs stay lossless."""
+    from common.concurrency import named_options
+    from common.data import ClipDataset
+    from common.drafters import DrafterFactory
+    from common.parallel import run_parallel
+    from common.pipeline import configure_decode, prefill_sample
+    from common.speculative import autoregressive_generate
+
+    draft = load_vlm("eventgpt", tiny_models_dir / "eventgpt", quant="fp32", device="cuda")
+    target = load_vlm("videollava", tiny_models_dir / "videollava", quant="fp32", device="cuda")
+    sample = ClipDataset(tiny_dataset)[0]
+    with torch.no_grad():
+        plain = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=16)
+        assert configure_decode((draft, target), "cuda_graph", max_length=1024, gamma=3) == "cuda_graph"
+        for _ in range(2):
+            out = run_parallel(draft, target, sample, DrafterFactory("eventgpt"), max_new_tokens=16, gamma=3,
+                               concurrency=named_options("draft_graphs"))
+            assert out.result.tokens == plain.tokens
+        assert draft.prefill_graphs is not None and draft.prefill_graphs.lengths == 1

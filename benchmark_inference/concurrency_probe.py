@@ -13,7 +13,8 @@ target's prefill end (both from the target's start). Variants:
 - ``b_draft_graphs``: + the draft's LLM prefill as one CUDA graph (its steps already are), so its
   launches need no interpreter-lock time; ``b_draft_graphs_switch``: + a 0.5 ms thread switch interval;
 - ``c_processes`` / ``c_processes_mps``: a process per model (own CUDA contexts), without and with MPS
-  (started here if permitted; the JSON says whether it was);
+  (started here if permitted; the JSON says whether it was); ``--mps_target_percent 85`` adds
+  ``c_processes_mps_target_85pct`` (the target's process limited to 85% of the SMs);
 - ``d_green_<n>``: the draft in a green context of n SMs (where torch has them); ``d_green_target_<n>``:
   the target in one of n SMs, so the card's other SMs stay free for the draft;
 - ``e_head_start_<ms>``: the draft starts that long before the target (b's settings).
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the per-process variants may wait for a child (loading included; default 120)")
     p.add_argument("--target_sms", default="112,96",
                    help="SM counts of the target's green context in the d_green_target variants (H200: 132 SMs)")
+    p.add_argument("--mps_target_percent", default="",
+                   help="with MPS: extra c variants whose target process may use only this %% of the SMs "
+                        "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), e.g. 85,70; default none")
     p.add_argument("--head_start_ms", default="10,20,30", help="head starts of the e variants, ms")
     return p
 
@@ -286,6 +291,10 @@ def probe_processes(args, names: list[str]) -> tuple[dict[str, Any], dict[str, A
             if mps["started"]:
                 results["c_processes_mps"] = run_process_variant(
                     cfg, args.repeats, timeout_s=args.process_timeout, on_ready=lambda: {"mps_server_list": mps_servers(mps)})
+                for pct in [int(p) for p in args.mps_target_percent.split(",") if p]:
+                    limited = replace(cfg, target_env=(("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(pct)),))
+                    results[f"c_processes_mps_target_{pct}pct"] = run_process_variant(
+                        limited, args.repeats, timeout_s=args.process_timeout)
             else:
                 results["c_processes_mps"] = {"failed": f"MPS did not start: {mps.get('error')}"}
         finally:

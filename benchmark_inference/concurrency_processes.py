@@ -40,6 +40,7 @@ class ProcessLaneConfig:
     alone_tokens: int = 8
     head_start_s: float = 0.0
     draft_priority: int = -1
+    target_env: tuple[tuple[str, str], ...] = ()  # set in the target's process before CUDA starts
 
 
 def _load(kind: str, cfg: ProcessLaneConfig):
@@ -100,6 +101,8 @@ def lane_main(role: str, cfg: ProcessLaneConfig, ctrl, stamps, barrier, done, er
     try:
         from common.concurrency import lane_stream
 
+        if role == "target":  # e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE: read when the CUDA context is made
+            os.environ.update(dict(cfg.target_env))
         vlm, pixels = _load("videollava" if role == "target" else "eventgpt", cfg)
         stream = lane_stream(vlm.device, role, cfg.draft_priority if role == "draft" else 0)
         for _ in range(2):  # warm-up (and captures)

@@ -16,7 +16,6 @@ import datetime as dt
 import importlib.util
 import inspect
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from benchmark_inference.concurrency_probe import best_variant, in_process_variants, probe_in_process
 from benchmark_inference.real_shape_timing import (
     QUESTION,
     decode_ms_per_token,
@@ -50,75 +50,50 @@ class EngineOptions:
     baselines: bool = True
 
 
-def _stream(device: torch.device, priority: int = 0):
-    return torch.cuda.Stream(device, priority=priority) if device.type == "cuda" else None
+# the in-process ways engine_report tries (concurrency_probe also tries green contexts, a head start and a
+# process per model; a green context that fails may leave the CUDA context unusable, so not here)
+ENGINE_VARIANTS = ("a0_threads", "a_threads_priority", "b_draft_graphs", "b_draft_graphs_switch")
+KEYS = ("target_prefill_alone_ms", "target_prefill_concurrent_ms", "draft_prefill_alone_ms",
+        "draft_prefill_end_concurrent_ms", "concurrent_prefill_slowdown", "free_draft_tokens")
 
 
-def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _prefill_lane(vlm, pixels, stream) -> float:
-    """Seconds of vision encode + LLM prefill on ``stream`` (synchronised on that stream only)."""
-    with _on(stream):
-        t0 = time.perf_counter()
-        vlm.prefill(vlm.encode_pixels(pixels), QUESTION)
-        if stream is not None:
-            stream.synchronize()
-    return time.perf_counter() - t0
-
-
-def _draft_lane(draft, pixels, stream, done: threading.Event, box: dict[str, Any], max_free: int) -> None:
-    """Draft prefill, then one-token draft steps until ``done`` is set; counts them in ``box['free']``."""
-    with torch.no_grad(), _on(stream):
-        state = draft.prefill(draft.encode_pixels(pixels), QUESTION)
-        token, free = int(state.logits.argmax()), 0
-        box["prefill_end"] = time.perf_counter()
-        while not done.is_set() and free < max_free:
-            token = int(draft.forward(state, [token])[-1].argmax())  # the host reads it: a stream sync
-            free += 1
-        box["free"] = free
+def _keys(probe: dict[str, Any], name: str) -> dict[str, float]:
+    row = probe["variants"][name]
+    return {"target_prefill_alone_ms": row["target_prefill_alone_ms"],
+            "target_prefill_concurrent_ms": row["target_prefill_concurrent_ms"],
+            "draft_prefill_alone_ms": probe["draft_prefill_alone_ms"],
+            "draft_prefill_end_concurrent_ms": row["draft_prefill_end_ms"],
+            "concurrent_prefill_slowdown": row["concurrent_prefill_slowdown"],
+            "free_draft_tokens": row["free_draft_tokens"]}
 
 
 def concurrent_prefill(draft, target, repeats: int, max_free: int = 256, draft_priority: int = 0) -> dict[str, float]:
-    """Target prefill alone vs with the draft prefilling then decoding beside it; free tokens (medians).
+    """Target prefill alone vs with the draft prefilling then decoding beside it (two threads, two streams); medians.
 
     ``draft_priority`` < 0 puts the draft's stream above the target's (CUDA stream priority).
     """
-    t_pix, d_pix = target.preprocess(raw_inputs("videollava")), draft.preprocess(raw_inputs("eventgpt"))
-    t_stream, d_stream = _stream(target.device), _stream(draft.device, draft_priority)
-    _prefill_lane(target, t_pix, t_stream), _prefill_lane(draft, d_pix, d_stream)  # warm-up (and captures)
-    alone = [_prefill_lane(target, t_pix, t_stream) for _ in range(repeats)]
-    draft_alone = [_prefill_lane(draft, d_pix, d_stream) for _ in range(repeats)]
-    together, free_counts, draft_ends = [], [], []
-    for _ in range(repeats + 1):  # the first concurrent round is a warm-up
-        done, box = threading.Event(), {}
-        sync(target.device)
-        t0 = time.perf_counter()
-        thread = threading.Thread(target=_draft_lane, args=(draft, d_pix, d_stream, done, box, max_free),
-                                  name="draft")
-        thread.start()
-        with torch.no_grad():
-            seconds = _prefill_lane(target, t_pix, t_stream)
-        done.set()
-        thread.join()
-        together.append(seconds)
-        free_counts.append(box["free"])
-        draft_ends.append(box["prefill_end"] - t0)
-    alone_ms, together_ms = 1000 * statistics.median(alone), 1000 * statistics.median(together[1:])
-    return {"target_prefill_alone_ms": alone_ms, "target_prefill_concurrent_ms": together_ms,
-            "draft_prefill_alone_ms": 1000 * statistics.median(draft_alone),
-            "draft_prefill_end_concurrent_ms": 1000 * statistics.median(draft_ends[1:]),
-            "concurrent_prefill_slowdown": together_ms / alone_ms,
-            "free_draft_tokens": float(statistics.median(free_counts[1:]))}
+    from common.concurrency import ConcurrencyOptions
+
+    probe = probe_in_process(draft, target, {"run": ConcurrencyOptions(draft_priority=draft_priority)}, repeats, max_free)
+    if "failed" in probe["variants"]["run"]:
+        raise RuntimeError(probe["variants"]["run"]["failed"])
+    return _keys(probe, "run")
+
+
+def best_concurrent_prefill(draft, target, repeats: int, max_free: int = 256) -> dict[str, Any]:
+    """The in-process ways of running the draft beside the target (``concurrency_probe``), the best one's figures.
+
+    Returns the ``KEYS`` of the best variant (``best_variant``: slowdown within 1.15 first, then free
+    tokens), its name as ``concurrency_variant``, and every variant's medians under ``concurrency_variants``.
+    """
+    every = in_process_variants([], [])
+    probe = probe_in_process(draft, target, {n: every[n] for n in ENGINE_VARIANTS}, repeats, max_free)
+    best = best_variant(probe["variants"])
+    if best is None:
+        raise RuntimeError(f"no concurrency variant ran: {probe['variants']}")
+    summary = {n: {k: v for k, v in r.items() if k != "rounds"} for n, r in probe["variants"].items()}
+    return {**_keys(probe, best), "concurrency_variant": best, "concurrency_variants": summary,
+            "draft_prefill_graphed_alone_ms": probe.get("draft_prefill_graphed_alone_ms")}
 
 
 def compiled_loop_ms(vlm, visual, new_tokens: int) -> float:
@@ -272,13 +247,14 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
         for m in graphs:
             m.enable_cuda_graphs(4096, step_sizes=(1, opts.gamma + 1), kernels=mode == "fused_graph")
             m.enable_vision_graphs()
-        report.update(concurrent_prefill(draft, target, opts.concurrent_repeats))
+        report.update(best_concurrent_prefill(draft, target, opts.concurrent_repeats))
         report["concurrent_decode_mode"] = mode
-        if target.device.type == "cuda":  # the same with the draft's stream at high priority
-            high = concurrent_prefill(draft, target, opts.concurrent_repeats, draft_priority=-1)
-            keys = ("target_prefill_concurrent_ms", "concurrent_prefill_slowdown", "free_draft_tokens",
-                    "draft_prefill_end_concurrent_ms")
-            report["draft_high_priority"] = {k: high[k] for k in keys}
+        high = report["concurrency_variants"].get("a_threads_priority", {})
+        if target.device.type == "cuda" and "concurrent_prefill_slowdown" in high:  # the draft's stream at high priority
+            report["draft_high_priority"] = {"target_prefill_concurrent_ms": high["target_prefill_concurrent_ms"],
+                                             "concurrent_prefill_slowdown": high["concurrent_prefill_slowdown"],
+                                             "free_draft_tokens": high["free_draft_tokens"],
+                                             "draft_prefill_end_concurrent_ms": high["draft_prefill_end_ms"]}
         for m in graphs:
             m.disable_cuda_graphs()
         write(report)

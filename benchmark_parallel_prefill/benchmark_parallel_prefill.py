@@ -57,6 +57,7 @@ def target_alone(target, sample, max_new_tokens: int) -> tuple[float, list[int],
 
 def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str, Any], list[dict]]:
     """Target alone, then the concurrent run, for one sample."""
+    from common.concurrency import named_options
     from common.data import sample_fields
     from common.drafters import DrafterFactory, aligned_fields
     from common.parallel import run_parallel
@@ -68,7 +69,8 @@ def process_sample(draft, target, sample, args, make_drafter) -> tuple[dict[str,
         out = run_parallel(draft, make_drafter.engine_target(target), sample, make_drafter,
                            max_new_tokens=args.max_new_tokens,
                            gamma=args.gamma_after_prefill if args.gamma_after_prefill is not None else args.gamma,
-                           max_free_tokens=args.max_free_tokens, tree=args.tree)
+                           max_free_tokens=args.max_free_tokens, tree=args.tree,
+                           concurrency=named_options(getattr(args, "concurrency", None)))
         aligned = {}
         if make_drafter.kind == "token_adapter":  # the raw EventGPT drafter on the same sample, for comparison
             raw = run_parallel(draft, target, sample, DrafterFactory("eventgpt"), max_new_tokens=args.max_new_tokens,

@@ -235,6 +235,7 @@ def tree_specs(specs: list[Spec], args: argparse.Namespace) -> list[Spec]:
 
 def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One drafter on one sample: wall time, the engine's accounting and the prefill sizes."""
+    from common.concurrency import named_options
     from common.hybrid import run_hybrid
     from common.parallel import run_parallel, timed
     from common.pipeline import prefill_sample
@@ -264,7 +265,8 @@ def run_spec(spec: Spec, target: Any, sample: Any, args: argparse.Namespace) -> 
                              max_free_tokens=args.max_free_tokens, tree=spec.extra.get("tree"))
         else:
             out = run_parallel(spec.draft, target, sample, spec.factory, max_new_tokens=new, gamma=gamma,
-                               max_free_tokens=args.max_free_tokens)
+                               max_free_tokens=args.max_free_tokens,
+                               concurrency=named_options(getattr(args, "concurrency", None)))
         fields = {"wall_time": out.wall_seconds, **_spec_fields(out.result, out.free_tokens),
                   "overlap_window_ms": 1000 * out.overlap_window,
                   "target_prefill_ms": 1000 * out.target.times["stage4"],

@@ -41,6 +41,17 @@ def add_token_adapter_flag(group: Any, help: str) -> None:
                        use="--token_adapter PATH", help=argparse.SUPPRESS)
 
 
+def concurrency_spec(value: str) -> str:
+    """``--concurrency``'s type: the value itself once ``common.concurrency.named_options`` accepts it."""
+    from common.concurrency import named_options
+
+    try:
+        named_options(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--concurrency {value!r}: ")) from None
+    return value
+
+
 def add_decode_args(group, free_tokens: bool = False) -> None:
     """``--max_new_tokens --gamma --decode_mode --lossless_reference`` (and ``--max_free_tokens`` for
     benchmarks that draft during the target's prefill), shared by the benchmarks."""
@@ -50,6 +61,13 @@ def add_decode_args(group, free_tokens: bool = False) -> None:
     if free_tokens:
         group.add_argument("--max_free_tokens", type=non_negative_int, default=64,
                            help="cap on tokens drafted during the target's prefill (default 64)")
+        group.add_argument("--concurrency", type=concurrency_spec, default=None, metavar="NAME[,KEY=VALUE...]",
+                           help="how the draft runs beside the target's prefill on one GPU: threads (two threads, "
+                                "two streams; the default) or draft_graphs (+ the draft's stream at high priority "
+                                "and its LLM prefill as a CUDA graph), optionally with overrides, e.g. "
+                                "draft_graphs,head_start_ms=20,target_sms=112 (keys: priority, graph_prefill, "
+                                "draft_sms, target_sms, head_start_ms, switch_ms); see "
+                                "benchmark_inference.concurrency_probe")
     group.add_argument("--decode_mode", choices=["auto", "eager", "cuda_graph", "compiled_graph"], default="auto",
                        help="auto: CUDA graphs on CUDA, eager on CPU; compiled_graph adds torch.compile "
                             "(slower start) (default auto)")

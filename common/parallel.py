@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from common.concurrency import ConcurrencyOptions, draft_lane, prepare_draft, switch_interval
+from common.concurrency import target_lane as target_stream
 from common.pipeline import Prefilled, prefill_sample
 from common.speculative import (
     Drafter,
@@ -62,29 +63,6 @@ class ParallelOutcome:
         return int(self.result.iterations[0][1])
 
 
-_STREAMS: dict[tuple[str, str], Any] = {}
-
-
-def _lane_stream(device: torch.device, lane: str):
-    """The CUDA stream of one lane on one device, made once and reused for every sample.
-
-    A fresh stream per sample would strand the caching allocator's blocks (they are kept per
-    stream), so each sample would allocate anew.
-    """
-    if device.type != "cuda":
-        return None
-    key = (str(device), lane)
-    if key not in _STREAMS:
-        _STREAMS[key] = torch.cuda.Stream(device=device)
-    return _STREAMS[key]
-
-
-@contextmanager
-def _on(stream):
-    with torch.cuda.stream(stream) if stream is not None else nullcontext():
-        yield
-
-
 def _stream_sync(stream, device: torch.device):
     if stream is not None:
         return stream.synchronize
@@ -95,24 +73,29 @@ def _stream_sync(stream, device: torch.device):
 
 def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample: Any,
                  make_drafter: DrafterFactoryProtocol, *, max_new_tokens: int, gamma: int, max_free_tokens: int = 64,
-                 question: str | None = None, tree: TreeConfig | None = None) -> ParallelOutcome:
+                 question: str | None = None, tree: TreeConfig | None = None,
+                 concurrency: ConcurrencyOptions | None = None) -> ParallelOutcome:
     """Prefill both models concurrently, draft free tokens in the target's prefill window, then speculate.
 
     ``make_drafter(draft, draft_state, target) -> Drafter`` builds the drafter from the draft's
     fresh state (whose prefill keeps ``make_drafter.hidden_layers``); its one-token proposals during
     the window are the free tokens. ``target`` is what the engine verifies with: pass
     ``make_drafter.engine_target(vlm)``. ``tree``: after the free tokens, draft trees (common.tree)
-    instead of chains.
+    instead of chains. ``concurrency``: how the draft runs beside the target on one GPU
+    (``common.concurrency``; default: two threads on two plain streams).
     """
+    options = concurrency or ConcurrencyOptions()
+    prepare_draft(draft, options)
     clock = Clock()
     target_done = threading.Event()
-    t_stream, d_stream = _lane_stream(target.device, "target"), _lane_stream(draft.device, "draft")
     box: dict[str, Any] = {}
     errors: list[BaseException] = []
 
     def target_lane():
         try:
-            with torch.no_grad(), _on(t_stream):
+            if options.head_start_s > 0:
+                time.sleep(options.head_start_s)
+            with torch.no_grad(), target_stream(target.device, options) as t_stream:
                 box["target"] = prefill_sample(target, sample, question, clock=clock, lane="target",
                                                stream=t_stream)
             box["target_end"] = clock.now()
@@ -121,9 +104,9 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
         finally:
             target_done.set()
 
-    def draft_lane():
+    def run_draft():
         try:
-            with torch.no_grad(), _on(d_stream):
+            with torch.no_grad(), draft_lane(draft.device, options) as d_stream:
                 pre = prefill_sample(draft, sample, question, clock=clock, lane="draft", stream=d_stream,
                                      hidden_layers=make_drafter.hidden_layers)
                 box["draft"], box["draft_end"] = pre, clock.now()
@@ -145,11 +128,12 @@ def run_parallel(draft: VisionLanguageModel, target: VisionLanguageModel, sample
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=target_lane, name="target"), threading.Thread(target=draft_lane, name="draft")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    threads = [threading.Thread(target=target_lane, name="target"), threading.Thread(target=run_draft, name="draft")]
+    with switch_interval(options.switch_interval_s):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     if errors:
         raise errors[0]
     for dev in {target.device, draft.device}:

@@ -36,6 +36,7 @@ from common.models import batch_passes
 from common.models.batch_passes import TeacherForced
 from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner, VocabLimitedHead
 from common.models.decoding import Decoding
+from common.models.graphed_prefill import GraphedPrefill
 from common.models.graphed_vision import GraphedVisionEncoder
 from common.models.greedy_batch import GreedyBatch
 from common.tree import compact_cache
@@ -98,6 +99,8 @@ class VisionLanguageModel(ABC):
             self.runner.use_prefill_kernels(True)
             self.runner.use_nf4_kernel(True)
         self.vision_graphs: GraphedVisionEncoder | None = None
+        self.prefill_graphs: GraphedPrefill | None = None
+        self._parked_prefill: GraphedPrefill | None = None  # kept by disable_prefill_graphs for reuse
         self._prompt_memo: dict[tuple, tuple[int, ...]] | None = None
 
     # ----- fast decode -----
@@ -129,6 +132,7 @@ class VisionLanguageModel(ABC):
         """Back to eager decoding with a fresh cache per prefill (and an eager vision path)."""
         self.decoding.disable_cuda_graphs()
         self.vision_graphs = None
+        self.prefill_graphs = self._parked_prefill = None
 
     @property
     def graphs(self) -> CudaGraphDecoder | None:
@@ -150,6 +154,23 @@ class VisionLanguageModel(ABC):
             raise ValueError("CUDA graphs need the model on a CUDA device")
         if self.vision_graphs is None:
             self.vision_graphs = GraphedVisionEncoder(self.encode_pixels_eager, self.device)
+
+    def enable_prefill_graphs(self, max_lengths: int = 8) -> None:
+        """Run the LLM prefill as CUDA-graph replays (one capture per prompt length, up to ``max_lengths``).
+
+        Needs ``enable_cuda_graphs`` (the graph writes the static cache); one launch instead of ~500, so
+        a model prefilling beside another one's thread does not wait on the interpreter lock
+        (``common.parallel``). Undone by ``disable_cuda_graphs``.
+        """
+        if self.device.type != "cuda" or self.graphs is None:
+            raise ValueError("prefill graphs need the model on a CUDA device with enable_cuda_graphs on")
+        if self.prefill_graphs is None:
+            self.prefill_graphs = self._parked_prefill or GraphedPrefill(self.runner, max_lengths)
+
+    def disable_prefill_graphs(self) -> None:
+        """Back to the eager prefill (decode graphs stay on); ``enable_prefill_graphs`` reuses the captures."""
+        self._parked_prefill = self.prefill_graphs or self._parked_prefill
+        self.prefill_graphs = None
 
     def memoize_prompts(self) -> None:
         """Remember :meth:`prompt_ids` per arguments (a pure function of the question; few questions exist)."""
@@ -250,7 +271,10 @@ class VisionLanguageModel(ABC):
         """Stage 4: run the prompt through the LLM into a fresh KV cache."""
         embeds = self.padded_prompt_embeds(visual, question)
         cache = self.decoding.new_cache(embeds.shape[0], self.decode_room, self.dtype, self.device)
-        logits, hidden = self.runner.run(embeds, cache, hidden_layers, all_logits=False)
+        fast = None
+        if self.prefill_graphs is not None and self.graphs is not None and cache is self.graphs.cache:
+            fast = self.prefill_graphs(embeds, cache, hidden_layers)
+        logits, hidden = fast if fast is not None else self.runner.run(embeds, cache, hidden_layers, all_logits=False)
         return DecodeState(cache=cache, logits=logits[-1], prompt_length=embeds.shape[0], hidden=hidden)
 
     @torch.no_grad()

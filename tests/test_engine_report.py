@@ -39,6 +39,11 @@ def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
     slowdown = report["target_prefill_concurrent_ms"] / report["target_prefill_alone_ms"]
     assert report["concurrent_prefill_slowdown"] == pytest.approx(slowdown)
     assert report["free_draft_tokens"] >= 0 and report["free_draft_tokens"] == int(report["free_draft_tokens"])
+    best = report["concurrency_variants"][report["concurrency_variant"]]  # the best in-process way, named
+    assert report["free_draft_tokens"] == best["free_draft_tokens"]
+    assert report["concurrent_prefill_slowdown"] == best["concurrent_prefill_slowdown"]
+    assert set(report["concurrency_variants"]) == {"a0_threads", "a_threads_priority", "b_draft_graphs",
+                                                   "b_draft_graphs_switch"}  # no green contexts on the CPU
     assert "baselines" not in report
     assert len(written) == 3 and written[-1]["free_draft_tokens"] == report["free_draft_tokens"]
 

@@ -8,8 +8,10 @@
 # in 50-170 tokens, the other 48 of the top 50 short; 51 questions asked per clip): TRAIN_CLIPS train clips
 # (seed 0), and an eval folder with EVAL_CLIPS held-out test clips (seed 1000) plus BLIND_CLIPS train clips
 # for the blind baseline; (2) scripts.train_tiny_pair from INIT (default models/) for MINUTES minutes
-# (data loading and frame precompute included), float16; (3) scripts.evaluate_pair on the held-out clips
-# (per group, per long-answer question: mean tokens, token agreement; draft vs blind); (4) copies
+# (data loading and frame precompute included), float16, EventGPT's pixels normalised so the event frames'
+# white background is 0 (EVENT_NORM=white; with CLIP's mean the draft's visual tokens barely vary);
+# (3) scripts.evaluate_pair on the held-out clips (per group, per long-answer question: mean tokens,
+# token agreement; draft vs blind); (4) copies
 # OUT/pair/models/{eventgpt,videollava,train_tiny_pair.json}, the eval run folder and logs into OUT/pair.
 # The data writer encodes mp4 with PyAV: on a machine without it, put the `av` wheel in .whl/ (installed
 # into /tmp/site here). EXTRA: more train_tiny_pair flags. Nothing outside WORK and OUT is written.
@@ -29,6 +31,7 @@ INIT=${INIT:-models}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-200}
 EVAL_SECONDS=${EVAL_SECONDS:-110}
 TOTAL_SECONDS=${TOTAL_SECONDS:-490}  # the evaluation is cut so that the whole run ends by then (+ ~20 s scoring)
+EVENT_NORM=${EVENT_NORM:-white}  # train_tiny_pair --event_image_norm: white = event frames' background is 0
 EXTRA=${EXTRA:-}
 NQ=51  # the top 50 + "What happened in this clip?" (DIR/top50_questions.json of --long_answers datasets)
 
@@ -60,7 +63,7 @@ stamp "data done"
 "$PY" -m scripts.train_tiny_pair --dataset_dir "$WORK/train" --split train --max_questions $NQ \
   --eval_dataset_dir "$WORK/eval" --eval_split test --eval_max_clips "$HELDOUT_CLIPS" \
   --output_dir "$WORK/pair" --init_from "$INIT" --epochs 0 --max_minutes "$MINUTES" --questions_per_clip 4 \
-  --lr_warmup_steps 50 --num_workers "$WORKERS" --save_dtype float16 --no_resume --device "$DEVICE" $EXTRA \
+  --lr_warmup_steps 50 --num_workers "$WORKERS" --save_dtype float16 --no_resume --device "$DEVICE" --event_image_norm "$EVENT_NORM" $EXTRA \
   2> "$OUT/pair/train.log" > /dev/null
 stamp "training done"
 

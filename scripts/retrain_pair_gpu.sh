@@ -12,7 +12,8 @@
 # white background is 0 (EVENT_NORM=white; with CLIP's mean the draft's visual tokens barely vary);
 # (3) scripts.evaluate_pair on the held-out clips (per group, per long-answer question: mean tokens,
 # token agreement; draft vs blind); (4) copies
-# OUT/pair/models/{eventgpt,videollava,train_tiny_pair.json}, the eval run folder and logs into OUT/pair.
+# OUT/pair/models/{eventgpt,videollava,train_tiny_pair.json}, the eval run folder and logs into OUT/pair;
+# (5) OUT/pair/README_section.md (scripts.pair_report: issue 14's checks and the tables for models/README.md).
 # The data writer encodes mp4 with PyAV: on a machine without it, put the `av` wheel in .whl/ (installed
 # into /tmp/site here). EXTRA: more train_tiny_pair flags. Nothing outside WORK and OUT is written.
 set -euo pipefail
@@ -86,8 +87,13 @@ if ! evaluate $(( EVAL_CLIPS * NQ )) timeout "$EVAL_SECONDS" > "$OUT/pair/eval_t
   records=$( (ls -td "$WORK"/results/retrain_pair_*/ 2>/dev/null || true) | head -1)records.jsonl
   done_n=$(cat "$records" 2>/dev/null | wc -l)
   stamp "evaluation cut at ${EVAL_SECONDS}s after $done_n samples: scoring those"
-  if [ "$done_n" -gt 0 ]; then evaluate "$done_n" > "$OUT/pair/eval_table.md" 2>> "$OUT/pair/eval.log"; fi
+  if [ "$done_n" -gt 0 ]; then evaluate "$done_n" > "$OUT/pair/eval_table.md" 2>> "$OUT/pair/eval.log" || true; fi
 fi
 cp -r "$WORK"/results/retrain_pair_* "$OUT/pair/" 2>/dev/null || true
-stamp "done: $OUT/pair (models/, train.log, eval_table.md, evaluate_pair run folder)"
-cat "$OUT/pair/eval_table.md"
+results=$( (ls -td "$WORK"/results/retrain_pair_*/ 2>/dev/null || true) | head -1)results.json
+if [ -f "$results" ]; then  # the checks of issue 14 and the tables, ready for models/README.md
+  "$PY" -m scripts.pair_report --results "$results" --models_dir "$OUT/pair/models" > "$OUT/pair/README_section.md" \
+    2>> "$OUT/pair/eval.log" || true
+fi
+stamp "done: $OUT/pair (models/, README_section.md, train.log, eval_table.md, evaluate_pair run folder)"
+cat "$OUT/pair/README_section.md" 2>/dev/null || cat "$OUT/pair/eval_table.md"

@@ -179,3 +179,26 @@ def test_evaluate_pair_statistics_per_long_question():
     assert key["token_agreement"] == 40 / 100 and key["blind"]["exact"] == 1.0
     assert set(stats["long_questions"]) == {"What are the key elements in this scene?", "What happened in this clip?"}
     assert "| What happened in this clip? | 1 | 80.000 | 70.000 | 0.500 |" in markdown(stats)
+
+
+def test_visual_reliance_gap_is_zero_when_visuals_are_the_same(trained, tmp_path):
+    import torch
+
+    from common.models.loader import load_vlm
+    from common.training import group_by_clip, memoize_prompts
+    from scripts.visual_reliance import main, reliance
+
+    root, out, _, _ = trained
+    clips = group_by_clip(root / "data", None, 10, 3)
+    vlm = memoize_prompts(load_vlm("eventgpt", out / "eventgpt", quant="fp32", device="cpu"))
+    vlm.model.eval()
+    same = torch.randn(1, 5 + 5, vlm.model.config.hidden_size).expand(3, -1, -1)  # every clip "sees" the same
+    for row in reliance(vlm, same, clips, 1).values():
+        assert row["loss_gap"] == pytest.approx(0.0, abs=1e-6)
+        assert row["accuracy_own"] == row["accuracy_other"]
+    table = main(["--dataset_dir", str(root / "data"), "--split", "all", "--kind", "videollava",
+                  "--path", str(out / "videollava"), "--max_clips", "3", "--max_questions", "10", "--shifts", "1"])
+    assert table and all(r["loss_gap"] == pytest.approx(r["loss_other"] - r["loss_own"]) for r in table.values())
+    with pytest.raises(SystemExit, match="max_clips"):
+        main(["--dataset_dir", str(root / "data"), "--kind", "eventgpt", "--path", str(out / "eventgpt"),
+              "--max_clips", "1"])

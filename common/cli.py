@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch and numpy load only when a function needs them, so --
 
 QUANT_CHOICES = ("4bit", "8bit", "bf16", "fp16", "fp32")
 EVENT_SOURCE_CHOICES = ("events", "images")  # common.data.EVENT_SOURCES (cli stays free of the data layer)
-MAX_QUESTIONS_CHOICES = (1, 10, 50)
+MAX_QUESTIONS_CHOICES = (1, 10, 50, 51)  # 51: also "What happened in this clip?" (--long_answers datasets)
 
 T = TypeVar("T")
 
@@ -82,7 +82,8 @@ def add_common_args(
         )
         g.add_argument(
             "--max_questions", type=int, choices=MAX_QUESTIONS_CHOICES, default=1,
-            help="Number of the most frequent questions asked per clip (1, 10 or 50). Default: 1.",
+            help="Number of the most frequent questions asked per clip (1, 10, 50; 51 in --long_answers "
+                 "datasets, whose 51st is 'What happened in this clip?'). Default: 1.",
         )
         g.add_argument(
             "--allow_pickle", action="store_true",

@@ -30,6 +30,7 @@ __all__ = [
     "simulate_events",
     "generate_clip",
     "answer_question",
+    "long_answer_questions",
     "tokenizer_corpus",
 ]
 
@@ -931,6 +932,19 @@ def long_answer(question: str, ground_truth: dict) -> str:
         statics.reverse()
     middle = agents + statics if rng.random() < 0.6 else statics + agents
     return " ".join([_long_opening(ground_truth, rng), *middle, _long_closing(ground_truth, rng)])
+
+
+def long_answer_questions() -> list[dict]:
+    """The top-50 questions followed by the ``LONG_QUESTIONS`` they lack ("What happened in this clip?").
+
+    Written as DIR/top50_questions.json by datasets made with ``--long_answers``: ``--max_questions 50``
+    still asks the top 50 there, ``--max_questions 51`` asks every long-answer question too. Appended
+    questions get the last count, so the list stays most frequent first.
+    """
+    top = load_top_questions()
+    have = {_normalise(q["question"]) for q in top}
+    extra = [{"question": q, "count": top[-1]["count"]} for q in LONG_QUESTIONS if _normalise(q) not in have]
+    return top + extra
 
 
 def _normalise(question: str) -> str:

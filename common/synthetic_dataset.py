@@ -32,7 +32,7 @@ from common.events import (
     render_event_image,
     save_events_npz,
 )
-from common.synthetic import answer_question, generate_clip, load_top_questions
+from common.synthetic import answer_question, generate_clip, load_top_questions, long_answer_questions
 from common.video import encode_mp4_bytes
 
 DURATIONS_MS = {"1s": 1000, "500ms": 500}
@@ -187,6 +187,9 @@ def write_synthetic_dataset(output_dir: str | Path, *, num_clips: int = 20, dura
     progress.close()
     seconds = time.perf_counter() - start
     index_path = out / INDEX_NAME
+    questions_path = out / "top50_questions.json"
+    if long_answers and not questions_path.is_file():  # ask the long-answer questions the top 50 lack too
+        atomic_write_bytes(questions_path, (json.dumps(long_answer_questions(), indent=1) + "\n").encode())
     merged = _merge_index(index_path, [entry for entry, _ in results])
     atomic_write_bytes(index_path, (json.dumps(merged, indent=2) + "\n").encode())
     generated = sum(1 for _, made in results if made)

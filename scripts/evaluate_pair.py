@@ -100,6 +100,7 @@ def _blind_baseline(records: list[dict], guesses: dict[str, str]) -> list[dict]:
 
 def statistics(records: list[dict], guesses: dict[str, str] | None) -> dict[str, Any]:
     """Overall and per-group scores of both models, their agreement and the blind baseline (None: left out)."""
+    from common.synthetic import LONG_QUESTIONS
     from common.training import QUESTION_GROUPS
 
     blind = _blind_baseline(records, guesses) if guesses else None
@@ -119,12 +120,20 @@ def statistics(records: list[dict], guesses: dict[str, str] | None) -> dict[str,
                             "videollava": _mean(len(r["videollava_token_ids"]) for r in rs)},
         }
 
-    stats = {"overall": block(records, blind), "groups": {}}
+    stats = {"overall": block(records, blind), "groups": {}, "long_questions": {}}
     for g in QUESTION_GROUPS:
         idx = [i for i, r in enumerate(records) if r["group"] == g]
         if idx:
             stats["groups"][g] = block([records[i] for i in idx], [blind[i] for i in idx] if blind else None)
+    for q in LONG_QUESTIONS:  # per long-answer question (long only in --long_answers datasets)
+        idx = [i for i, r in enumerate(records) if _plain_question(r["query"]) == q]
+        if idx:
+            stats["long_questions"][q] = block([records[i] for i in idx], [blind[i] for i in idx] if blind else None)
     return stats
+
+
+def _plain_question(query: str) -> str:
+    return query.replace("<event>", "").replace("<video>", "").strip()
 
 
 def _fmt(v: Any) -> str:
@@ -148,6 +157,17 @@ def markdown(stats: dict[str, Any]) -> str:
         lines.append(f"| {name} | {block['samples']} | {_fmt(block['token_agreement'])} | "
                      f"{_fmt(block['answer_agreement'])} | {_fmt(block['mean_common_prefix'])} | "
                      f"{_fmt(block['mean_tokens']['eventgpt'])} | {_fmt(block['mean_tokens']['videollava'])} |")
+    if stats.get("long_questions"):
+        lines += ["", "| long-answer question | n | mean tokens videollava | mean tokens eventgpt | token agreement | "
+                  "f1 videollava | f1 eventgpt | f1 blind | key videollava | key eventgpt | key blind |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for q, block in stats["long_questions"].items():
+            blind = block["blind"] or {}
+            lines.append(f"| {q} | {block['samples']} | {_fmt(block['mean_tokens']['videollava'])} | "
+                         f"{_fmt(block['mean_tokens']['eventgpt'])} | {_fmt(block['token_agreement'])} | "
+                         f"{_fmt(block['videollava']['f1'])} | {_fmt(block['eventgpt']['f1'])} | {_fmt(blind.get('f1'))} | "
+                         f"{_fmt(block['videollava']['key'])} | {_fmt(block['eventgpt']['key'])} | "
+                         f"{_fmt(blind.get('key'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--models", default="eventgpt,videollava",
                    help="comma-separated models to train (default both); the other is kept as it is")
     g.add_argument("--vocab_size", type=int, default=1000, help="target size of the shared base vocabulary (default 1000)")
+    g.add_argument("--event_image_norm", choices=["keep", "white"], default="keep",
+                   help="EventGPT's pixel normalisation (its preprocessor_config.json): 'keep' (default) the init "
+                        "pair's (CLIP's for a new pair); 'white': mean 1.0, so the event frames' white background "
+                        "is 0 and only events reach the vision tower (with CLIP's mean the background swamps the "
+                        "sparse events: the shipped draft's visual tokens barely differ between clips)")
     g.add_argument("--save_dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the saved model.safetensors (training always keeps fp32 weights)")
     g = p.add_argument_group("training")
@@ -144,7 +149,11 @@ def _save_pair(vlms: dict, sizes: dict, out: Path, save_dtype: str) -> None:
     for kind, vlm in vlms.items():
         model = copy.deepcopy(vlm.model).to("cpu", dtype)
         model.eval()
-        savers[kind](model, vlm.tokenizer, out / kind, sizes[kind])
+        if kind == "eventgpt":  # keep the pair's pixel normalisation (--event_image_norm)
+            proc = vlm.image_processor
+            save_eventgpt(model, vlm.tokenizer, out / kind, sizes[kind], proc.image_mean, proc.image_std)
+        else:
+            savers[kind](model, vlm.tokenizer, out / kind, sizes[kind])
 
 
 def _load_resume_state(out: Path) -> dict | None:
@@ -363,6 +372,13 @@ def _write_initial_pair(args: argparse.Namespace, out: Path, sizes: dict) -> Non
     save_videollava(vllava, vllava_tok, out / "videollava", sizes["videollava"])
 
 
+def _set_image_mean(config_path: Path, value: float) -> None:
+    """Set every channel of a preprocessor config's ``image_mean`` to ``value``."""
+    config = json.loads(config_path.read_text())
+    config["image_mean"] = [value] * len(config.get("image_mean", [0, 0, 0]))
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _load_models(run: _Run, state: dict | None) -> None:
     """Fresh (built, saved, loaded back through load_vlm) or resumed models into ``run.vlms``."""
     from common.models.errors import ModelLoadError
@@ -371,6 +387,8 @@ def _load_models(run: _Run, state: dict | None) -> None:
     out = run.out
     if state is None:
         _write_initial_pair(run.args, out, run.sizes)
+        if run.args.event_image_norm == "white":
+            _set_image_mean(out / "eventgpt" / "preprocessor_config.json", 1.0)
     # Training runs on the objects the loader gives, so tokenizer and prompt handling are the inference ones.
     try:
         run.vlms = {kind: memoize_prompts(load_vlm(kind, out / kind, quant="fp32", device=run.device))

@@ -243,3 +243,19 @@ def test_dataset_with_long_answers(tmp_path) -> None:
             assert gt.get("answer_style") == ("long" if style == "long" else None)
             expected = long_answer(sample.question, gt) if style == "long" else answer_question(sample.question, gt)
             assert sample.answer == expected
+
+
+def test_long_answer_datasets_also_ask_what_happened(tmp_path) -> None:
+    from common.data import ClipDataset
+    from common.synthetic import load_top_questions, long_answer
+
+    make_dataset(tmp_path / "long", num_clips=1, seed=3, extra=["--long_answers"])
+    make_dataset(tmp_path / "short", num_clips=1, seed=3)
+    assert not (tmp_path / "short" / "top50_questions.json").exists()
+    top50 = [q["question"] for q in load_top_questions()]
+    long_ds = ClipDataset(tmp_path / "long", max_questions=51)
+    assert [s.question for s in long_ds] == top50 + ["What happened in this clip?"]
+    assert [s.question for s in ClipDataset(tmp_path / "long", max_questions=50)] == top50  # the 50 stay
+    last = long_ds[50]
+    assert last.answer == long_answer(last.question, json.loads(last.ground_truth_path.read_text()))
+    assert len(last.answer.split()) >= 30

@@ -137,3 +137,68 @@ def test_batched_teacher_forcing_equals_the_interface(trained):
             got = batched_teacher_forced_loss(vlm, encode_batch_tensor(vlm, pixels), pos, questions, answers)
         assert got.tokens == ref.tokens and got.correct == ref.correct and got.answers_exact == ref.answers_exact
         assert torch.allclose(got.loss, ref.loss, atol=1e-5), kind
+
+
+def test_white_event_image_norm_is_written_and_kept(trained, tmp_path):
+    import numpy as np
+
+    from common.models.loader import load_vlm
+    from scripts.train_tiny_pair import main
+
+    root, out, _, _ = trained
+    base = ["--dataset_dir", str(root / "data"), "--size_preset", "tiny", "--models", "eventgpt", "--batch_size", "4",
+            "--questions_per_clip", "4", "--num_workers", "1", "--device", "cpu", "--epochs", "1", "--no_resume"]
+    main([*base, "--output_dir", str(tmp_path / "white"), "--init_from", str(out), "--event_image_norm", "white"])
+    main([*base, "--output_dir", str(tmp_path / "kept"), "--init_from", str(tmp_path / "white")])
+    for name in ("white", "kept"):  # a later run with the default 'keep' saves the pair's normalisation again
+        config = json.loads((tmp_path / name / "eventgpt" / "preprocessor_config.json").read_text())
+        assert config["image_mean"] == [1.0, 1.0, 1.0]
+    egpt = load_vlm("eventgpt", tmp_path / "kept" / "eventgpt", device="cpu")
+    white = np.full((48, 64, 3), 255, dtype=np.uint8)
+    assert float(egpt.preprocess([white]).abs().max()) < 1e-5  # the event frames' background reaches the tower as 0
+    original = json.loads((out / "eventgpt" / "preprocessor_config.json").read_text())["image_mean"]
+    assert original != [1.0, 1.0, 1.0]
+
+
+def test_evaluate_pair_statistics_per_long_question():
+    from scripts.evaluate_pair import markdown, statistics
+
+    def record(query, n_target, n_draft, same, group="scene"):
+        return {"query": query, "group": group, "answer": "a", "egpt_exact": 0.0, "egpt_f1": 0.5, "egpt_key": 0.5,
+                "egpt_keywords": {}, "videollava_exact": 1.0, "videollava_f1": 1.0, "videollava_key": 1.0,
+                "videollava_keywords": {}, "egpt_token_ids": [1] * n_draft, "videollava_token_ids": [1] * n_target,
+                "token_matches": same, "target_positions": n_target, "common_prefix": same, "answers_agree": False}
+
+    records = [record("What are the key elements in this scene?", 60, 50, 30),
+               record("What are the key elements in this scene?", 40, 44, 10),
+               record("What happened in this clip?", 80, 70, 40),
+               record("Is the camera moving?", 5, 5, 5, "motion")]
+    stats = statistics(records, {"What are the key elements in this scene?": "a"})
+    key = stats["long_questions"]["What are the key elements in this scene?"]
+    assert key["samples"] == 2 and key["mean_tokens"] == {"eventgpt": 47.0, "videollava": 50.0}
+    assert key["token_agreement"] == 40 / 100 and key["blind"]["exact"] == 1.0
+    assert set(stats["long_questions"]) == {"What are the key elements in this scene?", "What happened in this clip?"}
+    assert "| What happened in this clip? | 1 | 80.000 | 70.000 | 0.500 |" in markdown(stats)
+
+
+def test_visual_reliance_gap_is_zero_when_visuals_are_the_same(trained, tmp_path):
+    import torch
+
+    from common.models.loader import load_vlm
+    from common.training import group_by_clip, memoize_prompts
+    from scripts.visual_reliance import main, reliance
+
+    root, out, _, _ = trained
+    clips = group_by_clip(root / "data", None, 10, 3)
+    vlm = memoize_prompts(load_vlm("eventgpt", out / "eventgpt", quant="fp32", device="cpu"))
+    vlm.model.eval()
+    same = torch.randn(1, 5 + 5, vlm.model.config.hidden_size).expand(3, -1, -1)  # every clip "sees" the same
+    for row in reliance(vlm, same, clips, 1).values():
+        assert row["loss_gap"] == pytest.approx(0.0, abs=1e-6)
+        assert row["accuracy_own"] == row["accuracy_other"]
+    table = main(["--dataset_dir", str(root / "data"), "--split", "all", "--kind", "videollava",
+                  "--path", str(out / "videollava"), "--max_clips", "3", "--max_questions", "10", "--shifts", "1"])
+    assert table and all(r["loss_gap"] == pytest.approx(r["loss_other"] - r["loss_own"]) for r in table.values())
+    with pytest.raises(SystemExit, match="max_clips"):
+        main(["--dataset_dir", str(root / "data"), "--kind", "eventgpt", "--path", str(out / "eventgpt"),
+              "--max_clips", "1"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,12 +138,19 @@ def _copy_tokenizer(tokenizer):
         clean_up_tokenization_spaces=False)
 
 
-def save_eventgpt(model, tokenizer, folder: str | Path, size: TinySize) -> Path:
-    """Write the released EventGPT layout: config.json, model.safetensors, tokenizer, CLIP preprocessor."""
+def save_eventgpt(model, tokenizer, folder: str | Path, size: TinySize,
+                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> Path:
+    """Write the released EventGPT layout: config.json, model.safetensors, tokenizer, CLIP preprocessor
+    (CLIP's normalisation unless ``image_mean`` / ``image_std`` are given, e.g. a white mean for event frames)."""
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    clip_image_processor(None, size.image_size).save_pretrained(folder)
+    processor = clip_image_processor(None, size.image_size)
+    if image_mean is not None:
+        processor.image_mean = [float(v) for v in image_mean]
+    if image_std is not None:
+        processor.image_std = [float(v) for v in image_std]
+    processor.save_pretrained(folder)
     return folder
 
 

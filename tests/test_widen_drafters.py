@@ -1,0 +1,157 @@
+"""Widened drafters on the widened twin propose exactly what the trained drafters propose on the small pair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.data import ClipDataset
+from common.defaults import MODELS_DIR, default_dataset_dir
+from common.drafters.eagle_head import (
+    EagleHead,
+    EagleTarget,
+    head_config_from_checkpoint,
+    load_eagle_head,
+    make_eagle_drafter,
+    save_eagle_head,
+)
+from common.drafters.hidden_adapter import WidenedAdapter, create_adapter, load_any_adapter, save_adapter
+from common.drafters.hidden_drafter import load_hidden_adapter_drafter
+from common.drafters.token_adapter import TokenAdapter, TokenAdapterConfig
+from common.drafters.token_drafter import load_token_adapter_drafter
+from common.drafters.widen import widened_layer
+from common.errors import DataError
+from common.models.loader import load_vlm
+from common.speculative import speculative_generate
+from scripts.widen_pair import main as widen_main
+
+KINDS = ("eventgpt", "videollava")
+MAX_NEW, GAMMA = 12, 4
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Non-trivial weights for an untrained drafter (zero-initialised output layers included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def small_drafters(tmp_path_factory) -> dict[str, Path]:
+    """Untrained but non-trivial drafters for the shipped pair, in their on-disk formats."""
+    out = tmp_path_factory.mktemp("small_drafters")
+    cfg = json.loads((MODELS_DIR / "videollava" / "config.json").read_text())["text_config"]
+    egpt_cfg = json.loads((MODELS_DIR / "eventgpt" / "config.json").read_text())
+    head = EagleHead(head_config_from_checkpoint(MODELS_DIR / "videollava", cfg["hidden_size"], -1,
+                                                 cfg["vocab_size"]))
+    _randomize(head, 0, std=0.05)
+    save_eagle_head(head, out / "eagle")
+    paths = {"eagle": out / "eagle"}
+    for level, layer in ((1, -1), (5, 1)):
+        adapter = create_adapter(level, egpt_cfg["hidden_size"], cfg["hidden_size"], vocab_size=cfg["vocab_size"])
+        _randomize(adapter, level, std=0.1)
+        paths[f"L{level}"] = save_adapter(adapter, out / f"L{level}.safetensors", {"input_layer": layer,
+                                                                                   "target_layer": -1})
+    tok = TokenAdapter(TokenAdapterConfig(draft_vocab_size=egpt_cfg["vocab_size"], target_vocab_size=cfg["vocab_size"],
+                                          vocab_limit=min(egpt_cfg["vocab_size"], cfg["vocab_size"]) - 3, d_model=32,
+                                          n_layers=1, n_heads=2, dropout=0.0))
+    _randomize(tok, 9, std=0.3)
+    paths["token_adapter"] = tok.save_pretrained(out / "token_adapter")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def twin(small_drafters, tmp_path_factory) -> Path:
+    """The shipped pair and the drafters widened with --shape small in one widen_pair call."""
+    out = tmp_path_factory.mktemp("twin_drafters") / "small"
+    d = small_drafters
+    widen_main(["--output_dir", str(out), "--shape", "small", "--eagle_head", str(d["eagle"]),
+                "--hidden_adapter", f"{d['L1']},{d['L5']}", "--token_adapter", str(d["token_adapter"])])
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(twin):
+    load = lambda folder: tuple(load_vlm(k, folder / k, quant="fp32", device="cpu") for k in KINDS)  # noqa: E731
+    return {"small": load(MODELS_DIR), "twin": load(twin)}
+
+
+def _drafts(name: str, pair: tuple, drafter_path: Path, sample) -> tuple[list[int], list[tuple[int, int]], list]:
+    """(output tokens, (drafted, accepted) per step, first proposal) of one drafter on one pair."""
+    draft, target = pair
+    if name == "eagle":
+        head = load_eagle_head(drafter_path, target)
+        proxy = EagleTarget(target, head.config.feature_layer)
+        state = proxy.prefill(target.encode(sample), sample.question)
+        drafter = make_eagle_drafter(head, None, proxy, state)
+        first = drafter.propose([], GAMMA).tokens
+        drafter = make_eagle_drafter(head, None, proxy, state)
+        result = speculative_generate(proxy, state, drafter, max_new_tokens=MAX_NEW, gamma=GAMMA)
+        return result.tokens, result.iterations, first
+    state = target.prefill(target.encode(sample), sample.question)
+    if name == "token_adapter":
+        def make():
+            dstate = draft.prefill(draft.encode(sample), sample.question)
+            limit = min(draft.base_vocab_size, target.base_vocab_size)
+            return load_token_adapter_drafter(drafter_path, draft, dstate, limit,
+                                              stop_token_ids=[target.eos_token_id])
+    else:
+        adapter = load_any_adapter(drafter_path)
+
+        def make():
+            dstate = draft.prefill(draft.encode(sample), sample.question, hidden_layers=[adapter.meta["input_layer"]])
+            return load_hidden_adapter_drafter(adapter, draft, dstate, target)
+    first = make().propose([], GAMMA).tokens
+    result = speculative_generate(target, state, make(), max_new_tokens=MAX_NEW, gamma=GAMMA)
+    return result.tokens, result.iterations, first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["eagle", "L1", "L5", "token_adapter"])
+def test_widened_drafter_proposes_and_accepts_as_the_small_one(name, twin, pairs, small_drafters):
+    """Same first proposal, same output, same (drafted, accepted) per verify step, on two default clips."""
+    widened = json.loads((twin / "drafters" / "drafters.json").read_text())
+    path = {"eagle": widened["eagle_head"]["path"], "token_adapter": widened["token_adapter"]["path"],
+            **{f"L{e['level']}": e["path"] for e in widened["hidden_adapter"]}}[name]
+    for sample in list(ClipDataset(default_dataset_dir()))[:2]:
+        small = _drafts(name, pairs["small"], small_drafters[name], sample)
+        wide = _drafts(name, pairs["twin"], Path(path), sample)
+        assert len(small[2]) == GAMMA and len(small[1]) >= 2  # a full proposal, several verify steps
+        assert wide == small
+
+
+def test_widened_files_keep_their_formats_and_shapes(twin, pairs):
+    egpt, vllava = pairs["twin"]
+    head = load_eagle_head(twin / "drafters" / "eagle_head", vllava)
+    assert head.config.hidden_size == vllava.hidden_size == 1024 and head.config.feature_layer == -1
+    assert head.config.target_vocab_size == vllava.vocab_size and head.config.num_heads == 8
+    l5 = load_any_adapter(twin / "drafters" / "hidden_adapter" / "L5.safetensors")
+    assert isinstance(l5, WidenedAdapter) and l5.io_sizes == (egpt.hidden_size, vllava.hidden_size)
+    assert l5.meta["input_layer"] == 1  # layer 1 of EventGPT is layer 1 of its twin
+    tok = TokenAdapter.from_pretrained(twin / "drafters" / "token_adapter")
+    assert (tok.config.draft_vocab_size, tok.config.target_vocab_size) == (egpt.vocab_size, vllava.vocab_size)
+
+
+def test_layer_indices_move_to_the_twin():
+    assert widened_layer(-1, 4, "f") == -1 and widened_layer(4, 4, "f") == -1
+    assert widened_layer(-2, 4, "f") == 3 and widened_layer(0, 4, "f") == 0
+    with pytest.raises(DataError, match="out of range"):
+        widened_layer(-6, 4, "f")
+
+
+def test_drafter_for_another_pair_is_refused_with_one_line_and_nothing_written(tmp_path, small_drafters):
+    bad = save_adapter(create_adapter(1, 64, 256), tmp_path / "bad.safetensors", {"input_layer": -1})
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        widen_main(["--output_dir", str(out), "--shape", "small", "--eagle_head", str(small_drafters["eagle"]),
+                    "--hidden_adapter", str(bad)])
+    message = str(exc.value)
+    assert "\n" not in message and str(bad) in message and "maps 64 -> 256" in message
+    assert not out.exists() or not any(out.iterdir())

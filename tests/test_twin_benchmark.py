@@ -30,6 +30,36 @@ def test_twin_complete_needs_summary_configs_and_weights(tmp_path):
     assert tb.twin_complete(tmp_path)
 
 
+def test_a_twin_of_another_pair_is_refused(tmp_path):
+    from common.defaults import MODELS_DIR
+    from common.errors import DataError
+
+    summary = {"shape": "small", "eventgpt": {"source": str(tmp_path / "other")},
+               "videollava": {"source": str(MODELS_DIR / "videollava")}}
+    (tmp_path / "widen_pair.json").write_text(json.dumps(summary))
+    for kind in ("eventgpt", "videollava"):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "config.json").write_text("{}")
+        (tmp_path / kind / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(DataError, match="this twin was widened from .*other"):
+        tb.ensure_twin(tmp_path, "small")
+    summary["eventgpt"]["source"] = str(MODELS_DIR / "eventgpt")
+    (tmp_path / "widen_pair.json").write_text(json.dumps(summary))
+    assert tb.ensure_twin(tmp_path, "small")["reused"] is True
+    with pytest.raises(DataError, match="shape small"):
+        tb.ensure_twin(tmp_path, "7b")
+
+
+def test_drafter_flags_of_the_widened_drafters():
+    cfg = tb.TwinConfig(tree_topk=4, tree_tokens=12)
+    assert tb.drafter_args(None, cfg) == ["--drafters", "eventgpt,pooled_x2", "--token_adapter", "none"]
+    widened = {"hidden_adapter": [{"path": "d/L1.safetensors"}, {"path": "d/L5.safetensors"}],
+               "eagle_head": {"path": "d/eagle_head"}}
+    assert tb.drafter_args(widened, cfg) == ["--token_adapter", "none", "--hidden_adapter",
+                                             "d/L1.safetensors,d/L5.safetensors", "--eagle_head", "d/eagle_head",
+                                             "--tree_topk", "4", "--tree_tokens", "12"]
+
+
 def test_test_sets_ask_long_and_short_questions_in_turn(tmp_path):
     from common.data import ClipDataset
     from common.synthetic import LONG_QUESTIONS
@@ -48,10 +78,17 @@ def test_test_sets_ask_long_and_short_questions_in_turn(tmp_path):
 
 @pytest.mark.slow
 def test_whole_command_on_a_small_twin_is_lossless_and_consistent(tmp_path):
+    from tests.drafter_fixtures import make_small_drafters
+
+    d = make_small_drafters(tmp_path / "drafters")
     out = tmp_path / "out"
     summary = tb.main(["--shape", "small", "--twin_dir", str(tmp_path / "twin"), "--data_dir", str(tmp_path / "data"),
                        "--output_dir", str(out), "--num_short", "1", "--num_long", "1", "--num_free", "1",
-                       "--num_workers", "1", "--warmup_steps", "0", "--device", "cpu"])
+                       "--num_workers", "1", "--warmup_steps", "0", "--device", "cpu",
+                       "--token_adapter", str(d["token_adapter"]), "--hidden_adapter", f"{d['L1']},{d['L5']}",
+                       "--eagle_head", str(d["eagle"]), "--tree_topk", "2", "--tree_tokens", "6"])
+    widened = summary["widened_drafters"]
+    assert widened["eagle_head"]["hidden_size"] == 1024 and [e["level"] for e in widened["hidden_adapter"]] == [1, 5]
     assert summary["twin"]["shape"] == "small" and not summary["twin"]["reused"]
     assert set(summary["sets"]) == {"long", "short"}
     for name, s in summary["sets"].items():
@@ -61,15 +98,21 @@ def test_whole_command_on_a_small_twin_is_lossless_and_consistent(tmp_path):
         assert hf["token_ids"] == target["token_ids"]  # HF generate on the twin = our engine (fp32, CPU)
         assert s["hf"]["tokens_equal_engine_rate"] == 1.0
         assert s["target_answer_tokens_mean"] == len(target["token_ids"])
-        for drafter in ("eventgpt", "pooled_x2"):
-            d = s["drafters"][drafter]
-            assert d["lossless_rate"] == 1.0 and d["samples"] == 1
+        assert set(s["drafters"]) >= {"eventgpt", "pooled_x2", "token_adapter", "L1", "L5", "eagle", "hybrid",
+                                      "hybrid_L5", "eagle_tree", "hybrid_tree"}
+        for drafter in s["drafters"]:
+            if drafter == "eventgpt_free_only":
+                continue
+            row = s["drafters"][drafter]
+            assert row["lossless_rate"] == 1.0 and row["samples"] == 1
             rec = next(r for r in recs if r["drafter"] == drafter)
-            assert d["speedup_vs_hf"] == pytest.approx(hf["wall_time"] / rec["wall_time"])
-            assert d["speedup_measured"] == pytest.approx(target["wall_time"] / rec["wall_time"])
+            assert row["speedup_vs_hf"] == pytest.approx(hf["wall_time"] / rec["wall_time"])
+            assert row["speedup_measured"] == pytest.approx(target["wall_time"] / rec["wall_time"])
     assert summary["sets"]["long"]["drafters"]["eventgpt_free_only"]["lossless_rate"] == 1.0
     lines = (out / "TWIN_RESULTS.md").read_text().splitlines()
     assert sum(line.startswith("| eventgpt |") for line in lines) == 2  # one table row per set
+    assert sum(line.startswith("| hybrid |") for line in lines) == 2
+    assert (out / "timeline.png").stat().st_size > 0
     assert json.loads((out / "twin_results.json").read_text())["gamma"] == 5
     # a second run reuses the complete twin
     assert tb.ensure_twin(tmp_path / "twin", "small")["reused"] is True

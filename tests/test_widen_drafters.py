@@ -6,65 +6,33 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.data import ClipDataset
 from common.defaults import MODELS_DIR, default_dataset_dir
 from common.drafters.eagle_head import (
-    EagleHead,
     EagleTarget,
-    head_config_from_checkpoint,
     load_eagle_head,
     make_eagle_drafter,
-    save_eagle_head,
 )
 from common.drafters.hidden_adapter import WidenedAdapter, create_adapter, load_any_adapter, save_adapter
 from common.drafters.hidden_drafter import load_hidden_adapter_drafter
-from common.drafters.token_adapter import TokenAdapter, TokenAdapterConfig
+from common.drafters.token_adapter import TokenAdapter
 from common.drafters.token_drafter import load_token_adapter_drafter
 from common.drafters.widen import widened_layer
 from common.errors import DataError
 from common.models.loader import load_vlm
 from common.speculative import speculative_generate
 from scripts.widen_pair import main as widen_main
+from tests.drafter_fixtures import make_small_drafters
 
 KINDS = ("eventgpt", "videollava")
 MAX_NEW, GAMMA = 12, 4
 
 
-def _randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
-    """Non-trivial weights for an untrained drafter (zero-initialised output layers included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def small_drafters(tmp_path_factory) -> dict[str, Path]:
     """Untrained but non-trivial drafters for the shipped pair, in their on-disk formats."""
-    out = tmp_path_factory.mktemp("small_drafters")
-    cfg = json.loads((MODELS_DIR / "videollava" / "config.json").read_text())["text_config"]
-    egpt_cfg = json.loads((MODELS_DIR / "eventgpt" / "config.json").read_text())
-    head = EagleHead(head_config_from_checkpoint(MODELS_DIR / "videollava", cfg["hidden_size"], -1,
-                                                 cfg["vocab_size"]))
-    _randomize(head, 0, std=0.05)
-    save_eagle_head(head, out / "eagle")
-    paths = {"eagle": out / "eagle"}
-    for level, layer in ((1, -1), (5, 1)):
-        adapter = create_adapter(level, egpt_cfg["hidden_size"], cfg["hidden_size"], vocab_size=cfg["vocab_size"])
-        _randomize(adapter, level, std=0.1)
-        paths[f"L{level}"] = save_adapter(adapter, out / f"L{level}.safetensors", {"input_layer": layer,
-                                                                                   "target_layer": -1})
-    tok = TokenAdapter(TokenAdapterConfig(draft_vocab_size=egpt_cfg["vocab_size"], target_vocab_size=cfg["vocab_size"],
-                                          vocab_limit=min(egpt_cfg["vocab_size"], cfg["vocab_size"]) - 3, d_model=32,
-                                          n_layers=1, n_heads=2, dropout=0.0))
-    _randomize(tok, 9, std=0.3)
-    paths["token_adapter"] = tok.save_pretrained(out / "token_adapter")
-    return paths
+    return make_small_drafters(tmp_path_factory.mktemp("small_drafters"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,158 @@
+"""Train every trainable drafter of a small pair cheaply: TokenAdapter, hidden adapters L1 and L5, the EAGLE head.
+
+    python -m scripts.train_drafters --data_dir data/drafter_data --pair_dir models --output_dir results/drafters
+        [--num_clips 160 --num_test 16 --max_new_tokens 50 --levels 1,5 --device auto --num_workers N
+         --token_epochs 30 --hidden_epochs 40 --eagle_epochs 40]
+
+Steps (each tool resumes or reuses what an earlier run left):
+
+1. data in ``--data_dir``: ``train/`` (``--num_clips`` clips made with ``--long_answers``; clip i is asked
+   a long-answer question and a short one in turn, so both kinds of answers are trained on) and ``test/``
+   (``--num_test`` held-out clips, the TokenAdapter's report set);
+2. the pair's greedy answers as token pairs (``token_alignment.extract_tokens``, train and test) and as
+   aligned hidden states, layer -1 of both models (``feature_alignment.extract_hidden_states``, train);
+3. ``token_alignment.train_and_evaluate`` (TokenAdapter), ``feature_alignment.train_hidden_adapter``
+   (``--levels``: EventGPT layer -1 -> Video-LLaVA layer -1, the state that feeds its LM head) and
+   ``feature_alignment.train_eagle_head`` (Video-LLaVA's layer -1 features, one decoder layer shaped
+   like the target's: what ``common.drafters.widen`` widens to the twin's decoder layer).
+
+Writes ``--output_dir``/drafters.json with the checkpoint paths and the flags that pass them on
+(``scripts.widen_pair`` / ``benchmark_parallel_prefill.twin_benchmark``: ``--token_adapter P
+--hidden_adapter P1,P5 --eagle_head P``). Defaults take a few minutes on one GPU (``--device cuda``);
+``--num_clips 64 --num_test 8`` keeps a 2-core CPU run near 15 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("scripts.train_drafters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.train_drafters", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True, help="dataset folder (train/ and test/ are made when missing)")
+    p.add_argument("--pair_dir", default=None, help="folder with eventgpt/ and videollava/ (default: the shipped pair)")
+    p.add_argument("--output_dir", required=True, help="folder for extractions, checkpoints and drafters.json")
+    p.add_argument("--num_clips", type=int, default=160, help="training clips, one question each (default 160)")
+    p.add_argument("--num_test", type=int, default=16, help="held-out clips for the TokenAdapter report (default 16)")
+    p.add_argument("--width", type=int, default=320, help="clip width (default 320)")
+    p.add_argument("--height", type=int, default=240, help="clip height (default 240)")
+    p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap of the extractions (default 50)")
+    p.add_argument("--levels", default="1,5", help="hidden adapter levels, comma-separated (default 1,5)")
+    p.add_argument("--token_epochs", type=int, default=30, help="TokenAdapter epochs (default 30)")
+    p.add_argument("--hidden_epochs", type=int, default=40, help="hidden adapter epochs (default 40)")
+    p.add_argument("--eagle_epochs", type=int, default=40, help="EAGLE head epochs (default 40)")
+    p.add_argument("--batch_size", type=int, default=16, help="extraction batch (default 16)")
+    p.add_argument("--device", default="auto", help="torch device (default auto)")
+    p.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1), help="data processes")
+    return p
+
+
+def make_data(args: argparse.Namespace) -> dict[str, Path]:
+    """``train/``: long-answer clips asked long and short questions in turn; ``test/``: held-out clips."""
+    from benchmark_parallel_prefill.twin_benchmark import rewrite_questions, short_questions
+    from common.synthetic import LONG_QUESTIONS
+    from scripts.make_synthetic_dataset import main as make_dataset
+
+    short = short_questions()
+    mixed = [q for i in range(len(short)) for q in (LONG_QUESTIONS[i % len(LONG_QUESTIONS)], short[i])]
+    root = Path(args.data_dir)
+    out = {}
+    for split, num, seed in (("train", args.num_clips, 4000), ("test", args.num_test, 4500)):
+        folder = root / split
+        make_dataset(["--output_dir", str(folder), "--num_clips", str(num), "--split", split, "--seed", str(seed),
+                      "--width", str(args.width), "--height", str(args.height),
+                      "--num_workers", str(args.num_workers), "--long_answers"])
+        rewrite_questions(folder, mixed)
+        out[split] = folder
+    return out
+
+
+def _pair_args(args: argparse.Namespace) -> list[str]:
+    from common.defaults import resolve_model_paths
+
+    root = Path(args.pair_dir) if args.pair_dir else None
+    egpt, vllava = resolve_model_paths(str(root / "eventgpt") if root else None,
+                                       str(root / "videollava") if root else None)
+    return ["--eventgpt_path", str(egpt), "--videollava_path", str(vllava), "--device", args.device]
+
+
+def extract(args: argparse.Namespace, data: dict[str, Path], out: Path) -> dict[str, Any]:
+    """Token pairs (train, test) and layer -1 hidden states (train) of the pair's greedy answers."""
+    from feature_alignment.extract_hidden_states import main as extract_hidden
+    from token_alignment.extract_tokens import main as extract_tokens
+
+    tokens = {}
+    for split, folder in data.items():
+        tokens[split] = out / "tokens" / f"{split}.jsonl"
+        extract_tokens(["--dataset_dir", str(folder), "--split", split, "--max_questions", "1", *_pair_args(args),
+                        "--max_new_tokens", str(args.max_new_tokens), "--batch_size", str(args.batch_size),
+                        "--output_file", str(tokens[split]), "--warmup_steps", "0"])
+    hidden = out / "hidden" / "train"
+    extract_hidden(["--dataset_dir", str(data["train"]), "--split", "train", "--max_questions", "1",
+                    *_pair_args(args), "--output_dir", str(hidden), "--layers=-1", "--max_new_tokens",
+                    str(args.max_new_tokens), "--batch_size", str(args.batch_size), "--warmup_steps", "0"])
+    return {"tokens": tokens, "hidden": hidden}
+
+
+def train(args: argparse.Namespace, extracted: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The TokenAdapter, the hidden adapters and the EAGLE head; their checkpoint paths."""
+    from feature_alignment.train_eagle_head import main as train_eagle
+    from feature_alignment.train_hidden_adapter import main as train_hidden
+    from token_alignment.train_and_evaluate import main as train_tokens
+
+    tok = train_tokens(["--train_tokens", str(extracted["tokens"]["train"]), "--test_tokens",
+                        str(extracted["tokens"]["test"]), "--output_dir", str(out / "token_adapter"),
+                        "--epochs", str(args.token_epochs), "--live_samples", "0", "--device", args.device,
+                        "--warmup_steps", "0"])
+    paths: dict[str, Any] = {"token_adapter": str(tok["checkpoint"]), "hidden_adapter": []}
+    for level in [int(x) for x in args.levels.split(",") if x.strip()]:
+        folder = out / f"L{level}"
+        train_hidden(["--train_dir", str(extracted["hidden"]), "--adapter_level", str(level), "--output_dir",
+                      str(folder), "--epochs", str(args.hidden_epochs), "--early_stopping", "8", "--batch_size", "32",
+                      "--device", args.device])
+        paths["hidden_adapter"].append(str(folder / "best.safetensors"))
+    train_eagle(["--train_dir", str(extracted["hidden"]), "--output_dir", str(out / "eagle_head"), "--epochs",
+                 str(args.eagle_epochs), "--lr", "1e-3", "--batch_size", "16", "--early_stopping", "8",
+                 "--token_weight", "1.0", "--device", args.device])
+    paths["eagle_head"] = str(out / "eagle_head" / "best")
+    return paths
+
+
+def drafter_flags(paths: dict[str, Any]) -> list[str]:
+    """``--token_adapter P --hidden_adapter P1,P5 --eagle_head P`` for widen_pair and the twin benchmark."""
+    flags = ["--token_adapter", paths["token_adapter"]]
+    if paths["hidden_adapter"]:
+        flags += ["--hidden_adapter", ",".join(paths["hidden_adapter"])]
+    return flags + ["--eagle_head", paths["eagle_head"]]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from common.results import atomic_write_json
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_data(args)
+    extracted = extract(args, data, out)
+    paths = train(args, extracted, out)
+    summary = {"pair": _pair_args(args)[1:4:2], "data": {k: str(v) for k, v in data.items()}, "paths": paths,
+               "flags": drafter_flags(paths)}
+    atomic_write_json(out / "drafters.json", summary)
+    print("drafters: " + " ".join(summary["flags"]))
+    return summary
+
+
+if __name__ == "__main__":
+    from common.cli import run_cli
+
+    run_cli(main)

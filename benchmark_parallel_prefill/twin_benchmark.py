@@ -126,6 +126,21 @@ def make_twin_data(data_dir: Path, num_short: int, num_long: int, num_workers: i
 
 # ----------------------------------------------------------------------------- step 2: the twin
 
+def stale_reason(summary: dict[str, Any], shape: str, sources: dict[str, Path]) -> str | None:
+    """Why a finished twin is not the twin of ``sources`` at ``shape`` (None: it is)."""
+    from common.models.widen import source_fingerprint
+
+    if summary.get("shape") != shape:
+        return f"the twin there has shape {summary.get('shape')}, not {shape}"
+    for kind, path in sources.items():
+        made = summary.get(kind, {})
+        if Path(made.get("source", "")).resolve() != path.resolve():
+            return f"its {kind} was widened from {made.get('source')}, not {path}"
+        if made.get("source_fingerprint") not in (None, source_fingerprint(path)):
+            return f"{path} changed since the twin was widened"
+    return None
+
+
 def twin_complete(twin_dir: Path) -> bool:
     """A finished widen_pair output: the summary and both models' configs and weights."""
     if not (twin_dir / "widen_pair.json").is_file():
@@ -137,21 +152,18 @@ def twin_complete(twin_dir: Path) -> bool:
 def ensure_twin(twin_dir: Path, shape: str, eventgpt_path: str | None = None,
                 videollava_path: str | None = None) -> dict[str, Any]:
     """Widen the pair (default: the shipped one) into ``twin_dir`` (bf16 for 7b, float32 for small) unless
-    a complete twin of the same pair and shape is there (one of another pair is refused)."""
+    a complete twin of the same checkpoints (path and content) and shape is there; a stale one is replaced."""
     from common.defaults import resolve_model_paths
-    from common.errors import DataError
     from common.models.widen import widen_pair
 
     egpt, vllava = resolve_model_paths(eventgpt_path, videollava_path)
     if twin_complete(twin_dir):
         summary = json.loads((twin_dir / "widen_pair.json").read_text())
-        made_from = [Path(summary.get(k, {}).get("source", "")).resolve() for k in ("eventgpt", "videollava")]
-        if summary.get("shape") != shape or made_from != [egpt.resolve(), vllava.resolve()]:
-            raise DataError(f"{twin_dir / 'widen_pair.json'}: this twin was widened from {made_from[0]} and "
-                            f"{made_from[1]} (shape {summary.get('shape')}), not from {egpt} and {vllava} (shape "
-                            f"{shape}); pass another --twin_dir or remove it")
-        return {**summary, "reused": True, "seconds": 0.0}
-    for kind in ("eventgpt", "videollava"):  # an interrupted earlier widening
+        stale = stale_reason(summary, shape, {"eventgpt": egpt, "videollava": vllava})
+        if not stale:
+            return {**summary, "reused": True, "seconds": 0.0}
+        log.info("%s: %s; widening again", twin_dir, stale)
+    for kind in ("eventgpt", "videollava"):  # an interrupted earlier widening, or a stale twin
         shutil.rmtree(twin_dir / kind, ignore_errors=True)
     started = time.perf_counter()
     summary = widen_pair(twin_dir, egpt, vllava, shape_name=shape,

@@ -30,24 +30,21 @@ def test_twin_complete_needs_summary_configs_and_weights(tmp_path):
     assert tb.twin_complete(tmp_path)
 
 
-def test_a_twin_of_another_pair_is_refused(tmp_path):
+def test_a_stale_twin_is_told_apart_from_a_reusable_one(tmp_path):
     from common.defaults import MODELS_DIR
-    from common.errors import DataError
+    from common.models.widen import source_fingerprint
 
-    summary = {"shape": "small", "eventgpt": {"source": str(tmp_path / "other")},
-               "videollava": {"source": str(MODELS_DIR / "videollava")}}
-    (tmp_path / "widen_pair.json").write_text(json.dumps(summary))
-    for kind in ("eventgpt", "videollava"):
-        (tmp_path / kind).mkdir()
-        (tmp_path / kind / "config.json").write_text("{}")
-        (tmp_path / kind / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(DataError, match="this twin was widened from .*other"):
-        tb.ensure_twin(tmp_path, "small")
-    summary["eventgpt"]["source"] = str(MODELS_DIR / "eventgpt")
-    (tmp_path / "widen_pair.json").write_text(json.dumps(summary))
-    assert tb.ensure_twin(tmp_path, "small")["reused"] is True
-    with pytest.raises(DataError, match="shape small"):
-        tb.ensure_twin(tmp_path, "7b")
+    sources = {k: MODELS_DIR / k for k in ("eventgpt", "videollava")}
+    summary = {"shape": "small", **{k: {"source": str(p), "source_fingerprint": source_fingerprint(p)}
+                                    for k, p in sources.items()}}
+    assert tb.stale_reason(summary, "small", sources) is None
+    assert "shape small, not 7b" in tb.stale_reason(summary, "7b", sources)
+    other = {**sources, "eventgpt": tmp_path}
+    assert f"not {tmp_path}" in tb.stale_reason(summary, "small", other)
+    summary["videollava"]["source_fingerprint"] = "0" * 64  # retrained in the same folder
+    assert "changed since the twin was widened" in tb.stale_reason(summary, "small", sources)
+    del summary["videollava"]["source_fingerprint"]  # a twin from before fingerprints: paths decide
+    assert tb.stale_reason(summary, "small", sources) is None
 
 
 def test_drafter_flags_of_the_widened_drafters():
@@ -81,14 +78,17 @@ def test_whole_command_on_a_small_twin_is_lossless_and_consistent(tmp_path):
     from tests.drafter_fixtures import make_small_drafters
 
     d = make_small_drafters(tmp_path / "drafters")
+    trained = {"paths": {"hidden_adapter": [str(d["L1"]), str(d["L5"])], "eagle_head": str(d["eagle"])}}
+    (tmp_path / "drafters.json").write_text(json.dumps(trained))  # as scripts.train_drafters writes it
     out = tmp_path / "out"
     summary = tb.main(["--shape", "small", "--twin_dir", str(tmp_path / "twin"), "--data_dir", str(tmp_path / "data"),
                        "--output_dir", str(out), "--num_short", "1", "--num_long", "1", "--num_free", "1",
-                       "--num_workers", "1", "--warmup_steps", "0", "--device", "cpu",
-                       "--token_adapter", str(d["token_adapter"]), "--hidden_adapter", f"{d['L1']},{d['L5']}",
-                       "--eagle_head", str(d["eagle"]), "--tree_topk", "2", "--tree_tokens", "6"])
+                       "--num_workers", "1", "--warmup_steps", "0", "--device", "cpu", "--max_new_tokens", "12",
+                       "--drafters_json", str(tmp_path / "drafters.json"), "--token_adapter", str(d["token_adapter"]),
+                       "--tree_topk", "2", "--tree_tokens", "6"])
     widened = summary["widened_drafters"]
     assert widened["eagle_head"]["hidden_size"] == 1024 and [e["level"] for e in widened["hidden_adapter"]] == [1, 5]
+    assert widened["token_adapter"]["path"] == str(tmp_path / "twin" / "drafters" / "token_adapter")
     assert summary["twin"]["shape"] == "small" and not summary["twin"]["reused"]
     assert set(summary["sets"]) == {"long", "short"}
     for name, s in summary["sets"].items():

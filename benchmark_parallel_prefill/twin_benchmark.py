@@ -77,6 +77,7 @@ class TwinConfig:
     drafters: Any = None  # common.drafters.widen.DrafterSources of that pair (None: no trained drafters)
     tree_topk: int | None = None
     tree_tokens: int | None = None
+    only: str | None = None  # compare_drafters --drafters (None: every one it builds)
 
 
 # ----------------------------------------------------------------------------- step 1: data
@@ -186,8 +187,10 @@ def ensure_twin_drafters(cfg: TwinConfig) -> dict[str, Any]:
 def drafter_args(widened: dict[str, Any] | None, cfg: TwinConfig) -> list[str]:
     """compare_drafters flags: the widened drafters (then every drafter it builds), or only those needing no training."""
     if not widened:
-        return ["--drafters", f"eventgpt,pooled_x{cfg.pool}", "--token_adapter", "none"]
+        return ["--drafters", cfg.only or f"eventgpt,pooled_x{cfg.pool}", "--token_adapter", "none"]
     out = ["--token_adapter", widened["token_adapter"]["path"] if "token_adapter" in widened else "none"]
+    if cfg.only:
+        out += ["--drafters", cfg.only]
     if widened["hidden_adapter"]:
         out += ["--hidden_adapter", ",".join(e["path"] for e in widened["hidden_adapter"])]
     if "eagle_head" in widened:
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden_adapter", default=None, metavar="PATH[,PATH...]",
                    help="hidden adapters (L1-L5) trained on that pair, comma-separated")
     g.add_argument("--eagle_head", default=None, help="EAGLE head trained on that pair's Video-LLaVA")
+    g.add_argument("--drafters", dest="only", default=None,
+                   help="comma list of compare_drafters rows to run (default: every one; without trained drafters "
+                        "eventgpt,pooled_x2), e.g. eventgpt,token_adapter,L1,L5,eagle,hybrid")
     g.add_argument("--drafters_json", default=None,
                    help="drafters.json of scripts.train_drafters: its checkpoints (the flags above override)")
     add_tree_args(p)
@@ -521,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      gamma=args.gamma, device=args.device, num_workers=args.num_workers, hf=args.hf,
                      warmup_steps=args.warmup_steps, eventgpt_path=args.eventgpt_path,
                      videollava_path=args.videollava_path, drafters=sources if sources else None,
-                     tree_topk=args.tree_topk, tree_tokens=args.tree_tokens)
+                     tree_topk=args.tree_topk, tree_tokens=args.tree_tokens, only=args.only)
     return run(cfg, f"python -m {STAGE}.twin_benchmark {' '.join(argv)}")
 
 

@@ -10,7 +10,8 @@ Steps (each tool resumes or reuses what an earlier run left):
    a long-answer question and a short one in turn, so both kinds of answers are trained on) and ``test/``
    (``--num_test`` held-out clips, the TokenAdapter's report set);
 2. the pair's greedy answers as token pairs (``token_alignment.extract_tokens``, train and test) and as
-   aligned hidden states, layer -1 of both models (``feature_alignment.extract_hidden_states``, train);
+   aligned hidden states, layer -1 of both models (``feature_alignment.extract_hidden_states``, train),
+   in ``--data_dir``/extracted (so ``--output_dir`` holds only checkpoints and reports: small to copy);
 3. ``token_alignment.train_and_evaluate`` (TokenAdapter), ``feature_alignment.train_hidden_adapter``
    (``--levels``: EventGPT layer -1 -> Video-LLaVA layer -1, the state that feeds its LM head) and
    ``feature_alignment.train_eagle_head`` (Video-LLaVA's layer -1 features, one decoder layer shaped
@@ -85,7 +86,7 @@ def _pair_args(args: argparse.Namespace) -> list[str]:
 
 
 def extract(args: argparse.Namespace, data: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Token pairs (train, test) and layer -1 hidden states (train) of the pair's greedy answers."""
+    """Token pairs (train, test) and layer -1 hidden states (train) of the pair's greedy answers, under ``out``."""
     from feature_alignment.extract_hidden_states import main as extract_hidden
     from token_alignment.extract_tokens import main as extract_tokens
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = make_data(args)
-    extracted = extract(args, data, out)
+    extracted = extract(args, data, Path(args.data_dir) / "extracted")
     paths = train(args, extracted, out)
     summary = {"pair": _pair_args(args)[1:4:2], "data": {k: str(v) for k, v in data.items()}, "paths": paths,
                "flags": drafter_flags(paths)}

@@ -55,6 +55,8 @@ def test_drafter_flags_of_the_widened_drafters():
     assert tb.drafter_args(widened, cfg) == ["--token_adapter", "none", "--hidden_adapter",
                                              "d/L1.safetensors,d/L5.safetensors", "--eagle_head", "d/eagle_head",
                                              "--tree_topk", "4", "--tree_tokens", "12"]
+    args = tb.drafter_args(widened, tb.TwinConfig(only="eventgpt,eagle"))
+    assert args[args.index("--drafters") + 1] == "eventgpt,eagle" and "--eagle_head" in args
 
 
 def test_test_sets_ask_long_and_short_questions_in_turn(tmp_path):

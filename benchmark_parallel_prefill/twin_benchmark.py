@@ -106,23 +106,36 @@ def short_questions() -> list[str]:
     return [q["question"] for q in load_top_questions() if q["question"].lower() not in long_keys]
 
 
+def make_question_set(folder: Path, num: int, split: str, seed: int, questions: list[str], num_workers: int,
+                      extra: list[str] = (), size: tuple[int, int] = (320, 240)) -> Path:
+    """``num`` synthetic clips in ``folder``, clip i asked ``questions[i % len]``; reused when an earlier run
+    made the same set (``question_set.json``), made afresh when it made another (rewritten questions cannot
+    be merged with new clips), resumed when it was interrupted."""
+    from common.results import atomic_write_json
+    from scripts.make_synthetic_dataset import main as make_dataset
+
+    marker = folder / "question_set.json"
+    want = {"num": num, "split": split, "seed": seed, "extra": list(extra), "size": list(size),
+            "questions": list(questions)}
+    if marker.is_file():
+        if json.loads(marker.read_text()) == want:
+            return folder
+        shutil.rmtree(folder)
+    make_dataset(["--output_dir", str(folder), "--num_clips", str(num), "--split", split, "--seed", str(seed),
+                  "--width", str(size[0]), "--height", str(size[1]), "--num_workers", str(num_workers), *extra])
+    rewrite_questions(folder, list(questions))
+    atomic_write_json(marker, want)
+    return folder
+
+
 def make_twin_data(data_dir: Path, num_short: int, num_long: int, num_workers: int) -> dict[str, Path]:
     """The short- and long-question test sets (320x240, 1 s clips, held-out seeds)."""
     from common.synthetic import LONG_QUESTIONS
-    from scripts.make_synthetic_dataset import main as make_dataset
 
     plan = {"long": (num_long, 2000, ["--long_answers"], list(LONG_QUESTIONS)),  # long first: the goal's set
             "short": (num_short, 1000, [], short_questions())}
-    out: dict[str, Path] = {}
-    for name, (n, seed, extra, questions) in plan.items():
-        if n <= 0:
-            continue
-        folder = data_dir / name
-        make_dataset(["--output_dir", str(folder), "--num_clips", str(n), "--split", "test", "--seed", str(seed),
-                      "--width", "320", "--height", "240", "--num_workers", str(num_workers), *extra])
-        rewrite_questions(folder, questions)
-        out[name] = folder
-    return out
+    return {name: make_question_set(data_dir / name, n, "test", seed, questions, num_workers, extra)
+            for name, (n, seed, extra, questions) in plan.items() if n > 0}
 
 
 # ----------------------------------------------------------------------------- step 2: the twin

@@ -58,22 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_data(args: argparse.Namespace) -> dict[str, Path]:
     """``train/``: long-answer clips asked long and short questions in turn; ``test/``: held-out clips."""
-    from benchmark_parallel_prefill.twin_benchmark import rewrite_questions, short_questions
+    from benchmark_parallel_prefill.twin_benchmark import make_question_set, short_questions
     from common.synthetic import LONG_QUESTIONS
-    from scripts.make_synthetic_dataset import main as make_dataset
 
     short = short_questions()
     mixed = [q for i in range(len(short)) for q in (LONG_QUESTIONS[i % len(LONG_QUESTIONS)], short[i])]
     root = Path(args.data_dir)
-    out = {}
-    for split, num, seed in (("train", args.num_clips, 4000), ("test", args.num_test, 4500)):
-        folder = root / split
-        make_dataset(["--output_dir", str(folder), "--num_clips", str(num), "--split", split, "--seed", str(seed),
-                      "--width", str(args.width), "--height", str(args.height),
-                      "--num_workers", str(args.num_workers), "--long_answers"])
-        rewrite_questions(folder, mixed)
-        out[split] = folder
-    return out
+    return {split: make_question_set(root / split, num, split, seed, mixed, args.num_workers, ["--long_answers"],
+                                     (args.width, args.height))
+            for split, num, seed in (("train", args.num_clips, 4000), ("test", args.num_test, 4500))}
 
 
 def _pair_args(args: argparse.Namespace) -> list[str]:

@@ -73,6 +73,11 @@ def test_test_sets_ask_long_and_short_questions_in_turn(tmp_path):
     entries = json.loads((sets["long"] / INDEX_NAME).read_text())
     styles = {json.loads((sets["long"] / e["ground_truth"]).read_text()).get("answer_style") for e in entries}
     assert styles == {"long"}
+    made = (sets["long"] / INDEX_NAME).stat().st_mtime_ns
+    again = tb.make_twin_data(tmp_path, num_short=2, num_long=4, num_workers=1)  # the same sets: reused
+    assert again == sets and (sets["long"] / INDEX_NAME).stat().st_mtime_ns == made
+    more = tb.make_twin_data(tmp_path, num_short=0, num_long=5, num_workers=1)  # another set: made afresh
+    assert len(ClipDataset(more["long"])) == 5
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ Steps (each tool resumes or reuses what an earlier run left):
    ``feature_alignment.train_eagle_head`` (Video-LLaVA's layer -1 features, one decoder layer shaped
    like the target's: what ``common.drafters.widen`` widens to the twin's decoder layer).
 
-Writes ``--output_dir``/drafters.json with the checkpoint paths and the flags that pass them on
+Training runs go to ``--data_dir``/runs; the best checkpoints (token_adapter/, L1.safetensors, L5.safetensors,
+eagle_head/) and each training's RESULTS.md are copied into ``--output_dir`` (a few MB: easy to carry), with
+drafters.json: the checkpoint paths and the flags that pass them on
 (``scripts.widen_pair`` / ``benchmark_parallel_prefill.twin_benchmark``: ``--token_adapter P
 --hidden_adapter P1,P5 --eagle_head P``). Defaults take a few minutes on one GPU (``--device cuda``);
 ``--num_clips 64 --num_test 8`` keeps a 2-core CPU run near 15 minutes.
@@ -96,28 +98,50 @@ def extract(args: argparse.Namespace, data: dict[str, Path], out: Path) -> dict[
     return {"tokens": tokens, "hidden": hidden}
 
 
-def train(args: argparse.Namespace, extracted: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The TokenAdapter, the hidden adapters and the EAGLE head; their checkpoint paths."""
+def train(args: argparse.Namespace, extracted: dict[str, Any], runs: Path) -> dict[str, Any]:
+    """The TokenAdapter, the hidden adapters and the EAGLE head trained in run folders under ``runs``;
+    their best checkpoints and reports."""
     from feature_alignment.train_eagle_head import main as train_eagle
     from feature_alignment.train_hidden_adapter import main as train_hidden
     from token_alignment.train_and_evaluate import main as train_tokens
 
     tok = train_tokens(["--train_tokens", str(extracted["tokens"]["train"]), "--test_tokens",
-                        str(extracted["tokens"]["test"]), "--output_dir", str(out / "token_adapter"),
+                        str(extracted["tokens"]["test"]), "--output_dir", str(runs / "token_adapter"),
                         "--epochs", str(args.token_epochs), "--live_samples", "0", "--device", args.device,
                         "--warmup_steps", "0"])
-    paths: dict[str, Any] = {"token_adapter": str(tok["checkpoint"]), "hidden_adapter": []}
+    paths: dict[str, Any] = {"token_adapter": (Path(tok["checkpoint"]), Path(tok["run_dir"]) / "RESULTS.md"),
+                             "hidden_adapter": []}
     for level in [int(x) for x in args.levels.split(",") if x.strip()]:
-        folder = out / f"L{level}"
+        folder = runs / f"L{level}"
         train_hidden(["--train_dir", str(extracted["hidden"]), "--adapter_level", str(level), "--output_dir",
                       str(folder), "--epochs", str(args.hidden_epochs), "--early_stopping", "8", "--batch_size", "32",
                       "--device", args.device])
-        paths["hidden_adapter"].append(str(folder / "best.safetensors"))
-    train_eagle(["--train_dir", str(extracted["hidden"]), "--output_dir", str(out / "eagle_head"), "--epochs",
+        paths["hidden_adapter"].append((folder / "best.safetensors", folder / "RESULTS.md"))
+    train_eagle(["--train_dir", str(extracted["hidden"]), "--output_dir", str(runs / "eagle_head"), "--epochs",
                  str(args.eagle_epochs), "--lr", "1e-3", "--batch_size", "16", "--early_stopping", "8",
                  "--token_weight", "1.0", "--device", args.device])
-    paths["eagle_head"] = str(out / "eagle_head" / "best")
+    paths["eagle_head"] = (runs / "eagle_head" / "best", runs / "eagle_head" / "RESULTS.md")
     return paths
+
+
+def collect(trained: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Copy the best checkpoints (and each training's RESULTS.md) into ``out``; their paths there."""
+    import shutil
+
+    def put(src: Path, report: Path, name: str) -> str:
+        dst = out / name
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+        else:
+            shutil.copyfile(src, dst)
+        if report.is_file():
+            shutil.copyfile(report, out / f"{Path(name).stem}_RESULTS.md")
+        return str(dst)
+
+    return {"token_adapter": put(*trained["token_adapter"], "token_adapter"),
+            "hidden_adapter": [put(src, rep, f"{src.parent.name}.safetensors") for src, rep in trained["hidden_adapter"]],
+            "eagle_head": put(*trained["eagle_head"], "eagle_head")}
 
 
 def drafter_flags(paths: dict[str, Any]) -> list[str]:
@@ -138,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     data = make_data(args)
     extracted = extract(args, data, Path(args.data_dir) / "extracted")
-    paths = train(args, extracted, out)
+    paths = collect(train(args, extracted, Path(args.data_dir) / "runs"), out)
     summary = {"pair": _pair_args(args)[1:4:2], "data": {k: str(v) for k, v in data.items()}, "paths": paths,
                "flags": drafter_flags(paths)}
     atomic_write_json(out / "drafters.json", summary)

@@ -24,6 +24,10 @@ def test_tiny_run_trains_every_drafter_and_they_widen(tmp_path):
                     "--token_epochs", "1", "--hidden_epochs", "1", "--eagle_epochs", "1", "--batch_size", "6",
                     "--device", "cpu", "--num_workers", "1"])
     paths = summary["paths"]
+    out = tmp_path / "out"
+    assert paths == {"token_adapter": str(out / "token_adapter"), "eagle_head": str(out / "eagle_head"),
+                     "hidden_adapter": [str(out / "L1.safetensors"), str(out / "L5.safetensors")]}
+    assert (out / "eagle_head_RESULTS.md").is_file() and (out / "L5_RESULTS.md").is_file()
     assert json.loads((tmp_path / "out" / "drafters.json").read_text())["flags"] == summary["flags"]
     questions = [e["conversations"][0]["value"] for e in
                  json.loads((tmp_path / "data" / "train" / INDEX_NAME).read_text())]

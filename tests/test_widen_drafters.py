@@ -131,3 +131,21 @@ def test_drafter_for_another_pair_is_refused_with_one_line_and_nothing_written(t
     message = str(exc.value)
     assert "\n" not in message and str(bad) in message and "maps 64 -> 256" in message
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_head_of_another_target_or_corrupt_config_is_refused(tmp_path, small_drafters):
+    import shutil
+
+    from common.drafters.widen import DrafterSources, widen_drafters
+
+    bad = tmp_path / "eagle"
+    shutil.copytree(small_drafters["eagle"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    pair = (MODELS_DIR / "eventgpt", MODELS_DIR / "videollava")
+    with pytest.raises(DataError, match=r"config.json: the head was trained for a 128-wide target"):
+        widen_drafters(tmp_path / "out", DrafterSources(eagle_head=str(bad)), *pair, "small")
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(DataError, match="not an EAGLE head config"):
+        widen_drafters(tmp_path / "out", DrafterSources(eagle_head=str(bad)), *pair, "small")
+    assert not (tmp_path / "out").exists()

@@ -94,7 +94,10 @@ def widen_eagle_head(path: str | Path, target: Prepared) -> tuple[Any, _Job]:
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from None
     config_file = folder / CONFIG_NAME
-    c = EagleHeadConfig.from_dict(json.loads(config_file.read_text()))
+    try:
+        c = EagleHeadConfig.from_dict(json.loads(config_file.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{config_file}: not an EAGLE head config ({exc}); it cannot be widened") from None
     src, twin = target.src, target.plan.shape
     if c.hidden_size != src.hidden_size or c.target_vocab_size not in (0, src.vocab_size) \
             or c.target_num_layers not in (0, src.num_layers):

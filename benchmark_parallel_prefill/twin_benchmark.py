@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden_adapter", default=None, metavar="PATH[,PATH...]",
                    help="hidden adapters (L1-L5) trained on that pair, comma-separated")
     g.add_argument("--eagle_head", default=None, help="EAGLE head trained on that pair's Video-LLaVA")
-    g.add_argument("--drafters", dest="only", default=None,
+    g.add_argument("--drafters", dest="only", default=None, metavar="LIST",
                    help="comma list of compare_drafters rows to run (default: every one; without trained drafters "
                         "eventgpt,pooled_x2), e.g. eventgpt,token_adapter,L1,L5,eagle,hybrid")
     g.add_argument("--drafters_json", default=None,

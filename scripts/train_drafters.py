@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap of the extractions (default 50)")
     p.add_argument("--levels", default="1,5", help="hidden adapter levels, comma-separated (default 1,5)")
     p.add_argument("--token_epochs", type=int, default=30, help="TokenAdapter epochs (default 30)")
+    p.add_argument("--token_d_model", type=int, default=256, help="TokenAdapter width (default 256)")
+    p.add_argument("--token_layers", type=int, default=4, help="TokenAdapter layers (default 4)")
     p.add_argument("--hidden_epochs", type=int, default=40, help="hidden adapter epochs (default 40)")
     p.add_argument("--eagle_epochs", type=int, default=40, help="EAGLE head epochs (default 40)")
     p.add_argument("--batch_size", type=int, default=16, help="extraction batch (default 16)")
@@ -107,7 +109,8 @@ def train(args: argparse.Namespace, extracted: dict[str, Any], runs: Path) -> di
 
     tok = train_tokens(["--train_tokens", str(extracted["tokens"]["train"]), "--test_tokens",
                         str(extracted["tokens"]["test"]), "--output_dir", str(runs / "token_adapter"),
-                        "--epochs", str(args.token_epochs), "--live_samples", "0", "--device", args.device,
+                        "--epochs", str(args.token_epochs), "--d_model", str(args.token_d_model), "--n_layers",
+                        str(args.token_layers), "--live_samples", "0", "--device", args.device,
                         "--warmup_steps", "0"])
     paths: dict[str, Any] = {"token_adapter": (Path(tok["checkpoint"]), Path(tok["run_dir"]) / "RESULTS.md"),
                              "hidden_adapter": []}

@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eagle_head", default=None, help="EAGLE head trained on that pair's Video-LLaVA")
     g.add_argument("--drafters", dest="only", default=None, metavar="LIST",
                    help="comma list of compare_drafters rows to run (default: every one; without trained drafters "
-                        "eventgpt,pooled_x2), e.g. eventgpt,token_adapter,L1,L5,eagle,hybrid")
+                        "eventgpt,pooled_x2), e.g. eventgpt,token_adapter,L1,L5,eagle,hybrid; with "
+                        "--tree_topk/--tree_tokens the kept eagle and hybrid rows get their _tree copies")
     g.add_argument("--drafters_json", default=None,
                    help="drafters.json of scripts.train_drafters: its checkpoints (the flags above override)")
     add_tree_args(p)

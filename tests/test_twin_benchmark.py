@@ -80,7 +80,7 @@ def test_test_sets_ask_long_and_short_questions_in_turn(tmp_path):
     assert len(ClipDataset(more["long"])) == 5
 
 
-ROWS = ("eventgpt", "pooled_x2", "token_adapter", "L1", "L5", "eagle", "hybrid", "hybrid_tree")  # of 10 built
+ROWS = ("eventgpt", "pooled_x2", "token_adapter", "L1", "L5", "eagle", "hybrid")  # hybrid_L5 left out (CPU time)
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def test_whole_command_on_a_small_twin_is_lossless_and_consistent(tmp_path):
         assert hf["token_ids"] == target["token_ids"]  # HF generate on the twin = our engine (fp32, CPU)
         assert s["hf"]["tokens_equal_engine_rate"] == 1.0
         assert s["target_answer_tokens_mean"] == len(target["token_ids"])
-        assert set(s["drafters"]) - {"eventgpt_free_only"} == set(ROWS)
+        assert set(s["drafters"]) - {"eventgpt_free_only"} == {*ROWS, "eagle_tree", "hybrid_tree"}
         for drafter in s["drafters"]:
             if drafter == "eventgpt_free_only":
                 continue

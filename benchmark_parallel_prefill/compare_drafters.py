@@ -152,8 +152,8 @@ def build_specs(args: argparse.Namespace, draft: Any, target: Any) -> tuple[list
 
         adapter = load_any_adapter(apath, target.device)
         name = given or f"L{adapter.level}"
-        if adapter.config.hidden_in != draft.hidden_size or adapter.config.hidden_out != target.hidden_size:
-            notes.append(f"{name}: skipped ({apath} maps {adapter.config.hidden_in} -> {adapter.config.hidden_out}, "
+        if adapter.io_sizes != (draft.hidden_size, target.hidden_size):
+            notes.append(f"{name}: skipped ({apath} maps {adapter.io_sizes[0]} -> {adapter.io_sizes[1]}, "
                          f"the models are {draft.hidden_size} -> {target.hidden_size})")
             continue
         specs.append(Spec(name, "draft_model", draft, DrafterFactory("hidden_adapter", adapter=adapter,

@@ -1,20 +1,28 @@
-"""The 7B twin, end to end: every drafter that needs no training, against our target alone and HF ``generate``.
+"""The 7B twin, end to end: every drafter, against our target alone and HF ``generate``.
 
     python -m benchmark_parallel_prefill.twin_benchmark [--shape 7b|small] [--num_short 50 --num_long 50
         --num_free 10] [--twin_dir data/twin_7b --data_dir data/twin_data --output_dir results/twin]
-        [--device auto --num_workers 16 --no_hf]
+        [--eventgpt_path P --videollava_path P] [--token_adapter P --hidden_adapter P1,P5 --eagle_head P |
+        --drafters_json F] [--tree_topk K --tree_tokens N] [--device auto --num_workers 16 --no_hf]
 
 One command, four steps:
 
 1. test data: ``--num_short`` clips asked short questions (the top 50 minus the long ones, in turn) and
    ``--num_long`` clips made with ``--long_answers`` and asked the long questions ("What are the key
    elements in this scene?", ...); one sample per clip;
-2. the shipped pair widened to ``--shape`` (``scripts.widen_pair``; bf16 for 7b) into ``--twin_dir``,
-   skipped when a complete twin is there;
+2. the pair (``--eventgpt_path/--videollava_path``, default the shipped one) widened to ``--shape``
+   (``scripts.widen_pair``; bf16 for 7b) into ``--twin_dir``, skipped when a complete twin of the same
+   pair is there; the trained drafters of that pair given by ``--token_adapter``, ``--hidden_adapter``,
+   ``--eagle_head`` (or ``--drafters_json``, the file ``scripts.train_drafters`` writes) widened with it into
+   ``--twin_dir``/drafters, rewritten every run (``common.drafters.widen``: on the twin each proposes exactly
+   what it proposes on the small pair);
 3. per set, ``compare_drafters`` on the twin (target alone on our engine; raw EventGPT drafting
-   concurrently with the target's prefill; the pooled self-draft), ``--max_new_tokens`` 50; then
-   EventGPT free-tokens-only (``benchmark_parallel_prefill --gamma_after_prefill 0``, which also draws the
-   timeline) on ``--num_free`` long samples;
+   concurrently with the target's prefill; the pooled self-draft; and with trained drafters every one
+   ``compare_drafters`` builds from them: ``token_adapter``, ``L1``..``L5``, ``eagle``, ``hybrid``,
+   ``hybrid_L5``, and ``eagle_tree``/``hybrid_tree`` with ``--tree_topk/--tree_tokens``),
+   ``--max_new_tokens`` 50; then EventGPT free-tokens-only (``benchmark_parallel_prefill
+   --gamma_after_prefill 0``, which also draws the timeline, copied to ``--output_dir``/timeline.png) on
+   ``--num_free`` long samples;
 4. transformers' ``generate`` with a static cache on the same target weights and the same prompts
    (the twin's masked visual prefix given as a left-padding attention mask of zeros).
 
@@ -37,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from common.flags import add_tree_args
 
 STAGE = "benchmark_parallel_prefill"
 log = logging.getLogger(f"{STAGE}.twin_benchmark")
@@ -62,11 +72,17 @@ class TwinConfig:
     num_workers: int = 2
     hf: bool = True
     warmup_steps: int = 1
+    eventgpt_path: str | None = None  # the small pair to widen (None: the shipped one)
+    videollava_path: str | None = None
+    drafters: Any = None  # common.drafters.widen.DrafterSources of that pair (None: no trained drafters)
+    tree_topk: int | None = None
+    tree_tokens: int | None = None
+    only: str | None = None  # compare_drafters --drafters (None: every one it builds)
 
 
 # ----------------------------------------------------------------------------- step 1: data
 
-def _rewrite_questions(dataset_dir: Path, questions: list[str]) -> None:
+def rewrite_questions(dataset_dir: Path, questions: list[str]) -> None:
     """Give clip i question ``questions[i % len]`` with its ground-truth answer (one sample per clip)."""
     from common.data import INDEX_NAME
     from common.results import atomic_write_text
@@ -82,28 +98,62 @@ def _rewrite_questions(dataset_dir: Path, questions: list[str]) -> None:
     atomic_write_text(index, json.dumps(entries, indent=1) + "\n")
 
 
-def make_twin_data(data_dir: Path, num_short: int, num_long: int, num_workers: int) -> dict[str, Path]:
-    """The short- and long-question test sets (320x240, 1 s clips, held-out seeds)."""
+def short_questions() -> list[str]:
+    """The top questions that are not long-answer questions, most frequent first."""
     from common.synthetic import LONG_QUESTIONS, load_top_questions
-    from scripts.make_synthetic_dataset import main as make_dataset
 
     long_keys = {q.lower() for q in LONG_QUESTIONS}
-    short_questions = [q["question"] for q in load_top_questions() if q["question"].lower() not in long_keys]
+    return [q["question"] for q in load_top_questions() if q["question"].lower() not in long_keys]
+
+
+def make_question_set(folder: Path, num: int, split: str, seed: int, questions: list[str], num_workers: int,
+                      extra: list[str] = (), size: tuple[int, int] = (320, 240)) -> Path:
+    """``num`` synthetic clips in ``folder``, clip i asked ``questions[i % len]``; reused when an earlier run
+    made the same set (``question_set.json``), made afresh when it made another (rewritten questions cannot
+    be merged with new clips), resumed when it was interrupted."""
+    from common.results import atomic_write_json
+    from scripts.make_synthetic_dataset import main as make_dataset
+
+    marker = folder / "question_set.json"
+    want = {"num": num, "split": split, "seed": seed, "extra": list(extra), "size": list(size),
+            "questions": list(questions)}
+    if marker.is_file():
+        if json.loads(marker.read_text()) == want:
+            return folder
+        shutil.rmtree(folder)
+    make_dataset(["--output_dir", str(folder), "--num_clips", str(num), "--split", split, "--seed", str(seed),
+                  "--width", str(size[0]), "--height", str(size[1]), "--num_workers", str(num_workers), *extra])
+    rewrite_questions(folder, list(questions))
+    atomic_write_json(marker, want)
+    return folder
+
+
+def make_twin_data(data_dir: Path, num_short: int, num_long: int, num_workers: int) -> dict[str, Path]:
+    """The short- and long-question test sets (320x240, 1 s clips, held-out seeds)."""
+    from common.synthetic import LONG_QUESTIONS
+
     plan = {"long": (num_long, 2000, ["--long_answers"], list(LONG_QUESTIONS)),  # long first: the goal's set
-            "short": (num_short, 1000, [], short_questions)}
-    out: dict[str, Path] = {}
-    for name, (n, seed, extra, questions) in plan.items():
-        if n <= 0:
-            continue
-        folder = data_dir / name
-        make_dataset(["--output_dir", str(folder), "--num_clips", str(n), "--split", "test", "--seed", str(seed),
-                      "--width", "320", "--height", "240", "--num_workers", str(num_workers), *extra])
-        _rewrite_questions(folder, questions)
-        out[name] = folder
-    return out
+            "short": (num_short, 1000, [], short_questions())}
+    return {name: make_question_set(data_dir / name, n, "test", seed, questions, num_workers, extra)
+            for name, (n, seed, extra, questions) in plan.items() if n > 0}
 
 
 # ----------------------------------------------------------------------------- step 2: the twin
+
+def stale_reason(summary: dict[str, Any], shape: str, sources: dict[str, Path]) -> str | None:
+    """Why a finished twin is not the twin of ``sources`` at ``shape`` (None: it is)."""
+    from common.models.widen import source_fingerprint
+
+    if summary.get("shape") != shape:
+        return f"the twin there has shape {summary.get('shape')}, not {shape}"
+    for kind, path in sources.items():
+        made = summary.get(kind, {})
+        if Path(made.get("source", "")).resolve() != path.resolve():
+            return f"its {kind} was widened from {made.get('source')}, not {path}"
+        if made.get("source_fingerprint") not in (None, source_fingerprint(path)):
+            return f"{path} changed since the twin was widened"
+    return None
+
 
 def twin_complete(twin_dir: Path) -> bool:
     """A finished widen_pair output: the summary and both models' configs and weights."""
@@ -113,20 +163,54 @@ def twin_complete(twin_dir: Path) -> bool:
                for k in ("eventgpt", "videollava"))
 
 
-def ensure_twin(twin_dir: Path, shape: str) -> dict[str, Any]:
-    """Widen the shipped pair into ``twin_dir`` (bf16 for 7b, float32 for small) unless already there."""
+def ensure_twin(twin_dir: Path, shape: str, eventgpt_path: str | None = None,
+                videollava_path: str | None = None) -> dict[str, Any]:
+    """Widen the pair (default: the shipped one) into ``twin_dir`` (bf16 for 7b, float32 for small) unless
+    a complete twin of the same checkpoints (path and content) and shape is there; a stale one is replaced."""
     from common.defaults import resolve_model_paths
     from common.models.widen import widen_pair
 
+    egpt, vllava = resolve_model_paths(eventgpt_path, videollava_path)
     if twin_complete(twin_dir):
-        return {**json.loads((twin_dir / "widen_pair.json").read_text()), "reused": True, "seconds": 0.0}
-    for kind in ("eventgpt", "videollava"):  # an interrupted earlier widening
+        summary = json.loads((twin_dir / "widen_pair.json").read_text())
+        stale = stale_reason(summary, shape, {"eventgpt": egpt, "videollava": vllava})
+        if not stale:
+            return {**summary, "reused": True, "seconds": 0.0}
+        log.info("%s: %s; widening again", twin_dir, stale)
+    for kind in ("eventgpt", "videollava"):  # an interrupted earlier widening, or a stale twin
         shutil.rmtree(twin_dir / kind, ignore_errors=True)
-    egpt, vllava = resolve_model_paths(None, None)
     started = time.perf_counter()
     summary = widen_pair(twin_dir, egpt, vllava, shape_name=shape,
                          dtype=torch.bfloat16 if shape == "7b" else torch.float32)
     return {**summary, "reused": False, "seconds": time.perf_counter() - started}
+
+
+def ensure_twin_drafters(cfg: TwinConfig) -> dict[str, Any]:
+    """The trained drafters widened into ``twin_dir``/drafters (rewritten every run: seconds)."""
+    from common.defaults import resolve_model_paths
+    from common.drafters.widen import prepare_drafters, write_drafters
+    from common.models.widen import prepare
+
+    egpt, vllava = resolve_model_paths(cfg.eventgpt_path, cfg.videollava_path)
+    jobs = prepare_drafters(cfg.drafters, prepare("eventgpt", egpt, cfg.shape), prepare("videollava", vllava, cfg.shape))
+    shutil.rmtree(cfg.twin_dir / "drafters", ignore_errors=True)
+    return write_drafters(jobs, cfg.twin_dir)
+
+
+def drafter_args(widened: dict[str, Any] | None, cfg: TwinConfig) -> list[str]:
+    """compare_drafters flags: the widened drafters (then every drafter it builds), or only those needing no training."""
+    if not widened:
+        return ["--drafters", cfg.only or f"eventgpt,pooled_x{cfg.pool}", "--token_adapter", "none"]
+    out = ["--token_adapter", widened["token_adapter"]["path"] if "token_adapter" in widened else "none"]
+    if cfg.only:
+        out += ["--drafters", cfg.only]
+    if widened["hidden_adapter"]:
+        out += ["--hidden_adapter", ",".join(e["path"] for e in widened["hidden_adapter"])]
+    if "eagle_head" in widened:
+        out += ["--eagle_head", widened["eagle_head"]["path"]]
+    if cfg.tree_topk is not None or cfg.tree_tokens is not None:
+        out += ["--tree_topk", str(cfg.tree_topk), "--tree_tokens", str(cfg.tree_tokens)]
+    return out
 
 
 # ----------------------------------------------------------------------------- step 3: our engine
@@ -137,13 +221,14 @@ def _model_args(cfg: TwinConfig) -> list[str]:
             "--warmup_steps", str(cfg.warmup_steps), "--no_resume"]
 
 
-def run_compare(name: str, dataset_dir: Path, num: int, cfg: TwinConfig) -> dict[str, Any]:
-    """compare_drafters on the twin: target alone, raw EventGPT (concurrent), the pooled self-draft."""
+def run_compare(name: str, dataset_dir: Path, num: int, cfg: TwinConfig,
+                widened: dict[str, Any] | None = None) -> dict[str, Any]:
+    """compare_drafters on the twin: target alone, raw EventGPT (concurrent), the pooled self-draft, and the
+    widened trained drafters with every drafter compare_drafters builds from them."""
     from benchmark_parallel_prefill.compare_drafters import main as compare_main
 
     return compare_main(["--dataset_dir", str(dataset_dir), "--max_samples", str(num), *_model_args(cfg),
-                         "--drafters", f"eventgpt,pooled_x{cfg.pool}", "--pool", str(cfg.pool),
-                         "--token_adapter_path", "none", "--harness", "parallel",
+                         *drafter_args(widened, cfg), "--pool", str(cfg.pool), "--harness", "parallel",
                          "--output_dir", str(cfg.output_dir), "--task_name", f"twin_{name}"])
 
 
@@ -334,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1), help="data processes")
     p.add_argument("--warmup_steps", type=int, default=1, help="untimed warm-up runs (default 1)")
     p.add_argument("--no_hf", dest="hf", action="store_false", help="skip the HF generate baseline")
+    g = p.add_argument_group("the small pair and its trained drafters (widened with it)")
+    g.add_argument("--eventgpt_path", default=None, help="EventGPT checkpoint to widen (default: the shipped one)")
+    g.add_argument("--videollava_path", default=None, help="Video-LLaVA checkpoint to widen (default: the shipped one)")
+    g.add_argument("--token_adapter", default=None, help="TokenAdapter trained on that pair (checkpoint or run folder)")
+    g.add_argument("--hidden_adapter", default=None, metavar="PATH[,PATH...]",
+                   help="hidden adapters (L1-L5) trained on that pair, comma-separated")
+    g.add_argument("--eagle_head", default=None, help="EAGLE head trained on that pair's Video-LLaVA")
+    g.add_argument("--drafters", dest="only", default=None, metavar="LIST",
+                   help="comma list of compare_drafters rows to run (default: every one; without trained drafters "
+                        "eventgpt,pooled_x2), e.g. eventgpt,token_adapter,L1,L5,eagle,hybrid; with "
+                        "--tree_topk/--tree_tokens the kept eagle and hybrid rows get their _tree copies")
+    g.add_argument("--drafters_json", default=None,
+                   help="drafters.json of scripts.train_drafters: its checkpoints (the flags above override)")
+    add_tree_args(p)
     return p
 
 
@@ -342,11 +441,13 @@ def run(cfg: TwinConfig, command: str) -> dict[str, Any]:
     from common.cli import resolve_device
 
     started = time.perf_counter()
-    data = make_twin_data(cfg.data_dir, cfg.num_short, cfg.num_long, cfg.num_workers)
-    twin = ensure_twin(cfg.twin_dir, cfg.shape)
+    twin = ensure_twin(cfg.twin_dir, cfg.shape, cfg.eventgpt_path, cfg.videollava_path)
     log.info("twin ready (%s, %.0f s)", "reused" if twin["reused"] else "widened", twin["seconds"])
+    widened = ensure_twin_drafters(cfg) if cfg.drafters else None
+    data = make_twin_data(cfg.data_dir, cfg.num_short, cfg.num_long, cfg.num_workers)
     summary: dict[str, Any] = {"twin": twin, "device": str(resolve_device(cfg.device)), "gamma": cfg.gamma,
-                               "max_new_tokens": cfg.max_new_tokens, "sets": {}, "run_dirs": {}}
+                               "max_new_tokens": cfg.max_new_tokens, "sets": {}, "run_dirs": {},
+                               "widened_drafters": widened}
     if summary["device"].startswith("cuda"):
         import transformers
 
@@ -355,7 +456,7 @@ def run(cfg: TwinConfig, command: str) -> dict[str, Any]:
     hf_records: dict[str, list] = {}
     for name, folder in data.items():
         num = cfg.num_short if name == "short" else cfg.num_long
-        compare = run_compare(name, folder, num, cfg)
+        compare = run_compare(name, folder, num, cfg, widened)
         summary["run_dirs"][name] = compare["run_dir"]
         _release()
         hf_records[name] = (_guarded(summary, f"hf_{name}", hf_generate_pass, folder, num, cfg) or []) if cfg.hf else []
@@ -366,6 +467,7 @@ def run(cfg: TwinConfig, command: str) -> dict[str, Any]:
             free = _guarded(summary, "free_only", run_free_only, folder, min(cfg.num_free, num), cfg)
             if free:
                 summary["run_dirs"]["free_only"] = free["run_dir"]
+                _copy_timeline(Path(free["run_dir"]), cfg.output_dir)
                 summary["sets"]["long"]["drafters"]["eventgpt_free_only"] = summarize_free_only(free,
                                                                                                 hf_records[name])
             _release()
@@ -374,6 +476,13 @@ def run(cfg: TwinConfig, command: str) -> dict[str, Any]:
     summary["curve"] = leviathan_curve(summary["sets"], cfg.gamma)
     _write(cfg, summary, command, started)
     return summary
+
+
+def _copy_timeline(run_dir: Path, output_dir: Path) -> None:
+    """The free-tokens-only run's timeline.png beside TWIN_RESULTS.md."""
+    if (run_dir / "timeline.png").is_file():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "timeline.png", output_dir / "timeline.png")
 
 
 def _guarded(summary: dict[str, Any], step: str, fn: Any, *args: Any) -> Any:
@@ -404,15 +513,35 @@ def _write(cfg: TwinConfig, summary: dict[str, Any], command: str, started: floa
     atomic_write_text(cfg.output_dir / "TWIN_RESULTS.md", render_markdown(summary, command))
 
 
+def _read_drafters_json(path: str) -> dict[str, Any]:
+    """The checkpoint paths in a drafters.json of ``scripts.train_drafters``."""
+    from common.errors import DataError
+
+    try:
+        return dict(json.loads(Path(path).read_text())["paths"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a drafters.json of scripts.train_drafters ({type(exc).__name__}: {exc}); "
+                        "pass the file it wrote, or the --token_adapter/--hidden_adapter/--eagle_head flags") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from common.drafters.widen import DrafterSources
+
+    trained = _read_drafters_json(args.drafters_json) if args.drafters_json else {}
+    hidden = args.hidden_adapter.split(",") if args.hidden_adapter else trained.get("hidden_adapter", [])
+    sources = DrafterSources(eagle_head=args.eagle_head or trained.get("eagle_head"),
+                             hidden_adapters=tuple(x.strip() for x in hidden if x.strip()),
+                             token_adapter=args.token_adapter or trained.get("token_adapter"))
     cfg = TwinConfig(shape=args.shape, twin_dir=Path(args.twin_dir or f"data/twin_{args.shape}"),
                      data_dir=Path(args.data_dir), output_dir=Path(args.output_dir), num_short=args.num_short,
                      num_long=args.num_long, num_free=args.num_free, max_new_tokens=args.max_new_tokens,
                      gamma=args.gamma, device=args.device, num_workers=args.num_workers, hf=args.hf,
-                     warmup_steps=args.warmup_steps)
+                     warmup_steps=args.warmup_steps, eventgpt_path=args.eventgpt_path,
+                     videollava_path=args.videollava_path, drafters=sources if sources else None,
+                     tree_topk=args.tree_topk, tree_tokens=args.tree_tokens, only=args.only)
     return run(cfg, f"python -m {STAGE}.twin_benchmark {' '.join(argv)}")
 
 

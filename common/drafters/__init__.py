@@ -2,7 +2,7 @@
 
 Model code and drafters live in the submodules (``hidden_adapter``, ``hidden_drafter``,
 ``eagle_head``, ``token_adapter``, ``token_drafter``); the benchmarks' flag-to-drafter wiring
-in ``factory``. ``from common.drafters import DrafterFactory`` keeps working.
+in ``factory``; ``widen`` widens trained drafters to a widened twin of their pair. ``from common.drafters import DrafterFactory`` keeps working.
 """
 
 from common.drafters.factory import (

@@ -46,7 +46,7 @@ LEVELS = {1: "bottleneck", 2: "multi_bottleneck", 3: "wide_bottleneck", 4: "atte
 CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
 
 __all__ = ["LEVELS", "AdapterConfig", "Bottleneck", "BottleneckAdapter", "MultiBottleneckAdapter",
-           "AttentionAdapter", "EagleAdapter", "create_adapter", "save_adapter", "load_any_adapter",
+           "AttentionAdapter", "EagleAdapter", "WidenedAdapter", "create_adapter", "save_adapter", "load_any_adapter",
            "read_adapter_meta", "scaled_width", "masked_logits", "BaseAdapter", "resolve_config", "count_parameters",
            "L5Trunk"]
 
@@ -96,6 +96,8 @@ class AdapterConfig:
     max_positions: int = 2048
     vocab_size: int = 0
     token_dim: int = 0
+    widened_in: int = 0  # > 0: run on a widened twin (common.drafters.widen): its draft hidden size ...
+    widened_out: int = 0  # ... and target hidden size; the adapter reads/writes their first hidden_in/out dims
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +174,12 @@ class BaseAdapter(nn.Module):
     @property
     def level(self) -> int:
         return self.config.level
+
+    @property
+    def io_sizes(self) -> tuple[int, int]:
+        """(draft, target) hidden sizes it reads and writes: the twin's when widened."""
+        c = self.config
+        return (c.widened_in or c.hidden_in, c.widened_out or c.hidden_out)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -360,6 +368,43 @@ class L5Trunk:
         return features + a.out(a.norm(z))
 
 
+class _PaddedLmHead:
+    """The twin's LM head applied to a small feature (zero-padded to the twin's hidden size first)."""
+
+    def __init__(self, lm_head: torch.Tensor | Callable, size: int):
+        self.lm_head, self.size = lm_head, size
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return masked_logits(F.pad(hidden, (0, self.size - hidden.shape[-1])), self.lm_head)
+
+
+class WidenedAdapter(BaseAdapter):
+    """A small pair's adapter on its widened twin: reads the first ``hidden_in`` dims of the twin's
+    draft states (the small draft's states, exactly) and writes the small target state into the first
+    ``hidden_out`` dims (zeros elsewhere, as in the twin's own states). Saved as the inner adapter."""
+
+    def __init__(self, inner: BaseAdapter):
+        super().__init__(inner.config)
+        self.inner = inner
+        self.causal_sequence, self.predicts_next = inner.causal_sequence, inner.predicts_next
+
+    def _pad(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return None if y is None else F.pad(y, (0, self.config.widened_out - y.shape[-1]))
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None):
+        aligned, nxt = self.inner(x[..., : self.config.hidden_in], tokens)
+        return self._pad(aligned), self._pad(nxt)
+
+    @torch.no_grad()
+    def speculative_decode(self, draft_states: torch.Tensor, context: list[int], lm_head: torch.Tensor | Callable,
+                           gamma: int, vocab_limit: int | None = None, stop_token_ids: frozenset[int] = frozenset(),
+                           ) -> list[int]:
+        """The L5 inner adapter's drafting, on the small dims, through the twin's LM head."""
+        return self.inner.speculative_decode(draft_states[..., : self.config.hidden_in], context,
+                                             _PaddedLmHead(lm_head, self.config.widened_out), gamma, vocab_limit,
+                                             stop_token_ids)
+
+
 _CLASSES = {1: BottleneckAdapter, 2: MultiBottleneckAdapter, 3: BottleneckAdapter, 4: AttentionAdapter,
             5: EagleAdapter}
 
@@ -396,6 +441,8 @@ def create_adapter(level: int, hidden_in: int, hidden_out: int, **kw: Any) -> Ba
 
 def save_adapter(adapter: BaseAdapter, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``adapter`` as safetensors with its config and ``meta`` in the metadata (atomic)."""
+    if isinstance(adapter, WidenedAdapter):  # the on-disk format is the small adapter's (config says widened)
+        adapter = adapter.inner
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
     metadata = {"adapter_config": json.dumps(adapter.config.to_dict()), "meta": json.dumps(meta or {}),
                 "format": "hidden_adapter_v1"}
@@ -431,6 +478,8 @@ def load_any_adapter(path: str | Path, device: str | torch.device = "cpu") -> Ba
     config, meta = read_adapter_meta(file)
     adapter = _CLASSES[int(config["level"])](AdapterConfig.from_dict(config))
     adapter.load_state_dict(load_file(str(file)), strict=True)
+    if adapter.config.widened_in or adapter.config.widened_out:
+        adapter = WidenedAdapter(adapter)
     adapter.meta = meta
     adapter.checkpoint_path = str(file)
     return adapter.to(device).eval()

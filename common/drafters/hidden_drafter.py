@@ -198,8 +198,8 @@ def load_hidden_adapter_drafter(path: str | Path | BaseAdapter, draft_model: Any
     meta = getattr(adapter, "meta", {}) or {}
     input_layer = int(meta.get("input_layer", -1))
     limit = min(int(draft_model.base_vocab_size), int(target_model.base_vocab_size))
-    if adapter.config.hidden_in != draft_model.hidden_size or adapter.config.hidden_out != target_model.hidden_size:
-        raise ValueError(f"{path}: adapter maps {adapter.config.hidden_in} -> {adapter.config.hidden_out}, but the "
+    if adapter.io_sizes != (draft_model.hidden_size, target_model.hidden_size):
+        raise ValueError(f"{path}: adapter maps {adapter.io_sizes[0]} -> {adapter.io_sizes[1]}, but the "
                          f"models have hidden sizes {draft_model.hidden_size} -> {target_model.hidden_size}")
     stops = stop_token_ids if stop_token_ids is not None else [target_model.eos_token_id]
     return HiddenAdapterDrafter(adapter, draft_model, draft_state, target_model.lm_head, input_layer=input_layer,

@@ -381,6 +381,19 @@ def prepare(kind: str, source: str | Path, shape_name: str) -> Prepared:
     return Prepared(kind, folder, config, src, plan)
 
 
+def source_fingerprint(folder: Path) -> str:
+    """sha256 over a checkpoint's config.json and weight files (tells a retrained checkpoint in the same folder)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted([folder / "config.json", *folder.glob("*.safetensors")]):
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def write_widened(prep: Prepared, folder: Path, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
     """Write one widened checkpoint into ``folder`` (config, weights, every other file copied)."""
     folder.mkdir(parents=True)
@@ -394,7 +407,8 @@ def write_widened(prep: Prepared, folder: Path, dtype: torch.dtype, shard_bytes:
     for f in prep.source.iterdir():
         if f.is_file() and f.name != "config.json" and not f.name.startswith("model"):
             shutil.copy2(f, folder / f.name)
-    return {"source": str(prep.source), "path": str(folder), "source_shape": asdict(prep.src),
+    return {"source": str(prep.source), "source_fingerprint": source_fingerprint(prep.source), "path": str(folder),
+            "source_shape": asdict(prep.src),
             "shape": asdict(prep.plan.shape), "visual_pad_tokens": config["visual_pad_tokens"],
             "weight_bytes": nbytes}
 

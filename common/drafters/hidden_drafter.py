@@ -91,7 +91,8 @@ class HiddenAdapterDrafter(SyncedDrafter):
         # decodes with them); the eager reference recomputes the whole history per token
         graphable = plain_weights(target_lm_head) and getattr(draft_model, "graphs", None) is not None
         mode = pick_chain_mode(chain, p.device.type == "cuda", graphable)
-        self.chain_mode = mode if adapter.predicts_next else "eager"
+        # (an adapter without the static chain, e.g. a small pair's L5 on its widened twin, drafts eagerly)
+        self.chain_mode = mode if adapter.predicts_next and hasattr(adapter, "draft_chain") else "eager"
         self._chain_capacity = int(chain_capacity)
         self._chain: Any = None
         self._trunk_len = 0  # trunk rows in the chain's cache: rows t < it hold (aligned state t, fed token t)

@@ -1,0 +1,66 @@
+"""The Triton GEMV equals F.linear (fp32 on the CPU interpreter; bf16 within tolerance on the GPU).
+
+On the CPU this runs only under Triton's interpreter: ``TRITON_INTERPRET=1 python -m pytest tests/test_gemv.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 from the start", allow_module_level=True)
+pytest.importorskip("triton")
+
+from common.models import gemv as gemv_mod  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 6])
+@pytest.mark.parametrize("n,k", [(40, 300), (64, 512), (17, 96)])  # ragged N and K tails, K under one tile
+def test_gemv_equals_linear_fp32_for_every_config(rows, n, k):
+    torch.manual_seed(rows * n + k)
+    w = torch.randn(n, k, device=DEVICE)
+    x = torch.randn(rows, k, device=DEVICE)
+    ref = F.linear(x, w)
+    for cfg in gemv_mod.CONFIGS:
+        torch.testing.assert_close(gemv_mod.gemv(x, w, cfg), ref, atol=1e-4, rtol=1e-5)
+    out = gemv_mod.gemv(x[None], w)  # leading dims kept, default tile
+    assert out.shape == (1, rows, n)
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-5)
+
+
+def test_gemv_reads_a_strided_input_and_a_weight_view():
+    torch.manual_seed(1)
+    big = torch.randn(96, 200, device=DEVICE)
+    w = big[10:60]  # rows of a fused weight: a view with the parent's row stride
+    x = torch.randn(6, 400, device=DEVICE)[:, ::2]  # non-unit column stride: copied
+    torch.testing.assert_close(gemv_mod.gemv(x, w), F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_gemv_is_deterministic_and_rejects_bad_shapes():
+    torch.manual_seed(2)
+    w, x = torch.randn(33, 700, device=DEVICE), torch.randn(3, 700, device=DEVICE)
+    cfg = gemv_mod.CONFIGS[0]
+    assert torch.equal(gemv_mod.gemv(x, w, cfg), gemv_mod.gemv(x, w, cfg))
+    with pytest.raises(ValueError, match="rows"):
+        gemv_mod.gemv(torch.randn(17, 700, device=DEVICE), w)
+    with pytest.raises(ValueError, match="columns"):
+        gemv_mod.gemv(x, w.T)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 6])
+def test_gemv_bf16_close_to_linear_on_gpu(rows):
+    torch.manual_seed(3)
+    w = torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(rows, 11008, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.float(), w.float())
+    for cfg in gemv_mod.CONFIGS:
+        out = gemv_mod.gemv(x, w, cfg).float()
+        assert (out - ref).abs().max() / ref.abs().max() < 1e-2, cfg

@@ -64,3 +64,31 @@ def test_gemv_bf16_close_to_linear_on_gpu(rows):
     for cfg in gemv_mod.CONFIGS:
         out = gemv_mod.gemv(x, w, cfg).float()
         assert (out - ref).abs().max() / ref.abs().max() < 1e-2, cfg
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_fused_step_with_triton_gemv_equals_eager_step(k):
+    """``gemv="triton"``: the fused step's linears through the Triton GEMV give the eager step's logits (fp32)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from common.models.decoder import LlamaRunner
+
+    torch.manual_seed(4)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    runner = LlamaRunner(LlamaModel(cfg).eval().to(DEVICE), torch.nn.Linear(64, 100, bias=False).to(DEVICE),
+                         gemv="triton")
+    with torch.no_grad():
+        cache = runner.new_cache(64, torch.float32, DEVICE)
+        runner.run(torch.randn(1, 20, 64, device=DEVICE), cache)
+        embeds, positions = torch.randn(1, k, 64, device=DEVICE), torch.arange(20, 20 + k, device=DEVICE)
+        logits, _ = runner.static_step(embeds, positions, cache.clone())
+        assert runner.use_kernels(True) and runner.use_gemv("triton")
+        fused, _ = runner.static_step(embeds, positions, cache.clone())
+        assert not runner.use_gemv("cublas")
+        cublas, _ = runner.static_step(embeds, positions, cache.clone())
+    torch.testing.assert_close(fused, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, cublas, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'cublas' or 'triton'"):
+        runner.use_gemv("cutlass")

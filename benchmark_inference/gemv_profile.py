@@ -31,7 +31,7 @@ from common.results import atomic_write_json
 SECTIONS = ("gemv", "step", "nf4_step")
 NF4_CLASSES = (("nf4_matmul", r"gemv_4bit|gemm_4bit|kgemm|_nf4_|_sum_parts"),
                ("dequantize", r"dequant"),
-               ("gemv_triton", r"_gemv_kernel"),
+               ("gemv_triton", r"_gemv_kernel|_gemv_sum"),
                ("attention", r"split_attn|_combine|flash|sdpa|attention"),
                ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|wgmma|gemv"),
                ("fused_elementwise", r"add_rms_norm|rope_kv|silu_mul"),

@@ -92,3 +92,52 @@ def test_fused_step_with_triton_gemv_equals_eager_step(k):
     torch.testing.assert_close(fused, cublas, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'cublas' or 'triton'"):
         runner.use_gemv("cutlass")
+
+
+def test_gemv_profile_runs_at_tiny_shapes_on_the_cpu(tmp_path):
+    """The GPU script's gemv section end to end (wall clock on the CPU): values, not only keys."""
+    import json
+
+    from benchmark_inference import gemv_profile
+
+    out = tmp_path / "gemv.json"
+    gemv_profile.main(["--json", str(out), "--device", "cpu", "--sections", "gemv", "--layers", "1",
+                       "--hidden", "32", "--intermediate", "48", "--heads", "2", "--vocab", "40",
+                       "--rows", "1,2", "--repeats", "1"])
+    report = json.loads(out.read_text())["gemv"]
+    assert report["down_32x48_rows_2"]["triton_rel_err"] < 1e-5
+    assert set(report["qkv_96x32_rows_1"]["triton_per_config_ms"]) == {
+        f"n{c.block_n}_k{c.block_k}_w{c.warps}_p{c.programs_per_sm}" for c in gemv_mod.CONFIGS}
+    # 1 layer of qkv, o, gate_up, down + the LM head, fp32
+    assert report["gemv_floor"]["gigabytes"] == pytest.approx(4 * (96 * 32 + 32 * 32 + 96 * 32 + 32 * 48 + 40 * 32) / 1e9)
+    assert report["gemv_floor"]["triton_rows_2_ms"] > 0
+    with pytest.raises(SystemExit, match="unknown"):
+        gemv_profile.main(["--json", str(out), "--sections", "gemv,bogus"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [1, 6])
+def test_fused_step_triton_gemv_close_to_cublas_in_bf16_on_gpu(k):
+    """bf16, a graphed fused step: ``gemv="triton"`` logits within bf16 tolerance of ``"cublas"``."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from common.models.decoder import CudaGraphDecoder, LlamaRunner
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                      num_attention_heads=8, max_position_embeddings=512)
+    model = LlamaModel(cfg).eval().to("cuda", torch.bfloat16)
+    runner = LlamaRunner(model, torch.nn.Linear(512, 1000, bias=False).to("cuda", torch.bfloat16))
+    assert runner.use_kernels(True)
+    outs = {}
+    with torch.no_grad():
+        embeds = torch.randn(k, 512, device="cuda", dtype=torch.bfloat16)
+        for kind in ("cublas", "triton"):
+            runner.use_gemv(kind)
+            cache = runner.new_cache(128, torch.bfloat16, torch.device("cuda"))
+            runner.run(torch.full((1, 20, 512), 0.1, device="cuda", dtype=torch.bfloat16), cache)
+            outs[kind] = CudaGraphDecoder(runner, cache, [k]).step(embeds)
+    err = (outs["triton"] - outs["cublas"]).abs().max() / outs["cublas"].abs().max()
+    assert err < 2e-2

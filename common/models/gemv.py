@@ -77,7 +77,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, ITERS,
 
 
 @triton.jit
-def _sum_parts_kernel(part_ptr, out_ptr, total, N_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def _gemv_sum_kernel(part_ptr, out_ptr, total, N_PARTS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -133,7 +133,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig, out: torch.
         FOR_LOOP=x2.device.type == "cuda", num_warps=cfg.warps)
     if splits > 1:
         block = 1024
-        _sum_parts_kernel[(triton.cdiv(rows * n, block),)](target, out, rows * n, N_PARTS=splits, BLOCK=block,
+        _gemv_sum_kernel[(triton.cdiv(rows * n, block),)](target, out, rows * n, N_PARTS=splits, BLOCK=block,
                                                            num_warps=4)
 
 

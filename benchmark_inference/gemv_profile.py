@@ -4,8 +4,8 @@
 
 Random bf16 weights on the GPU (no checkpoint), in one run (about a minute on an H200):
 - ``gemv``: per weight shape (fused q/k/v, o, fused gate/up, down, LM head) at 1 and 6 rows, cuBLAS
-  ``F.linear`` vs ``common.models.gemv`` (its chosen tile and every tile), GPU ms and GB/s, each
-  timed as one CUDA graph over enough weight copies to defeat the L2 cache; then every weight of a
+  ``F.linear`` vs ``common.models.gemv`` (its chosen tile, then every tile timed alone after an L2
+  flush), GPU ms and GB/s, each timed as one CUDA graph over enough weight copies to defeat the L2 cache; then every weight of a
   decoder step (layers x 4 fused matrices + LM head) as one graph of cuBLAS vs one of Triton GEMVs;
 - ``step``: the fused decode step (``use_kernels``) of a LLaMA-7B-shaped decoder as CUDA graphs of 1
   and 6 rows, ``gemv="cublas"`` vs ``"triton"`` (``verify_over_decode`` = replay(6) / replay(1));
@@ -111,7 +111,7 @@ def gemv_section(args, device: torch.device, rows_list: list[int]) -> dict[str, 
     floor: dict[str, Any] = {"gigabytes": nbytes / 1e9}
     for rows in rows_list:
         xs = {k: torch.randn(rows, k, device=device, dtype=dtype) for k in {w.shape[1] for w in weights}}
-        for w in weights[:5]:
+        for w in {tuple(w.shape): w for w in weights}.values():
             gemv.gemv(xs[w.shape[1]], w)  # tiles chosen before capture
         for name, fn in (("cublas", F.linear), ("triton", gemv.gemv)):
             ms = graph_ms(lambda fn=fn, xs=xs: [fn(xs[w.shape[1]], w) for w in weights], device, args.repeats)

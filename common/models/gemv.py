@@ -147,17 +147,25 @@ def _config(x2: torch.Tensor, weight: torch.Tensor) -> GemvConfig:
     return _chosen[key]
 
 
-def time_config(x2: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig, repeats: int = 10) -> float:
-    """GPU ms of one call with this tile (CUDA only; compiles it first)."""
+@functools.cache
+def _l2_flush(device: torch.device) -> torch.Tensor:
+    return torch.empty(64 << 20, dtype=torch.int32, device=device)  # 256 MB, past any L2 cache
+
+
+def time_config(x2: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig, repeats: int = 5) -> float:
+    """GPU ms of one call with this tile, the weight streamed from memory (L2 flushed before each call; CUDA only)."""
     out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x2.dtype, device=x2.device)
-    _launch(x2, weight, cfg, out)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    _launch(x2, weight, cfg, out)  # compile and warm
+    total = 0.0
     for _ in range(repeats):
+        _l2_flush(x2.device).zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         _launch(x2, weight, cfg, out)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+        end.record()
+        end.synchronize()
+        total += start.elapsed_time(end)
+    return total / repeats
 
 
 def chosen_configs() -> dict[str, str]:

@@ -102,16 +102,16 @@ def time_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def classify(name: str) -> str:
-    """The op class of a GPU kernel's name."""
-    for cls, pattern in CLASSES:
+def classify(name: str, classes: tuple[tuple[str, str], ...] = CLASSES) -> str:
+    """The op class of a GPU kernel's name (the first of ``classes`` whose pattern matches)."""
+    for cls, pattern in classes:
         if re.search(pattern, name, re.IGNORECASE):
             return cls
     return "elementwise"
 
 
-def breakdown(fn, device: torch.device) -> dict[str, Any]:
-    """Device ms per op class and the ten longest kernels of one ``fn()`` (torch.profiler)."""
+def breakdown(fn, device: torch.device, classes: tuple[tuple[str, str], ...] = CLASSES) -> dict[str, Any]:
+    """Device ms per op class (of ``classes``) and the ten longest kernels of one ``fn()`` (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -126,7 +126,8 @@ def breakdown(fn, device: torch.device) -> dict[str, Any]:
         us = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0) or 0.0
         if not us or ev.key.startswith(("aten::", "cuda", "Memcpy", "Memset", "ProfilerStep")):
             continue
-        per_class[classify(ev.key)] = per_class.get(classify(ev.key), 0.0) + us / 1000
+        cls = classify(ev.key, classes)
+        per_class[cls] = per_class.get(cls, 0.0) + us / 1000
         kernels.append((us / 1000, ev.count, ev.key[:120]))
     kernels.sort(reverse=True)
     return {"ms_per_class": {k: round(v, 3) for k, v in sorted(per_class.items())},

@@ -144,3 +144,23 @@ def test_nf4_kernel_verify_step_equals_bitsandbytes():
     torch.testing.assert_close(fused_logits, static_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused_logits, logits, atol=1e-4, rtol=1e-4)
     assert not runner.use_nf4_kernel(False)
+
+
+@pytest.mark.parametrize("gemv", ["cublas", "triton"])
+def test_nf4_dequant_mode_verify_step_equals_bitsandbytes(gemv):
+    """Multi-row nf4 steps dequantized into one scratch matrix (then cuBLAS or the Triton GEMV) equal bitsandbytes."""
+    runner = _quantize_runner(_runner(hidden=64, kv_heads=2))
+    prompt, step = torch.randn(1, 30, 64, device=DEVICE), torch.randn(1, 6, 64, device=DEVICE)
+    with torch.no_grad():
+        cache = runner.new_cache(80, torch.float32, DEVICE)
+        runner.run(prompt, cache)
+        logits = runner.run(step, cache.clone())[0]
+        assert runner.use_nf4_kernel(True, mode="dequant")
+        dequant_logits = runner.run(step, cache.clone())[0]
+        assert runner.use_kernels(True)
+        runner.use_gemv(gemv)
+        fused_logits, _ = runner.static_step(step, torch.arange(30, 36, device=DEVICE), cache.clone())
+    torch.testing.assert_close(dequant_logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_logits, logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="'triton' or 'dequant'"):
+        runner.use_nf4_kernel(True, mode="bf16")

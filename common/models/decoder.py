@@ -156,7 +156,9 @@ class VocabLimitedHead(nn.Module):
 class LlamaRunner:
     """Runs a transformers ``LlamaModel`` (layers, norm, rotary) plus an LM head over a ``KVCache``."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, masked_prefix: int = 0):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, masked_prefix: int = 0,
+                 gemv: str = "cublas"):
+        """``gemv``: the dense linears of the fused step through cuBLAS or the Triton GEMV (``use_gemv``)."""
         self.language_model = language_model
         self.lm_head = lm_head
         # the first ``masked_prefix`` positions of every sequence (a widened twin's visual padding) are
@@ -169,6 +171,10 @@ class LlamaRunner:
         self._prefill_kernels: Any = None  # the same module once use_prefill_kernels(True) succeeded
         self._nf4: dict[int, Any] = {}  # id(Linear4bit) -> common.models.nf4_kernels.Nf4Weight (use_nf4_kernel)
         self._nf4_max_rows = 0
+        self._nf4_mode = "triton"  # or "dequant": multi-row nf4 steps dequantize into a scratch matrix
+        self._nf4_scratch: torch.Tensor | None = None
+        self._gemv: Any = None  # common.models.gemv once use_gemv("triton") succeeded
+        self.use_gemv(gemv)
 
     def fuse_projections(self) -> bool:
         """Concatenate each layer's q/k/v and gate/up weights into one matrix (one GEMV instead of 3 and 2).
@@ -229,15 +235,19 @@ class LlamaRunner:
             return None
         return kernels if kernels.available(device) else None
 
-    def use_nf4_kernel(self, on: bool = True, max_rows: int = 16) -> bool:
-        """Multiply 2..``max_rows``-row inputs of bitsandbytes nf4 layers with ``common.models.nf4_kernels``.
+    def use_nf4_kernel(self, on: bool = True, max_rows: int = 16, mode: str = "triton") -> bool:
+        """Multiply 2..``max_rows``-row inputs of bitsandbytes nf4 layers without bitsandbytes' multi-row path.
 
-        The kernel reads each packed 4-bit weight once for all rows (bitsandbytes dequantizes the
-        whole weight to bf16 first, or uses a kernel slower than its one-row GEMV on Hopper), so a
-        verify step of gamma + 1 rows costs about a decode step. One-row inputs keep bitsandbytes'
-        GEMV, larger ones its dequantize + GEMM. Needs Triton on CUDA; returns whether any layer uses it.
+        ``mode="triton"``: ``common.models.nf4_kernels`` reads each packed 4-bit weight once for all
+        rows (bitsandbytes dequantizes the whole weight to bf16 first, or uses a kernel slower than its
+        one-row GEMV on Hopper). ``mode="dequant"``: each weight is dequantized into one reused scratch
+        matrix, then multiplied by cuBLAS (or the Triton GEMV, ``use_gemv``). One-row inputs keep
+        bitsandbytes' GEMV, larger ones its dequantize + GEMM. Needs CUDA (or Triton's interpreter for
+        "triton"); returns whether any layer uses it.
         """
-        self._nf4, self._nf4_max_rows = {}, int(max_rows)
+        if mode not in ("triton", "dequant"):
+            raise ValueError(f"nf4 multi-row mode must be 'triton' or 'dequant', got {mode!r}")
+        self._nf4, self._nf4_max_rows, self._nf4_mode, self._nf4_scratch = {}, int(max_rows), mode, None
         device = self.language_model.norm.weight.device
         if not on or (device.type != "cuda" and not _interpreting()):
             return False
@@ -250,31 +260,75 @@ class LlamaRunner:
                 weight = nf4_kernels.nf4_weight(module)
                 if weight is not None:
                     self._nf4[id(module)] = weight
+        if self._nf4 and mode == "dequant":
+            size = max(w.out_features * w.in_features for w in self._nf4.values())
+            self._nf4_scratch = torch.empty(size, dtype=self.language_model.norm.weight.dtype, device=device)
         return bool(self._nf4)
 
-    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``module(x)``, or the nf4 kernel for a few rows of an nf4 layer (``use_nf4_kernel``)."""
+    def use_gemv(self, kind: str = "triton") -> bool:
+        """The fused step's dense linears (q/k/v, o, gate/up, down, LM head) through cuBLAS or the Triton GEMV.
+
+        ``kind`` is "cublas" (``F.linear``) or "triton" (``common.models.gemv``, CUDA or Triton's
+        interpreter only; elsewhere it stays on cuBLAS). The eager path never changes. Returns whether
+        the Triton GEMV is on.
+        """
+        if kind not in ("cublas", "triton"):
+            raise ValueError(f"gemv must be 'cublas' or 'triton', got {kind!r}")
+        self._gemv = None
+        device = self.language_model.norm.weight.device
+        if kind == "triton" and (device.type == "cuda" or _interpreting()):
+            try:
+                from common.models import gemv
+            except ImportError:  # no Triton in this install
+                return False
+            self._gemv = gemv
+        return self._gemv is not None
+
+    def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, weight)``, through the Triton GEMV for a few rows when ``use_gemv("triton")``."""
+        if self._gemv is not None and x.numel() // x.shape[-1] <= self._gemv.MAX_ROWS:
+            return self._gemv.gemv(x, weight)
+        return F.linear(x, weight)
+
+    def _linear(self, module: nn.Module, x: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """``module(x)``, or the nf4 path for a few rows of an nf4 layer (``use_nf4_kernel``).
+
+        ``step``: the fused step, where a plain bias-free ``nn.Linear`` goes through ``_dense``.
+        """
         weight = self._nf4.get(id(module)) if self._nf4 else None
         rows = x.numel() // x.shape[-1]
         if weight is None or not 2 <= rows <= self._nf4_max_rows:
+            if step and type(module) is nn.Linear and module.bias is None:
+                return self._dense(x, module.weight)
             return module(x)
+        if self._nf4_mode == "dequant":
+            import bitsandbytes as bnb
+
+            dense = self._nf4_scratch[: weight.out_features * weight.in_features].view(
+                weight.out_features, weight.in_features)
+            if dense.device.type == "cuda":
+                bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state, out=dense)
+            else:  # bitsandbytes' CPU backend has no ``out`` variant
+                dense.copy_(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state))
+            return self._dense(x, dense) if step else F.linear(x, dense)
         from common.models import nf4_kernels
 
         return nf4_kernels.nf4_linear(x, weight)
 
     def _qkv(self, idx: int, x: torch.Tensor) -> torch.Tensor:
-        """q, k and v of x side by side (..., (NH + 2 NKV) HD): one GEMM when fused."""
+        """q, k and v of x side by side (..., (NH + 2 NKV) HD): one GEMM when fused (the fused step's)."""
         if self._fused is not None:
-            return F.linear(x, self._fused[idx][0])
+            return self._dense(x, self._fused[idx][0])
         attn = self.layers[idx].self_attn
-        return torch.cat([self._linear(m, x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
+        return torch.cat([self._linear(m, x, step=True) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
 
     def _gate_up(self, idx: int, x: torch.Tensor) -> torch.Tensor:
-        """gate and up projections of x side by side (..., 2 I): one GEMM when fused."""
+        """gate and up projections of x side by side (..., 2 I): one GEMM when fused (the fused step's)."""
         if self._fused is not None:
-            return F.linear(x, self._fused[idx][1])
+            return self._dense(x, self._fused[idx][1])
         mlp = self.layers[idx].mlp
-        return torch.cat([self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)], dim=-1)
+        return torch.cat([self._linear(mlp.gate_proj, x, step=True), self._linear(mlp.up_proj, x, step=True)],
+                         dim=-1)
 
     @property
     def kernels_on(self) -> bool:
@@ -296,8 +350,9 @@ class LlamaRunner:
             attn = kern.decode_attention(q, cache.keys[idx, 0], cache.values[idx, 0], positions,
                                          s.head_dim ** -0.5, masked_prefix=self.masked_prefix)
             post, nxt = norms[2 * idx + 1], norms[2 * idx + 2]
-            h, res = kern.add_rms_norm(self._linear(layer.self_attn.o_proj, attn), res, post.weight, _eps(post))
-            mlp = self._linear(layer.mlp.down_proj, kern.silu_mul(self._gate_up(idx, h)))
+            h, res = kern.add_rms_norm(self._linear(layer.self_attn.o_proj, attn, step=True), res, post.weight,
+                                       _eps(post))
+            mlp = self._linear(layer.mlp.down_proj, kern.silu_mul(self._gate_up(idx, h)), step=True)
             h, res = kern.add_rms_norm(mlp, res, nxt.weight, _eps(nxt))
         return h
 
@@ -321,8 +376,9 @@ class LlamaRunner:
                                    s.num_heads, s.num_kv_heads)
             attn = self._prompt_attention(q, keys[:, :t], values[:, :t])
             post, nxt = norms[2 * idx + 1], norms[2 * idx + 2]
-            h, res = kern.add_rms_norm(self._linear(layer.self_attn.o_proj, attn), res, post.weight, _eps(post))
-            mlp = self._linear(layer.mlp.down_proj, kern.silu_mul(self._gate_up(idx, h)))
+            h, res = kern.add_rms_norm(self._linear(layer.self_attn.o_proj, attn, step=True), res, post.weight,
+                                       _eps(post))
+            mlp = self._linear(layer.mlp.down_proj, kern.silu_mul(self._gate_up(idx, h)), step=True)
             h, res = kern.add_rms_norm(mlp, res, nxt.weight, _eps(nxt))
             if idx + 1 in wanted and idx + 1 != s.num_layers:
                 hidden[idx + 1] = res[None]
@@ -487,7 +543,7 @@ class LlamaRunner:
         """
         if self._kernels is not None and embeds.shape[0] == 1 and positions.dim() == 1:
             x = self._fused_step(embeds, positions, cache)
-            return self.lm_head(x).float(), x
+            return self._linear(self.lm_head, x, step=True).float(), x
         x, _ = self.run_layers(embeds, positions, cache.capacity, cache, set())
         return self.lm_head(x[0]).float(), x[0]
 

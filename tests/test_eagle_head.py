@@ -154,6 +154,41 @@ def test_cuda_graph_verification_with_features_is_lossless(tmp_path):
         assert proxy.features(state).shape[0] >= len(result.tokens)
 
 
+def test_feature_step_is_the_targets_own_graph_step(models):
+    """The final-layer feature step computes exactly the target's static (graph) step, and returns its state."""
+    from common.drafters.eagle_head import feature_step
+
+    _, target = models
+    runner = target.runner
+    torch.manual_seed(0)
+    embeds = torch.randn(1, 3, target.hidden_size)
+    positions = torch.arange(3)
+    caches = [runner.new_cache(8, torch.float32, torch.device("cpu")) for _ in range(2)]
+    logits, state = runner.static_step(embeds, positions, caches[0])
+    out = feature_step(runner, -1)(embeds, positions, caches[1])
+    vocab = logits.shape[-1]
+    assert torch.equal(out[:, :vocab], logits) and torch.equal(out[:, vocab:], state.float())
+    assert torch.equal(caches[0].keys, caches[1].keys)
+    middle = feature_step(runner, 1)(embeds, positions, caches[1])
+    assert torch.equal(middle[:, :vocab], logits)  # stock kernels on the CPU: the same logits
+    assert not torch.equal(middle[:, vocab:], out[:, vocab:])  # layer 1, not the final state
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eagle_verify_matches_the_kernel_decode_in_bf16():
+    """With the Triton kernels on (the default graph path, no fixed step), EAGLE's output is the target's own."""
+    target = load_vlm("videollava", default_model_path("videollava"), device="cuda", quant="bf16")
+    target.enable_cuda_graphs(1024, step_sizes=(1, 6))
+    head = EagleHead(EagleHeadConfig.for_target(target)).to("cuda", target.dtype).bind(target)
+    for sample in samples(4):
+        reference = autoregressive_generate(target, prefill_sample(target, sample).state, max_new_tokens=40).tokens
+        proxy = EagleTarget(target, -1)
+        state = prefill_sample(proxy, sample).state
+        result = speculative_generate(proxy, state, EagleDrafter(head, proxy, state), max_new_tokens=40, gamma=5)
+        assert result.tokens == reference
+
+
 def test_eagle_drafter_through_run_parallel(models):
     """As a benchmark would wire --drafter eagle: the engine's target is a fresh EagleTarget per sample."""
     from common.drafters import DrafterFactory

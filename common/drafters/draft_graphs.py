@@ -40,7 +40,10 @@ CHAIN_MODES = ("auto", "eager", "static", "graph")
 
 def plain_weights(*modules: Any) -> bool:
     """Whether every module is a floating-point tensor, ``nn.Linear`` or ``nn.Embedding`` (safe to graph;
-    quantized layers are not)."""
+    quantized layers are not); a twin's ``VocabLimitedHead`` counts as the ``nn.Linear`` it wraps."""
+    from common.models.decoder import VocabLimitedHead
+
+    modules = tuple(m.head if isinstance(m, VocabLimitedHead) else m for m in modules)
     return all(isinstance(m, (torch.Tensor, torch.nn.Linear, torch.nn.Embedding)) and
                (m if isinstance(m, torch.Tensor) else m.weight).is_floating_point() for m in modules)
 

@@ -38,7 +38,7 @@ import json
 import math
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,6 +452,25 @@ class _FeatureBuffer:
 _FEATURE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def feature_step(runner: Any, layer: int) -> Callable[..., torch.Tensor]:
+    """A fixed-shape graph step returning [float32 logits | feature of ``layer``] per row.
+
+    For the final layer it is the runner's own ``static_step`` (Triton kernels included), so a
+    target verified through it computes bit for bit what its own graph decode computes.
+    """
+    n = runner.shape.num_layers
+    idx = runner.layer_index(layer)
+
+    def step(embeds: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        if idx == n:
+            logits, feature = runner.static_step(embeds, positions, cache)
+            return torch.cat([logits, feature.float()], dim=-1)
+        x, hidden = runner.run_layers(embeds, positions, cache.capacity, cache, {idx})
+        return torch.cat([runner.lm_head(x[0]).float(), hidden[idx][0].float()], dim=-1)
+
+    return step
+
+
 def _feature_graphs(target: Any, layer: int):
     """A ``CudaGraphDecoder`` over the target's static cache whose step returns [logits | feature]."""
     graphs = target.decoding.graphs
@@ -460,16 +479,8 @@ def _feature_graphs(target: Any, layer: int):
     if key in per_target:
         return per_target[key]
     runner = target.runner
-    n = runner.shape.num_layers
-    idx = runner.layer_index(layer)
-
-    def step(embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        x, hidden = runner.run_layers(embeds, positions, cache.capacity, cache, set() if idx == n else {idx})
-        logits = runner.lm_head(x[0]).float()
-        feature = x[0] if idx == n else hidden[idx][0]
-        return torch.cat([logits, feature.float()], dim=-1)
-
-    decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=graphs.compiled, step_fn=step)
+    decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=graphs.compiled,
+                               step_fn=feature_step(runner, layer))
     decoder.capture_all()
     per_target.clear()  # one set of graphs per target (older caches are gone)
     per_target[key] = decoder
@@ -481,8 +492,9 @@ class EagleTarget:
 
     The rest of the uniform interface (encode, tokenizer, vocab sizes, ...) is the target's, delegated
     one name at a time (nothing else of the target is reachable through it). With CUDA graphs on
-    the target, forwards replay graphs of the same step that also return the feature (same
-    kernels for the logits, so the numerics match the target's own graph decode); fixed-step
+    the target, forwards replay graphs of the same step that also return the feature (for the final
+    layer the target's own ``static_step``, Triton kernels included, so the logits are the target's
+    own graph decode's bit for bit; an intermediate layer runs the stock kernels); fixed-step
     numerics (``use_fixed_step``) are honoured. ``layer=None`` records nothing (only tracks the
     latest state, for the hybrid's switch).
     """

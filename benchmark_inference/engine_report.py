@@ -284,8 +284,8 @@ def _prefill_variants(target, visual, length: int, repeats: int) -> dict[str, fl
 def quant4_report(target4, opts: EngineOptions) -> dict[str, Any]:
     """Prefill, decode ms/token and verify(gamma+1)/decode(1) of a 4-bit (nf4) target, per decode mode.
 
-    With the Triton nf4 kernel for few-row steps (the default on CUDA) and, where it runs, without it
-    (bitsandbytes alone: its one-row GEMV, and its own path for the verify rows).
+    With bitsandbytes alone (the default: its one-row GEMV, and its own path for the verify rows) and,
+    where it runs, with the opt-in Triton nf4 kernel for few-row steps (``verify_over_decode_4bit_nf4_kernel``).
     """
     with torch.no_grad():
         visual = target4.encode_pixels(target4.preprocess(raw_inputs("videollava")))
@@ -297,12 +297,12 @@ def quant4_report(target4, opts: EngineOptions) -> dict[str, Any]:
         for name, on in runs.items():
             target4.runner.use_nf4_kernel(on)
             out[f"ours_4bit_{name}"] = _ours(target4, visual, opts, length)
-        target4.runner.use_nf4_kernel(kernel)
-    mode, best = _best(out[f"ours_4bit_{next(iter(runs))}"])
+        target4.runner.use_nf4_kernel(False)
+    mode, best = _best(out["ours_4bit_bnb"])
     out.update(decode_mode_4bit=mode, decode_ms_per_token_4bit=best["decode_ms_per_token"],
-               verify_over_decode_4bit=best["verify_over_decode"])
+               verify_over_decode_4bit=best["verify_over_decode"], verify_over_decode_4bit_bnb=best["verify_over_decode"])
     if kernel:
-        out["verify_over_decode_4bit_bnb"] = _best(out["ours_4bit_bnb"])[1]["verify_over_decode"]
+        out["verify_over_decode_4bit_nf4_kernel"] = _best(out["ours_4bit_nf4_kernel"])[1]["verify_over_decode"]
     return out
 
 

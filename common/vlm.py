@@ -95,9 +95,8 @@ class VisionLanguageModel(ABC):
         self.base_vocab_size = int(base_vocab_size)
         self.decode_room = DEFAULT_DECODE_ROOM
         self.decoding = Decoding(self.runner)  # graphs, fixed step, kernels switch: the decode routing
-        if self.device.type == "cuda":  # Triton prefill kernels; few-row nf4 steps (4-bit) without a bf16 weight copy
-            self.runner.use_prefill_kernels(True)
-            self.runner.use_nf4_kernel(True)
+        if self.device.type == "cuda":  # Triton prefill kernels (the nf4 few-row kernel is opt-in: on the H200
+            self.runner.use_prefill_kernels(True)  # its 4-bit verify measured 3.17x a decode, bitsandbytes' 2.51x)
         self.vision_graphs: GraphedVisionEncoder | None = None
         self.prefill_graphs: GraphedPrefill | None = None
         self._parked_prefill: GraphedPrefill | None = None  # kept by disable_prefill_graphs for reuse

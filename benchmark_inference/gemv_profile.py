@@ -25,8 +25,8 @@ import torch
 from torch.nn import functional as F
 
 from benchmark_inference.prefill_profile import breakdown, build_runner, time_ms
+from benchmark_inference.profile_report import ProfileReport
 from common.models.decoder import CudaGraphDecoder, capture_graph, graph_replay_ms
-from common.results import atomic_write_json
 
 SECTIONS = ("gemv", "step", "nf4_step")
 NF4_CLASSES = (("nf4_matmul", r"gemv_4bit|gemm_4bit|kgemm|_nf4_|_sum_parts"),
@@ -208,16 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
     rows_list = [int(r) for r in args.rows.split(",")]
     device = torch.device(args.device)
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "layers": args.layers, "context": args.context}
-
-    def save(key: str, make) -> None:
-        try:
-            report[key] = make()
-        except Exception as exc:  # report, keep measuring the rest
-            report[key] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        atomic_write_json(args.json, report)
-        print(key, report[key], flush=True)
+    report = ProfileReport(args.json, device, layers=args.layers, context=args.context)
+    save = report.save
 
     with torch.no_grad():
         if "gemv" in sections:
@@ -229,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save("step", lambda: step_section(runner, args, device, rows_list))
             if "nf4_step" in sections:
                 save("nf4_step", lambda: nf4_section(runner, args, device, rows_list))
-    return report
+    return report.data
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from common.results import atomic_write_json
+from benchmark_inference.profile_report import ProfileReport
 
 CLASSES = (("attention", r"flash|fmha|attention|cudnn|sdpa"),
            ("triton", r"triton|add_rms_norm|rope_kv|silu_mul|_nf4_|_sum_parts"),
@@ -267,16 +267,8 @@ def nf4_part(args, device: torch.device, repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "tokens": args.tokens, "layers": args.layers}
-
-    def save(key: str, make) -> None:
-        try:
-            report[key] = make()
-        except Exception as exc:  # report, keep measuring the rest
-            report[key] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        atomic_write_json(args.json, report)
-        print(key, report[key], flush=True)
+    report = ProfileReport(args.json, device, tokens=args.tokens, layers=args.layers)
+    save = report.save
 
     runner = build_runner(args)
     x = torch.randn(1, args.tokens, args.hidden, device=device, dtype=runner.lm_head.weight.dtype)
@@ -292,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save("masked_prefix", lambda: masked_prefix_prefill(args, args.repeats))
         if not args.no_4bit and device.type == "cuda":
             save("nf4", lambda: nf4_part(args, device, args.repeats))
-    return report
+    return report.data
 
 
 if __name__ == "__main__":

@@ -76,8 +76,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, ITERS,
         tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=omask)
 
 
+# out = the sum of N_PARTS fp32 split-K partial results, in a fixed order (shared with nf4_kernels)
 @triton.jit
-def _gemv_sum_kernel(part_ptr, out_ptr, total, N_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def sum_parts_kernel(part_ptr, out_ptr, total, N_PARTS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -87,7 +88,8 @@ def _gemv_sum_kernel(part_ptr, out_ptr, total, N_PARTS: tl.constexpr, BLOCK: tl.
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 off CUDA)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -115,7 +117,7 @@ def _splits(k: int, n: int, cfg: GemvConfig, device: torch.device) -> tuple[int,
     elif cfg.programs_per_sm == 0:
         splits = 1
     else:
-        splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * _sm_count(device), triton.cdiv(n, cfg.block_n))))
+        splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * sm_count(device), triton.cdiv(n, cfg.block_n))))
     iters = triton.cdiv(steps, splits)
     return triton.cdiv(steps, iters), iters
 
@@ -133,7 +135,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig, out: torch.
         FOR_LOOP=x2.device.type == "cuda", num_warps=cfg.warps)
     if splits > 1:
         block = 1024
-        _gemv_sum_kernel[(triton.cdiv(rows * n, block),)](target, out, rows * n, N_PARTS=splits, BLOCK=block,
+        sum_parts_kernel[(triton.cdiv(rows * n, block),)](target, out, rows * n, N_PARTS=splits, BLOCK=block,
                                                            num_warps=4)
 
 

@@ -12,12 +12,13 @@ bitsandbytes' dequantize does, so the result equals ``x @ dequantize_4bit(W).T``
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from common.models.gemv import sm_count, sum_parts_kernel
 
 MAX_ROWS = 16  # BLOCK_M of the kernel: rows of one call
 
@@ -102,21 +103,6 @@ def _nf4_splitk_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, 
     tl.store(part_ptr + (sp * M + rows[:, None]) * N + cols[None, :], acc, mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
-def _sum_parts_kernel(part_ptr, out_ptr, total, N_PARTS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(N_PARTS):  # a fixed order: the same bits every run
-        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 @dataclass(frozen=True)
 class Nf4Config:
     """Tile of one program: ``block_n`` output features x ``sub`` quantization blocks per iteration."""
@@ -138,7 +124,7 @@ def _launch(x2: torch.Tensor, w: Nf4Weight, cfg: Nf4Config, out: torch.Tensor) -
     n, nblk = w.out_features, k // w.blocksize
     col_programs = triton.cdiv(n, cfg.block_n)
     steps = triton.cdiv(nblk, cfg.sub)  # iterations of the whole K
-    splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * _sm_count(x2.device), col_programs)))
+    splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * sm_count(x2.device), col_programs)))
     if x2.device.type != "cuda":
         splits = min(steps, 2)  # the interpreter: two parts, so the sum of parts is exercised
     iters = triton.cdiv(steps, splits)
@@ -153,7 +139,7 @@ def _launch(x2: torch.Tensor, w: Nf4Weight, cfg: Nf4Config, out: torch.Tensor) -
         SUB=cfg.sub, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n,
         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", num_warps=cfg.warps)
     block = 1024
-    _sum_parts_kernel[(triton.cdiv(rows * n, block),)](parts, out, rows * n, N_PARTS=splits, BLOCK=block, num_warps=4)
+    sum_parts_kernel[(triton.cdiv(rows * n, block),)](parts, out, rows * n, N_PARTS=splits, BLOCK=block, num_warps=4)
 
 
 def _config(x2: torch.Tensor, w: Nf4Weight) -> Nf4Config:

@@ -60,6 +60,7 @@ from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
 from common.models.decoding import Decoding, replay
 from common.results import atomic_write, atomic_write_text
 from common.speculative import DraftProposal, SyncedDrafter
+from common.timing import sync_current_stream
 from common.tree import DraftTree, build_tree
 from common.vlm import DecodeState
 
@@ -497,11 +498,16 @@ class EagleTarget:
     own graph decode's bit for bit; an intermediate layer runs the stock kernels); fixed-step
     numerics (``use_fixed_step``) are honoured. ``layer=None`` records nothing (only tracks the
     latest state, for the hybrid's switch).
+
+    ``last_state`` is published only once the prefill's device work is done (``sync``, default: wait
+    for the calling thread's current stream), because another thread on another stream reads it at
+    once (``run_parallel``'s draft lane: the hybrid switches to the EAGLE head there and reads row 0).
     """
 
-    def __init__(self, target: Any, layer: int | None = -1):
+    def __init__(self, target: Any, layer: int | None = -1, *, sync: Callable[[], None] | None = None):
         self.target = target
         self.layer = None if layer is None else int(layer)
+        self._sync = sync if sync is not None else (lambda: sync_current_stream(target.device))
         self.last_state: DecodeState | None = None
         self._buffers: dict[int, tuple[weakref.ref, _FeatureBuffer]] = {}
 
@@ -617,6 +623,7 @@ class EagleTarget:
         if self.layer is not None:
             self._buffers = {k: v for k, v in self._buffers.items() if v[0]() is not None}
             self._buffers[id(state)] = (weakref.ref(state), _FeatureBuffer(hidden[self.layer][-1], state.prompt_length))
+        self._sync()  # the state and its row 0 are complete before any other stream may read them
         self.last_state = state
         return state
 

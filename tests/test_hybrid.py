@@ -91,3 +91,27 @@ def test_the_target_wrapper_publishes_its_state_after_the_prefills_device_work()
     state = proxy.prefill(visual, QUESTION)
     assert seen == [None] and proxy.last_state is state  # not visible before the sync
     assert proxy.features(state).shape[0] == 1 and torch.isfinite(proxy.features(state)).all()
+
+
+def test_a_switch_inside_the_free_window_leaves_the_chain_to_the_engines_gamma():
+    """The one-token proposal from unverified free tokens runs eagerly; the static chain is attached at the
+    engine's first proposal, with commit size gamma + 1 (a plain EAGLE run's), not 2."""
+    from common.drafters.eagle_head import CHAIN_CAPACITY
+
+    target, visual = _tiny()
+    torch.manual_seed(4)
+    head = EagleHead(EagleHeadConfig.for_target(target)).bind(target).eval()
+    proxy = EagleTarget(target, -1)
+    second = EagleDrafter(head, proxy, None, stop_token_ids=(), chain="static")
+    hybrid = HybridDrafter(Scripted([7, 8, 9, 1, 1]), second, proxy)
+    free = hybrid.propose([], 1).tokens + hybrid.propose([7], 1).tokens
+    state = proxy.prefill(visual, QUESTION)
+    free += hybrid.propose(list(free), 1).tokens  # EAGLE, from two unverified tokens
+    assert hybrid.switched_at == 2 and len(free) == 3
+    result = speculative_generate(proxy, state, hybrid, max_new_tokens=16, gamma=4, stop_token_ids=(),
+                                  initial_proposal=DraftProposal(free))
+    greedy = autoregressive_generate(target, target.prefill(visual, QUESTION), max_new_tokens=16,
+                                     stop_token_ids=()).tokens
+    assert result.tokens == greedy and second.chain_mode == "static"
+    assert head.draft_chain(CHAIN_CAPACITY, 5).owner is not None  # the engine's chain, claimed by the drafter
+    assert head.draft_chain(CHAIN_CAPACITY, 2).owner is None  # made just now by this query: nobody drafted on it

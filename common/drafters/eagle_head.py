@@ -739,13 +739,16 @@ class EagleDrafter(SyncedDrafter):
         self._bound_state: DecodeState | None = None
         self.chain_mode = resolve_chain_mode(chain, head, target)
         self._chain_capacity = int(chain_capacity)
-        self._chain: HeadChain | None = None  # attached at the first proposal (its commit size is gamma + 1)
+        self._chain: HeadChain | None = None  # attached at the first verified proposal (commit size gamma + 1)
         self._owner = object()  # which drafter's context a shared chain cache holds
 
     # ----- the static chain (common.drafters.draft_graphs) -----
-    def _attach_chain(self, commit_size: int) -> None:
-        """Draft on the head's shared static chain (``chain_mode`` static or graph), from the first proposal on."""
-        if self.chain_mode == "eager" or self._chain is not None or self._fed or self._cache.length:
+    def _attach_chain(self, commit_size: int, verified: bool) -> None:
+        """Draft on the head's shared static chain (``chain_mode`` static or graph) from the first proposal whose
+        whole context the target has ``verified``: a proposal before that (the hybrid's switch inside
+        ``run_parallel``'s free window, one token at a time) runs eagerly, so the chain's commit size is the
+        engine's gamma + 1, as a plain EAGLE run's. The rows fed eagerly are recommitted (``_keep_chain``)."""
+        if self.chain_mode == "eager" or self._chain is not None or not verified:
             return
         self._chain = self.head.draft_chain(self._chain_capacity, commit_size, graphs=self.chain_mode == "graph")
         self._cache = self._chain.cache
@@ -818,18 +821,18 @@ class EagleDrafter(SyncedDrafter):
         state = self._state if self._state is not None else self.target.last_state
         if state is None:
             return None
-        self._attach_chain(commit_size)
-        if self._chain is not None:  # the padded commit of the new rows, then a chain of up to commit_size tokens
-            self._keep_chain(len(context) + self._chain.commit_size + commit_size + 8)
-        if state is not self._bound_state:
-            self._bound_state = state
-            self._rollback(0)
         feats = self.target.features(state)
         if feats is None or feats.shape[0] == 0:
             raise RuntimeError("the target state has no recorded features: it was not prefilled through this "
                                "EagleTarget wrapper")
         n = len(context)
         usable = min(n, int(feats.shape[0]))  # positions j < usable have a true feature and a known token
+        self._attach_chain(commit_size, verified=usable == n)
+        if self._chain is not None:  # the padded commit of the new rows, then a chain of up to commit_size tokens
+            self._keep_chain(len(context) + self._chain.commit_size + commit_size + 8)
+        if state is not self._bound_state:
+            self._bound_state = state
+            self._rollback(0)
         self._feats = feats
         try:
             self.sync_to(context[:usable])  # SyncedDrafter: keep the common prefix, feed the new true rows

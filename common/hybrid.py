@@ -37,7 +37,8 @@ class HybridDrafter:
     """``first`` while the target has no state yet (its prefill is running), then ``second``.
 
     ``proxy`` is the target wrapper the engine verifies with (:class:`common.drafters.eagle_head.EagleTarget`),
-    fresh for this generation: its ``last_state`` appears when the target's prefill is done. ``on_switch`` runs once
+    fresh for this generation: its ``last_state`` appears when the target's prefill is done (its device
+    work finished: the switch may come in ``run_parallel``'s draft lane, on another stream). ``on_switch`` runs once
     at the switch (e.g. rolling the shared draft cache back for the second drafter).
     ``stats`` sums both drafters' counters and records where the switch happened.
     """

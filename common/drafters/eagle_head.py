@@ -60,6 +60,7 @@ from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
 from common.models.decoding import Decoding, replay
 from common.results import atomic_write, atomic_write_text
 from common.speculative import DraftProposal, SyncedDrafter
+from common.timing import sync_current_stream
 from common.tree import DraftTree, build_tree
 from common.vlm import DecodeState
 
@@ -497,11 +498,16 @@ class EagleTarget:
     own graph decode's bit for bit; an intermediate layer runs the stock kernels); fixed-step
     numerics (``use_fixed_step``) are honoured. ``layer=None`` records nothing (only tracks the
     latest state, for the hybrid's switch).
+
+    ``last_state`` is published only once the prefill's device work is done (``sync``, default: wait
+    for the calling thread's current stream), because another thread on another stream reads it at
+    once (``run_parallel``'s draft lane: the hybrid switches to the EAGLE head there and reads row 0).
     """
 
-    def __init__(self, target: Any, layer: int | None = -1):
+    def __init__(self, target: Any, layer: int | None = -1, *, sync: Callable[[], None] | None = None):
         self.target = target
         self.layer = None if layer is None else int(layer)
+        self._sync = sync if sync is not None else (lambda: sync_current_stream(target.device))
         self.last_state: DecodeState | None = None
         self._buffers: dict[int, tuple[weakref.ref, _FeatureBuffer]] = {}
 
@@ -617,6 +623,7 @@ class EagleTarget:
         if self.layer is not None:
             self._buffers = {k: v for k, v in self._buffers.items() if v[0]() is not None}
             self._buffers[id(state)] = (weakref.ref(state), _FeatureBuffer(hidden[self.layer][-1], state.prompt_length))
+        self._sync()  # the state and its row 0 are complete before any other stream may read them
         self.last_state = state
         return state
 
@@ -732,13 +739,16 @@ class EagleDrafter(SyncedDrafter):
         self._bound_state: DecodeState | None = None
         self.chain_mode = resolve_chain_mode(chain, head, target)
         self._chain_capacity = int(chain_capacity)
-        self._chain: HeadChain | None = None  # attached at the first proposal (its commit size is gamma + 1)
+        self._chain: HeadChain | None = None  # attached at the first verified proposal (commit size gamma + 1)
         self._owner = object()  # which drafter's context a shared chain cache holds
 
     # ----- the static chain (common.drafters.draft_graphs) -----
-    def _attach_chain(self, commit_size: int) -> None:
-        """Draft on the head's shared static chain (``chain_mode`` static or graph), from the first proposal on."""
-        if self.chain_mode == "eager" or self._chain is not None or self._fed or self._cache.length:
+    def _attach_chain(self, commit_size: int, verified: bool) -> None:
+        """Draft on the head's shared static chain (``chain_mode`` static or graph) from the first proposal whose
+        whole context the target has ``verified``: a proposal before that (the hybrid's switch inside
+        ``run_parallel``'s free window, one token at a time) runs eagerly, so the chain's commit size is the
+        engine's gamma + 1, as a plain EAGLE run's. The rows fed eagerly are recommitted (``_keep_chain``)."""
+        if self.chain_mode == "eager" or self._chain is not None or not verified:
             return
         self._chain = self.head.draft_chain(self._chain_capacity, commit_size, graphs=self.chain_mode == "graph")
         self._cache = self._chain.cache
@@ -811,18 +821,18 @@ class EagleDrafter(SyncedDrafter):
         state = self._state if self._state is not None else self.target.last_state
         if state is None:
             return None
-        self._attach_chain(commit_size)
-        if self._chain is not None:  # the padded commit of the new rows, then a chain of up to commit_size tokens
-            self._keep_chain(len(context) + self._chain.commit_size + commit_size + 8)
-        if state is not self._bound_state:
-            self._bound_state = state
-            self._rollback(0)
         feats = self.target.features(state)
         if feats is None or feats.shape[0] == 0:
             raise RuntimeError("the target state has no recorded features: it was not prefilled through this "
                                "EagleTarget wrapper")
         n = len(context)
         usable = min(n, int(feats.shape[0]))  # positions j < usable have a true feature and a known token
+        self._attach_chain(commit_size, verified=usable == n)
+        if self._chain is not None:  # the padded commit of the new rows, then a chain of up to commit_size tokens
+            self._keep_chain(len(context) + self._chain.commit_size + commit_size + 8)
+        if state is not self._bound_state:
+            self._bound_state = state
+            self._rollback(0)
         self._feats = feats
         try:
             self.sync_to(context[:usable])  # SyncedDrafter: keep the common prefix, feed the new true rows

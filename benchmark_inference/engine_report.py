@@ -53,8 +53,6 @@ class EngineOptions:
 # the in-process ways engine_report tries (concurrency_probe also tries green contexts, a head start and a
 # process per model; a green context that fails may leave the CUDA context unusable, so not here)
 ENGINE_VARIANTS = ("a0_threads", "a_threads_priority", "b_draft_graphs", "b_draft_graphs_switch")
-KEYS = ("target_prefill_alone_ms", "target_prefill_concurrent_ms", "draft_prefill_alone_ms",
-        "draft_prefill_end_concurrent_ms", "concurrent_prefill_slowdown", "free_draft_tokens")
 
 
 def _keys(probe: dict[str, Any], name: str) -> dict[str, float]:
@@ -83,7 +81,7 @@ def concurrent_prefill(draft, target, repeats: int, max_free: int = 256, draft_p
 def best_concurrent_prefill(draft, target, repeats: int, max_free: int = 256) -> dict[str, Any]:
     """The in-process ways of running the draft beside the target (``concurrency_probe``), the best one's figures.
 
-    Returns the ``KEYS`` of the best variant (``best_variant``: slowdown within 1.15 first, then free
+    Returns the ``_keys`` figures of the best variant (``best_variant``: slowdown within 1.15 first, then free
     tokens), its name as ``concurrency_variant``, and every variant's medians under ``concurrency_variants``.
     """
     every = in_process_variants([], [])

@@ -61,7 +61,7 @@ def recompute(stage: str, records: list[dict], args: dict, chunk_stats: list[dic
 def write_readouts(stage: str, run: RunFolder, records: list[dict], stats: dict[str, Any], args: dict,
                    argv: list[str]) -> None:
     """results.json, RESULTS.md and PNGs through the benchmark's own renderer (as a single run writes them)."""
-    for key in ("decode_mode", "drafter", "draft_device", "target_device", "device"):
+    for key in ("decode_mode", "drafter", "draft_device", "target_device"):
         stats.setdefault(key, args.get(key))
     if stage == "benchmark_inference":
         from benchmark_inference.benchmark_inference import write_readouts as write

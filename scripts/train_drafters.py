@@ -1,7 +1,7 @@
 """Train every trainable drafter of a small pair cheaply: TokenAdapter, hidden adapters L1 and L5, the EAGLE head.
 
     python -m scripts.train_drafters --data_dir data/drafter_data --pair_dir models --output_dir results/drafters
-        [--num_clips 160 --num_test 16 --max_new_tokens 50 --levels 1,5 --device auto --num_workers N
+        [--num_clips 160 --num_test 16 --max_new_tokens 128 --levels 1,5 --device auto --num_workers N
          --token_epochs 30 --hidden_epochs 40 --eagle_epochs 40]
 
 Steps (each tool resumes or reuses what an earlier run left):
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_test", type=int, default=16, help="held-out clips for the TokenAdapter report (default 16)")
     p.add_argument("--width", type=int, default=320, help="clip width (default 320)")
     p.add_argument("--height", type=int, default=240, help="clip height (default 240)")
-    p.add_argument("--max_new_tokens", type=int, default=50, help="answer length cap of the extractions (default 50)")
+    p.add_argument("--max_new_tokens", type=int, default=128,
+                   help="answer length cap of the extractions (default 128: the long answers whole, ~110 tokens)")
     p.add_argument("--levels", default="1,5", help="hidden adapter levels, comma-separated (default 1,5)")
     p.add_argument("--token_epochs", type=int, default=30, help="TokenAdapter epochs (default 30)")
     p.add_argument("--token_d_model", type=int, default=256, help="TokenAdapter width (default 256)")

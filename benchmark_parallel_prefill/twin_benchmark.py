@@ -20,7 +20,7 @@ One command, four steps:
    concurrently with the target's prefill; the pooled self-draft; and with trained drafters every one
    ``compare_drafters`` builds from them: ``token_adapter``, ``L1``..``L5``, ``eagle``, ``hybrid``,
    ``hybrid_L5``, and ``eagle_tree``/``hybrid_tree`` with ``--tree_topk/--tree_tokens``),
-   ``--max_new_tokens`` 50; then EventGPT free-tokens-only (``benchmark_parallel_prefill
+   ``--max_new_tokens`` 128 (the long answers whole); then EventGPT free-tokens-only (``benchmark_parallel_prefill
    --gamma_after_prefill 0``, which also draws the timeline, copied to ``--output_dir``/timeline.png) on
    ``--num_free`` long samples;
 4. transformers' ``generate`` with a static cache on the same target weights and the same prompts
@@ -65,7 +65,7 @@ class TwinConfig:
     num_short: int = 50
     num_long: int = 50
     num_free: int = 10
-    max_new_tokens: int = 50
+    max_new_tokens: int = 128
     gamma: int = 5
     pool: int = 2
     device: str = "auto"
@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_long", type=int, default=50, help="long-question samples (default 50)")
     p.add_argument("--num_free", type=int, default=10,
                    help="long samples for EventGPT free-tokens-only and its timeline (default 10; 0: skip)")
-    p.add_argument("--max_new_tokens", type=int, default=50, help="answer length limit (default 50)")
+    p.add_argument("--max_new_tokens", type=int, default=128,
+                   help="answer length limit (default 128: the long answers whole; the earlier runs used 50)")
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per step (default 5)")
     p.add_argument("--device", default="auto", help="torch device (default auto)")
     p.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1), help="data processes")

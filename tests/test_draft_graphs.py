@@ -459,9 +459,39 @@ def test_tree_drafting_beside_the_graphed_chain_is_lossless(tiny_models_dir):
         assert chain.tokens == expected and drafter.chain_mode == "graph"
         proxy = EagleTarget(target, -1)
         state = proxy.prefill(visual, QUESTION)
-        tree = speculative_generate(proxy, state, EagleDrafter(head, proxy, state), max_new_tokens=24, gamma=0,
-                                    tree=TreeConfig(topk=3, tokens=6))  # eager head steps on the shared cache
-        assert tree.tokens == expected
+        drafter = EagleDrafter(head, proxy, state)
+        tree = speculative_generate(proxy, state, drafter, max_new_tokens=24, gamma=0,
+                                    tree=TreeConfig(topk=3, tokens=6))  # graphed expansions on the shared cache
+        assert tree.tokens == expected and drafter.chain_mode == "graph"
+        assert drafter.stats.proposals > 0 and drafter.stats.tokens_proposed > 0
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_graphed_tree_replays_its_static_run():
+    """bf16 head: the CUDA graphs of the root and k-row expansion steps build bitwise the static path's trees."""
+    head = _bare_head(torch.bfloat16, "cuda")
+    feats = torch.randn(20, H, device="cuda", dtype=torch.bfloat16)
+    ids = [(3 * i + 2) % LIMIT for i in range(19)]
+    graphed = HeadChain(head, capacity=128, commit_size=4, graphs=True)
+    static = HeadChain(head, capacity=128, commit_size=4, graphs=False)
+    depths = set()
+    for lo, hi in ((0, 7), (7, 12), (12, 19)):
+        graphed.commit(feats[lo:hi], ids[lo:hi])
+        static.commit(feats[lo:hi], ids[lo:hi])
+        root = feats[hi]
+        first = torch.topk(head.logits(root), 2).indices.tolist()
+        for topk, tokens in ((2, 7), (4, 17)):
+            config = TreeConfig(topk=topk, tokens=tokens)
+            for stops in (frozenset(), frozenset(first[:1])):
+                a, steps_a = graphed.tree(root, config, config.max_depth, stops)
+                b, steps_b = static.tree(root, config, config.max_depth, stops)
+                assert (a.tokens, a.parents, a.scores, steps_a) == (b.tokens, b.parents, b.scores, steps_b)
+                assert graphed.cache.length == hi
+                depths.add(a.depth)
+    assert max(depths) >= 2
+    ms = graphed.tree_replay_ms(TreeConfig(topk=4, tokens=17), repeats=5)
+    assert ms["root_ms"] > 0 and ms["expand_ms"] > 0
 
 
 @pytest.mark.gpu

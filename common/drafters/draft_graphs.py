@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from common.models.decoder import capture_graph
+from common.models.decoder import capture_graph, graph_replay_ms
 from common.tree import DraftTree, TreeConfig, build_tree
 
 __all__ = ["HeadChain", "HeadTree", "StaticKV", "draft_chain", "expand_topk", "CHAIN_MODES", "pick_chain_mode", "plain_weights",
@@ -271,11 +271,20 @@ class HeadChain:
              stop_tokens: frozenset[int] = frozenset()) -> tuple[DraftTree, int]:
         """``common.tree.build_tree`` from ``root`` (H,) with static k-row expansions (:class:`HeadTree`) at
         temporary positions after the cache's length (the length is unchanged); (tree, expansions run)."""
-        width = max(config.max_depth - 1, 1)
-        key = (int(config.topk), width)
+        return self._tree(config).build(root, config, max_depth, stop_tokens)
+
+    def _tree(self, config: TreeConfig) -> HeadTree:
+        key = (int(config.topk), max(config.max_depth - 1, 1))  # ancestors: at most one per expansion
         if key not in self._trees:
             self._trees[key] = HeadTree(self, *key)
-        return self._trees[key].build(root, config, max_depth, stop_tokens)
+        return self._trees[key]
+
+    def tree_replay_ms(self, config: TreeConfig, repeats: int = 50) -> dict[str, float]:
+        """GPU ms of a tree's root replay and of one expansion replay (CUDA events; graphs only), at the
+        capacity's end slots (the cache is unharmed)."""
+        if not self.graphs:
+            raise ValueError("tree_replay_ms needs graphs=True")
+        return self._tree(config).replay_ms(repeats)
 
     def tree_rows(self, config: TreeConfig, max_depth: int) -> int:
         """Head positions a tree of ``config`` (at most ``max_depth`` deep) uses past the cache's length."""
@@ -360,6 +369,13 @@ class HeadTree:
         else:
             out = (self._root_fn, self._expand_fn)[part]()
         return _rows_topk(out.tolist())
+
+    def replay_ms(self, repeats: int) -> dict[str, float]:
+        """GPU ms of one root and one expansion replay, parked at the capacity's end slots."""
+        self._ensure_graphs()
+        self._park()
+        root, expand = (graph_replay_ms(g, self.chain.device, repeats) for g, _ in self._graphs)
+        return {"root_ms": root, "expand_ms": expand}
 
     # ----- a tree -----
     def build(self, root: torch.Tensor, config: TreeConfig, max_depth: int,

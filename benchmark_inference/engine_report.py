@@ -194,7 +194,7 @@ def _eagle(target, opts: EngineOptions) -> dict[str, Any]:
     out.update(eagle_chain_mode="graph" if graphs else "static", step_ms=chain["chain_ms"] / opts.gamma,
                commit_ms=chain["commit_ms"])
     try:  # a draft tree (--tree_topk/--tree_tokens) on the same chain: one graph replay per depth
-        tree = eagle_tree_costs(target, head, opts.context, opts.tree_topk, opts.tree_tokens, opts.steps, graphs=graphs)
+        tree = eagle_tree_costs(head, opts.context, opts.tree_topk, opts.tree_tokens, opts.steps, graphs=graphs)
         out.update({f"eagle_tree_{k}": v for k, v in tree.items()})
     except Exception as exc:  # report, keep the chain's numbers
         out["eagle_tree_failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"

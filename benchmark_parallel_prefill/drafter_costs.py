@@ -93,7 +93,11 @@ def _visual(vlm, kind: str):
 
 
 def _tokens(vlm, n: int) -> list[int]:
-    limit = int(vlm.base_vocab_size)
+    return _ids(int(vlm.base_vocab_size), n)
+
+
+def _ids(limit: int, n: int) -> list[int]:
+    """``n`` fixed token ids in [3, limit)."""
     return [(7 * i + 11) % max(limit - 3, 1) + 3 for i in range(n)]
 
 
@@ -172,17 +176,19 @@ def eagle_chain_costs(target, head, context: int, gamma: int, steps: int, graphs
     return chain_costs(chain, feats, _tokens(target, context + gamma + 1), context, gamma, steps)
 
 
-def eagle_tree_costs(target, head, context: int, topk: int, tokens: int, steps: int, graphs: bool,
+def eagle_tree_costs(head, context: int, topk: int, tokens: int, steps: int, graphs: bool,
                      capacity: int = CHAIN_CAPACITY) -> dict[str, float]:
     """An EAGLE-2 draft tree of ``topk``/``tokens`` (``--tree_topk/--tree_tokens``) from a random root after
     ``context`` committed rows, ms per tree with its host reads: ``ms`` on the drafter's static chain
     (``HeadChain.tree``, CUDA graphs when ``graphs``; its ``depth``, ``nodes`` and ``expansions`` beside it),
     ``root_ms`` (the root's top-k alone), ``expansion_ms`` (per further depth), ``eager_ms`` (the eager
     reference, one head step per depth); with graphs the GPU time of one ``root_replay_ms``/``expand_replay_ms``.
-    A random head's tree is shallower than a trained one's: ``expansion_ms`` prices deeper trees."""
-    dev = target.device
-    feats = torch.randn(context + 1, target.hidden_size, device=dev, dtype=target.dtype)
-    ids, root, config = _tokens(target, context), feats[context], TreeConfig(topk=topk, tokens=tokens)
+    ``head`` is bound (its device and dtype are used). A random head's tree is shallower than a trained one's:
+    ``expansion_ms`` prices deeper trees."""
+    p = head.fc.weight
+    dev = p.device
+    feats = torch.randn(context + 1, head.feature_size, device=dev, dtype=p.dtype)
+    ids, root, config = _ids(head.vocab_limit or 1000, context), feats[context], TreeConfig(topk, tokens)
     chain = head.draft_chain(capacity, 8, graphs=graphs)
     chain.claim(object())  # the benchmark's own context in the shared cache
     cache = head.new_cache(context + topk * tokens + 8)
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         chain_graphs = target.graphs is not None  # the drafter's own choice (chain="auto")
         chain = eagle_chain_costs(target, head, ctx, g, steps, graphs=chain_graphs)
         tree_config = tree_config_from(args.tree_topk, args.tree_tokens) or TreeConfig(topk=4, tokens=16)
-        tree = eagle_tree_costs(target, head, ctx, tree_config.topk, tree_config.tokens, steps, graphs=chain_graphs)
+        tree = eagle_tree_costs(head, ctx, tree_config.topk, tree_config.tokens, steps, graphs=chain_graphs)
         l5_chain = l5_chain_costs(draft, target, ctx, g, steps, graphs=chain_graphs)
         adapters = adapter_costs(draft, target, ctx, g, steps)
     info.update(target_decode_ms=t_ms, target_verify_ms=t_ver, target_prefill_ms=t_pre, target_prompt_tokens=t_prompt,

@@ -317,6 +317,26 @@ def test_static_tree_drafter_proposes_the_eager_drafters_trees(topk, tokens):
     assert max(len(tokens) for tokens, _ in runs["static"][0]) == tokens - 1
 
 
+def test_static_tree_drafter_leaves_a_full_chain_for_eager_trees():
+    target, visual = _tiny()
+    torch.manual_seed(8)
+    head = EagleHead(EagleHeadConfig.for_target(target)).bind(target).eval()
+    config = TreeConfig(topk=4, tokens=9)
+    expected = autoregressive_generate(target, target.prefill(visual, "5 9 13"), max_new_tokens=24,
+                                       stop_token_ids=()).tokens
+    runs = []
+    for kw in ({"chain": "static", "chain_capacity": 60}, {"chain": "eager"}):
+        proxy = EagleTarget(target, -1)
+        state = proxy.prefill(visual, "5 9 13")
+        drafter = EagleDrafter(head, proxy, state, stop_token_ids=(), **kw)
+        rec = Recording(drafter)
+        result = speculative_generate(proxy, state, rec, max_new_tokens=24, gamma=0, stop_token_ids=(), tree=config)
+        assert result.tokens == expected
+        runs.append((rec.proposals, drafter.chain_mode))
+    assert runs[0][1] == "eager"  # a tree's 4 x 7 rows past the context no longer fit 60 positions: left the chain
+    assert runs[0][0] == runs[1][0]
+
+
 # ----- the L5 adapter's chain -----
 
 def _l5(dtype=torch.float64, device="cpu", hidden_in=24, hidden_out=32, vocab=V):

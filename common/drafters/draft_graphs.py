@@ -10,6 +10,10 @@ head cache, so each part replays as one CUDA graph:
 - ``chain(root, gamma)``: :func:`draft_chain` unrolled, argmax on the device, each drafted
   token and predicted feature fed back at temporary positions after the cache's length (the
   length does not move: they are dropped). The host reads the gamma tokens once.
+- ``tree(root, config, max_depth)``: an EAGLE-2 draft tree (:func:`common.tree.build_tree`, host
+  bookkeeping unchanged) whose root and per-depth k-row expansions are fixed-shape steps
+  (:class:`HeadTree`: one replay and one host read per depth), at temporary positions as the chain's.
+  Its head needs ``static_step``'s ``slots`` and ``attn_mask`` (the EAGLE head has them).
 
 Every input is a static buffer filled before the replay (features, ids, positions, the root
 feature, the start position). With ``graphs=False`` the same functions run eagerly on the same

@@ -26,6 +26,7 @@ import torch
 from benchmark_parallel_prefill.drafter_costs import eagle_tree_costs
 from common.cli import resolve_device
 from common.drafters.eagle_head import EagleHead, EagleHeadConfig
+from common.errors import DataError
 from common.results import atomic_write_json, atomic_write_text, markdown_table
 from common.tree import add_tree_args, tree_config_from
 
@@ -52,7 +53,7 @@ def _sharpness(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or any(v <= 0 for v in values):
-        raise ValueError(f"--sharpness: positive comma-separated numbers, e.g. 1,4,16 (got {text!r})")
+        raise DataError(f"--sharpness: positive comma-separated numbers, e.g. 1,4,16 (got {text!r})")
     return values
 
 

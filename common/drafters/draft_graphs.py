@@ -37,8 +37,8 @@ import torch
 from common.models.decoder import capture_graph, graph_replay_ms
 from common.tree import DraftTree, TreeConfig, build_tree
 
-__all__ = ["HeadChain", "HeadTree", "StaticKV", "draft_chain", "expand_topk", "CHAIN_MODES", "pick_chain_mode", "plain_weights",
-           "cut_after_stop"]
+__all__ = ["HeadChain", "HeadTree", "StaticKV", "draft_chain", "expand_topk", "CHAIN_MODES", "pick_chain_mode",
+           "plain_weights", "cut_after_stop"]
 
 CHAIN_MODES = ("auto", "eager", "static", "graph")
 

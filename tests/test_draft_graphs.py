@@ -477,13 +477,18 @@ def test_tree_drafting_beside_the_graphed_chain_is_lossless(tiny_models_dir):
         drafter = EagleDrafter(head, proxy, state)
         chain = speculative_generate(proxy, state, drafter, max_new_tokens=24, gamma=5)  # graphs captured
         assert chain.tokens == expected and drafter.chain_mode == "graph"
-        proxy = EagleTarget(target, -1)
-        state = proxy.prefill(visual, QUESTION)
-        drafter = EagleDrafter(head, proxy, state)
-        tree = speculative_generate(proxy, state, drafter, max_new_tokens=24, gamma=0,
-                                    tree=TreeConfig(topk=3, tokens=6))  # graphed expansions on the shared cache
-        assert tree.tokens == expected and drafter.chain_mode == "graph"
-        assert drafter.stats.proposals > 0 and drafter.stats.tokens_proposed > 0
+        trees = {}
+        for mode in ("auto", "static"):
+            proxy = EagleTarget(target, -1)
+            state = proxy.prefill(visual, QUESTION)
+            drafter = EagleDrafter(head, proxy, state, chain=mode)
+            rec = Recording(drafter)
+            tree = speculative_generate(proxy, state, rec, max_new_tokens=24, gamma=0,
+                                        tree=TreeConfig(topk=3, tokens=6))  # graphed expansions on the shared cache
+            assert tree.tokens == expected and drafter.chain_mode == ("graph" if mode == "auto" else "static")
+            assert drafter.stats.proposals > 0 and drafter.stats.tokens_proposed > 0
+            trees[mode] = rec.proposals
+    assert trees["auto"] == trees["static"] and any(tokens for tokens, _ in trees["auto"])  # fp32: the same trees
 
 
 @pytest.mark.gpu

@@ -4,9 +4,11 @@ At Video-LLaVA-7B shapes (random weights through the real loaders) it measures o
 each ``--engine_modes`` mode, transformers ``generate`` with a static cache, a ~30-line
 ``torch.compile`` loop over HF's ``StaticCache`` on the same weights, verify(gamma+1)/decode(1),
 the EAGLE drafter's cost c per drafted token (its commit and gamma-token chain replayed as CUDA graphs;
-the eager head's c beside it as ``eagle_c_eager``; the L5 drafter's feature-space chain as ``l5_chain_c``), the LLM prefill of the 2069-token prompt, and the
-target's prefill (vision + LLM) alone vs with EventGPT prefilling and drafting beside it on its
-own stream, with the free draft tokens finished inside that window. ``engine_report`` takes
+the eager head's c beside it as ``eagle_c_eager``; the L5 drafter's feature-space chain as ``l5_chain_c``;
+one topk-4, 16-row EAGLE draft tree as ``eagle_tree_c``, its eager reference as ``eagle_tree_c_eager``, both
+per tree), the LLM prefill of the 2069-token prompt, and the target's prefill (vision + LLM) alone vs
+with EventGPT prefilling and drafting beside it on its own stream, with the free draft tokens finished
+inside that window. ``engine_report`` takes
 loaded models, so the CPU path is tested at tiny shapes.
 """
 
@@ -31,7 +33,12 @@ from benchmark_inference.real_shape_timing import (
     raw_inputs,
     verify_ratio,
 )
-from benchmark_parallel_prefill.drafter_costs import eagle_chain_costs, eagle_costs, l5_chain_costs
+from benchmark_parallel_prefill.drafter_costs import (
+    eagle_chain_costs,
+    eagle_costs,
+    eagle_tree_costs,
+    l5_chain_costs,
+)
 from common.models.decoder import capture_graph, graph_replay_ms
 from common.results import atomic_write_json
 from common.timing import sync
@@ -48,6 +55,8 @@ class EngineOptions:
     context: int = 50
     concurrent_repeats: int = 3
     baselines: bool = True
+    tree_topk: int = 4  # the EAGLE draft tree priced as eagle_tree_c (--tree_topk/--tree_tokens)
+    tree_tokens: int = 16
 
 
 # the in-process ways engine_report tries (concurrency_probe also tries green contexts, a head start and a
@@ -184,6 +193,11 @@ def _eagle(target, opts: EngineOptions) -> dict[str, Any]:
     out.update({f"eagle_chain_{k}": v for k, v in chain.items()})
     out.update(eagle_chain_mode="graph" if graphs else "static", step_ms=chain["chain_ms"] / opts.gamma,
                commit_ms=chain["commit_ms"])
+    try:  # a draft tree (--tree_topk/--tree_tokens) on the same chain: one graph replay per depth
+        tree = eagle_tree_costs(head, opts.context, opts.tree_topk, opts.tree_tokens, opts.steps, graphs=graphs)
+        out.update({f"eagle_tree_{k}": v for k, v in tree.items()})
+    except Exception as exc:  # report, keep the chain's numbers
+        out["eagle_tree_failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
 
 
@@ -237,6 +251,9 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
         report.update(eagle, eagle_step_ms=step, eagle_commit_ms=commit, eagle_c=(step + commit / opts.gamma) / decode,
                       eagle_c_eager=(eagle["eagle_eager_step_ms"] + eagle["eagle_eager_commit_ms"] / opts.gamma)
                       / decode)
+        if "eagle_tree_ms" in report:  # per tree (not per token): a tree's draft time / a decode step
+            report.update(eagle_tree_c=report["eagle_tree_ms"] / decode,
+                          eagle_tree_c_eager=report["eagle_tree_eager_ms"] / decode)
         report.update(_l5(draft, target, opts))
         if "l5_chain_proposal_ms" in report:  # the chain alone: the EventGPT forward that feeds it is extra
             report["l5_chain_c"] = report["l5_chain_proposal_ms"] / opts.gamma / decode

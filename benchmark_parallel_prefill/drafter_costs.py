@@ -14,6 +14,7 @@ decoding on CUDA, and measures, as medians of synchronised single steps on a cac
 - the EAGLE head's step (one head position + the target's LM head + argmax), random weights at the
   target's shape (or ``--eagle_head``), and its commit step (gamma + 1 positions); and the drafter's
   static chain (commit + gamma-token chain, CUDA graphs when the target decodes with them) per proposal;
+  and an EAGLE-2 draft tree (``--tree_topk/--tree_tokens``, default 4/16) on that chain, per tree;
 - L1 adapter + LM head per token (plus the EventGPT forward with hidden states that the L1-L4
   drafters pay per token), and the L5 adapter's feature-space step at ``--context`` rows.
 
@@ -35,11 +36,12 @@ import numpy as np
 import torch
 
 from common.compression import PooledVideoLlava
-from common.drafters.eagle_head import CHAIN_CAPACITY
+from common.drafters.eagle_head import CHAIN_CAPACITY, eager_tree
 from common.models.loader import load_vlm
 from common.pipeline import configure_decode
 from common.results import atomic_write_json, atomic_write_text, markdown_table
 from common.timing import sync
+from common.tree import TreeConfig, add_tree_args, tree_config_from
 
 QUESTION = "What are the key elements in this scene?"
 
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=50, help="answer tokens already decoded when timing (default 50)")
     p.add_argument("--eagle_head", default=None, help="a trained EAGLE head (default: random at the target's shape)")
     p.add_argument("--output_dir", default="results/drafter_costs", help="folder for results.json and RESULTS.md")
+    add_tree_args(p)  # the EAGLE draft tree priced per tree (default --tree_topk 4 --tree_tokens 16)
     return p
 
 
@@ -90,7 +93,11 @@ def _visual(vlm, kind: str):
 
 
 def _tokens(vlm, n: int) -> list[int]:
-    limit = int(vlm.base_vocab_size)
+    return _ids(int(vlm.base_vocab_size), n)
+
+
+def _ids(limit: int, n: int) -> list[int]:
+    """``n`` fixed token ids in [3, limit)."""
     return [(7 * i + 11) % max(limit - 3, 1) + 3 for i in range(n)]
 
 
@@ -167,6 +174,42 @@ def eagle_chain_costs(target, head, context: int, gamma: int, steps: int, graphs
     feats = torch.randn(context + gamma + 1, target.hidden_size, device=target.device, dtype=target.dtype)
     chain = head.draft_chain(capacity, gamma + 1, graphs=graphs)
     return chain_costs(chain, feats, _tokens(target, context + gamma + 1), context, gamma, steps)
+
+
+def eagle_tree_costs(head, context: int, topk: int, tokens: int, steps: int, graphs: bool,
+                     capacity: int = CHAIN_CAPACITY) -> dict[str, float]:
+    """An EAGLE-2 draft tree of ``topk``/``tokens`` (``--tree_topk/--tree_tokens``) from a random root after
+    ``context`` committed rows, ms per tree with its host reads: ``ms`` on the drafter's static chain
+    (``HeadChain.tree``, CUDA graphs when ``graphs``; its ``depth``, ``nodes`` and ``expansions`` beside it),
+    ``root_ms`` (the root's top-k alone), ``expansion_ms`` (per further depth), ``eager_ms`` (the eager
+    reference, one head step per depth); with graphs the GPU time of one ``root_replay_ms``/``expand_replay_ms``.
+    ``head`` is bound (its device and dtype are used). A random head's tree is shallower than a trained one's:
+    ``expansion_ms`` prices deeper trees."""
+    p = head.fc.weight
+    dev = p.device
+    feats = torch.randn(context + 1, head.feature_size, device=dev, dtype=p.dtype)
+    ids, root, config = _ids(head.vocab_limit or 1000, context), feats[context], TreeConfig(topk, tokens)
+    chain = head.draft_chain(capacity, 8, graphs=graphs)
+    chain.claim(object())  # the benchmark's own context in the shared cache
+    cache = head.new_cache(context + topk * tokens + 8)
+    with torch.no_grad():
+        chain.commit(feats[:context], ids)
+        head.step(feats[:context], ids, cache)
+        tree, expansions = chain.tree(root, config, config.max_depth)
+        out = {"ms": _median_ms(lambda: chain.tree(root, config, config.max_depth), steps, dev),
+               "depth": tree.depth, "nodes": len(tree), "expansions": expansions,
+               "root_ms": _median_ms(lambda: chain.tree(root, TreeConfig(topk=topk, tokens=2), 1), steps, dev)}
+        out["expansion_ms"] = (out["ms"] - out["root_ms"]) / max(expansions, 1)
+
+        def eager():
+            cache.truncate(context)
+            return eager_tree(head, cache, root, config, config.max_depth)
+
+        out["eager_ms"] = _median_ms(eager, steps, dev)
+        if graphs:
+            out.update({f"{k[:-3]}_replay_ms": v for k, v in chain.tree_replay_ms(config).items()})
+    chain.claim(object())
+    return out
 
 
 def l5_chain_costs(draft, target, context: int, gamma: int, steps: int, graphs: bool,
@@ -257,11 +300,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eagle = eagle_costs(target, head, ctx, g, steps)
         chain_graphs = target.graphs is not None  # the drafter's own choice (chain="auto")
         chain = eagle_chain_costs(target, head, ctx, g, steps, graphs=chain_graphs)
+        tree_config = tree_config_from(args.tree_topk, args.tree_tokens) or TreeConfig(topk=4, tokens=16)
+        tree = eagle_tree_costs(head, ctx, tree_config.topk, tree_config.tokens, steps, graphs=chain_graphs)
         l5_chain = l5_chain_costs(draft, target, ctx, g, steps, graphs=chain_graphs)
         adapters = adapter_costs(draft, target, ctx, g, steps)
     info.update(target_decode_ms=t_ms, target_verify_ms=t_ver, target_prefill_ms=t_pre, target_prompt_tokens=t_prompt,
                 eventgpt_prefill_ms=e_pre, eventgpt_prompt_tokens=e_prompt, pooled_prefill_ms=p_pre,
-                pooled_prompt_tokens=p_prompt, eagle_head_parameters=head.num_parameters())
+                pooled_prompt_tokens=p_prompt, eagle_head_parameters=head.num_parameters(),
+                **{f"eagle_tree_{k}": v for k, v in tree.items()})
 
     def row(name: str, ms: float, note: str) -> None:
         rows.append({"drafter": name, "ms per draft token": ms, "c": ms / t_ms, "note": note})
@@ -278,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     row(f"eagle chain ({'CUDA graphs' if chain_graphs else 'static, eager'}, per token, incl. commit)",
         chain["proposal_ms"] / g, f"one proposal: commit of {g + 1} rows ({chain['commit_ms']:.2f} ms) + "
                                   f"{g}-token chain ({chain['chain_ms']:.2f} ms), one host read")
+    row(f"eagle tree, topk {tree_config.topk}, {tree_config.tokens} rows ({'CUDA graphs' if chain_graphs else 'static, eager'}"
+        ", per TREE)", tree["ms"], f"one tree of depth {tree['depth']} ({tree['expansions']} expansions, "
+                                   f"{tree['expansion_ms']:.2f} ms each); eager reference {tree['eager_ms']:.2f} ms")
     row("L1 adapter + LM head", adapters["L1_ms"], "adapter and LM head only")
     row("L1-L4 drafter", e_hid_ms + adapters["L1_ms"], "EventGPT forward with hidden states (eager: hidden states "
                                                        "bypass CUDA graphs) + L1 adapter + LM head, per token")

@@ -144,13 +144,18 @@ class DraftTree:
 # Building (EAGLE-2): expand the top-k frontier, keep the most likely nodes
 # ----------------------------------------------------------------------------------------
 
-Expand = Callable[[DraftTree, list[int]], torch.Tensor]
+# A frontier's children: (len, V) log-probs, or per row its top-k already taken as host lists (values, ids),
+# descending as ``torch.topk`` returns them (a static expansion reads them in one device-to-host copy).
+TopK = tuple[Sequence[float], Sequence[int]]
+Expand = Callable[[DraftTree, list[int]], "torch.Tensor | Sequence[TopK]"]
 
 
-def _add_children(tree: DraftTree, parent: int, base: float, logprobs: torch.Tensor, k: int) -> list[int]:
-    values, ids = torch.topk(logprobs.float(), min(k, int(logprobs.shape[-1])))
+def _add_children(tree: DraftTree, parent: int, base: float, logprobs: torch.Tensor | TopK, k: int) -> list[int]:
+    if isinstance(logprobs, torch.Tensor):
+        values, ids = torch.topk(logprobs.float(), min(k, int(logprobs.shape[-1])))
+        logprobs = (values.tolist(), ids.tolist())
     added = []
-    for v, t in zip(values.tolist(), ids.tolist()):
+    for v, t in zip(*logprobs):
         if math.isfinite(v):
             tree.tokens.append(int(t))
             tree.parents.append(parent)
@@ -159,9 +164,10 @@ def _add_children(tree: DraftTree, parent: int, base: float, logprobs: torch.Ten
     return added
 
 
-def build_tree(root_logprobs: torch.Tensor, expand: Expand, config: TreeConfig, *, max_depth: int | None = None,
-               stop_tokens: frozenset[int] = frozenset()) -> DraftTree:
-    """EAGLE-2 tree from the draft's log-probs at the root and ``expand(tree, frontier) -> (len, V)`` log-probs.
+def build_tree(root_logprobs: torch.Tensor | TopK, expand: Expand, config: TreeConfig, *,
+               max_depth: int | None = None, stop_tokens: frozenset[int] = frozenset()) -> DraftTree:
+    """EAGLE-2 tree from the draft's log-probs at the root and ``expand(tree, frontier) -> (len, V)`` log-probs
+    (or, for both, the top-k already taken: ``TopK`` host lists, see ``Expand``).
 
     Depth 1 holds the root's top-k; each further depth expands the top-k nodes of the previous
     depth (by cumulative log-prob; stop tokens are never expanded) into their top-k children.

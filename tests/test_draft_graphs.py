@@ -12,6 +12,7 @@ from common.drafters.eagle_head import (
     EagleHead,
     EagleHeadConfig,
     EagleTarget,
+    eager_tree,
     resolve_chain_mode,
 )
 from common.speculative import autoregressive_generate, speculative_generate
@@ -114,10 +115,90 @@ def test_chain_modes():
         resolve_chain_mode("fast", head, object())
 
 
+# ----- draft trees at fixed shapes (HeadChain.tree) -----
+
+def _tree_pair(head, context: int, seed: int):
+    """An eager head cache and a static chain holding the same ``context`` rows; and a root feature."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(context + 1, H, dtype=torch.float64, generator=gen)
+    ids = torch.randint(0, LIMIT, (context,), generator=gen).tolist()
+    cache = head.new_cache()
+    head.step(feats[:context], ids, cache)
+    chain = HeadChain(head, capacity=96, commit_size=4, graphs=False)
+    chain.commit(feats[:context], ids)
+    return cache, chain, feats[context]
+
+
+def _same_tree(static, eager):
+    assert static.tokens == eager.tokens and static.parents == eager.parents
+    assert static.scores == pytest.approx(eager.scores, abs=1e-6) and not static.probs
+
+
+@pytest.mark.parametrize("topk", [2, 4])
+@pytest.mark.parametrize("tokens", [7, 17])  # node budgets 6 and 16
+@torch.no_grad()
+def test_static_tree_equals_the_eager_tree(topk, tokens):
+    head = _bare_head()
+    config = TreeConfig(topk=topk, tokens=tokens)
+    depths = set()
+    for seed, context in ((0, 5), (1, 11), (2, 1), (3, 8)):
+        cache, chain, root = _tree_pair(head, context, seed)
+        first = torch.topk(head.logits(root), topk).indices.tolist()
+        for stops in (frozenset(), frozenset(first[:1]), frozenset(first[1:2])):  # a stop token in play
+            for max_depth in (config.max_depth, 2):
+                eager, steps = eager_tree(head, cache, root, config, max_depth, stops)
+                cache.truncate(context)
+                static, expansions = chain.tree(root, config, max_depth, stops)
+                _same_tree(static, eager)
+                assert expansions == steps and chain.cache.length == context  # its rows were temporary
+                assert 0 < len(static) <= config.nodes and static.depth <= max_depth
+                depths.add(static.depth)
+                if stops:
+                    assert not any(static.parents[i] >= 0 and static.tokens[static.parents[i]] in stops
+                                   for i in range(len(static)))  # a stop token is never expanded
+    assert max(depths) >= 3  # deep trees (padded frontiers and the ancestor masks) were compared
+
+
+@torch.no_grad()
+def test_static_tree_sees_only_ancestors():
+    """A node's step attends the context, its ancestors and itself: a sibling branch's rows change nothing."""
+    head = _bare_head()
+    cache, chain, root = _tree_pair(head, 6, 4)
+    config = TreeConfig(topk=3, tokens=16)
+    tree, _ = chain.tree(root, config, config.max_depth)
+    assert tree.depth >= 3 and len(set(tree.parents)) > 2  # a bushy tree
+    for node in range(len(tree)):  # the node's own path, fed as a chain, predicts its children's scores
+        path = [node]
+        while tree.parents[path[-1]] >= 0:
+            path.append(tree.parents[path[-1]])
+        path.reverse()
+        feats = [root]
+        for j in path:
+            feats.append(head.step(feats[-1][None], [tree.tokens[j]], cache)[-1])
+        cache.truncate(6)
+        logprobs = torch.log_softmax(head.logits(feats[-1]), dim=-1)
+        for child in tree.children(node):
+            assert tree.scores[child] == pytest.approx(tree.scores[node] + float(logprobs[tree.tokens[child]]),
+                                                       abs=1e-5)
+
+
+def test_static_tree_refuses_a_tree_that_does_not_fit():
+    head = _bare_head()
+    chain = HeadChain(head, capacity=20, commit_size=4, graphs=False)
+    chain.commit(torch.randn(10, H, dtype=torch.float64), list(range(10)))
+    config = TreeConfig(topk=4, tokens=8)
+    assert chain.tree_rows(config, 50) == 4 * 6 and chain.tree_rows(config, 3) == 8
+    assert not chain.fits(chain.tree_rows(config, 50))
+    with pytest.raises(ValueError, match="does not fit the static head cache"):
+        chain.tree(torch.randn(H, dtype=torch.float64), config, 50)
+    tree, _ = chain.tree(torch.randn(H, dtype=torch.float64), config, 3)  # 8 rows fit
+    assert 0 < len(tree) <= 7 and tree.depth <= 3
+
+
 # ----- the drafter on a real (tiny) decoder -----
 
 class Recording:
-    """A drafter wrapper that records every proposal's tokens."""
+    """A drafter wrapper that records every proposal's tokens (and every tree: tokens, parents)."""
 
     def __init__(self, drafter):
         self.drafter, self.name, self.proposals = drafter, drafter.name, []
@@ -126,6 +207,11 @@ class Recording:
         proposal = self.drafter.propose(context, gamma)
         self.proposals.append(list(proposal.tokens))
         return proposal
+
+    def propose_tree(self, context, config, max_depth):
+        tree = self.drafter.propose_tree(context, config, max_depth)
+        self.proposals.append((list(tree.tokens), list(tree.parents)))
+        return tree
 
 
 def _tiny():
@@ -207,6 +293,48 @@ def test_tree_drafting_on_the_static_chain_is_lossless():
     result = speculative_generate(proxy, state, drafter, max_new_tokens=20, gamma=0, stop_token_ids=(),
                                   tree=TreeConfig(topk=3, tokens=6))
     assert result.tokens == expected
+
+
+@pytest.mark.parametrize("topk, tokens", [(2, 7), (4, 17)])
+def test_static_tree_drafter_proposes_the_eager_drafters_trees(topk, tokens):
+    target, visual = _tiny()
+    torch.manual_seed(8)
+    head = EagleHead(EagleHeadConfig.for_target(target)).bind(target).eval()
+    question = "5 9 13"
+    expected = autoregressive_generate(target, target.prefill(visual, question), max_new_tokens=30,
+                                       stop_token_ids=()).tokens
+    runs = {}
+    for chain in ("static", "eager"):
+        proxy = EagleTarget(target, -1)
+        state = proxy.prefill(visual, question)
+        drafter = EagleDrafter(head, proxy, state, stop_token_ids=(), chain=chain)
+        rec = Recording(drafter)
+        result = speculative_generate(proxy, state, rec, max_new_tokens=30, gamma=0, stop_token_ids=(),
+                                      tree=TreeConfig(topk=topk, tokens=tokens))
+        assert result.tokens == expected and drafter.chain_mode == chain
+        runs[chain] = (rec.proposals, drafter.stats.steps, result.iterations)
+    assert runs["static"] == runs["eager"]  # the same trees, head steps and accepted lengths
+    assert max(len(tokens) for tokens, _ in runs["static"][0]) == tokens - 1
+
+
+def test_static_tree_drafter_leaves_a_full_chain_for_eager_trees():
+    target, visual = _tiny()
+    torch.manual_seed(8)
+    head = EagleHead(EagleHeadConfig.for_target(target)).bind(target).eval()
+    config = TreeConfig(topk=4, tokens=9)
+    expected = autoregressive_generate(target, target.prefill(visual, "5 9 13"), max_new_tokens=24,
+                                       stop_token_ids=()).tokens
+    runs = []
+    for kw in ({"chain": "static", "chain_capacity": 60}, {"chain": "eager"}):
+        proxy = EagleTarget(target, -1)
+        state = proxy.prefill(visual, "5 9 13")
+        drafter = EagleDrafter(head, proxy, state, stop_token_ids=(), **kw)
+        rec = Recording(drafter)
+        result = speculative_generate(proxy, state, rec, max_new_tokens=24, gamma=0, stop_token_ids=(), tree=config)
+        assert result.tokens == expected
+        runs.append((rec.proposals, drafter.chain_mode))
+    assert runs[0][1] == "eager"  # a tree's 4 x 7 rows past the context no longer fit 60 positions: left the chain
+    assert runs[0][0] == runs[1][0]
 
 
 # ----- the L5 adapter's chain -----
@@ -349,11 +477,46 @@ def test_tree_drafting_beside_the_graphed_chain_is_lossless(tiny_models_dir):
         drafter = EagleDrafter(head, proxy, state)
         chain = speculative_generate(proxy, state, drafter, max_new_tokens=24, gamma=5)  # graphs captured
         assert chain.tokens == expected and drafter.chain_mode == "graph"
-        proxy = EagleTarget(target, -1)
-        state = proxy.prefill(visual, QUESTION)
-        tree = speculative_generate(proxy, state, EagleDrafter(head, proxy, state), max_new_tokens=24, gamma=0,
-                                    tree=TreeConfig(topk=3, tokens=6))  # eager head steps on the shared cache
-        assert tree.tokens == expected
+        trees = {}
+        for mode in ("auto", "static"):
+            proxy = EagleTarget(target, -1)
+            state = proxy.prefill(visual, QUESTION)
+            drafter = EagleDrafter(head, proxy, state, chain=mode)
+            rec = Recording(drafter)
+            tree = speculative_generate(proxy, state, rec, max_new_tokens=24, gamma=0,
+                                        tree=TreeConfig(topk=3, tokens=6))  # graphed expansions on the shared cache
+            assert tree.tokens == expected and drafter.chain_mode == ("graph" if mode == "auto" else "static")
+            assert drafter.stats.proposals > 0 and drafter.stats.tokens_proposed > 0
+            trees[mode] = rec.proposals
+    assert trees["auto"] == trees["static"] and any(tokens for tokens, _ in trees["auto"])  # fp32: the same trees
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_graphed_tree_replays_its_static_run():
+    """bf16 head: the CUDA graphs of the root and k-row expansion steps build bitwise the static path's trees."""
+    head = _bare_head(torch.bfloat16, "cuda")
+    feats = torch.randn(20, H, device="cuda", dtype=torch.bfloat16)
+    ids = [(3 * i + 2) % LIMIT for i in range(19)]
+    graphed = HeadChain(head, capacity=128, commit_size=4, graphs=True)
+    static = HeadChain(head, capacity=128, commit_size=4, graphs=False)
+    depths = set()
+    for lo, hi in ((0, 7), (7, 12), (12, 19)):
+        graphed.commit(feats[lo:hi], ids[lo:hi])
+        static.commit(feats[lo:hi], ids[lo:hi])
+        root = feats[hi]
+        first = torch.topk(head.logits(root), 2).indices.tolist()
+        for topk, tokens in ((2, 7), (4, 17)):
+            config = TreeConfig(topk=topk, tokens=tokens)
+            for stops in (frozenset(), frozenset(first[:1])):
+                a, steps_a = graphed.tree(root, config, config.max_depth, stops)
+                b, steps_b = static.tree(root, config, config.max_depth, stops)
+                assert (a.tokens, a.parents, a.scores, steps_a) == (b.tokens, b.parents, b.scores, steps_b)
+                assert graphed.cache.length == hi
+                depths.add(a.depth)
+    assert max(depths) >= 2
+    ms = graphed.tree_replay_ms(TreeConfig(topk=4, tokens=17), repeats=5)
+    assert ms["root_ms"] > 0 and ms["expand_ms"] > 0
 
 
 @pytest.mark.gpu

@@ -31,6 +31,10 @@ def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
     assert report["eagle_chain_proposal_ms"] > 0 and "eagle_chain_failed" not in report
     c_eager = (report["eagle_eager_step_ms"] + report["eagle_eager_commit_ms"] / 3) / report["decode_ms_per_token"]
     assert report["eagle_c_eager"] == pytest.approx(c_eager) and c_eager > 0
+    tree_c = report["eagle_tree_ms"] / report["decode_ms_per_token"]  # one topk-4, 16-row tree per verify
+    assert report["eagle_tree_c"] == pytest.approx(tree_c) and tree_c > 0 and "eagle_tree_failed" not in report
+    assert report["eagle_tree_c_eager"] == pytest.approx(report["eagle_tree_eager_ms"] / report["decode_ms_per_token"])
+    assert report["eagle_tree_nodes"] == 15 and report["eagle_tree_expansions"] >= report["eagle_tree_depth"] - 1 >= 1
     l5 = report["l5_chain_proposal_ms"] / 3 / report["decode_ms_per_token"]
     assert report["l5_chain_c"] == pytest.approx(l5) and l5 > 0 and "l5_chain_failed" not in report
     assert report["prompt_tokens"] > 8 * 17  # 8 frames x (16 patches + CLS) at the tiny shapes

@@ -10,6 +10,10 @@ head cache, so each part replays as one CUDA graph:
 - ``chain(root, gamma)``: :func:`draft_chain` unrolled, argmax on the device, each drafted
   token and predicted feature fed back at temporary positions after the cache's length (the
   length does not move: they are dropped). The host reads the gamma tokens once.
+- ``tree(root, config, max_depth)``: an EAGLE-2 draft tree (:func:`common.tree.build_tree`, host
+  bookkeeping unchanged) whose root and per-depth k-row expansions are fixed-shape steps
+  (:class:`HeadTree`: one replay and one host read per depth), at temporary positions as the chain's.
+  Its head needs ``static_step``'s ``slots`` and ``attn_mask`` (the EAGLE head has them).
 
 Every input is a static buffer filled before the replay (features, ids, positions, the root
 feature, the start position). With ``graphs=False`` the same functions run eagerly on the same
@@ -30,10 +34,11 @@ from typing import Any
 
 import torch
 
-from common.models.decoder import capture_graph
+from common.models.decoder import capture_graph, graph_replay_ms
+from common.tree import DraftTree, TreeConfig, build_tree
 
-__all__ = ["HeadChain", "StaticKV", "draft_chain", "CHAIN_MODES", "pick_chain_mode", "plain_weights",
-           "cut_after_stop"]
+__all__ = ["HeadChain", "HeadTree", "StaticKV", "draft_chain", "expand_topk", "CHAIN_MODES", "pick_chain_mode",
+           "plain_weights", "cut_after_stop"]
 
 CHAIN_MODES = ("auto", "eager", "static", "graph")
 
@@ -67,6 +72,15 @@ def cut_after_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
         if token in stops:
             return tokens[:i + 1]
     return tokens
+
+
+def _capture(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[Any, torch.Tensor]:
+    """``fn`` (reading only static buffers) as a CUDA graph without autograd; (graph, its output)."""
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return fn()
+
+    return capture_graph(run, device, warmup=2)
 
 
 class StaticKV:
@@ -125,6 +139,7 @@ class HeadChain:
         self._start = torch.zeros(1, dtype=torch.long, device=p.device)
         self._commit_graph: tuple[Any, torch.Tensor] | None = None
         self._chain_graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._trees: dict[tuple[int, int], HeadTree] = {}  # (topk, width) -> its buffers and graphs
         self._key_ptr = self.cache.keys.data_ptr()
 
     @property
@@ -165,11 +180,7 @@ class HeadChain:
         return lambda: draft_chain(self.head, self._root, self._start, self.cache.keys, self.cache.values, gamma)
 
     def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return fn()
-
-        return capture_graph(run, self.device, warmup=2)
+        return _capture(fn, self.device)
 
     # ----- commit -----
     def commit(self, features: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
@@ -258,3 +269,151 @@ class HeadChain:
         self._start.fill_(self.capacity - size + 1)
         return {"commit_ms": graph_replay_ms(self._commit_graph[0], self.device, repeats),
                 "chain_ms": graph_replay_ms(self._chain_graphs[size][0], self.device, repeats)}
+
+    # ----- draft trees -----
+    def tree(self, root: torch.Tensor, config: TreeConfig, max_depth: int,
+             stop_tokens: frozenset[int] = frozenset()) -> tuple[DraftTree, int]:
+        """``common.tree.build_tree`` from ``root`` (H,) with static k-row expansions (:class:`HeadTree`) at
+        temporary positions after the cache's length (the length is unchanged); (tree, expansions run)."""
+        return self._tree(config).build(root, config, max_depth, stop_tokens)
+
+    def _tree(self, config: TreeConfig) -> HeadTree:
+        key = (int(config.topk), max(config.max_depth - 1, 1))  # ancestors: at most one per expansion
+        if key not in self._trees:
+            self._trees[key] = HeadTree(self, *key)
+        return self._trees[key]
+
+    def tree_replay_ms(self, config: TreeConfig, repeats: int = 50) -> dict[str, float]:
+        """GPU ms of a tree's root replay and of one expansion replay (CUDA events; graphs only), at the
+        capacity's end slots (the cache is unharmed)."""
+        if not self.graphs:
+            raise ValueError("tree_replay_ms needs graphs=True")
+        return self._tree(config).replay_ms(repeats)
+
+    def tree_rows(self, config: TreeConfig, max_depth: int) -> int:
+        """Head positions a tree of ``config`` (at most ``max_depth`` deep) uses past the cache's length."""
+        return int(config.topk) * max(min(config.max_depth, int(max_depth)) - 1, 0)
+
+
+def expand_topk(head: Any, features: torch.Tensor, k: int) -> torch.Tensor:
+    """(rows, 2k') float64: per row of ``features`` the top-k' (k' = min(k, V)) draft log-probs of the LM
+    head, then their ids (exact as float64), as ``build_tree`` takes them eagerly (float32 log_softmax)."""
+    logprobs = torch.log_softmax(head.logits(features), dim=-1).float()
+    values, ids = torch.topk(logprobs, min(int(k), int(logprobs.shape[-1])), dim=-1)
+    return torch.cat([values.double(), ids.double()], dim=-1)
+
+
+def _rows_topk(top: list[list[float]]) -> list[tuple[list[float], list[int]]]:
+    """The host lists of :func:`expand_topk`'s rows: (values, ids) per row."""
+    half = len(top[0]) // 2 if top else 0
+    return [(row[:half], [int(t) for t in row[half:]]) for row in top]
+
+
+class HeadTree:
+    """EAGLE-2 draft trees on a :class:`HeadChain`'s static cache, one fixed-shape step per depth.
+
+    ``build`` runs :func:`common.tree.build_tree` (the eager path stays the reference and decides
+    everything on the host); each depth's expansion is one k-row step: the frontier's parent features
+    gathered on the device from the previous step's outputs (row 0: the root), the head's
+    ``static_step`` at rotary position ``length + depth - 1`` with an ancestor mask over the whole
+    capacity, the LM head, log_softmax and top-k per row (:func:`expand_topk`). With ``graphs`` it is one
+    CUDA-graph replay; the host writes one small index buffer and reads the (k, 2k) result once.
+
+    Expansion i's rows (padded to k) write at slots ``length + i*k + row`` past the cache's length
+    (temporary, dropped with the tree); a padded row sees only its own slot and the context, and no
+    real row sees it. Index buffer: [ids | positions | slots | parent rows | ancestor slots (k, width) |
+    length]; ``width`` is the most expansions a tree of the config runs (ancestors padded with the own slot).
+    """
+
+    def __init__(self, chain: HeadChain, topk: int, width: int):
+        self.chain, self.k, self.width = chain, int(topk), int(width)
+        p = chain.head.fc.weight
+        self._src = torch.zeros((self.k + 1, int(chain.head.feature_size)), dtype=p.dtype, device=p.device)
+        self._index = torch.zeros(4 * self.k + self.k * self.width + 1, dtype=torch.long, device=p.device)
+        self._graphs: list[tuple[Any, torch.Tensor]] = []  # [root, expansion] with graphs
+
+    # ----- the captured functions (they read only the static buffers) -----
+    def _root_fn(self) -> torch.Tensor:
+        return expand_topk(self.chain.head, self._src[:1], self.k)
+
+    def _expand_fn(self) -> torch.Tensor:
+        k, idx, cache = self.k, self._index, self.chain.cache
+        capacity = cache.keys.shape[2]
+        mask = (torch.arange(capacity, device=idx.device)[None, :] < idx[-1:, None]).repeat(k, 1)
+        mask.scatter_(1, idx[4 * k:4 * k + k * self.width].view(k, self.width), True)
+        feats = self._src.index_select(0, idx[3 * k:4 * k])
+        out = self.chain.head.static_step(feats, idx[:k], idx[k:2 * k], cache.keys, cache.values,
+                                          slots=idx[2 * k:3 * k], attn_mask=mask)
+        self._src[1:].copy_(out)
+        return expand_topk(self.chain.head, out, k)
+
+    def _fill(self, ids: list[int], positions: list[int], slots: list[int], rows: list[int],
+              ancestors: list[list[int]], base: int) -> None:
+        """One host-to-device copy of the expansion's inputs (each list padded to k rows by the caller)."""
+        flat = [a for row in ancestors for a in row]
+        self._index.copy_(torch.tensor(ids + positions + slots + rows + flat + [base], dtype=torch.long))
+
+    def _park(self) -> None:
+        """Inputs that write only at the capacity's last k slots (captures' warm-ups, replay timing)."""
+        k, end = self.k, self.chain.capacity
+        slots = list(range(end - k, end))
+        self._fill([0] * k, [end - 1] * k, slots, [0] * k, [[s] * self.width for s in slots], 0)
+
+    def _ensure_graphs(self) -> None:
+        if self.chain.graphs and not self._graphs:
+            self._park()
+            self._graphs = [_capture(self._root_fn, self.chain.device), _capture(self._expand_fn, self.chain.device)]
+
+    def _run(self, part: int) -> list[tuple[list[float], list[int]]]:
+        """Run the root (0) or expansion (1) step; its rows read to the host at once."""
+        if self.chain.graphs:
+            graph, out = self._graphs[part]
+            with torch.cuda.device(self.chain.device):
+                graph.replay()
+        else:
+            out = (self._root_fn, self._expand_fn)[part]()
+        return _rows_topk(out.tolist())
+
+    def replay_ms(self, repeats: int) -> dict[str, float]:
+        """GPU ms of one root and one expansion replay, parked at the capacity's end slots."""
+        self._ensure_graphs()
+        self._park()
+        root, expand = (graph_replay_ms(g, self.chain.device, repeats) for g, _ in self._graphs)
+        return {"root_ms": root, "expand_ms": expand}
+
+    # ----- a tree -----
+    def build(self, root: torch.Tensor, config: TreeConfig, max_depth: int,
+              stop_tokens: frozenset[int]) -> tuple[DraftTree, int]:
+        """The tree ``build_tree`` makes from ``root`` (H,); (tree, expansions run)."""
+        chain, k = self.chain, self.k
+        if not chain.fits(chain.tree_rows(config, max_depth)):
+            raise ValueError(f"a tree of {config} does not fit the static head cache ({chain.cache.length} of "
+                             f"{chain.capacity} positions used); check fits(tree_rows()) first")
+        self._ensure_graphs()
+        base = chain.cache.length
+        self._src[0].copy_(root.reshape(-1))
+        slots: dict[int, int] = {}  # node -> its head cache slot (once expanded)
+        rows: dict[int, int] = {-1: -1}  # node -> its row in the last expansion (its output: _src[1 + row])
+        count = [0]
+
+        def expand(tree: DraftTree, frontier: list[int]) -> list[tuple[list[float], list[int]]]:
+            i, n = count[0], len(frontier)  # expansion i: the frontier's depth is i + 1
+            count[0] += 1
+            own = [base + i * k + r for r in range(k)]
+            ancestors = [[s] * self.width for s in own]  # padded with the own slot
+            for r, node in enumerate(frontier):
+                slots[node] = own[r]
+                up, depth = node, 0
+                while up >= 0:  # the node and its ancestors, all expanded
+                    ancestors[r][depth] = slots[up]
+                    up, depth = tree.parents[up], depth + 1
+            parents = [1 + rows[tree.parents[j]] for j in frontier] + [0] * (k - n)
+            rows.clear()
+            rows.update({node: r for r, node in enumerate(frontier)})
+            rows[-1] = -1
+            self._fill([tree.tokens[j] for j in frontier] + [0] * (k - n), [base + i] * k, own, parents,
+                       ancestors, base)
+            return self._run(1)[:n]
+
+        tree = build_tree(self._run(0)[0], expand, config, max_depth=max_depth, stop_tokens=stop_tokens)
+        return tree, count[0]

@@ -61,13 +61,14 @@ from common.models.decoding import Decoding, replay
 from common.results import atomic_write, atomic_write_text
 from common.speculative import DraftProposal, SyncedDrafter
 from common.timing import sync_current_stream
-from common.tree import DraftTree, build_tree
+from common.tree import DraftTree, TreeConfig, build_tree
 from common.vlm import DecodeState
 
 __all__ = [
     "EagleHeadConfig", "EagleHead", "HeadCache", "EagleTarget", "EagleDrafter", "make_eagle_drafter",
     "save_eagle_head", "load_eagle_head", "resolve_head_dir", "read_target_embeddings", "CONFIG_NAME",
     "WEIGHTS_NAME", "FORMAT", "head_config_from_checkpoint", "CHAIN_CAPACITY", "CHAIN_MODES", "resolve_chain_mode",
+    "eager_tree",
 ]
 
 CHAIN_CAPACITY = 2048  # head positions of an EagleDrafter's static chain (answers longer than that draft eagerly)
@@ -316,19 +317,24 @@ class EagleHead(nn.Module):
                            None if attn_mask is None else attn_mask.to(p.device))[0]
 
     def static_step(self, features: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-                    keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                    keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None = None,
+                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A fixed-shape :meth:`step` for CUDA-graph capture: every input a device tensor, no host reads.
 
-        ``features`` (k, H), ``ids`` (k,) and ``positions`` (k,) of k new rows; their keys and values are
-        written at ``positions`` into ``keys``/``values`` (1, heads, capacity, head_dim), and every row
-        attends the whole capacity masked to positions <= its own. Returns (k, H) next features.
+        ``features`` (k, H), ``ids`` (k,) and rotary ``positions`` (k,) of k new rows; their keys and values
+        are written at ``slots`` (default: ``positions``) into ``keys``/``values`` (1, heads, capacity,
+        head_dim), and every row attends the whole capacity masked by ``attn_mask`` (k, capacity) (default:
+        the slots <= its position; a draft tree passes its ancestors). Returns (k, H) next features.
         """
         p = self.fc.weight
         x = self.fc(torch.cat([features.to(p.dtype), self.embed(ids)], dim=-1)).unsqueeze(0)
         q, k, v = self._qkv(x, positions)
-        keys.index_copy_(2, positions, k.to(keys.dtype))
-        values.index_copy_(2, positions, v.to(values.dtype))
-        mask = torch.arange(keys.shape[2], device=positions.device)[None, :] <= positions[:, None]
+        slots = positions if slots is None else slots
+        keys.index_copy_(2, slots, k.to(keys.dtype))
+        values.index_copy_(2, slots, v.to(values.dtype))
+        mask = attn_mask
+        if mask is None:
+            mask = torch.arange(keys.shape[2], device=positions.device)[None, :] <= positions[:, None]
         attn = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         return self._residual_mlp(x, attn)[0]
 
@@ -713,7 +719,8 @@ class EagleDrafter(SyncedDrafter):
     for the whole gamma-token chain, one host read), the default on CUDA when the target decodes
     with CUDA graphs; ``static`` runs that chain eagerly (its reference); ``eager`` the head step by
     step over a growing cache (the default elsewhere). Past ``chain_capacity`` head positions the
-    drafter continues eagerly. Tree drafting always runs eager head steps (on the chain's cache).
+    drafter continues eagerly. Trees (:meth:`propose_tree`) follow the same mode: on the chain each depth is
+    one fixed-shape k-row expansion (one CUDA-graph replay in graph mode, one host read), else eager head steps.
     """
 
     def __init__(self, head: EagleHead, target: EagleTarget, target_state: DecodeState | None = None, *,
@@ -816,8 +823,9 @@ class EagleDrafter(SyncedDrafter):
         finally:
             self._cache.truncate(committed)
 
-    def _sync_context(self, context: list[int], commit_size: int) -> tuple[torch.Tensor, int] | None:
-        """Commit the context's true target features to the head cache; (features, usable rows) or None."""
+    def _sync_context(self, context: list[int], commit_size: int, extra: int = 0) -> tuple[torch.Tensor, int] | None:
+        """Commit the context's true target features to the head cache; (features, usable rows) or None.
+        ``extra``: temporary head rows the proposal needs beyond a chain of ``commit_size`` (a tree's)."""
         state = self._state if self._state is not None else self.target.last_state
         if state is None:
             return None
@@ -829,7 +837,7 @@ class EagleDrafter(SyncedDrafter):
         usable = min(n, int(feats.shape[0]))  # positions j < usable have a true feature and a known token
         self._attach_chain(commit_size, verified=usable == n)
         if self._chain is not None:  # the padded commit of the new rows, then a chain of up to commit_size tokens
-            self._keep_chain(len(context) + self._chain.commit_size + commit_size + 8)
+            self._keep_chain(len(context) + self._chain.commit_size + commit_size + extra + 8)
         if state is not self._bound_state:
             self._bound_state = state
             self._rollback(0)
@@ -852,16 +860,23 @@ class EagleDrafter(SyncedDrafter):
 
     # ----- draft trees (common.tree) -----
     @torch.no_grad()
-    def propose_tree(self, context: list[int], config: Any, max_depth: int) -> DraftTree:
-        """An EAGLE-2 tree (``common.tree.build_tree``): each depth is one head step over the top-k frontier."""
+    def propose_tree(self, context: list[int], config: TreeConfig, max_depth: int) -> DraftTree:
+        """An EAGLE-2 tree (``common.tree.build_tree``): each depth is one head step over the top-k frontier,
+        on the static chain one fixed-shape k-row step (``HeadChain.tree``: a CUDA-graph replay in graph mode)."""
         start = self._now()
         tree = DraftTree()
         context = [int(t) for t in context]
-        synced = self._sync_context(context, max_depth + 1) if max_depth > 0 else None
+        depth = min(config.max_depth, int(max_depth))
+        synced = self._sync_context(context, depth + 1, extra=config.topk * depth) if depth > 0 else None
         if synced is not None:
             committed = self._cache.length
             try:
-                tree = self._tree(self._root_feature(context, *synced), config, max_depth)
+                root = self._root_feature(context, *synced)
+                if self._chain is not None and self._chain.fits(self._chain.tree_rows(config, max_depth)):
+                    tree, expansions = self._chain.tree(root, config, max_depth, self.stop_token_ids)
+                    self.stats.steps += expansions  # counted as the eager tree runs them
+                else:
+                    tree = self._tree(root, config, max_depth)
             finally:
                 self._cache.truncate(committed)
         self.stats.proposals += 1
@@ -869,32 +884,43 @@ class EagleDrafter(SyncedDrafter):
         self.stats.seconds += self._now() - start
         return tree
 
-    def _tree(self, root: torch.Tensor, config: Any, max_depth: int) -> DraftTree:
-        base = self._cache.length  # the root's children sit at head position base (depth 1)
-        slots: dict[int, int] = {}  # node -> head cache slot
-        outputs: dict[int, torch.Tensor] = {-1: root}  # node -> head output (predicts its children)
+    def _tree(self, root: torch.Tensor, config: TreeConfig, max_depth: int) -> DraftTree:
+        tree, expansions = eager_tree(self.head, self._cache, root, config, max_depth, self.stop_token_ids)
+        self.stats.steps += expansions
+        return tree
 
-        def expand(tree: Any, frontier: list[int]) -> torch.Tensor:
-            first = self._cache.length
-            device = root.device
-            mask = torch.zeros((len(frontier), first + len(frontier)), dtype=torch.bool, device=device)
-            mask[:, :base] = True
-            depths = tree.depths
-            for row, node in enumerate(frontier):
-                slots[node] = first + row
-                up = node
-                while up >= 0:
-                    mask[row, slots[up]] = True
-                    up = tree.parents[up]
-            positions = torch.tensor([base + depths[i] - 1 for i in frontier], device=device)
-            feats = torch.stack([outputs[tree.parents[i]] for i in frontier])
-            self.stats.steps += 1
-            out = self.head.step(feats, [tree.tokens[i] for i in frontier], self._cache, positions, mask)
-            outputs.update(zip(frontier, out))
-            return torch.log_softmax(self.head.logits(out), dim=-1)
 
-        return build_tree(torch.log_softmax(self.head.logits(root), dim=-1), expand, config, max_depth=max_depth,
-                          stop_tokens=self.stop_token_ids)
+def eager_tree(head: EagleHead, cache: HeadCache, root: torch.Tensor, config: TreeConfig, max_depth: int,
+               stop_tokens: frozenset[int] = frozenset()) -> tuple[DraftTree, int]:
+    """The reference EAGLE-2 tree from ``root`` (H,): one eager head step per depth over ``cache`` (its new rows
+    are the caller's to drop); (tree, expansions run). ``HeadChain.tree`` is its fixed-shape twin."""
+    base = cache.length  # the root's children sit at head position base (depth 1)
+    slots: dict[int, int] = {}  # node -> head cache slot
+    outputs: dict[int, torch.Tensor] = {-1: root}  # node -> head output (predicts its children)
+    count = [0]
+
+    def expand(tree: DraftTree, frontier: list[int]) -> torch.Tensor:
+        first = cache.length
+        device = root.device
+        mask = torch.zeros((len(frontier), first + len(frontier)), dtype=torch.bool, device=device)
+        mask[:, :base] = True
+        depths = tree.depths
+        for row, node in enumerate(frontier):
+            slots[node] = first + row
+            up = node
+            while up >= 0:
+                mask[row, slots[up]] = True
+                up = tree.parents[up]
+        positions = torch.tensor([base + depths[i] - 1 for i in frontier], device=device)
+        feats = torch.stack([outputs[tree.parents[i]] for i in frontier])
+        count[0] += 1
+        out = head.step(feats, [tree.tokens[i] for i in frontier], cache, positions, mask)
+        outputs.update(zip(frontier, out))
+        return torch.log_softmax(head.logits(out), dim=-1)
+
+    tree = build_tree(torch.log_softmax(head.logits(root), dim=-1), expand, config, max_depth=max_depth,
+                      stop_tokens=stop_tokens)
+    return tree, count[0]
 
 
 def resolve_chain_mode(mode: str, head: EagleHead, target: Any) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
 from common.models.greedy_batch import BatchedGreedyDecoder
+from common.tree import tree_row_map
 
 
 def replay(graphs: CudaGraphDecoder, embeds: torch.Tensor, fixed_step: int | None) -> torch.Tensor | None:
@@ -24,6 +25,21 @@ def replay(graphs: CudaGraphDecoder, embeds: torch.Tensor, fixed_step: int | Non
     if graphs.size_for(k) is not None:
         return graphs.step(embeds)
     return None
+
+
+def replay_tree(graphs: CudaGraphDecoder, embeds: torch.Tensor, attn_mask: torch.Tensor, position_ids: torch.Tensor,
+                fixed_step: int | None) -> torch.Tensor | None:
+    """A draft tree's verify (``common.tree``) as one tree-graph replay on the Triton kernels: of
+    ``fixed_step`` rows when set (bitwise the fixed-step decode), else the smallest captured size that
+    serves it; None when the kernels are off, no size serves it or the mask is no tree mask (run eagerly)."""
+    if not graphs.runner.kernels_on or position_ids is None:
+        return None
+    k, start = embeds.shape[0], graphs.cache.length
+    size = fixed_step if fixed_step else graphs.size_for(k)
+    if size is None or k > size or start + size > graphs.cache.capacity:
+        return None
+    rows = tree_row_map(attn_mask, position_ids.reshape(-1), start)
+    return None if rows is None else graphs.step_tree(embeds, position_ids.reshape(-1), rows, size)
 
 
 class Decoding:
@@ -81,14 +97,16 @@ class Decoding:
              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Append k token embeddings (k, H) to ``cache``; return float32 logits (k, V) and the asked hidden states.
 
-        Graph replays serve the graphs' own cache when only the final layer (-1) is asked and no tree
-        mask is given; everything else runs eagerly.
+        Graph replays serve the graphs' own cache when only the final layer (-1) is asked; a draft
+        tree (``attn_mask``/``position_ids``) replays a tree graph when the Triton kernels are on
+        (``replay_tree``); everything else runs eagerly.
         """
-        graphs = self.graphs if attn_mask is None else None
+        graphs = self.graphs
         # graphs also return the final normed state, so layer -1 requests stay on the fast path
         final_only = all(i in (-1, self.runner.shape.num_layers) for i in hidden_layers)
         if graphs is not None and final_only and cache is graphs.cache:
-            logits = replay(graphs, embeds, self.fixed_step)
+            logits = (replay(graphs, embeds, self.fixed_step) if attn_mask is None
+                      else replay_tree(graphs, embeds, attn_mask, position_ids, self.fixed_step))
             if logits is not None:
                 return logits, {i: graphs.last_hidden for i in hidden_layers}
         return self.runner.run(embeds, cache, hidden_layers, attn_mask=attn_mask, position_ids=position_ids)

@@ -485,6 +485,8 @@ def _feature_graphs(target: Any, layer: int):
     decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=graphs.compiled,
                                step_fn=feature_step(runner, layer))
     decoder.capture_all()
+    for size in graphs.tree_sizes:  # the target's tree verifies, with the feature
+        decoder.capture_tree(size)
     per_target.clear()  # one set of graphs per target (older caches are gone)
     per_target[key] = decoder
     return decoder

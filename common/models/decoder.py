@@ -667,6 +667,16 @@ class CudaGraphDecoder:
         self._graphs[size] = (*capture_graph(lambda: self._step_fn(embeds, positions, cache), device),
                               embeds, positions)
 
+    @property
+    def tree_sizes(self) -> list[int]:
+        """The row counts of the tree graphs captured so far (``step_tree``)."""
+        return sorted(self._tree_graphs)
+
+    def capture_tree(self, size: int) -> None:
+        """Capture the ``size``-row tree graph now (keeps capture cost out of timed regions)."""
+        if size not in self._tree_graphs:
+            self._capture_tree(size)
+
     def _capture_tree(self, size: int) -> None:
         cache, hidden = self.cache, self.runner.shape.hidden_size
         device = cache.keys.device

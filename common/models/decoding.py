@@ -53,10 +53,11 @@ class Decoding:
 
     def enable_cuda_graphs(self, max_length: int, dtype: torch.dtype, device: torch.device,
                            step_sizes: Sequence[int] = (1,), compile: bool = False, fixed_step: int | None = None,
-                           fuse: bool = True, kernels: bool | None = None) -> None:
+                           fuse: bool = True, kernels: bool | None = None, tree_step: int | None = None) -> None:
         """Capture graphs of the ``step_sizes``-token steps over a static cache of ``max_length`` positions.
 
-        See ``VisionLanguageModel.enable_cuda_graphs`` for the options.
+        See ``VisionLanguageModel.enable_cuda_graphs`` for the options; ``tree_step`` also captures the
+        tree graph of that many rows (draft-tree verifies, Triton kernels only; else on first use).
         """
         if device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (use eager decoding on CPU)")
@@ -64,9 +65,11 @@ class Decoding:
             self.runner.fuse_projections()
         self.runner.use_kernels((not compile if kernels is None else kernels) and fuse)
         cache = self.runner.new_cache(max_length, dtype, device)
-        sizes = sorted({*step_sizes, *([fixed_step] if fixed_step else [])})
+        sizes = sorted({*step_sizes, *([fixed_step] if fixed_step else []), *([tree_step] if tree_step else [])})
         self.graphs = CudaGraphDecoder(self.runner, cache, sizes, compile=compile)
         self.graphs.capture_all()
+        if tree_step and self.runner.kernels_on:
+            self.graphs.capture_tree(tree_step)
         self.fixed_step = fixed_step
 
     def use_fixed_step(self, size: int | None) -> None:

@@ -136,3 +136,106 @@ def test_tree_step_needs_the_kernels():
     slots = torch.arange(0, 2, device=DEVICE)
     with pytest.raises(ValueError, match="needs the Triton kernels"):
         runner.static_step(torch.zeros(1, 2, 64, device=DEVICE), slots, cache, TreeRows(slots, slots.expand(2, 2)))
+
+
+# ----- GPU: bf16, CUDA graphs, bitwise the target's own fixed-step decode -----
+
+STEP = 8  # --tree_tokens: the fixed step of the target alone and the rows of a tree verify
+
+
+def _gpu_target(seed: int = 0):
+    """A small random LLaMA behind the VLM interface, bf16 on CUDA (head size 64), graphs + kernels at STEP."""
+    from tests.test_speculative import TinyTextVLM
+
+    target = TinyTextVLM.make(seed, hidden=256, device="cuda", dtype=torch.bfloat16)
+    target.enable_cuda_graphs(512, step_sizes=(1, 6), fixed_step=STEP, tree_step=STEP)
+    assert target.runner.kernels_on and target.graphs.tree_sizes == [STEP]
+    return target
+
+
+def _visual(target):
+    from common.vlm import VisualInput
+
+    g = torch.Generator().manual_seed(5)
+    return VisualInput(embeds=torch.randn(150, 256, generator=g).to("cuda", torch.bfloat16))  # past a 128 split
+
+
+@pytest.mark.gpu
+def test_tree_verify_rows_equal_fixed_step_decode_bitwise():
+    """Every node's logits from one graphed tree verify equal feeding its path alone, bit for bit; after
+    compaction onto a path the next steps are bitwise those of the sequential decode."""
+    from common.tree import DraftTree
+
+    target = _gpu_target()
+    visual, question = _visual(target), "5 9 13"
+    tokens = [5, 9, 13, 7, 21, 30, 11]
+    tree = DraftTree(tokens=tokens, parents=PARENTS)
+    with torch.no_grad():
+        state = target.prefill(visual, question)
+        base = state.length
+        logits = target.forward(state, [3] + tokens, attn_mask=tree_attention_mask(PARENTS, base, 1, "cuda"),
+                                position_ids=tree_positions(PARENTS, base, 1, "cuda"))
+        for i in range(len(tokens)):
+            ref = target.forward(target.prefill(visual, question), [3] + tree.path_tokens(i))
+            assert torch.equal(logits[0], ref[0]) and torch.equal(logits[1 + i], ref[-1]), i
+        path = [0, 2, 5, 6]
+        target.compact(state, base, [0] + [1 + j for j in path])
+        ref_state = target.prefill(visual, question)
+        target.forward(ref_state, [3] + [tokens[j] for j in path])
+        assert torch.equal(target.forward(state, [4, 8, 15]), target.forward(ref_state, [4, 8, 15]))
+
+
+class _OracleTree:
+    """Trees holding the target's true continuation (depth 1..3) beside a wrong sibling at every depth."""
+
+    name = "oracle_tree"
+
+    def __init__(self, reference: list[int], vocab: int):
+        self.reference, self.vocab, self.stats = reference, vocab, {"steps": 0}
+
+    def propose_tree(self, context, config, max_depth):
+        from common.tree import DraftTree
+
+        n = len(context)
+        truth = self.reference[n:n + min(1 + n % 3, max_depth, config.nodes // 2)]
+        tree, parent = DraftTree(), -1
+        for t in truth:  # the wrong sibling first, so the accepted rows are not the first ones
+            tree.tokens += [(t + 1) % self.vocab, t]
+            tree.parents += [parent, parent]
+            parent = len(tree.tokens) - 1
+        self.stats["steps"] += 1
+        return tree
+
+
+@pytest.mark.gpu
+def test_greedy_tree_runs_equal_the_target_alone_under_lossless_numerics():
+    """The engine with trees (an oracle tree drafter on the target and on EagleTarget, and an EAGLE head)
+    emits the target's own fixed-step greedy tokens."""
+    from types import SimpleNamespace
+
+    from common.drafters.eagle_head import EagleDrafter, EagleHead, EagleHeadConfig, EagleTarget
+    from common.pipeline import lossless_numerics
+    from common.speculative import autoregressive_generate, speculative_generate
+    from common.tree import TreeConfig
+
+    target = _gpu_target()
+    target.use_fixed_step(None)
+    visual, question = _visual(target), "5 9 13"
+    args = SimpleNamespace(gamma=5, tree_topk=2, tree_tokens=STEP, lossless_reference="fixed_step")
+    config = TreeConfig(topk=2, tokens=STEP)
+    with torch.no_grad(), lossless_numerics(target, args) as step:
+        assert step == STEP
+        reference = autoregressive_generate(target, target.prefill(visual, question), max_new_tokens=40,
+                                            stop_token_ids=()).tokens
+        proxy = EagleTarget(target, -1)
+        for model in (target, proxy):
+            state = model.prefill(visual, question)
+            run = speculative_generate(model, state, _OracleTree(reference, target.base_vocab_size),
+                                       max_new_tokens=40, gamma=0, stop_token_ids=(), tree=config)
+            assert run.tokens == reference and run.num_accepted > 20
+        torch.manual_seed(0)
+        head = EagleHead(EagleHeadConfig.for_target(target)).to("cuda", target.dtype).eval().bind(target)
+        state = proxy.prefill(visual, question)
+        run = speculative_generate(proxy, state, EagleDrafter(head, proxy, state, stop_token_ids=()),
+                                   max_new_tokens=40, gamma=0, stop_token_ids=(), tree=config)
+        assert run.tokens == reference

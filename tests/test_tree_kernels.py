@@ -157,7 +157,8 @@ def _visual(target):
     from common.vlm import VisualInput
 
     g = torch.Generator().manual_seed(5)
-    return VisualInput(embeds=torch.randn(150, 256, generator=g).to("cuda", torch.bfloat16))  # past a 128 split
+    # 185 prompt rows + 3 question tokens: the tree region (188..195) crosses a key block (192)
+    return VisualInput(embeds=torch.randn(185, 256, generator=g).to("cuda", torch.bfloat16))
 
 
 @pytest.mark.gpu
@@ -170,19 +171,27 @@ def test_tree_verify_rows_equal_fixed_step_decode_bitwise():
     visual, question = _visual(target), "5 9 13"
     tokens = [5, 9, 13, 7, 21, 30, 11]
     tree = DraftTree(tokens=tokens, parents=PARENTS)
-    with torch.no_grad():
-        state = target.prefill(visual, question)
+    path = [0, 2, 5, 6]
+
+    def verify(compact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        state = target.prefill(visual, question)  # each prefill reuses the one static cache
         base = state.length
         logits = target.forward(state, [3] + tokens, attn_mask=tree_attention_mask(PARENTS, base, 1, "cuda"),
                                 position_ids=tree_positions(PARENTS, base, 1, "cuda"))
+        if not compact:
+            return logits, None
+        target.compact(state, base, [0] + [1 + j for j in path])
+        return logits, target.forward(state, [4, 8, 15])
+
+    with torch.no_grad():
+        logits, _ = verify(compact=False)
         for i in range(len(tokens)):
             ref = target.forward(target.prefill(visual, question), [3] + tree.path_tokens(i))
             assert torch.equal(logits[0], ref[0]) and torch.equal(logits[1 + i], ref[-1]), i
-        path = [0, 2, 5, 6]
-        target.compact(state, base, [0] + [1 + j for j in path])
+        _, after = verify(compact=True)
         ref_state = target.prefill(visual, question)
         target.forward(ref_state, [3] + [tokens[j] for j in path])
-        assert torch.equal(target.forward(state, [4, 8, 15]), target.forward(ref_state, [4, 8, 15]))
+        assert torch.equal(after, target.forward(ref_state, [4, 8, 15]))
 
 
 class _OracleTree:

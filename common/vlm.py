@@ -285,8 +285,8 @@ class VisionLanguageModel(ABC):
         """Feed 1..k tokens; return their float32 logits (k, V) and advance ``state``.
 
         ``attn_mask`` (boolean (k, length + k)) and ``position_ids`` (k,) verify a draft tree
-        (common.tree); such forwards always run eagerly (the CUDA graphs take no mask), also
-        over the graphs' static cache.
+        (common.tree): a tree graph replay on the Triton kernels (bitwise the fixed-step decode; see
+        ``Decoding.step``), else eagerly, also over the graphs' static cache.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:

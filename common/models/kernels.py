@@ -10,7 +10,8 @@ so fused and eager outputs agree within bf16 tolerance:
 - ``silu_mul``: SiLU(gate) * up over the fused gate/up projection;
 - ``decode_attention``: split-K (flash-decoding) attention of the new rows over the static cache,
   reading only the live positions (up to the furthest row's position), every query row from the
-  same K/V tiles, so verifying gamma + 1 rows reads the cache once, like a decode step.
+  same K/V tiles, so verifying gamma + 1 rows reads the cache once, like a decode step; with
+  ``tree_slots`` a draft tree's rows, each at its virtual position over its own path (``common.tree``).
 """
 
 from __future__ import annotations
@@ -120,26 +121,16 @@ def _block_update(q, k, v, cols, pos, hidden, m_i, l_i, acc, scale, PRECISION: t
 
 
 @triton.jit
-def _tree_block_update(q, k_ptr, v_ptr, tree_ptr, kv_base, cols, cmask, rows, pos, base, n_rows, hidden, d, dm,
-                       m_i, l_i, acc, scale, HD: tl.constexpr, BLOCK_M: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """A block meeting the tree region: row r reads virtual column c >= base from its own slot
-    tree[r, c - base]; each row's update is the shared one over its own gathered keys (same tiles)."""
-    m_out, l_out, acc_out = m_i, l_i, acc
+def _gather_kv(k_ptr, v_ptr, tree_ptr, kv_base, cols, cmask, r, base, n_rows, d, dm, HD: tl.constexpr):
+    """Keys and values of one block as tree row r sees them: virtual column c >= base from its own slot
+    tree[r, c - base] (its pending row or ancestor there), columns below base from their own slot."""
     region = (cols >= base) & cmask
-    for r in range(BLOCK_M):  # a constant trip count (the interpreter cannot loop to a runtime bound)
-        if r < n_rows:
-            slot = tl.load(tree_ptr + r * n_rows + (cols - base), mask=region, other=0)
-            slot = tl.where(region, slot, cols)
-            offs = kv_base + slot[:, None] * HD + d[None, :]
-            k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
-            v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
-            m_r, l_r, acc_r = _block_update(q, k, v, cols, pos, hidden, m_i, l_i, acc, scale, PRECISION)
-            mine = rows == r
-            m_out = tl.where(mine, m_r, m_out)
-            l_out = tl.where(mine, l_r, l_out)
-            acc_out = tl.where(mine[:, None], acc_r, acc_out)
-    return m_out, l_out, acc_out
+    slot = tl.load(tree_ptr + r * n_rows + (cols - base), mask=region, other=0)
+    slot = tl.where(region, slot, cols)
+    offs = kv_base + slot[:, None] * HD + d[None, :]
+    k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+    v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -161,31 +152,40 @@ def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, tree_ptr, o_ptr, m_ptr, l_p
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HDP), tl.float32)
     start = sp * SPLIT
-    base = tl.min(tl.where(rmask, pos, last), axis=0)  # a tree step's region: its first row's position
+    if HAS_TREE:
+        # a tree step's region starts at its first row's position; a chunk meeting it runs one program per
+        # row g (grid axis 2), each over its own gathered keys, and stores that row only
+        g = tl.program_id(2)
+        base = tl.min(tl.where(rmask, pos, last), axis=0)
+        in_region = (start + SPLIT > base) & (start <= last)
+        work = (g == 0) | (in_region & (g < n_rows))
+        keep = rmask & tl.where(in_region, rows == g, g == 0)
+    else:
+        keep = rmask
     for i in range(SPLIT // BLOCK_N):  # chunks past the furthest position skip their loads
         n0 = start + i * BLOCK_N
-        if n0 <= last:
+        if HAS_TREE:
+            live = (n0 <= last) & work
+        else:
+            live = n0 <= last
+        if live:
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols <= last
+            offs = kvh * stride_kh + cols[:, None] * HD + d[None, :]
             if HAS_TREE:
                 if n0 + BLOCK_N > base:
-                    m_i, l_i, acc = _tree_block_update(q, k_ptr, v_ptr, tree_ptr, kvh * stride_kh, cols, cmask,
-                                                       rows, pos, base, n_rows, hidden, d, dm, m_i, l_i, acc,
-                                                       scale, HD, BLOCK_M, PRECISION)
+                    k, v = _gather_kv(k_ptr, v_ptr, tree_ptr, kvh * stride_kh, cols, cmask, g, base, n_rows, d, dm, HD)
                 else:
-                    offs = kvh * stride_kh + cols[:, None] * HD + d[None, :]
                     k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
                     v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
-                    m_i, l_i, acc = _block_update(q, k, v, cols, pos, hidden, m_i, l_i, acc, scale, PRECISION)
             else:
-                offs = kvh * stride_kh + cols[:, None] * HD + d[None, :]
                 k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
                 v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
-                m_i, l_i, acc = _block_update(q, k, v, cols, pos, hidden, m_i, l_i, acc, scale, PRECISION)
+            m_i, l_i, acc = _block_update(q, k, v, cols, pos, hidden, m_i, l_i, acc, scale, PRECISION)
     part = (sp * n_rows + rows) * NH + h
-    tl.store(o_ptr + part[:, None] * HD + d[None, :], acc, mask=rmask[:, None] & dm[None, :])
-    tl.store(m_ptr + part, m_i, mask=rmask)
-    tl.store(l_ptr + part, l_i, mask=rmask)
+    tl.store(o_ptr + part[:, None] * HD + d[None, :], acc, mask=keep[:, None] & dm[None, :])
+    tl.store(m_ptr + part, m_i, mask=keep)
+    tl.store(l_ptr + part, l_i, mask=keep)
 
 
 @triton.jit
@@ -220,7 +220,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     ``tree_slots`` (T, T) integer: a tree step, whose rows sit at virtual ``positions`` (base =
     ``positions.min()``, the first row's): row i reads virtual position base + j from cache slot
     ``tree_slots[i, j]`` (its ancestor's row), positions below base from their own slot. Each row
-    then sees exactly the keys, blocks and arithmetic of a causal step at its virtual position.
+    then sees exactly the keys, blocks and arithmetic of a causal step at its virtual position. The
+    chunks meeting the region run one program per row (the row's own gathered tiles, same shapes).
     """
     rows, num_heads, head_dim = q.shape
     capacity = keys.shape[1]
@@ -232,7 +233,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     m = torch.empty((n_splits, rows, num_heads), dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _split_attn_kernel[(num_heads, n_splits)](
+    # a tree step: one program per row for the chunks that meet its region (the others exit at once)
+    grid = (num_heads, n_splits, max(16, triton.next_power_of_2(rows)) if tree_slots is not None else 1)
+    _split_attn_kernel[grid](
         q.contiguous(), keys, values, positions, positions if tree_slots is None else tree_slots.contiguous(),
         o, m, l_sum, rows, keys.stride(0), float(scale), int(masked_prefix),
         NH=num_heads, GROUP=num_heads // keys.shape[0], HD=head_dim, HDP=max(16, triton.next_power_of_2(head_dim)),

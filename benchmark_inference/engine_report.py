@@ -2,7 +2,8 @@
 
 At Video-LLaVA-7B shapes (random weights through the real loaders) it measures our decode step in
 each ``--engine_modes`` mode, transformers ``generate`` with a static cache, a ~30-line
-``torch.compile`` loop over HF's ``StaticCache`` on the same weights, verify(gamma+1)/decode(1),
+``torch.compile`` loop over HF's ``StaticCache`` on the same weights, verify(gamma+1)/decode(1), a 16-row
+draft tree's verify/decode(1) (``tree_verify_over_decode``),
 the EAGLE drafter's cost c per drafted token (its commit and gamma-token chain replayed as CUDA graphs;
 the eager head's c beside it as ``eagle_c_eager``; the L5 drafter's feature-space chain as ``l5_chain_c``;
 one topk-4, 16-row EAGLE draft tree as ``eagle_tree_c``, its eager reference as ``eagle_tree_c_eager``, both
@@ -28,9 +29,11 @@ import torch
 from benchmark_inference.concurrency_probe import best_variant, in_process_variants, probe_in_process
 from benchmark_inference.real_shape_timing import (
     QUESTION,
+    TREE_PARENTS,
     decode_ms_per_token,
     hf_generate,
     raw_inputs,
+    tree_verify_ratio,
     verify_ratio,
 )
 from benchmark_parallel_prefill.drafter_costs import (
@@ -158,12 +161,16 @@ def _ours(target, visual, opts: EngineOptions, length: int) -> dict[str, dict[st
     out: dict[str, dict[str, Any]] = {}
     for mode in opts.modes:
         try:
+            tree = len(TREE_PARENTS) + 1
             if mode != "eager":
-                target.enable_cuda_graphs(length + opts.new_tokens + 8 * (opts.gamma + 1),
-                                          step_sizes=(1, opts.gamma + 1), kernels=mode == "fused_graph")
+                target.enable_cuda_graphs(length + opts.new_tokens + 8 * (opts.gamma + 1) + tree,
+                                          step_sizes=(1, opts.gamma + 1, tree), kernels=mode == "fused_graph",
+                                          tree_step=tree)
             row = {"kernels": target.runner.kernels_on,
                    "decode_ms_per_token": decode_ms_per_token(target, visual, opts.new_tokens),
-                   "verify_over_decode": verify_ratio(target, visual, opts.gamma + 1, opts.steps)}
+                   "verify_over_decode": verify_ratio(target, visual, opts.gamma + 1, opts.steps),
+                   # graphed on the Triton kernels (fused_graph), eager otherwise
+                   "tree_verify_over_decode": tree_verify_ratio(target, visual, repeats=opts.steps)}
             if target.graphs is not None:  # GPU time of the step alone, the prompt's length of context live
                 target.prefill(visual, QUESTION)
                 row.update({f"graph_replay_ms_{k}": target.graphs.replay_ms(k) for k in (1, opts.gamma + 1)})
@@ -243,7 +250,8 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
                                       .parameters()) / 1e9 + target.lm_head.weight.numel() * target.lm_head.weight.element_size() / 1e9
         mode, best = _best(report["ours"])
         report.update(decode_mode=mode, decode_ms_per_token=best["decode_ms_per_token"],
-                      verify_over_decode=best["verify_over_decode"])
+                      verify_over_decode=best["verify_over_decode"],
+                      tree_verify_over_decode=best["tree_verify_over_decode"])
         write(report)
         eagle = _eagle(target, opts)
         decode = report["decode_ms_per_token"]

@@ -1,6 +1,7 @@
 """The per-model timing steps of the real-shape benchmarks (shared by real_shape_benchmark and engine_report).
 
-Inputs of the real shapes, decode ms/token, verify(k)/decode(1), and transformers' ``generate``.
+Inputs of the real shapes, decode ms/token, verify(k)/decode(1), a 16-row draft tree's verify/decode(1), and
+transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,31 @@ def verify_ratio(vlm, visual, k: int, repeats: int = 20) -> float:
 
     t1, _ = timed_median(lambda: step(1), repeats, vlm.device)
     tk, _ = timed_median(lambda: step(k), repeats, vlm.device)
+    return tk / t1
+
+
+# a 16-row verify (pending token + 15 nodes): 4 children of the root, 4 + 3 under the two best, 2 + 2 below
+TREE_PARENTS = (-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 4, 4, 5, 5)
+
+
+def tree_verify_ratio(vlm, visual, parents=TREE_PARENTS, repeats: int = 20) -> float:
+    """Cost of one draft-tree verify (pending + ``parents`` nodes, tree mask) over one 1-token forward."""
+    from common.tree import tree_attention_mask, tree_positions
+
+    state = vlm.prefill(visual, QUESTION)
+    base = state.length
+    ids = list(range(10, 11 + len(parents)))
+    mask = tree_attention_mask(list(parents), base, 1, vlm.device)
+    positions = tree_positions(list(parents), base, 1, vlm.device)
+
+    def step(tree: bool):
+        vlm.truncate(state, base)
+        if not tree:
+            return vlm.forward(state, ids[:1])
+        return vlm.forward(state, ids, attn_mask=mask, position_ids=positions)
+
+    t1, _ = timed_median(lambda: step(False), repeats, vlm.device)
+    tk, _ = timed_median(lambda: step(True), repeats, vlm.device)
     return tk / t1
 
 

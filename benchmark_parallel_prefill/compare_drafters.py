@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)  # before the heavy imports: --help prints at once
     from common.compression import PooledVideoLlava
-    from common.pipeline import check_context, configure_decode, load_pair, prepare_benchmark
+    from common.pipeline import check_context, configure_decode, load_pair, prepare_benchmark, tree_tokens
 
     lanes = 2 if args.harness == "parallel" else 1  # on a CPU each concurrent model gets its share of the cores
     dataset_dir, samples, settings = prepare_benchmark(STAGE, args, argv, default_task="compare_drafters",
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         specs += tree_specs(specs, args)
         models = [draft, target] + [s.draft for s in specs if isinstance(s.draft, PooledVideoLlava)]
         mode = configure_decode(models, args.decode_mode, max_length=4096, gamma=args.gamma,
-                                vision_graphs=not args.eager_vision)
+                                vision_graphs=not args.eager_vision, tree_tokens=tree_tokens(args))
         for note in notes:
             log.info("%s", note)
         log.info("decode mode %s; drafters: %s", mode, ", ".join(s.name for s in specs))

@@ -174,18 +174,29 @@ def load_benchmark_pair(args: argparse.Namespace, dataset_dir: Any
     for vlm in (draft, target):
         check_context(vlm, args.max_new_tokens)
     mode = configure_decode((draft, target), args.decode_mode, max_length=4096, gamma=args.gamma,
-                            vision_graphs=not args.eager_vision)
+                            vision_graphs=not args.eager_vision, tree_tokens=tree_tokens(args))
     return draft, target, mode, drafter_factory(args, device=target.device)
 
 
-def configure_decode(models, mode: str, max_length: int, gamma: int, vision_graphs: bool = True) -> str:
-    """Turn on CUDA-graph decoding (and graphed vision towers) where asked for and possible; returns the mode."""
+def tree_tokens(args: argparse.Namespace) -> int | None:
+    """``--tree_tokens`` when draft trees are on (both tree flags given), else None."""
+    topk, tokens = getattr(args, "tree_topk", None), getattr(args, "tree_tokens", None)
+    return int(tokens) if topk is not None and tokens is not None else None
+
+
+def configure_decode(models, mode: str, max_length: int, gamma: int, vision_graphs: bool = True,
+                     tree_tokens: int | None = None) -> str:
+    """Turn on CUDA-graph decoding (and graphed vision towers) where asked for and possible; returns the mode.
+
+    ``tree_tokens``: draft trees of that many rows are verified too (their step and tree graph captured).
+    """
     if mode == "auto":
         mode = "cuda_graph" if all(m.device.type == "cuda" for m in models) else "eager"
     if mode == "eager":
         return mode
+    sizes = (1, gamma + 1, *([tree_tokens] if tree_tokens else []))
     for m in models:
-        m.enable_cuda_graphs(max_length, step_sizes=(1, gamma + 1), compile=mode == "compiled_graph")
+        m.enable_cuda_graphs(max_length, step_sizes=sizes, compile=mode == "compiled_graph", tree_step=tree_tokens)
         if vision_graphs:
             m.enable_vision_graphs()
     return mode
@@ -193,9 +204,14 @@ def configure_decode(models, mode: str, max_length: int, gamma: int, vision_grap
 
 @contextmanager
 def lossless_numerics(target: VisionLanguageModel, args: argparse.Namespace) -> Iterator[int | None]:
-    """Within the block the target runs fixed (gamma+1)-token steps, when graphs allow; yields the step or None."""
+    """Within the block the target runs fixed (gamma+1)-token steps, when graphs allow; yields the step or None.
+
+    With draft trees on (``tree_tokens``) the fixed step is ``--tree_tokens`` rows: a tree verify then
+    replays the tree graph of that size, bit for bit the target's own fixed-step decode.
+    """
     decoding = target.decoding
-    step = args.gamma + 1 if decoding.graphs is not None and args.lossless_reference == "fixed_step" else None
+    verify = tree_tokens(args) or args.gamma + 1
+    step = verify if decoding.graphs is not None and args.lossless_reference == "fixed_step" else None
     previous = decoding.fixed_step
     decoding.use_fixed_step(step)
     try:

@@ -44,7 +44,7 @@ from common.sampling import is_greedy, probs_from_logits, sample_from_probs, uni
 __all__ = [
     "TreeConfig", "DraftTree", "build_tree", "tree_attention_mask", "tree_positions", "accept_tree_greedy",
     "accept_tree_sampled", "compact_cache", "verify_tree", "add_tree_args", "tree_config_from",
-    "propose_tree", "tree_from_flags", "TREE_DRAFTERS",
+    "propose_tree", "tree_from_flags", "TREE_DRAFTERS", "tree_row_map",
 ]
 
 # Drafter kinds that draft trees (EagleDrafter.propose_tree; the hybrid's EAGLE phase after the prefill).
@@ -233,6 +233,29 @@ def tree_positions(parents: Sequence[int], prefix: int, pending: int = 1,
     depths = DraftTree(parents=list(parents), tokens=[0] * len(parents)).depths
     out = list(range(prefix, prefix + pending)) + [prefix + pending - 1 + d for d in depths]
     return torch.tensor(out, dtype=torch.long, device=device)
+
+
+def tree_row_map(attn_mask: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor | None:
+    """Fed row whose key each fed row reads at each virtual position: (k, k) long, or None.
+
+    For a tree verify (:func:`tree_attention_mask`, :func:`tree_positions` at cache length
+    ``start``), row r at position ``start + d`` attends the fed rows at positions start..start + d:
+    ``map[r, j]`` is the fed row at ``start + j`` on r's path (its pending rows and ancestors, in
+    order); past ``position_ids[r]`` it is j. None when the mask is not of that form (a hidden cache
+    position, or a row whose visible fed rows do not fill its positions), so the caller runs eagerly.
+    """
+    k = attn_mask.shape[0]
+    if tuple(attn_mask.shape) != (k, start + k) or tuple(position_ids.shape) != (k,):
+        return None
+    fed = attn_mask[:, start:].to(torch.long)
+    seen = fed.cumsum(1) - 1  # where each visible fed row sits on the row's path
+    ok = attn_mask[:, :start].all() & (seen[:, -1] == position_ids - start).all() & fed.diagonal().bool().all()
+    if not bool(ok):  # one host read per verify
+        return None
+    cols = torch.arange(k, device=attn_mask.device)
+    out = torch.cat([cols.expand(k, k), cols.new_zeros((k, 1))], dim=1)  # a spare column takes the hidden rows
+    out.scatter_(1, torch.where(fed.bool(), seen, k), cols.expand(k, k))
+    return out[:, :k]
 
 
 def accept_tree_greedy(tree: DraftTree, root: torch.Tensor, rows: torch.Tensor) -> tuple[list[int], int]:

@@ -104,7 +104,8 @@ class VisionLanguageModel(ABC):
 
     # ----- fast decode -----
     def enable_cuda_graphs(self, max_length: int, step_sizes: Sequence[int] = (1,), compile: bool = False,
-                           fixed_step: int | None = None, fuse: bool = True, kernels: bool | None = None) -> None:
+                           fixed_step: int | None = None, fuse: bool = True, kernels: bool | None = None,
+                           tree_step: int | None = None) -> None:
         """Decode with a static KV cache of ``max_length`` positions and CUDA-graph replays.
 
         ``step_sizes`` are the token counts captured (1 for decoding, gamma + 1 for verification;
@@ -113,11 +114,12 @@ class VisionLanguageModel(ABC):
         run as padded steps of exactly that many tokens (see ``use_fixed_step``); ``fuse`` concatenates
         q/k/v and gate/up weights and uses a fused RMSNorm (unquantized models only); ``kernels`` runs the
         captured step through the Triton kernels of ``common.models.kernels`` where they apply (see
-        ``LlamaRunner.use_kernels``; default: on unless ``compile``). Prefill stays eager. Only one decoding state of this
+        ``LlamaRunner.use_kernels``; default: on unless ``compile``); ``tree_step`` also captures the graph of
+        a draft tree's verify of that many rows (``--tree_tokens``; kernels only). Prefill stays eager. Only one decoding state of this
         model is live at a time (each prefill reuses the static cache).
         """
         self.decoding.enable_cuda_graphs(max_length, self.dtype, self.device, step_sizes, compile=compile,
-                                         fixed_step=fixed_step, fuse=fuse, kernels=kernels)
+                                         fixed_step=fixed_step, fuse=fuse, kernels=kernels, tree_step=tree_step)
 
     def use_fixed_step(self, size: int | None) -> None:
         """Route every decode/verify forward through padded ``size``-token graph steps (None: fastest fit).
@@ -283,8 +285,8 @@ class VisionLanguageModel(ABC):
         """Feed 1..k tokens; return their float32 logits (k, V) and advance ``state``.
 
         ``attn_mask`` (boolean (k, length + k)) and ``position_ids`` (k,) verify a draft tree
-        (common.tree); such forwards always run eagerly (the CUDA graphs take no mask), also
-        over the graphs' static cache.
+        (common.tree): a tree graph replay on the Triton kernels (bitwise the fixed-step decode; see
+        ``Decoding.step``), else eagerly, also over the graphs' static cache.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:

@@ -23,6 +23,7 @@ def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
     assert report["decode_mode"] == "eager"
     assert report["decode_ms_per_token"] == report["ours"]["eager"]["decode_ms_per_token"] > 0
     assert report["verify_over_decode"] == report["ours"]["eager"]["verify_over_decode"] > 0
+    assert report["tree_verify_over_decode"] == report["ours"]["eager"]["tree_verify_over_decode"] > 0
     c = (report["eagle_step_ms"] + report["eagle_commit_ms"] / 3) / report["decode_ms_per_token"]
     assert report["eagle_c"] == pytest.approx(c) and c > 0
     assert report["eagle_chain_mode"] == "static"  # the graphs' fixed-shape chain, run eagerly on the CPU

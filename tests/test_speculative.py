@@ -435,7 +435,8 @@ class TinyTextVLM:
     """Builds a tiny random LLaMA behind ``VisionLanguageModel`` (text-only prompts), for a real-cache check."""
 
     @staticmethod
-    def make(seed: int, vocab: int = 64, base_vocab: int = 60):
+    def make(seed: int, vocab: int = 64, base_vocab: int = 60, hidden: int = 32, device: str = "cpu",
+             dtype: torch.dtype = torch.float32):
         from types import SimpleNamespace
 
         from transformers import LlamaConfig, LlamaModel
@@ -456,15 +457,16 @@ class TinyTextVLM:
                 return VisualInput(embeds=pixels)
 
             def prompt_embeds(self, visual, question):
-                ids = torch.tensor([int(t) for t in question.split()])
+                ids = torch.tensor([int(t) for t in question.split()], device=self.device)
                 return torch.cat([visual.embeds, self.embed_tokens(ids)])
 
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
         lm = LlamaModel(config).eval()
-        head = torch.nn.Linear(32, vocab, bias=False)
+        head = torch.nn.Linear(hidden, vocab, bias=False)
         torch.nn.init.normal_(head.weight, std=2.0)
+        lm.to(device, dtype), head.to(device, dtype)
         model = TextVLM(lm, lm, head, SimpleNamespace(eos_token_id=2), base_vocab_size=base_vocab)
         model.decode_room = 4  # force the cache to grow during generation
         return model

@@ -326,3 +326,86 @@ def test_tree_flags_in_the_benchmarks(tiny_models_dir, tiny_dataset, tmp_path): 
     assert all(s["lossless_rate"] == 1.0 for s in cmp["drafters"].values())
     with pytest.raises(SystemExit, match="no chosen drafter drafts trees"):
         cd.main(base + ["--drafters", "eventgpt", "--output_dir", str(tmp_path / "no")] + tree)
+
+
+# ----- routing: a tree verify replays the tree graph on the Triton kernels, eagerly otherwise -----
+
+class _TreeGraphs:
+    """Stands in for ``CudaGraphDecoder`` (CUDA only): records ``step_tree`` calls, answers with marker logits."""
+
+    def __init__(self, cache, kernels: bool, vocab: int):
+        from types import SimpleNamespace
+
+        self.cache, self.runner, self.vocab = cache, SimpleNamespace(kernels_on=kernels), vocab
+        self.sizes, self.tree_sizes, self.calls, self.last_hidden = [1, 6, 8], [8], [], None
+
+    def size_for(self, k):
+        return next((s for s in self.sizes if s >= k), None)
+
+    def step_tree(self, embeds, positions, rows, size):
+        self.calls.append((positions.tolist(), rows.tolist(), size))
+        self.cache.length += embeds.shape[0]
+        return torch.full((embeds.shape[0], self.vocab), 7.0)
+
+
+def _routed(kernels: bool, fixed_step: int | None, hide_prefix: bool = False, parents=(-1, -1, 0, 0, 2)):
+    from common.vlm import VisualInput
+    from tests.test_speculative import TinyTextVLM
+
+    target = TinyTextVLM.make(0)
+    target.decode_room = 16  # room for the padded tree step
+    state = target.prefill(VisualInput(embeds=torch.zeros(3, 32)), "4 8")
+    base, graphs = state.length, _TreeGraphs(state.cache, kernels, target.vocab_size)
+    target.decoding.graphs, target.decoding.fixed_step = graphs, fixed_step
+    mask = tree_attention_mask(list(parents), base, 1)
+    if hide_prefix:
+        mask[:, 0] = False
+    logits = target.forward(state, [11] + [5] * len(parents), attn_mask=mask,
+                            position_ids=tree_positions(list(parents), base, 1))
+    target.decoding.graphs = None
+    return graphs.calls, logits, base
+
+
+def test_tree_verify_replays_the_tree_graph_when_the_kernels_are_on():
+    calls, logits, base = _routed(kernels=True, fixed_step=8)
+    # rows: pending, nodes 0..4 (parents -1, -1, 0, 0, 2); node 4's path is pending -> 0 -> 2 -> 4
+    assert calls == [([base, base + 1, base + 1, base + 2, base + 2, base + 3],
+                      [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [0, 2, 2, 3, 4, 5], [0, 1, 3, 3, 4, 5],
+                       [0, 1, 4, 3, 4, 5], [0, 1, 3, 5, 4, 5]], 8)]
+    assert torch.equal(logits, torch.full((6, logits.shape[1]), 7.0))
+    assert _routed(kernels=True, fixed_step=None)[0][0][2] == 6  # without a fixed step: the smallest fit
+
+
+@pytest.mark.parametrize("why", ["kernels off", "hidden prefix", "too many rows"])
+def test_tree_verify_runs_eagerly_when_the_tree_graph_cannot_serve_it(why):
+    calls, logits, _ = _routed(kernels=why != "kernels off", fixed_step=4 if why == "too many rows" else 8,
+                               hide_prefix=why == "hidden prefix")
+    assert calls == [] and not torch.equal(logits, torch.full_like(logits, 7.0))
+
+
+def test_tree_row_map_refuses_masks_that_are_no_tree_of_the_positions():
+    from common.tree import tree_row_map
+
+    parents = [-1, 0, 0]
+    mask, positions = tree_attention_mask(parents, 4, 1), tree_positions(parents, 4, 1)
+    assert tree_row_map(mask, positions, 4).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 3, 3]]
+    assert tree_row_map(mask, positions + 1, 4) is None  # positions that do not follow the mask's paths
+    assert tree_row_map(mask[:, 1:], positions, 4) is None  # wrong shape
+
+
+def test_lossless_numerics_uses_the_tree_step_with_trees():
+    from types import SimpleNamespace
+
+    from common.models.decoding import Decoding
+    from common.pipeline import lossless_numerics, tree_tokens
+    from tests.test_speculative import TinyTextVLM
+
+    decoding = Decoding(TinyTextVLM.make(0).runner)
+    decoding.graphs = _TreeGraphs(None, True, 64)
+    target = SimpleNamespace(decoding=decoding)
+    for topk, tokens, want in [(None, None, 6), (2, 8, 8)]:
+        args = SimpleNamespace(gamma=5, tree_topk=topk, tree_tokens=tokens, lossless_reference="fixed_step")
+        assert tree_tokens(args) == (tokens if topk else None)
+        with lossless_numerics(target, args) as step:
+            assert step == want and decoding.fixed_step == want
+        assert decoding.fixed_step is None

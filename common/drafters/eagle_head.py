@@ -57,7 +57,7 @@ from common.drafters.draft_graphs import (
     plain_weights,
 )
 from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
-from common.models.decoding import Decoding, replay
+from common.models.decoding import Decoding, replay, replay_tree
 from common.results import atomic_write, atomic_write_text
 from common.speculative import DraftProposal, SyncedDrafter
 from common.timing import sync_current_stream
@@ -468,10 +468,12 @@ def feature_step(runner: Any, layer: int) -> Callable[..., torch.Tensor]:
     n = runner.shape.num_layers
     idx = runner.layer_index(layer)
 
-    def step(embeds: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
-        if idx == n:
-            logits, feature = runner.static_step(embeds, positions, cache)
+    def step(embeds: torch.Tensor, positions: torch.Tensor, cache: Any, tree: Any = None) -> torch.Tensor:
+        if idx == n:  # a draft tree's rows (``TreeRows``) too, on the Triton kernels
+            logits, feature = runner.static_step(embeds, positions, cache, tree)
             return torch.cat([logits, feature.float()], dim=-1)
+        if tree is not None:
+            raise ValueError(f"tree graph steps record the final layer only, not layer {layer}")
         x, hidden = runner.run_layers(embeds, positions, cache.capacity, cache, {idx})
         return torch.cat([runner.lm_head(x[0]).float(), hidden[idx][0].float()], dim=-1)
 
@@ -489,6 +491,8 @@ def _feature_graphs(target: Any, layer: int):
     decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=graphs.compiled,
                                step_fn=feature_step(runner, layer))
     decoder.capture_all()
+    for size in graphs.tree_sizes:  # the target's tree verifies, with the feature
+        decoder.capture_tree(size)
     per_target.clear()  # one set of graphs per target (older caches are gone)
     per_target[key] = decoder
     return decoder
@@ -638,7 +642,8 @@ class EagleTarget:
                 hidden_layers: Sequence[int] = (), **tree: Any) -> torch.Tensor:
         """The target's forward; the fed positions' features are recorded for ``state``.
 
-        ``tree``: ``attn_mask`` / ``position_ids`` of a draft tree's verify (eager; see :meth:`compact`).
+        ``tree``: ``attn_mask`` / ``position_ids`` of a draft tree's verify (see :meth:`compact`); graphed
+        like the target's own tree verify when the feature is the final layer, else eager.
         """
         t = self.target
         buffer = self._buffer(state) if self.layer is not None else None
@@ -649,8 +654,9 @@ class EagleTarget:
             raise ValueError("forward needs at least one token")
         start = state.length
         graphs = t.decoding.graphs
-        if graphs is not None and not hidden_layers and state.cache is graphs.cache and not tree:
-            logits = self._graph_forward(state, ids)
+        if (graphs is not None and not hidden_layers and state.cache is graphs.cache
+                and (not tree or t.runner.layer_index(self.layer) == t.runner.shape.num_layers)):
+            logits = self._graph_forward(state, ids, tree)
             if logits is not None:
                 return logits
         asked = list(hidden_layers)
@@ -659,12 +665,14 @@ class EagleTarget:
         state.hidden = {k: state.hidden[k] for k in asked}
         return logits
 
-    def _graph_forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor | None:
+    def _graph_forward(self, state: DecodeState, ids: torch.Tensor, tree: dict[str, Any]) -> torch.Tensor | None:
         t = self.target
         decoder = _feature_graphs(t, self.layer)
         embeds = t.embed_tokens(ids)
         start = state.length
-        out = replay(decoder, embeds, t.decoding.fixed_step)
+        fixed = t.decoding.fixed_step
+        out = (replay(decoder, embeds, fixed) if tree.get("attn_mask") is None
+               else replay_tree(decoder, embeds, tree["attn_mask"], tree.get("position_ids"), fixed))
         if out is None:
             return None
         vocab = int(t.vocab_size)

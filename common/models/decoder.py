@@ -153,6 +153,16 @@ class VocabLimitedHead(nn.Module):
         return logits
 
 
+@dataclass
+class TreeRows:
+    """A tree step's rows for ``LlamaRunner.static_step``: virtual ``positions`` (k,) (rotary and
+    attention; the first row's is the cache length) and ``slots`` (k, k): the cache slot row i reads
+    for virtual position ``positions[0] + j`` (its pending rows and ancestors; identity past its own)."""
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+
+
 class LlamaRunner:
     """Runs a transformers ``LlamaModel`` (layers, norm, rotary) plus an LM head over a ``KVCache``."""
 
@@ -335,10 +345,17 @@ class LlamaRunner:
         """Whether ``static_step`` runs the fused Triton kernels."""
         return self._kernels is not None
 
-    def _fused_step(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """All layers and the final norm for one row of k new tokens with the Triton kernels; (k, H)."""
+    def _fused_step(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    tree: TreeRows | None = None) -> torch.Tensor:
+        """All layers and the final norm for one row of k new tokens with the Triton kernels; (k, H).
+
+        With ``tree``, row i is still written at ``positions[i]`` but rotated and attended as if at
+        ``tree.positions[i]`` over its own path (``tree.slots``; see ``kernels.decode_attention``).
+        """
         kern, s = self._kernels, self.shape
-        cos, sin = self.language_model.rotary_emb(x, positions[None, :])
+        rope_at = positions if tree is None else tree.positions
+        attend_at, slots = (positions, None) if tree is None else (tree.positions, tree.slots)
+        cos, sin = self.language_model.rotary_emb(x, rope_at[None, :])
         x = x[0]
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         norms.append(self.language_model.norm)
@@ -347,8 +364,8 @@ class LlamaRunner:
         for idx, layer in enumerate(self.layers):
             q = kern.rope_kv_write(self._qkv(idx, h), cos[0], sin[0], positions,
                                    cache.keys[idx, 0], cache.values[idx, 0], s.num_heads, s.num_kv_heads)
-            attn = kern.decode_attention(q, cache.keys[idx, 0], cache.values[idx, 0], positions,
-                                         s.head_dim ** -0.5, masked_prefix=self.masked_prefix)
+            attn = kern.decode_attention(q, cache.keys[idx, 0], cache.values[idx, 0], attend_at,
+                                         s.head_dim ** -0.5, masked_prefix=self.masked_prefix, tree_slots=slots)
             post, nxt = norms[2 * idx + 1], norms[2 * idx + 2]
             h, res = kern.add_rms_norm(self._linear(layer.self_attn.o_proj, attn, step=True), res, post.weight,
                                        _eps(post))
@@ -534,15 +551,19 @@ class LlamaRunner:
         logits = self.lm_head(head_in).float()
         return logits, {i: hidden[self.layer_index(i)][0] for i in hidden_layers} if hidden_layers else {}
 
-    def static_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def static_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    tree: TreeRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed-shape step for CUDA-graph capture: attends over the whole capacity, masked by position.
 
         Returns float32 logits and the final normed hidden state (the LM head's input, layer -1).
         With ``use_kernels`` (CUDA), the Triton kernels run the layers and attend only the live positions.
+        ``tree`` (kernels only): a draft tree's rows, written at ``positions``, computed at their virtual
+        positions over their own paths, each bit for bit as the causal step computes that token there.
         """
+        if tree is not None and self._kernels is None:
+            raise ValueError("a tree step needs the Triton kernels (use_kernels)")
         if self._kernels is not None and embeds.shape[0] == 1 and positions.dim() == 1:
-            x = self._fused_step(embeds, positions, cache)
+            x = self._fused_step(embeds, positions, cache, tree)
             return self._linear(self.lm_head, x, step=True).float(), x
         x, _ = self.run_layers(embeds, positions, cache.capacity, cache, set())
         return self.lm_head(x[0]).float(), x[0]
@@ -612,9 +633,9 @@ class CudaGraphDecoder:
     """
 
     def __init__(self, runner: LlamaRunner, cache: KVCache, sizes: Sequence[int], compile: bool = False,
-                 step_fn: Callable[[torch.Tensor, torch.Tensor, KVCache], Any] | None = None):
-        """``step_fn(embeds, positions, cache)`` is the captured step (default ``runner.static_step``); it
-        returns (logits, final hidden) or one tensor (e.g. logits and a feature layer side by side)."""
+                 step_fn: Callable[..., Any] | None = None):
+        """``step_fn(embeds, positions, cache, tree=None)`` is the captured step (default ``runner.static_step``);
+        it returns (logits, final hidden) or one tensor (e.g. logits and a feature layer side by side)."""
         if cache.keys.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA cache")
         self.runner, self.cache = runner, cache
@@ -625,6 +646,8 @@ class CudaGraphDecoder:
         self._step_fn = torch.compile(base, dynamic=False) if compile else base
         self.sizes = sorted(set(int(k) for k in sizes))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # tree graphs (``step_tree``), captured on first use: graph, outputs, embeds, positions, TreeRows
+        self._tree_graphs: dict[int, tuple[Any, Any, torch.Tensor, torch.Tensor, TreeRows]] = {}
         self._key_ptr = cache.keys.data_ptr()
         self.last_hidden: torch.Tensor | None = None  # final normed hidden states of the last step
 
@@ -643,6 +666,25 @@ class CudaGraphDecoder:
         positions = torch.arange(cache.capacity - size, cache.capacity, device=device)
         self._graphs[size] = (*capture_graph(lambda: self._step_fn(embeds, positions, cache), device),
                               embeds, positions)
+
+    @property
+    def tree_sizes(self) -> list[int]:
+        """The row counts of the tree graphs captured so far (``step_tree``)."""
+        return sorted(self._tree_graphs)
+
+    def capture_tree(self, size: int) -> None:
+        """Capture the ``size``-row tree graph now (keeps capture cost out of timed regions)."""
+        if size not in self._tree_graphs:
+            self._capture_tree(size)
+
+    def _capture_tree(self, size: int) -> None:
+        cache, hidden = self.cache, self.runner.shape.hidden_size
+        device = cache.keys.device
+        embeds = torch.zeros((1, size, hidden), dtype=cache.keys.dtype, device=device)
+        positions = torch.arange(cache.capacity - size, cache.capacity, device=device)
+        tree = TreeRows(positions.clone(), positions.repeat(size, 1))  # the identity map: a causal step
+        self._tree_graphs[size] = (*capture_graph(lambda: self._step_fn(embeds, positions, cache, tree), device),
+                                   embeds, positions, tree)
 
     def capture_all(self) -> None:
         """Capture every size now (keeps capture cost out of timed regions)."""
@@ -690,10 +732,36 @@ class CudaGraphDecoder:
             raise ValueError(f"no captured size serves {k} tokens at length {self.cache.length}")
         if size not in self._graphs:
             self._capture(size)
-        graph, outputs, embeds_buf, positions_buf = self._graphs[size]
+        return self._replay(self._graphs[size][:4], embeds)
+
+    def step_tree(self, embeds: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """k draft-tree rows (k <= ``size``) in one replay of the ``size``-row tree graph; float32 logits (k, V).
+
+        Row i is written at the cache's length + i and computed at ``positions[i]`` over the fed rows
+        ``rows[i]`` ((k, k), ``common.tree.tree_row_map``): bit for bit what a ``size``-row causal step
+        computes for that token at that position (the runner's ``static_step`` with ``TreeRows``).
+        """
+        if self.cache.keys.data_ptr() != self._key_ptr:
+            raise RuntimeError("the KV cache was reallocated after graph capture")
+        k, start = embeds.shape[0], self.cache.length
+        if k > size or start + size > self.cache.capacity:
+            raise ValueError(f"a tree step of {size} rows does not serve {k} rows at length {start}")
+        if size not in self._tree_graphs:
+            self._capture_tree(size)
+        graph, outputs, embeds_buf, positions_buf, tree = self._tree_graphs[size]
+        ident = torch.arange(start, start + size, device=positions_buf.device)
+        tree.positions.copy_(ident)
+        tree.positions[:k].copy_(positions)
+        tree.slots.copy_(ident.expand(size, size))
+        tree.slots[:k, :k].copy_(rows + start)
+        return self._replay((graph, outputs, embeds_buf, positions_buf), embeds)
+
+    def _replay(self, entry: tuple[Any, Any, torch.Tensor, torch.Tensor], embeds: torch.Tensor) -> torch.Tensor:
+        """Fill a captured step's inputs (rows written from the cache's length on), replay, advance the cache."""
+        graph, outputs, embeds_buf, positions_buf = entry
         # a custom step function may return one tensor instead of (logits, final hidden)
         logits_buf, hidden_buf = outputs if isinstance(outputs, tuple) else (outputs, None)
-        start = self.cache.length
+        k, size, start = embeds.shape[0], embeds_buf.shape[1], self.cache.length
         embeds_buf.zero_()
         embeds_buf[0, :k].copy_(embeds)
         positions_buf.copy_(torch.arange(start, start + size, device=positions_buf.device))

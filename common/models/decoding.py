@@ -13,6 +13,7 @@ import torch
 
 from common.models.decoder import CudaGraphDecoder, KVCache, LlamaRunner
 from common.models.greedy_batch import BatchedGreedyDecoder
+from common.tree import tree_row_map
 
 
 def replay(graphs: CudaGraphDecoder, embeds: torch.Tensor, fixed_step: int | None) -> torch.Tensor | None:
@@ -26,6 +27,21 @@ def replay(graphs: CudaGraphDecoder, embeds: torch.Tensor, fixed_step: int | Non
     return None
 
 
+def replay_tree(graphs: CudaGraphDecoder, embeds: torch.Tensor, attn_mask: torch.Tensor, position_ids: torch.Tensor,
+                fixed_step: int | None) -> torch.Tensor | None:
+    """A draft tree's verify (``common.tree``) as one tree-graph replay on the Triton kernels: of
+    ``fixed_step`` rows when set (bitwise the fixed-step decode), else the smallest captured size that
+    serves it; None when the kernels are off, no size serves it or the mask is no tree mask (run eagerly)."""
+    if not graphs.runner.kernels_on or position_ids is None:
+        return None
+    k, start = embeds.shape[0], graphs.cache.length
+    size = fixed_step if fixed_step else graphs.size_for(k)
+    if size is None or k > size or start + size > graphs.cache.capacity:
+        return None
+    rows = tree_row_map(attn_mask, position_ids.reshape(-1), start)
+    return None if rows is None else graphs.step_tree(embeds, position_ids.reshape(-1), rows, size)
+
+
 class Decoding:
     """Decode routing of one model's LLM: eager steps, or CUDA graphs (+ fixed step, + kernels)."""
 
@@ -37,10 +53,11 @@ class Decoding:
 
     def enable_cuda_graphs(self, max_length: int, dtype: torch.dtype, device: torch.device,
                            step_sizes: Sequence[int] = (1,), compile: bool = False, fixed_step: int | None = None,
-                           fuse: bool = True, kernels: bool | None = None) -> None:
+                           fuse: bool = True, kernels: bool | None = None, tree_step: int | None = None) -> None:
         """Capture graphs of the ``step_sizes``-token steps over a static cache of ``max_length`` positions.
 
-        See ``VisionLanguageModel.enable_cuda_graphs`` for the options.
+        See ``VisionLanguageModel.enable_cuda_graphs`` for the options; ``tree_step`` also captures the
+        tree graph of that many rows (draft-tree verifies, Triton kernels only; else on first use).
         """
         if device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (use eager decoding on CPU)")
@@ -48,9 +65,11 @@ class Decoding:
             self.runner.fuse_projections()
         self.runner.use_kernels((not compile if kernels is None else kernels) and fuse)
         cache = self.runner.new_cache(max_length, dtype, device)
-        sizes = sorted({*step_sizes, *([fixed_step] if fixed_step else [])})
+        sizes = sorted({*step_sizes, *([fixed_step] if fixed_step else []), *([tree_step] if tree_step else [])})
         self.graphs = CudaGraphDecoder(self.runner, cache, sizes, compile=compile)
         self.graphs.capture_all()
+        if tree_step and self.runner.kernels_on:
+            self.graphs.capture_tree(tree_step)
         self.fixed_step = fixed_step
 
     def use_fixed_step(self, size: int | None) -> None:
@@ -81,14 +100,16 @@ class Decoding:
              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Append k token embeddings (k, H) to ``cache``; return float32 logits (k, V) and the asked hidden states.
 
-        Graph replays serve the graphs' own cache when only the final layer (-1) is asked and no tree
-        mask is given; everything else runs eagerly.
+        Graph replays serve the graphs' own cache when only the final layer (-1) is asked; a draft
+        tree (``attn_mask``/``position_ids``) replays a tree graph when the Triton kernels are on
+        (``replay_tree``); everything else runs eagerly.
         """
-        graphs = self.graphs if attn_mask is None else None
+        graphs = self.graphs
         # graphs also return the final normed state, so layer -1 requests stay on the fast path
         final_only = all(i in (-1, self.runner.shape.num_layers) for i in hidden_layers)
         if graphs is not None and final_only and cache is graphs.cache:
-            logits = replay(graphs, embeds, self.fixed_step)
+            logits = (replay(graphs, embeds, self.fixed_step) if attn_mask is None
+                      else replay_tree(graphs, embeds, attn_mask, position_ids, self.fixed_step))
             if logits is not None:
                 return logits, {i: graphs.last_hidden for i in hidden_layers}
         return self.runner.run(embeds, cache, hidden_layers, attn_mask=attn_mask, position_ids=position_ids)

@@ -10,7 +10,8 @@ so fused and eager outputs agree within bf16 tolerance:
 - ``silu_mul``: SiLU(gate) * up over the fused gate/up projection;
 - ``decode_attention``: split-K (flash-decoding) attention of the new rows over the static cache,
   reading only the live positions (up to the furthest row's position), every query row from the
-  same K/V tiles, so verifying gamma + 1 rows reads the cache once, like a decode step.
+  same K/V tiles, so verifying gamma + 1 rows reads the cache once, like a decode step; with
+  ``tree_slots`` a draft tree's rows, each at its virtual position over its own path (``common.tree``).
 """
 
 from __future__ import annotations
@@ -103,10 +104,40 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
 
 
 @triton.jit
-def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows, stride_kh, scale, hidden,
-                       NH: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
-                       SPLIT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _block_update(q, k, v, cols, pos, hidden, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+    """One key block's online-softmax update of every row: (m, l, acc)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    # causal, and the first ``hidden`` positions (a widened twin's masked visual padding) are
+    # read like any key but hidden from every later position
+    seen = (cols[None, :] <= pos[:, None]) & ((cols[None, :] >= hidden) | (pos[:, None] < hidden))
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _gather_kv(k_ptr, v_ptr, tree_ptr, kv_base, cols, cmask, r, base, n_rows, d, dm, HD: tl.constexpr):
+    """Keys and values of one block as tree row r sees them: virtual column c >= base from its own slot
+    tree[r, c - base] (its pending row or ancestor there), columns below base from their own slot."""
+    region = (cols >= base) & cmask
+    slot = tl.load(tree_ptr + r * n_rows + (cols - base), mask=region, other=0)
+    slot = tl.where(region, slot, cols)
+    offs = kv_base + slot[:, None] * HD + d[None, :]
+    k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+    v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, tree_ptr, o_ptr, m_ptr, l_ptr, n_rows, stride_kh, scale,
+                       hidden, NH: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
+                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr, HAS_TREE: tl.constexpr):
     h = tl.program_id(0)
     sp = tl.program_id(1)
     kvh = h // GROUP
@@ -121,30 +152,40 @@ def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, n_rows
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HDP), tl.float32)
     start = sp * SPLIT
+    if HAS_TREE:
+        # a tree step's region starts at its first row's position; a chunk meeting it runs one program per
+        # row g (grid axis 2), each over its own gathered keys, and stores that row only
+        g = tl.program_id(2)
+        base = tl.min(tl.where(rmask, pos, last), axis=0)
+        in_region = (start + SPLIT > base) & (start <= last)
+        work = (g == 0) | (in_region & (g < n_rows))
+        keep = rmask & tl.where(in_region, rows == g, g == 0)
+    else:
+        keep = rmask
     for i in range(SPLIT // BLOCK_N):  # chunks past the furthest position skip their loads
         n0 = start + i * BLOCK_N
-        if n0 <= last:
+        if HAS_TREE:
+            live = (n0 <= last) & work
+        else:
+            live = n0 <= last
+        if live:
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols <= last
             offs = kvh * stride_kh + cols[:, None] * HD + d[None, :]
-            k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            # causal, and the first ``hidden`` positions (a widened twin's masked visual padding) are
-            # read like any key but hidden from every later position
-            seen = (cols[None, :] <= pos[:, None]) & ((cols[None, :] >= hidden) | (pos[:, None] < hidden))
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            if HAS_TREE:
+                if n0 + BLOCK_N > base:
+                    k, v = _gather_kv(k_ptr, v_ptr, tree_ptr, kvh * stride_kh, cols, cmask, g, base, n_rows, d, dm, HD)
+                else:
+                    k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+                    v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+                v = tl.load(v_ptr + offs, mask=cmask[:, None] & dm[None, :], other=0.0)
+            m_i, l_i, acc = _block_update(q, k, v, cols, pos, hidden, m_i, l_i, acc, scale, PRECISION)
     part = (sp * n_rows + rows) * NH + h
-    tl.store(o_ptr + part[:, None] * HD + d[None, :], acc, mask=rmask[:, None] & dm[None, :])
-    tl.store(m_ptr + part, m_i, mask=rmask)
-    tl.store(l_ptr + part, l_i, mask=rmask)
+    tl.store(o_ptr + part[:, None] * HD + d[None, :], acc, mask=keep[:, None] & dm[None, :])
+    tl.store(m_ptr + part, m_i, mask=keep)
+    tl.store(l_ptr + part, l_i, mask=keep)
 
 
 @triton.jit
@@ -167,27 +208,40 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_rows, n_splits, NH: tl.const
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     scale: float, split: int = 128, block_n: int = 64, masked_prefix: int = 0) -> torch.Tensor:
+                     scale: float, split: int = 128, block_n: int = 64, masked_prefix: int = 0,
+                     tree_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q (T, NH, HD) at ``positions`` (T,) over one layer's cache (NKV, capacity, HD).
 
     Row i attends keys 0..positions[i], except that keys below ``masked_prefix`` are hidden from rows at
-    or past it (they are still read, so the step costs what it would with real tokens there). The keys are cut into ``split``-position chunks, one program
-    per (head, chunk) for all T rows; chunks past the furthest position exit at once. Returns (T, NH * HD).
+    or past it (they are still read, so the step costs what it would with real tokens there). The keys
+    are cut into ``split``-position chunks, one program per (head, chunk) for all T rows; chunks past
+    the furthest position exit at once. Returns (T, NH * HD).
+
+    ``tree_slots`` (T, T) integer: a tree step, whose rows sit at virtual ``positions`` (base =
+    ``positions.min()``, the first row's): row i reads virtual position base + j from cache slot
+    ``tree_slots[i, j]`` (its ancestor's row), positions below base from their own slot. Each row
+    then sees exactly the keys, blocks and arithmetic of a causal step at its virtual position. The
+    chunks meeting the region run one program per row (the row's own gathered tiles, same shapes).
     """
     rows, num_heads, head_dim = q.shape
     capacity = keys.shape[1]
     block_n = min(block_n, split)
     n_splits = triton.cdiv(capacity, split)
+    if tree_slots is not None and tuple(tree_slots.shape) != (rows, rows):
+        raise ValueError(f"tree_slots must be ({rows}, {rows}), got {tuple(tree_slots.shape)}")
     o = torch.empty((n_splits, rows, num_heads, head_dim), dtype=torch.float32, device=q.device)
     m = torch.empty((n_splits, rows, num_heads), dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _split_attn_kernel[(num_heads, n_splits)](
-        q.contiguous(), keys, values, positions, o, m, l_sum, rows, keys.stride(0), float(scale), int(masked_prefix),
+    # a tree step: one program per row for the chunks that meet its region (the others exit at once)
+    grid = (num_heads, n_splits, max(16, triton.next_power_of_2(rows)) if tree_slots is not None else 1)
+    _split_attn_kernel[grid](
+        q.contiguous(), keys, values, positions, positions if tree_slots is None else tree_slots.contiguous(),
+        o, m, l_sum, rows, keys.stride(0), float(scale), int(masked_prefix),
         NH=num_heads, GROUP=num_heads // keys.shape[0], HD=head_dim, HDP=max(16, triton.next_power_of_2(head_dim)),
         SPLIT=split,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, PRECISION=precision, num_warps=4,
-        num_stages=2)
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, PRECISION=precision,
+        HAS_TREE=tree_slots is not None, num_warps=4, num_stages=2)
     out = torch.empty((rows, num_heads * head_dim), dtype=q.dtype, device=q.device)
     _combine_kernel[(rows, num_heads)](o, m, l_sum, out, rows, n_splits, NH=num_heads, HD=head_dim,
                                        HDP=triton.next_power_of_2(head_dim), BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4)

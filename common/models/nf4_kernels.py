@@ -176,3 +176,188 @@ def nf4_linear(x: torch.Tensor, w: Nf4Weight, config: Nf4Config | None = None) -
     out = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
     _launch(x2, w, config or _config(x2, w), out)
     return out.reshape(*lead, w.out_features)
+
+
+# ---- the tensor-core kernel (``mode="triton_tc"``): one quantization block at a time, absmax decoded per block
+
+@triton.jit
+def _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, blk, nblk,
+                  cols, nmask, rows, rmask, stride_xm, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+                  W_LEFT: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + the products of quantization block ``blk`` (BS elements of K) of the weight rows ``cols``."""
+    HALF: tl.constexpr = BS // 2
+    j = tl.arange(0, HALF)
+    valid = blk < nblk
+    cmask = nmask & valid
+    g = cols * nblk + blk  # (BLOCK_N,) global block index of each weight row
+    if NESTED:  # absmax = code2[absmax_q] * absmax2[block // BS2] + offset, once per block
+        a8 = tl.load(absmax_ptr + g, mask=cmask, other=0).to(tl.int32)
+        am = tl.load(code2_ptr + a8) * tl.load(abs2_ptr + g // BS2, mask=cmask, other=0.0) + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + g, mask=cmask, other=0.0)
+    byte = tl.load(w_ptr + g[:, None] * HALF + j[None, :], mask=cmask[:, None], other=0,
+                   eviction_policy="evict_first").to(tl.int32)  # (BLOCK_N, HALF): even element in the high nibble
+    dt = x_ptr.dtype.element_ty
+    if LUT == 0:  # the 16 codes from L1 per element, times the block's absmax, rounded like bitsandbytes
+        hi = (tl.load(code_ptr + (byte >> 4)) * am[:, None]).to(dt)
+        lo = (tl.load(code_ptr + (byte & 15)) * am[:, None]).to(dt)
+    else:  # a (BLOCK_N, 16) table of code x absmax per block, gathered in registers
+        table = (tl.load(code_ptr + tl.arange(0, 16))[None, :] * am[:, None]).to(dt)
+        hi = tl.gather(table, byte >> 4, axis=1)
+        lo = tl.gather(table, byte & 15, axis=1)
+    kk = blk * BS + 2 * j
+    if W_LEFT:  # weight tile as the left operand: acc (BLOCK_N, BLOCK_M)
+        xmask = rmask[None, :] & valid
+        xe = tl.load(x_ptr + rows[None, :] * stride_xm + kk[:, None], mask=xmask, other=0.0)
+        xo = tl.load(x_ptr + rows[None, :] * stride_xm + kk[:, None] + 1, mask=xmask, other=0.0)
+        acc += tl.dot(hi, xe, input_precision=PRECISION)
+        acc += tl.dot(lo, xo, input_precision=PRECISION)
+    else:  # acc (BLOCK_M, BLOCK_N)
+        xmask = rmask[:, None] & valid
+        xe = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
+        xo = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] + 1, mask=xmask, other=0.0)
+        acc += tl.dot(xe, tl.trans(hi), input_precision=PRECISION)
+        acc += tl.dot(xo, tl.trans(lo), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, out_ptr,
+                   M, N, nblk, stride_xm, ITERS, SPLIT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
+                   BS2: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   W_LEFT: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < N
+    if W_LEFT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    first = sp * ITERS * SUB  # this split's first quantization block
+    if FOR_LOOP:  # compiled: a loop over a runtime count (software-pipelined loads)
+        for i in range(ITERS):
+            for s in tl.static_range(SUB):
+                acc = _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr,
+                                    first + i * SUB + s, nblk, cols, nmask, rows, rmask, stride_xm,
+                                    NESTED, BS, BS2, W_LEFT, LUT, PRECISION)
+    else:  # Triton's CPU interpreter cannot range() over a runtime count
+        i = 0
+        while i < ITERS:
+            for s in tl.static_range(SUB):
+                acc = _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr,
+                                    first + i * SUB + s, nblk, cols, nmask, rows, rmask, stride_xm,
+                                    NESTED, BS, BS2, W_LEFT, LUT, PRECISION)
+            i += 1
+    if W_LEFT:
+        offs = rows[None, :] * N + cols[:, None]
+        omask = rmask[None, :] & nmask[:, None]
+    else:
+        offs = rows[:, None] * N + cols[None, :]
+        omask = rmask[:, None] & nmask[None, :]
+    if SPLIT:
+        tl.store(out_ptr + sp * M * N + offs, acc, mask=omask)
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@dataclass(frozen=True)
+class Nf4TcConfig:
+    """Tile of one ``triton_tc`` program: ``block_n`` weight rows x ``sub`` quantization blocks per iteration.
+
+    ``lut``: 0 reads the 16 codes from L1 per element, 1 gathers from a per-block register table;
+    ``w_left``: the weight tile is tl.dot's left operand (acc block_n x 16), else its right one.
+    ``programs_per_sm``: K is split so that about this many programs run per SM (0: no split).
+    """
+
+    block_n: int = 64
+    sub: int = 2
+    warps: int = 4
+    stages: int = 3
+    programs_per_sm: int = 2
+    lut: int = 0
+    w_left: bool = True
+
+    def __str__(self) -> str:
+        return (f"n{self.block_n}_sub{self.sub}_w{self.warps}_s{self.stages}_p{self.programs_per_sm}"
+                f"_lut{self.lut}_{'wl' if self.w_left else 'xl'}")
+
+
+# Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape.
+TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), Nf4TcConfig(lut=1, w_left=False),
+                 Nf4TcConfig(128, 2, 8), Nf4TcConfig(128, 2, 8, lut=1), Nf4TcConfig(64, 4, 4),
+                 Nf4TcConfig(64, 4, 4, lut=1), Nf4TcConfig(32, 4, 4, programs_per_sm=4),
+                 Nf4TcConfig(128, 1, 4, stages=4), Nf4TcConfig(64, 2, 4, stages=2, programs_per_sm=4),
+                 Nf4TcConfig(256, 2, 8, programs_per_sm=1))
+# The fixed table of the graph path: (rows class, out_features, in_features) -> tile; rows class 8 covers
+# 1..8 rows, 16 covers 9..16. Filled from a GPU run of ``gemv_profile --sections nf4_floor``; other shapes
+# get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path).
+TC_TABLE: dict[tuple[int, int, int], Nf4TcConfig] = {}
+TC_DEFAULT = Nf4TcConfig()
+
+
+def rows_class(rows: int) -> int:
+    """The table's row class of ``rows``: 8 (1..8 rows) or 16 (9..16)."""
+    return 8 if rows <= 8 else 16
+
+
+def tc_config(rows: int, w: Nf4Weight) -> Nf4TcConfig:
+    """The fixed tile of ``TC_TABLE`` for this row count and weight shape (``TC_DEFAULT`` if none)."""
+    return TC_TABLE.get((rows_class(rows), w.out_features, w.in_features), TC_DEFAULT)
+
+
+def set_tc_configs(configs: dict[tuple[int, int, int], Nf4TcConfig]) -> None:
+    """Replace ``TC_TABLE`` entries: (rows class, out_features, in_features) -> tile."""
+    TC_TABLE.update(configs)
+
+
+def _tc_splits(blocks: int, n: int, cfg: Nf4TcConfig, device: torch.device) -> tuple[int, int]:
+    """(splits of K, iterations of ``cfg.sub`` blocks per split)."""
+    steps = triton.cdiv(blocks, cfg.sub)
+    if device.type != "cuda":
+        splits = min(steps, 1 + cfg.programs_per_sm % 3)  # the interpreter: 1 or 2 parts, both paths exercised
+    elif cfg.programs_per_sm == 0:
+        splits = 1
+    else:
+        splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * sm_count(device), triton.cdiv(n, cfg.block_n))))
+    iters = triton.cdiv(steps, splits)
+    return triton.cdiv(steps, iters), iters
+
+
+def _launch_tc(x2: torch.Tensor, w: Nf4Weight, cfg: Nf4TcConfig, out: torch.Tensor) -> None:
+    rows = x2.shape[0]
+    n, nblk = w.out_features, w.in_features // w.blocksize
+    splits, iters = _tc_splits(nblk, n, cfg, x2.device)
+    target = torch.empty((splits, rows, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
+    nested = w.nested_absmax is not None
+    dummy = w.code
+    cuda = x2.device.type == "cuda"
+    _nf4_tc_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x2, w.packed, w.absmax, w.code, w.nested_absmax if nested else dummy, w.nested_code if nested else dummy,
+        w.offset if nested else dummy, target, rows, n, nblk, x2.stride(0), iters, SPLIT=splits > 1,
+        NESTED=nested, BS=w.blocksize, BS2=w.nested_blocksize, SUB=cfg.sub, BLOCK_M=MAX_ROWS,
+        BLOCK_N=cfg.block_n, W_LEFT=cfg.w_left, LUT=cfg.lut,
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", FOR_LOOP=cuda, num_warps=cfg.warps,
+        **({"num_stages": cfg.stages} if cuda else {}))
+    if splits > 1:
+        block = 1024
+        sum_parts_kernel[(triton.cdiv(rows * n, block),)](target, out, rows * n, N_PARTS=splits, BLOCK=block,
+                                                           num_warps=4)
+
+
+def nf4_linear_tc(x: torch.Tensor, w: Nf4Weight, config: Nf4TcConfig | None = None) -> torch.Tensor:
+    """``x @ dequantize(W).T`` on the tensor cores, for x (..., K) of at most ``MAX_ROWS`` rows; (..., N).
+
+    Same contract as ``nf4_linear`` (each weight element is code x absmax in fp32, rounded to x's
+    dtype, as bitsandbytes' dequantize does); ``config`` fixes the tile, by default ``tc_config``.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    rows, k = x2.shape
+    if rows > MAX_ROWS or k != w.in_features:
+        raise ValueError(f"nf4_linear_tc takes up to {MAX_ROWS} rows of {w.in_features}, got {tuple(x.shape)}")
+    out = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
+    _launch_tc(x2, w, config or tc_config(rows, w), out)
+    return out.reshape(*lead, w.out_features)

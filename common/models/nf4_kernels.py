@@ -205,17 +205,13 @@ def _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, 
         table = (tl.load(code_ptr + tl.arange(0, 16))[None, :] * am[:, None]).to(dt)
         hi = tl.gather(table, byte >> 4, axis=1)
         lo = tl.gather(table, byte & 15, axis=1)
-    kk = blk * BS + 2 * j
+    kk = blk * BS + tl.arange(0, BS)  # x's BS columns of this block, one wide load, then split even/odd
+    xx = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & valid, other=0.0)
+    xe, xo = tl.split(tl.reshape(xx, (xx.shape[0], HALF, 2)))
     if W_LEFT:  # weight tile as the left operand: acc (BLOCK_N, BLOCK_M)
-        xmask = rmask[None, :] & valid
-        xe = tl.load(x_ptr + rows[None, :] * stride_xm + kk[:, None], mask=xmask, other=0.0)
-        xo = tl.load(x_ptr + rows[None, :] * stride_xm + kk[:, None] + 1, mask=xmask, other=0.0)
-        acc += tl.dot(hi, xe, input_precision=PRECISION)
-        acc += tl.dot(lo, xo, input_precision=PRECISION)
+        acc += tl.dot(hi, tl.trans(xe), input_precision=PRECISION)
+        acc += tl.dot(lo, tl.trans(xo), input_precision=PRECISION)
     else:  # acc (BLOCK_M, BLOCK_N)
-        xmask = rmask[:, None] & valid
-        xe = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
-        xo = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] + 1, mask=xmask, other=0.0)
         acc += tl.dot(xe, tl.trans(hi), input_precision=PRECISION)
         acc += tl.dot(xo, tl.trans(lo), input_precision=PRECISION)
     return acc
@@ -276,7 +272,7 @@ class Nf4TcConfig:
     sub: int = 2
     warps: int = 4
     stages: int = 3
-    programs_per_sm: int = 2
+    programs_per_sm: int = 4
     lut: int = 0
     w_left: bool = True
 
@@ -286,11 +282,11 @@ class Nf4TcConfig:
 
 
 # Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape.
+# A memory-bound kernel needs many bytes in flight per SM: tiles of block_n x sub x 32 bytes, times programs.
 TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), Nf4TcConfig(lut=1, w_left=False),
-                 Nf4TcConfig(128, 2, 8), Nf4TcConfig(128, 2, 8, lut=1), Nf4TcConfig(64, 4, 4),
-                 Nf4TcConfig(64, 4, 4, lut=1), Nf4TcConfig(32, 4, 4, programs_per_sm=4),
-                 Nf4TcConfig(128, 1, 4, stages=4), Nf4TcConfig(64, 2, 4, stages=2, programs_per_sm=4),
-                 Nf4TcConfig(256, 2, 8, programs_per_sm=1))
+                 Nf4TcConfig(64, 4, 4, 3, 8), Nf4TcConfig(64, 4, 4, 3, 8, lut=1),
+                 Nf4TcConfig(128, 2, 8, 3, 4), Nf4TcConfig(128, 2, 8, 3, 4, lut=1), Nf4TcConfig(128, 4, 8, 2, 4),
+                 Nf4TcConfig(32, 4, 4, 3, 8, w_left=False), Nf4TcConfig(256, 1, 8, 4, 2), Nf4TcConfig(64, 8, 4, 2, 8))
 # The fixed table of the graph path: (rows class, out_features, in_features) -> tile; rows class 8 covers
 # 1..8 rows, 16 covers 9..16. Filled from a GPU run of ``gemv_profile --sections nf4_floor``; other shapes
 # get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path).

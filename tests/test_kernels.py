@@ -118,13 +118,14 @@ def test_nf4_linear_equals_the_dequantized_weight(nested, rows):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("rows", [1, 6, 16])
 def test_nf4_linear_tc_equals_the_dequantized_weight(nested, rows):
-    """The tensor-core kernel: both code lookups and operand orders, 1-3 K splits, part-filled tiles, odd N."""
+    """The tensor-core kernel: both code lookups and operand orders, 1-2 K splits summed by a second kernel or
+    serially, part-filled tiles, odd N."""
     import bitsandbytes as bnb
 
     from common.models import nf4_kernels as nk
 
     torch.manual_seed(rows)
-    configs = (nk.Nf4TcConfig(), nk.Nf4TcConfig(lut=1, w_left=False, programs_per_sm=0),
+    configs = (nk.Nf4TcConfig(serial=True), nk.Nf4TcConfig(lut=1, w_left=False, programs_per_sm=0),
                nk.Nf4TcConfig(32, 4, programs_per_sm=2, lut=1), nk.Nf4TcConfig(128, 2, w_left=False))
     for (n, k), cfgs in (((96, 320), configs), ((77, 192), configs[:2])):  # 5 and 3 quantization blocks a row
         layer = _nf4_layer(torch.randn(n, k) * 0.05, nested)
@@ -133,6 +134,7 @@ def test_nf4_linear_tc_equals_the_dequantized_weight(nested, rows):
         x = torch.randn(rows, k, device=DEVICE)
         for config in cfgs:
             torch.testing.assert_close(nk.nf4_linear_tc(x, weight, config), x @ dense.T, atol=1e-5, rtol=1e-5)
+        assert not weight.locks.any()  # the serial reduction's counters are reset after each call
     torch.testing.assert_close(nk.nf4_linear_tc(x[None], weight)[0], x @ dense.T, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="up to 16 rows"):
         nk.nf4_linear_tc(torch.randn(17, k, device=DEVICE), weight)
@@ -150,6 +152,7 @@ def test_nf4_tc_config_table():
         assert nk.tc_config(6, weight) == nk.Nf4TcConfig(32, 4) and nk.tc_config(1, weight).block_n == 32
         assert nk.tc_config(9, weight) == nk.TC_DEFAULT
         assert str(nk.Nf4TcConfig(32, 4)) == "n32_sub4_w4_s3_p4_lut0_wl"
+        assert str(nk.Nf4TcConfig(serial=True)).endswith("_wl_serial")
     finally:
         nk.TC_TABLE.clear()
         nk.TC_TABLE.update(saved)

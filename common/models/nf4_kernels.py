@@ -37,6 +37,9 @@ class Nf4Weight:
     nested_code: torch.Tensor | None = None  # float32 (256,)
     nested_blocksize: int = 256
     offset: torch.Tensor | None = None  # float32 (1,)
+    # int32 zeros, one per column tile (of >= 16 rows): the tc kernel's split-K arrival counters, each
+    # reset by the program that sums its tile. Per weight, so calls on other weights never share one.
+    locks: torch.Tensor | None = None
 
 
 def nf4_weight(module: torch.nn.Module) -> Nf4Weight | None:
@@ -57,6 +60,7 @@ def nf4_weight(module: torch.nn.Module) -> Nf4Weight | None:
         w.nested_code = state.state2.code.float()
         w.nested_blocksize = int(state.state2.blocksize)
         w.offset = torch.as_tensor(state.offset, dtype=torch.float32, device=w.absmax.device).reshape(1)
+    w.locks = torch.zeros(-(-out_features // 16), dtype=torch.int32, device=w.absmax.device)
     return w
 
 
@@ -218,8 +222,9 @@ def _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, 
 
 
 @triton.jit
-def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, out_ptr,
-                   M, N, nblk, stride_xm, ITERS, SPLIT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
+def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, out_ptr, res_ptr, lock_ptr,
+                   M, N, nblk, stride_xm, ITERS, SPLITS, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                   NESTED: tl.constexpr, BS: tl.constexpr,
                    BS2: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    W_LEFT: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -255,6 +260,17 @@ def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offs
         omask = rmask[:, None] & nmask[None, :]
     if SPLIT:
         tl.store(out_ptr + sp * M * N + offs, acc, mask=omask)
+        if SERIAL:  # the last program of this column tile to finish sums the parts (fixed order) into res
+            tl.debug_barrier()  # every thread's part stored before the release below
+            arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                total = tl.zeros(acc.shape, tl.float32)
+                part = 0
+                while part < SPLITS:
+                    total += tl.load(out_ptr + part * M * N + offs, mask=omask, other=0.0, cache_modifier=".cg")
+                    part += 1
+                tl.store(res_ptr + offs, total.to(res_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call
     else:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -265,7 +281,8 @@ class Nf4TcConfig:
 
     ``lut``: 0 reads the 16 codes from L1 per element, 1 gathers from a per-block register table;
     ``w_left``: the weight tile is tl.dot's left operand (acc block_n x 16), else its right one.
-    ``programs_per_sm``: K is split so that about this many programs run per SM (0: no split).
+    ``programs_per_sm``: K is split so that about this many programs run per SM (0: no split);
+    ``serial``: the last program of each column tile sums the split parts (no second kernel; same order).
     """
 
     block_n: int = 64
@@ -275,10 +292,11 @@ class Nf4TcConfig:
     programs_per_sm: int = 4
     lut: int = 0
     w_left: bool = True
+    serial: bool = False
 
     def __str__(self) -> str:
         return (f"n{self.block_n}_sub{self.sub}_w{self.warps}_s{self.stages}_p{self.programs_per_sm}"
-                f"_lut{self.lut}_{'wl' if self.w_left else 'xl'}")
+                f"_lut{self.lut}_{'wl' if self.w_left else 'xl'}{'_serial' if self.serial else ''}")
 
 
 # Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape.
@@ -286,7 +304,9 @@ class Nf4TcConfig:
 TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), Nf4TcConfig(lut=1, w_left=False),
                  Nf4TcConfig(64, 4, 4, 3, 8), Nf4TcConfig(64, 4, 4, 3, 8, lut=1),
                  Nf4TcConfig(128, 2, 8, 3, 4), Nf4TcConfig(128, 2, 8, 3, 4, lut=1), Nf4TcConfig(128, 4, 8, 2, 4),
-                 Nf4TcConfig(32, 4, 4, 3, 8, w_left=False), Nf4TcConfig(256, 1, 8, 4, 2), Nf4TcConfig(64, 8, 4, 2, 8))
+                 Nf4TcConfig(32, 4, 4, 3, 8, w_left=False), Nf4TcConfig(256, 1, 8, 4, 2), Nf4TcConfig(64, 8, 4, 2, 8),
+                 Nf4TcConfig(serial=True), Nf4TcConfig(64, 4, 4, 3, 8, serial=True),
+                 Nf4TcConfig(128, 2, 8, 3, 4, serial=True))
 # The fixed table of the graph path: (rows class, out_features, in_features) -> tile; rows class 8 covers
 # 1..8 rows, 16 covers 9..16. Filled from a GPU run of ``gemv_profile --sections nf4_floor``; other shapes
 # get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path).
@@ -326,18 +346,20 @@ def _launch_tc(x2: torch.Tensor, w: Nf4Weight, cfg: Nf4TcConfig, out: torch.Tens
     rows = x2.shape[0]
     n, nblk = w.out_features, w.in_features // w.blocksize
     splits, iters = _tc_splits(nblk, n, cfg, x2.device)
+    col_programs = triton.cdiv(n, cfg.block_n)
+    serial = splits > 1 and cfg.serial and w.locks is not None and col_programs <= w.locks.numel()
     target = torch.empty((splits, rows, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
     nested = w.nested_absmax is not None
     dummy = w.code
     cuda = x2.device.type == "cuda"
-    _nf4_tc_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+    _nf4_tc_kernel[(col_programs, splits)](
         x2, w.packed, w.absmax, w.code, w.nested_absmax if nested else dummy, w.nested_code if nested else dummy,
-        w.offset if nested else dummy, target, rows, n, nblk, x2.stride(0), iters, SPLIT=splits > 1,
-        NESTED=nested, BS=w.blocksize, BS2=w.nested_blocksize, SUB=cfg.sub, BLOCK_M=MAX_ROWS,
-        BLOCK_N=cfg.block_n, W_LEFT=cfg.w_left, LUT=cfg.lut,
+        w.offset if nested else dummy, target, out, w.locks if serial else dummy, rows, n, nblk, x2.stride(0),
+        iters, splits, SPLIT=splits > 1, SERIAL=serial, NESTED=nested, BS=w.blocksize, BS2=w.nested_blocksize,
+        SUB=cfg.sub, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, W_LEFT=cfg.w_left, LUT=cfg.lut,
         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", FOR_LOOP=cuda, num_warps=cfg.warps,
         **({"num_stages": cfg.stages} if cuda else {}))
-    if splits > 1:
+    if splits > 1 and not serial:
         block = 1024
         sum_parts_kernel[(triton.cdiv(rows * n, block),)](target, out, rows * n, N_PARTS=splits, BLOCK=block,
                                                            num_warps=4)

@@ -60,6 +60,14 @@ def tune_shape(group: list, x: torch.Tensor, device: torch.device, repeats: int,
         if name.startswith("tc:") and ms < best_ms:
             best, best_ms = name[3:], ms
     out["best_tc"] = best
+    if best is not None:  # the winner's result against bitsandbytes' own dequantized weight (rounded to x's dtype)
+        import bitsandbytes as bnb
+
+        m, w = group[0]
+        dense = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(x.dtype).float()
+        ref = x.float() @ dense.T
+        cfg = next(c for c in candidates if str(c) == best)
+        out["best_tc_rel_err"] = float((nk.nf4_linear_tc(x, w, cfg).float() - ref).norm() / ref.norm())
     return out
 
 
@@ -82,9 +90,10 @@ def nf4_floor_section(args, device: torch.device, rows_list: list[int]) -> dict[
     for n, k in sorted(set(layer_shapes)):
         group = [(m, w) for m, w in zip(modules, weights) if (w.out_features, w.in_features) == (n, k)]
         for r in rows_list:
-            res = tune_shape(group if cuda else group[:1], xs[r][k], device, args.repeats, candidates)
+            tiles = candidates if r > 1 or len(rows_list) == 1 else ()  # the 1-row step stays on bitsandbytes
+            res = tune_shape(group if cuda else group[:1], xs[r][k], device, args.repeats, tiles)
             out[f"{n}x{k}_rows_{r}"] = res
-            if res["best_tc"] and (r > 1 or len(rows_list) == 1):  # the 1-row step stays on bitsandbytes
+            if res["best_tc"]:
                 tuned.setdefault((nk.rows_class(r), n, k), next(c for c in candidates if str(c) == res["best_tc"]))
     fns = _paths(nk)
     for r in rows_list:

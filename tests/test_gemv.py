@@ -139,6 +139,8 @@ def test_gemv_profile_nf4_floor_tunes_the_tc_table_on_the_cpu(tmp_path):
     assert report["tc_table"]["8,128,64"] == repr(nk.TC_CANDIDATES[0])
     assert report["128x64_rows_2"]["best_tc"] == str(nk.TC_CANDIDATES[0])
     assert report["128x64_rows_2"][f"tc:{nk.TC_CANDIDATES[0]}"]["ms"] > 0
+    assert report["128x64_rows_2"]["best_tc_rel_err"] < 1e-6  # fp32 on the CPU
+    assert report["128x64_rows_1"]["best_tc"] is None and "bnb" in report["128x64_rows_1"]
     assert report["summary"]["bnb_rows_2_over_bnb_rows_1"] == pytest.approx(
         report["bnb_rows_2_ms"] / report["bnb_rows_1_ms"])
     assert report["nf4_triton_tc_tuned_rows_2_gbps"] == pytest.approx(

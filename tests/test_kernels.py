@@ -138,6 +138,9 @@ def test_nf4_linear_tc_equals_the_dequantized_weight(nested, rows):
     torch.testing.assert_close(nk.nf4_linear_tc(x[None], weight)[0], x @ dense.T, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="up to 16 rows"):
         nk.nf4_linear_tc(torch.randn(17, k, device=DEVICE), weight)
+    big = nk.Nf4Weight(**{**vars(weight), "blocksize": 512})  # past TC_MAX_BLOCKSIZE: the first kernel's job
+    with pytest.raises(ValueError, match="^nf4_linear takes up to 16 rows of 192"):
+        nk.nf4_linear_tc(torch.randn(17, k, device=DEVICE), big)
 
 
 def test_nf4_tc_config_table():

@@ -312,6 +312,7 @@ TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), N
 # get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path).
 TC_TABLE: dict[tuple[int, int, int], Nf4TcConfig] = {}
 TC_DEFAULT = Nf4TcConfig()
+TC_MAX_BLOCKSIZE = 256  # bitsandbytes' 4-bit default is 64
 
 
 def rows_class(rows: int) -> int:
@@ -370,7 +371,10 @@ def nf4_linear_tc(x: torch.Tensor, w: Nf4Weight, config: Nf4TcConfig | None = No
 
     Same contract as ``nf4_linear`` (each weight element is code x absmax in fp32, rounded to x's
     dtype, as bitsandbytes' dequantize does); ``config`` fixes the tile, by default ``tc_config``.
+    Quantization blocks over ``TC_MAX_BLOCKSIZE`` (one block is one tile's K) go to ``nf4_linear``.
     """
+    if w.blocksize > TC_MAX_BLOCKSIZE:
+        return nf4_linear(x, w)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     rows, k = x2.shape

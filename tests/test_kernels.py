@@ -118,7 +118,7 @@ def test_nf4_linear_equals_the_dequantized_weight(nested, rows):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("rows", [1, 6, 16])
 def test_nf4_linear_tc_equals_the_dequantized_weight(nested, rows):
-    """The tensor-core kernel: both code lookups and operand orders, 1-2 K splits summed by a second kernel or
+    """The tensor-core kernel: every code lookup, both operand orders, 1-3 K splits summed by a second kernel or
     serially, part-filled tiles, odd N."""
     import bitsandbytes as bnb
 
@@ -126,7 +126,7 @@ def test_nf4_linear_tc_equals_the_dequantized_weight(nested, rows):
 
     torch.manual_seed(rows)
     configs = (nk.Nf4TcConfig(serial=True), nk.Nf4TcConfig(lut=1, w_left=False, programs_per_sm=0),
-               nk.Nf4TcConfig(32, 4, programs_per_sm=2, lut=1), nk.Nf4TcConfig(128, 2, w_left=False))
+               nk.Nf4TcConfig(32, 4, programs_per_sm=4, lut=3), nk.Nf4TcConfig(128, 2, lut=2, w_left=False))
     for (n, k), cfgs in (((96, 320), configs), ((77, 192), configs[:2])):  # 5 and 3 quantization blocks a row
         layer = _nf4_layer(torch.randn(n, k) * 0.05, nested)
         weight = nk.nf4_weight(layer)
@@ -154,7 +154,7 @@ def test_nf4_tc_config_table():
         nk.set_tc_configs({(8, 96, 320): nk.Nf4TcConfig(32, 4)})
         assert nk.tc_config(6, weight) == nk.Nf4TcConfig(32, 4) and nk.tc_config(1, weight).block_n == 32
         assert nk.tc_config(9, weight) == nk.TC_DEFAULT
-        assert str(nk.Nf4TcConfig(32, 4)) == "n32_sub4_w4_s3_p4_lut0_wl"
+        assert str(nk.Nf4TcConfig(32, 4)) == "n32_sub4_w4_s1_p8_lut0_wl"
         assert str(nk.Nf4TcConfig(serial=True)).endswith("_wl_serial")
     finally:
         nk.TC_TABLE.clear()

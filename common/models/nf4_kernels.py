@@ -202,6 +202,19 @@ def _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, 
     byte = tl.load(w_ptr + g[:, None] * HALF + j[None, :], mask=cmask[:, None], other=0,
                    eviction_policy="evict_first").to(tl.int32)  # (BLOCK_N, HALF): even element in the high nibble
     dt = x_ptr.dtype.element_ty
+    kk = blk * BS + tl.arange(0, BS)  # x's BS columns of this block, one wide load
+    xx = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & valid, other=0.0)
+    if LUT >= 2:  # codes in K order (high nibble first), one dot of K = BS
+        q = tl.interleave(byte >> 4, byte & 15)
+        if LUT == 2:
+            wt = (tl.load(code_ptr + q) * am[:, None]).to(dt)
+        else:
+            wt = tl.gather((tl.load(code_ptr + tl.arange(0, 16))[None, :] * am[:, None]).to(dt), q, axis=1)
+        if W_LEFT:
+            acc += tl.dot(wt, tl.trans(xx), input_precision=PRECISION)
+        else:
+            acc += tl.dot(xx, tl.trans(wt), input_precision=PRECISION)
+        return acc
     if LUT == 0:  # the 16 codes from L1 per element, times the block's absmax, rounded like bitsandbytes
         hi = (tl.load(code_ptr + (byte >> 4)) * am[:, None]).to(dt)
         lo = (tl.load(code_ptr + (byte & 15)) * am[:, None]).to(dt)
@@ -209,9 +222,7 @@ def _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, 
         table = (tl.load(code_ptr + tl.arange(0, 16))[None, :] * am[:, None]).to(dt)
         hi = tl.gather(table, byte >> 4, axis=1)
         lo = tl.gather(table, byte & 15, axis=1)
-    kk = blk * BS + tl.arange(0, BS)  # x's BS columns of this block, one wide load, then split even/odd
-    xx = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & valid, other=0.0)
-    xe, xo = tl.split(tl.reshape(xx, (xx.shape[0], HALF, 2)))
+    xe, xo = tl.split(tl.reshape(xx, (xx.shape[0], HALF, 2)))  # even and odd columns
     if W_LEFT:  # weight tile as the left operand: acc (BLOCK_N, BLOCK_M)
         acc += tl.dot(hi, tl.trans(xe), input_precision=PRECISION)
         acc += tl.dot(lo, tl.trans(xo), input_precision=PRECISION)
@@ -279,8 +290,9 @@ def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offs
 class Nf4TcConfig:
     """Tile of one ``triton_tc`` program: ``block_n`` weight rows x ``sub`` quantization blocks per iteration.
 
-    ``lut``: 0 reads the 16 codes from L1 per element, 1 gathers from a per-block register table;
-    ``w_left``: the weight tile is tl.dot's left operand (acc block_n x 16), else its right one.
+    ``lut``: 0 reads the 16 codes from L1 per element, 1 gathers from a per-block register table (code x
+    absmax, rounded), both as two dots of even and odd columns; 2 and 3 the same lookups on the codes
+    interleaved in K order, one dot. ``w_left``: the weight tile is tl.dot's left operand (acc block_n x 16).
     ``programs_per_sm``: K is split so that about this many programs run per SM (0: no split);
     ``serial``: the last program of each column tile sums the split parts (no second kernel; same order).
     """
@@ -288,8 +300,8 @@ class Nf4TcConfig:
     block_n: int = 64
     sub: int = 2
     warps: int = 4
-    stages: int = 3
-    programs_per_sm: int = 4
+    stages: int = 1
+    programs_per_sm: int = 8
     lut: int = 0
     w_left: bool = True
     serial: bool = False
@@ -300,13 +312,15 @@ class Nf4TcConfig:
 
 
 # Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape.
-# A memory-bound kernel needs many bytes in flight per SM: tiles of block_n x sub x 32 bytes, times programs.
-TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), Nf4TcConfig(lut=1, w_left=False),
-                 Nf4TcConfig(64, 4, 4, 3, 8), Nf4TcConfig(64, 4, 4, 3, 8, lut=1),
-                 Nf4TcConfig(128, 2, 8, 3, 4), Nf4TcConfig(128, 2, 8, 3, 4, lut=1), Nf4TcConfig(128, 4, 8, 2, 4),
-                 Nf4TcConfig(32, 4, 4, 3, 8, w_left=False), Nf4TcConfig(256, 1, 8, 4, 2), Nf4TcConfig(64, 8, 4, 2, 8),
-                 Nf4TcConfig(serial=True), Nf4TcConfig(64, 4, 4, 3, 8, serial=True),
-                 Nf4TcConfig(128, 2, 8, 3, 4, serial=True))
+# Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape. Compiled for sm_90
+# on the CPU (Triton 3.6): stages > 1 with lut 0/2 pipelines the per-element code loads through shared memory
+# (48-90 KB a program), so most use stages=1 and many programs per SM to keep loads in flight.
+TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), Nf4TcConfig(64, 4),
+                 Nf4TcConfig(128, 2, 8, programs_per_sm=4), Nf4TcConfig(128, 2, 8, programs_per_sm=4, lut=1),
+                 Nf4TcConfig(64, 2, 4, 2, lut=1), Nf4TcConfig(32, 4, w_left=False), Nf4TcConfig(256, 1, 8, programs_per_sm=2),
+                 Nf4TcConfig(programs_per_sm=4), Nf4TcConfig(programs_per_sm=16), Nf4TcConfig(lut=2),
+                 Nf4TcConfig(serial=True), Nf4TcConfig(128, 2, 8, programs_per_sm=4, serial=True),
+                 Nf4TcConfig(64, 4, lut=1, serial=True), Nf4TcConfig(64, 2, 4, 3, programs_per_sm=4))
 # The fixed table of the graph path: (rows class, out_features, in_features) -> tile; rows class 8 covers
 # 1..8 rows, 16 covers 9..16. Filled from a GPU run of ``gemv_profile --sections nf4_floor``; other shapes
 # get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path).

@@ -8,6 +8,13 @@ Here each program dequantizes its weight tile in registers (nf4 code x absmax, d
 absmax decoded in the kernel too) and multiplies it with every row (split-K, fixed-order sum of the
 parts, so results are deterministic). The dequantized weight rounds to the activations' dtype as
 bitsandbytes' dequantize does, so the result equals ``x @ dequantize_4bit(W).T`` up to summation order.
+
+``nf4_linear_tc`` (``use_nf4_kernel(mode="triton_tc")``) keeps that contract with less work per element:
+one quantization block per ``tl.dot`` step, so the (double-quantized) absmax is decoded once per block and
+row rather than gathered per element, x is read with wide loads, and the tile comes from a fixed table per
+(rows class, N, K) (``TC_TABLE``; ``benchmark_inference.nf4_profile`` times the candidates on a GPU).
+Split-K parts are summed in a fixed order by a second kernel or, ``serial``, by the last program of each
+column tile.
 """
 
 from __future__ import annotations

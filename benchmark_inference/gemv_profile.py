@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from benchmark_inference.prefill_profile import breakdown, build_runner, time_ms
+from benchmark_inference.prefill_profile import breakdown, build_runner, graph_ms, time_ms
 from benchmark_inference.profile_report import ProfileReport
-from common.models.decoder import CudaGraphDecoder, capture_graph, graph_replay_ms
+from common.models.decoder import CudaGraphDecoder
 
 SECTIONS = ("gemv", "step", "nf4_floor", "nf4_step")
 DEFAULT_SECTIONS = ("gemv", "step", "nf4_step")
@@ -64,17 +64,6 @@ def shapes(args) -> dict[str, tuple[int, int]]:
     """(N, K) of each fused weight of the decode step."""
     h, i = args.hidden, args.intermediate
     return {"qkv": (3 * h, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (args.vocab, h)}
-
-
-def graph_ms(calls, device: torch.device, repeats: int) -> float:
-    """GPU ms of one replay of a CUDA graph of ``calls()`` (warmed up, and tiles chosen, outside the capture).
-
-    On the CPU (tests): the median wall-clock ms of ``calls()``.
-    """
-    if device.type != "cuda":
-        return time_ms(calls, device, repeats)
-    graph, _ = capture_graph(calls, device, warmup=2)
-    return graph_replay_ms(graph, device, repeats)
 
 
 def one_shape(n: int, k: int, rows: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmark_inference.gemv_profile import graph_ms
+from benchmark_inference.prefill_profile import graph_ms
 
 
 def nf4_module(dense: torch.Tensor) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """Decode/verify linears at Vicuna-7B shapes: cuBLAS vs the Triton GEMV, and where a 4-bit verify step goes.
 
-    python -m benchmark_inference.gemv_profile --json $OUT/gemv.json [--sections gemv,step,nf4_step]
+    python -m benchmark_inference.gemv_profile --json $OUT/gemv.json [--sections gemv,step,nf4_floor,nf4_step]
 
 Random bf16 weights on the GPU (no checkpoint), in one run (about a minute on an H200):
 - ``gemv``: per weight shape (fused q/k/v, o, fused gate/up, down, LM head) at 1 and 6 rows, cuBLAS
@@ -11,8 +11,11 @@ Random bf16 weights on the GPU (no checkpoint), in one run (about a minute on an
   and 6 rows, ``gemv="cublas"`` vs ``"triton"`` (``verify_over_decode`` = replay(6) / replay(1));
 - ``nf4_step``: the same decoder in bitsandbytes nf4: the eager 1-row and 6-row steps broken down per
   op class under ``torch.profiler``, then graph replays of 1 and 6 rows for each multi-row path
-  (bitsandbytes, the Triton nf4 kernel, dequantize into a scratch matrix + cuBLAS or + the GEMV),
-  each with its ``verify_over_decode_4bit``.
+  (bitsandbytes, the Triton nf4 kernel, its tensor-core kernel ``nf4_triton_tc``, dequantize into a
+  scratch matrix + cuBLAS or + the GEMV), each with its ``verify_over_decode_4bit``;
+- ``nf4_floor`` (not run by default): the step's nf4 matmuls alone, per shape and tile and as a whole
+  (``benchmark_inference.nf4_profile``); it tunes the ``nf4_triton_tc`` table that a later
+  ``nf4_step`` in the same run uses.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from benchmark_inference.prefill_profile import breakdown, build_runner, time_ms
+from benchmark_inference.prefill_profile import breakdown, build_runner, graph_ms, time_ms
 from benchmark_inference.profile_report import ProfileReport
-from common.models.decoder import CudaGraphDecoder, capture_graph, graph_replay_ms
+from common.models.decoder import CudaGraphDecoder
 
-SECTIONS = ("gemv", "step", "nf4_step")
+SECTIONS = ("gemv", "step", "nf4_floor", "nf4_step")
+DEFAULT_SECTIONS = ("gemv", "step", "nf4_step")
 NF4_CLASSES = (("nf4_matmul", r"gemv_4bit|gemm_4bit|kgemm|_nf4_|_sum_parts"),
                ("dequantize", r"dequant"),
                ("gemv_triton", r"_gemv_kernel|_gemv_sum"),
@@ -42,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmark_inference.gemv_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", required=True, help="where the results JSON goes")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated, of {', '.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)})")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (default 32)")
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=11008)
@@ -59,17 +64,6 @@ def shapes(args) -> dict[str, tuple[int, int]]:
     """(N, K) of each fused weight of the decode step."""
     h, i = args.hidden, args.intermediate
     return {"qkv": (3 * h, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (args.vocab, h)}
-
-
-def graph_ms(calls, device: torch.device, repeats: int) -> float:
-    """GPU ms of one replay of a CUDA graph of ``calls()`` (warmed up, and tiles chosen, outside the capture).
-
-    On the CPU (tests): the median wall-clock ms of ``calls()``.
-    """
-    if device.type != "cuda":
-        return time_ms(calls, device, repeats)
-    graph, _ = capture_graph(calls, device, warmup=2)
-    return graph_replay_ms(graph, device, repeats)
 
 
 def one_shape(n: int, k: int, rows: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
@@ -151,18 +145,13 @@ def step_section(runner, args, device: torch.device, rows_list: list[int]) -> di
 
 def quantize_nf4(runner) -> None:
     """Replace every projection of the runner's layers by a bitsandbytes nf4 ``Linear4bit`` (double-quantized)."""
-    import bitsandbytes as bnb
+    from benchmark_inference.nf4_profile import nf4_module
 
     for layer in runner.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
-                dense = getattr(parent, name)
-                q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False,
-                                      compute_dtype=dense.weight.dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4")
-                setattr(parent, name, q.to(dense.weight.device))
+                setattr(parent, name, nf4_module(getattr(parent, name).weight))
 
 
 def eager_breakdown(runner, args, device: torch.device, rows: int) -> dict[str, Any]:
@@ -182,9 +171,11 @@ def nf4_section(runner, args, device: torch.device, rows_list: list[int]) -> dic
     if device.type == "cuda":
         torch.cuda.empty_cache()
     runner.use_kernels(True)
-    paths = {"bnb": dict(on=False), "nf4_triton": dict(on=True), "dequant_cublas": dict(on=True, mode="dequant"),
-             "dequant_triton_gemv": dict(on=True, mode="dequant")}
-    out: dict[str, Any] = {}
+    from common.models import nf4_kernels
+
+    paths = {"bnb": dict(on=False), "nf4_triton": dict(on=True), "nf4_triton_tc": dict(on=True, mode="triton_tc"),
+             "dequant_cublas": dict(on=True, mode="dequant"), "dequant_triton_gemv": dict(on=True, mode="dequant")}
+    out: dict[str, Any] = {"tc_table": {",".join(map(str, k)): repr(v) for k, v in nf4_kernels.TC_TABLE.items()}}
     for name, opts in paths.items():
         row: dict[str, Any] = {"on": runner.use_nf4_kernel(**opts)}
         runner.use_gemv("triton" if name == "dequant_triton_gemv" else "cublas")
@@ -214,6 +205,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         if "gemv" in sections:
             save("gemv", lambda: gemv_section(args, device, rows_list))
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        if "nf4_floor" in sections:  # before nf4_step, which then uses the tuned nf4_triton_tc table
+            from benchmark_inference.nf4_profile import nf4_floor_section
+
+            save("nf4_floor", lambda: nf4_floor_section(args, device, rows_list))
             torch.cuda.empty_cache() if device.type == "cuda" else None
         if "step" in sections or "nf4_step" in sections:
             runner = build_runner(args)

@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from benchmark_inference.profile_report import ProfileReport
+from common.models.decoder import capture_graph, graph_replay_ms
 
 CLASSES = (("attention", r"flash|fmha|attention|cudnn|sdpa"),
            ("triton", r"triton|add_rms_norm|rope_kv|silu_mul|_nf4_|_sum_parts"),
@@ -78,6 +79,17 @@ def build_runner(args, masked_prefix: int = 0):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def graph_ms(calls, device: torch.device, repeats: int) -> float:
+    """GPU ms of one replay of a CUDA graph of ``calls()`` (warmed up, and tiles chosen, outside the capture).
+
+    On the CPU (tests): the median wall-clock ms of ``calls()``.
+    """
+    if device.type != "cuda":
+        return time_ms(calls, device, repeats)
+    graph, _ = capture_graph(calls, device, warmup=2)
+    return graph_replay_ms(graph, device, repeats)
 
 
 def time_ms(fn, device: torch.device, repeats: int) -> float:

@@ -115,6 +115,38 @@ def test_gemv_profile_runs_at_tiny_shapes_on_the_cpu(tmp_path):
         gemv_profile.main(["--json", str(out), "--sections", "gemv,bogus"])
 
 
+def test_gemv_profile_nf4_floor_tunes_the_tc_table_on_the_cpu(tmp_path):
+    """The nf4 kernels-alone section: bytes of the step's nf4 weights, per-shape timings, the tuned table."""
+    import json
+
+    pytest.importorskip("bitsandbytes")
+    from benchmark_inference import gemv_profile
+    from common.models import nf4_kernels as nk
+
+    out = tmp_path / "nf4.json"
+    saved = dict(nk.TC_TABLE)
+    try:
+        gemv_profile.main(["--json", str(out), "--device", "cpu", "--sections", "nf4_floor", "--layers", "1",
+                           "--hidden", "64", "--intermediate", "128", "--rows", "1,2", "--repeats", "1"])
+        tuned = dict(nk.TC_TABLE)
+    finally:
+        nk.TC_TABLE.clear()
+        nk.TC_TABLE.update(saved)
+    report = json.loads(out.read_text())["nf4_floor"]
+    elements = 4 * 64 * 64 + 2 * 128 * 64 + 64 * 128  # q, k, v, o, gate, up, down of one layer
+    assert report["matmuls"] == 7 and report["gigabytes"] == pytest.approx((elements // 2 + elements // 64) / 1e9)
+    assert set(tuned) == {(8, 64, 64), (8, 128, 64), (8, 64, 128)}  # tuned at 2 rows; 1 row stays on bitsandbytes
+    assert report["tc_table"]["8,128,64"] == repr(nk.TC_CANDIDATES[0])
+    assert report["128x64_rows_2"]["best_tc"] == str(nk.TC_CANDIDATES[0])
+    assert report["128x64_rows_2"][f"tc:{nk.TC_CANDIDATES[0]}"]["ms"] > 0
+    assert report["128x64_rows_2"]["best_tc_rel_err"] < 1e-6  # fp32 on the CPU
+    assert report["128x64_rows_1"]["best_tc"] is None and "bnb" in report["128x64_rows_1"]
+    assert report["summary"]["bnb_rows_2_over_bnb_rows_1"] == pytest.approx(
+        report["bnb_rows_2_ms"] / report["bnb_rows_1_ms"])
+    assert report["nf4_triton_tc_tuned_rows_2_gbps"] == pytest.approx(
+        report["gigabytes"] / report["nf4_triton_tc_tuned_rows_2_ms"] * 1e3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [1, 6])

@@ -212,3 +212,24 @@ def test_triton_prefill_and_nf4_kernel_in_bf16():
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
         out = nf4_kernels.nf4_linear(x, nf4_kernels.nf4_weight(layer))
         assert out.dtype == torch.bfloat16 and _rel(out, x.float() @ dense.T) < 2e-2
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])  # Video-LLaVA-7B's nf4 shapes
+def test_nf4_tc_kernel_in_bf16_at_7b_shapes(n, k):
+    """The tensor-core nf4 kernel, every candidate tile, 1/6/16 rows: equals x @ bitsandbytes' dequantized weight."""
+    import bitsandbytes as bnb
+
+    from common.models import nf4_kernels as nk
+    from tests.test_kernels import _nf4_layer
+
+    torch.manual_seed(0)
+    layer = _nf4_layer(torch.randn(n, k) * 0.02, nested=True)
+    weight = nk.nf4_weight(layer)
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)  # fp32 compute: fp32
+    for rows in (1, 6, 16):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ dense.to(torch.bfloat16).float().T  # each weight rounded to bf16, as the kernel does
+        for cfg in (nk.TC_DEFAULT, *nk.TC_CANDIDATES):
+            out = nk.nf4_linear_tc(x, weight, cfg)
+            assert out.dtype == torch.bfloat16 and _rel(out, ref) < 5e-3, (rows, str(cfg))
+        assert _rel(nk.nf4_linear(x, weight), ref) < 5e-3  # the first kernel, same contract

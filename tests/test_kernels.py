@@ -115,6 +115,52 @@ def test_nf4_linear_equals_the_dequantized_weight(nested, rows):
         nf4_kernels.nf4_linear(torch.randn(17, 320, device=DEVICE), weight)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("rows", [1, 6, 16])
+def test_nf4_linear_tc_equals_the_dequantized_weight(nested, rows):
+    """The tensor-core kernel: every code lookup, both operand orders, 1-3 K splits summed by a second kernel or
+    serially, part-filled tiles, odd N."""
+    import bitsandbytes as bnb
+
+    from common.models import nf4_kernels as nk
+
+    torch.manual_seed(rows)
+    configs = (nk.Nf4TcConfig(serial=True), nk.Nf4TcConfig(lut=1, w_left=False, programs_per_sm=0),
+               nk.Nf4TcConfig(32, 4, programs_per_sm=4, lut=3), nk.Nf4TcConfig(128, 2, lut=2, w_left=False))
+    for (n, k), cfgs in (((96, 320), configs), ((77, 192), configs[:2])):  # 5 and 3 quantization blocks a row
+        layer = _nf4_layer(torch.randn(n, k) * 0.05, nested)
+        weight = nk.nf4_weight(layer)
+        dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        x = torch.randn(rows, k, device=DEVICE)
+        for config in cfgs:
+            torch.testing.assert_close(nk.nf4_linear_tc(x, weight, config), x @ dense.T, atol=1e-5, rtol=1e-5)
+        assert not weight.locks.any()  # the serial reduction's counters are reset after each call
+    torch.testing.assert_close(nk.nf4_linear_tc(x[None], weight)[0], x @ dense.T, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="up to 16 rows"):
+        nk.nf4_linear_tc(torch.randn(17, k, device=DEVICE), weight)
+    big = nk.Nf4Weight(**{**vars(weight), "blocksize": 512})  # past TC_MAX_BLOCKSIZE: the first kernel's job
+    with pytest.raises(ValueError, match="^nf4_linear takes up to 16 rows of 192"):
+        nk.nf4_linear_tc(torch.randn(17, k, device=DEVICE), big)
+
+
+def test_nf4_tc_config_table():
+    """The fixed table: rows classes 8 and 16 per shape, the default elsewhere; set_tc_configs adds entries."""
+    from common.models import nf4_kernels as nk
+
+    weight = nk.Nf4Weight(packed=torch.empty(0), absmax=torch.empty(0), code=torch.empty(16), out_features=96,
+                          in_features=320, blocksize=64)
+    saved = dict(nk.TC_TABLE)
+    try:
+        nk.set_tc_configs({(8, 96, 320): nk.Nf4TcConfig(32, 4)})
+        assert nk.tc_config(6, weight) == nk.Nf4TcConfig(32, 4) and nk.tc_config(1, weight).block_n == 32
+        assert nk.tc_config(9, weight) == nk.TC_DEFAULT
+        assert str(nk.Nf4TcConfig(32, 4)) == "n32_sub4_w4_s1_p8_lut0_wl"
+        assert str(nk.Nf4TcConfig(serial=True)).endswith("_wl_serial")
+    finally:
+        nk.TC_TABLE.clear()
+        nk.TC_TABLE.update(saved)
+
+
 def _quantize_runner(runner: LlamaRunner) -> LlamaRunner:
     """The runner's decoder with every projection an nf4 ``Linear4bit`` (double-quantized absmax)."""
     for layer in runner.layers:
@@ -125,8 +171,9 @@ def _quantize_runner(runner: LlamaRunner) -> LlamaRunner:
     return LlamaRunner(runner.language_model, runner.lm_head, masked_prefix=runner.masked_prefix)
 
 
-def test_nf4_kernel_verify_step_equals_bitsandbytes():
-    """A 4-bit decoder: 6-row eager and Triton steps through the nf4 kernel equal bitsandbytes' own matmuls."""
+@pytest.mark.parametrize("mode", ["triton", "triton_tc"])
+def test_nf4_kernel_verify_step_equals_bitsandbytes(mode):
+    """A 4-bit decoder: 6-row eager and Triton steps through an nf4 kernel equal bitsandbytes' own matmuls."""
     runner = _quantize_runner(_runner(hidden=64, kv_heads=2))
     prompt, step = torch.randn(1, 30, 64, device=DEVICE), torch.randn(1, 6, 64, device=DEVICE)
     with torch.no_grad():
@@ -134,7 +181,7 @@ def test_nf4_kernel_verify_step_equals_bitsandbytes():
         runner.run(prompt, cache)
         eager_cache, nf4_cache, fused_cache = cache.clone(), cache.clone(), cache.clone()
         logits = runner.run(step, eager_cache)[0]
-        assert runner.use_nf4_kernel(True)
+        assert runner.use_nf4_kernel(True, mode=mode)
         nf4_logits = runner.run(step, nf4_cache)[0]
         positions = torch.arange(30, 36, device=DEVICE)
         static_logits, _ = runner.static_step(step, positions, cache.clone())
@@ -162,5 +209,5 @@ def test_nf4_dequant_mode_verify_step_equals_bitsandbytes(gemv):
         fused_logits, _ = runner.static_step(step, torch.arange(30, 36, device=DEVICE), cache.clone())
     torch.testing.assert_close(dequant_logits, logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused_logits, logits, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="'triton' or 'dequant'"):
+    with pytest.raises(ValueError, match="one of 'triton', 'triton_tc', 'dequant'"):
         runner.use_nf4_kernel(True, mode="bf16")

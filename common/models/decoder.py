@@ -27,6 +27,8 @@ from torch import nn
 
 from common.timing import CAPTURE_LOCK
 
+NF4_MODES = ("triton", "triton_tc", "dequant")  # LlamaRunner.use_nf4_kernel's multi-row paths
+
 
 @dataclass
 class DecoderShape:
@@ -181,7 +183,7 @@ class LlamaRunner:
         self._prefill_kernels: Any = None  # the same module once use_prefill_kernels(True) succeeded
         self._nf4: dict[int, Any] = {}  # id(Linear4bit) -> common.models.nf4_kernels.Nf4Weight (use_nf4_kernel)
         self._nf4_max_rows = 0
-        self._nf4_mode = "triton"  # or "dequant": multi-row nf4 steps dequantize into a scratch matrix
+        self._nf4_mode = "triton"  # or "triton_tc" (the tensor-core kernel), or "dequant": into a scratch matrix
         self._nf4_scratch: torch.Tensor | None = None
         self._gemv: Any = None  # common.models.gemv once use_gemv("triton") succeeded
         self.use_gemv(gemv)
@@ -250,13 +252,14 @@ class LlamaRunner:
 
         ``mode="triton"``: ``common.models.nf4_kernels`` reads each packed 4-bit weight once for all
         rows (bitsandbytes dequantizes the whole weight to bf16 first, or uses a kernel slower than its
-        one-row GEMV on Hopper). ``mode="dequant"``: each weight is dequantized into one reused scratch
+        one-row GEMV on Hopper). ``mode="triton_tc"``: its tensor-core kernel (``nf4_linear_tc``: absmax
+        decoded once per block, a fixed tile per shape). ``mode="dequant"``: each weight is dequantized into one reused scratch
         matrix, then multiplied by cuBLAS (or the Triton GEMV, ``use_gemv``). One-row inputs keep
         bitsandbytes' GEMV, larger ones its dequantize + GEMM. Needs CUDA (or Triton's interpreter for
         "triton"); returns whether any layer uses it.
         """
-        if mode not in ("triton", "dequant"):
-            raise ValueError(f"nf4 multi-row mode must be 'triton' or 'dequant', got {mode!r}")
+        if mode not in NF4_MODES:
+            raise ValueError(f"nf4 multi-row mode must be one of {', '.join(map(repr, NF4_MODES))}, got {mode!r}")
         self._nf4, self._nf4_max_rows, self._nf4_mode, self._nf4_scratch = {}, int(max_rows), mode, None
         device = self.language_model.norm.weight.device
         if not on or (device.type != "cuda" and not _interpreting()):
@@ -323,6 +326,8 @@ class LlamaRunner:
             return self._dense(x, dense) if step else F.linear(x, dense)
         from common.models import nf4_kernels
 
+        if self._nf4_mode == "triton_tc":
+            return nf4_kernels.nf4_linear_tc(x, weight)
         return nf4_kernels.nf4_linear(x, weight)
 
     def _qkv(self, idx: int, x: torch.Tensor) -> torch.Tensor:

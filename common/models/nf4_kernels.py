@@ -8,6 +8,13 @@ Here each program dequantizes its weight tile in registers (nf4 code x absmax, d
 absmax decoded in the kernel too) and multiplies it with every row (split-K, fixed-order sum of the
 parts, so results are deterministic). The dequantized weight rounds to the activations' dtype as
 bitsandbytes' dequantize does, so the result equals ``x @ dequantize_4bit(W).T`` up to summation order.
+
+``nf4_linear_tc`` (``use_nf4_kernel(mode="triton_tc")``) keeps that contract with less work per element:
+one quantization block per ``tl.dot`` step, so the (double-quantized) absmax is decoded once per block and
+row rather than gathered per element, x is read with wide loads, and the tile comes from a fixed table per
+(rows class, N, K) (``TC_TABLE``; ``benchmark_inference.nf4_profile`` times the candidates on a GPU).
+Split-K parts are summed in a fixed order by a second kernel or, ``serial``, by the last program of each
+column tile.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ class Nf4Weight:
     nested_code: torch.Tensor | None = None  # float32 (256,)
     nested_blocksize: int = 256
     offset: torch.Tensor | None = None  # float32 (1,)
+    # int32 zeros, one per column tile (of >= 16 rows): the tc kernel's split-K arrival counters, each
+    # reset by the program that sums its tile. Per weight, so calls on other weights never share one.
+    locks: torch.Tensor | None = None
 
 
 def nf4_weight(module: torch.nn.Module) -> Nf4Weight | None:
@@ -57,6 +67,7 @@ def nf4_weight(module: torch.nn.Module) -> Nf4Weight | None:
         w.nested_code = state.state2.code.float()
         w.nested_blocksize = int(state.state2.blocksize)
         w.offset = torch.as_tensor(state.offset, dtype=torch.float32, device=w.absmax.device).reshape(1)
+    w.locks = torch.zeros(-(-out_features // 16), dtype=torch.int32, device=w.absmax.device)
     return w
 
 
@@ -175,4 +186,221 @@ def nf4_linear(x: torch.Tensor, w: Nf4Weight, config: Nf4Config | None = None) -
         raise ValueError(f"nf4_linear takes up to {MAX_ROWS} rows of {w.in_features}, got {tuple(x.shape)}")
     out = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
     _launch(x2, w, config or _config(x2, w), out)
+    return out.reshape(*lead, w.out_features)
+
+
+# ---- the tensor-core kernel (``mode="triton_tc"``): one quantization block at a time, absmax decoded per block
+
+@triton.jit
+def _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, blk, nblk,
+                  cols, nmask, rows, rmask, stride_xm, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+                  W_LEFT: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + the products of quantization block ``blk`` (BS elements of K) of the weight rows ``cols``."""
+    HALF: tl.constexpr = BS // 2
+    j = tl.arange(0, HALF)
+    valid = blk < nblk
+    cmask = nmask & valid
+    g = cols * nblk + blk  # (BLOCK_N,) global block index of each weight row
+    if NESTED:  # absmax = code2[absmax_q] * absmax2[block // BS2] + offset, once per block
+        a8 = tl.load(absmax_ptr + g, mask=cmask, other=0).to(tl.int32)
+        am = tl.load(code2_ptr + a8) * tl.load(abs2_ptr + g // BS2, mask=cmask, other=0.0) + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + g, mask=cmask, other=0.0)
+    byte = tl.load(w_ptr + g[:, None] * HALF + j[None, :], mask=cmask[:, None], other=0,
+                   eviction_policy="evict_first").to(tl.int32)  # (BLOCK_N, HALF): even element in the high nibble
+    dt = x_ptr.dtype.element_ty
+    kk = blk * BS + tl.arange(0, BS)  # x's BS columns of this block, one wide load
+    xx = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & valid, other=0.0)
+    if LUT >= 2:  # codes in K order (high nibble first), one dot of K = BS
+        q = tl.interleave(byte >> 4, byte & 15)
+        if LUT == 2:
+            wt = (tl.load(code_ptr + q) * am[:, None]).to(dt)
+        else:
+            wt = tl.gather((tl.load(code_ptr + tl.arange(0, 16))[None, :] * am[:, None]).to(dt), q, axis=1)
+        if W_LEFT:
+            acc += tl.dot(wt, tl.trans(xx), input_precision=PRECISION)
+        else:
+            acc += tl.dot(xx, tl.trans(wt), input_precision=PRECISION)
+        return acc
+    if LUT == 0:  # the 16 codes from L1 per element, times the block's absmax, rounded like bitsandbytes
+        hi = (tl.load(code_ptr + (byte >> 4)) * am[:, None]).to(dt)
+        lo = (tl.load(code_ptr + (byte & 15)) * am[:, None]).to(dt)
+    else:  # a (BLOCK_N, 16) table of code x absmax per block, gathered in registers
+        table = (tl.load(code_ptr + tl.arange(0, 16))[None, :] * am[:, None]).to(dt)
+        hi = tl.gather(table, byte >> 4, axis=1)
+        lo = tl.gather(table, byte & 15, axis=1)
+    xe, xo = tl.split(tl.reshape(xx, (xx.shape[0], HALF, 2)))  # even and odd columns
+    if W_LEFT:  # weight tile as the left operand: acc (BLOCK_N, BLOCK_M)
+        acc += tl.dot(hi, tl.trans(xe), input_precision=PRECISION)
+        acc += tl.dot(lo, tl.trans(xo), input_precision=PRECISION)
+    else:  # acc (BLOCK_M, BLOCK_N)
+        acc += tl.dot(xe, tl.trans(hi), input_precision=PRECISION)
+        acc += tl.dot(xo, tl.trans(lo), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, out_ptr, res_ptr, lock_ptr,
+                   M, N, nblk, stride_xm, ITERS, SPLITS, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                   NESTED: tl.constexpr, BS: tl.constexpr,
+                   BS2: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   W_LEFT: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < N
+    if W_LEFT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    first = sp * ITERS * SUB  # this split's first quantization block
+    if FOR_LOOP:  # compiled: a loop over a runtime count (software-pipelined loads)
+        for i in range(ITERS):
+            for s in tl.static_range(SUB):
+                acc = _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr,
+                                    first + i * SUB + s, nblk, cols, nmask, rows, rmask, stride_xm,
+                                    NESTED, BS, BS2, W_LEFT, LUT, PRECISION)
+    else:  # Triton's CPU interpreter cannot range() over a runtime count
+        i = 0
+        while i < ITERS:
+            for s in tl.static_range(SUB):
+                acc = _nf4_tc_block(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr,
+                                    first + i * SUB + s, nblk, cols, nmask, rows, rmask, stride_xm,
+                                    NESTED, BS, BS2, W_LEFT, LUT, PRECISION)
+            i += 1
+    if W_LEFT:
+        offs = rows[None, :] * N + cols[:, None]
+        omask = rmask[None, :] & nmask[:, None]
+    else:
+        offs = rows[:, None] * N + cols[None, :]
+        omask = rmask[:, None] & nmask[None, :]
+    if SPLIT:
+        tl.store(out_ptr + sp * M * N + offs, acc, mask=omask)
+        if SERIAL:  # the last program of this column tile to finish sums the parts (fixed order) into res
+            tl.debug_barrier()  # every thread's part stored before the release below
+            arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                total = tl.zeros(acc.shape, tl.float32)
+                part = 0
+                while part < SPLITS:
+                    total += tl.load(out_ptr + part * M * N + offs, mask=omask, other=0.0, cache_modifier=".cg")
+                    part += 1
+                tl.store(res_ptr + offs, total.to(res_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@dataclass(frozen=True)
+class Nf4TcConfig:
+    """Tile of one ``triton_tc`` program: ``block_n`` weight rows x ``sub`` quantization blocks per iteration.
+
+    ``lut``: 0 reads the 16 codes from L1 per element, 1 gathers from a per-block register table (code x
+    absmax, rounded), both as two dots of even and odd columns; 2 and 3 the same lookups on the codes
+    interleaved in K order, one dot. ``w_left``: the weight tile is tl.dot's left operand (acc block_n x 16).
+    ``programs_per_sm``: K is split so that about this many programs run per SM (0: no split);
+    ``serial``: the last program of each column tile sums the split parts (no second kernel; same order).
+    """
+
+    block_n: int = 64
+    sub: int = 2
+    warps: int = 4
+    stages: int = 1
+    programs_per_sm: int = 8
+    lut: int = 0
+    w_left: bool = True
+    serial: bool = False
+
+    def __str__(self) -> str:
+        return (f"n{self.block_n}_sub{self.sub}_w{self.warps}_s{self.stages}_p{self.programs_per_sm}"
+                f"_lut{self.lut}_{'wl' if self.w_left else 'xl'}{'_serial' if self.serial else ''}")
+
+
+# Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape.
+# Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape. Compiled for sm_90
+# on the CPU (Triton 3.6): stages > 1 with lut 0/2 pipelines the per-element code loads through shared memory
+# (48-90 KB a program), so most use stages=1 and many programs per SM to keep loads in flight.
+TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), Nf4TcConfig(64, 4),
+                 Nf4TcConfig(128, 2, 8, programs_per_sm=4), Nf4TcConfig(128, 2, 8, programs_per_sm=4, lut=1),
+                 Nf4TcConfig(64, 2, 4, 2, lut=1), Nf4TcConfig(32, 4, w_left=False), Nf4TcConfig(256, 1, 8, programs_per_sm=2),
+                 Nf4TcConfig(programs_per_sm=4), Nf4TcConfig(programs_per_sm=16), Nf4TcConfig(lut=2),
+                 Nf4TcConfig(serial=True), Nf4TcConfig(128, 2, 8, programs_per_sm=4, serial=True),
+                 Nf4TcConfig(64, 4, lut=1, serial=True), Nf4TcConfig(64, 2, 4, 3, programs_per_sm=4))
+# The fixed table of the graph path: (rows class, out_features, in_features) -> tile; rows class 8 covers
+# 1..8 rows, 16 covers 9..16. Filled from a GPU run of ``gemv_profile --sections nf4_floor``; other shapes
+# get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path).
+TC_TABLE: dict[tuple[int, int, int], Nf4TcConfig] = {}
+TC_DEFAULT = Nf4TcConfig()
+TC_MAX_BLOCKSIZE = 256  # bitsandbytes' 4-bit default is 64
+
+
+def rows_class(rows: int) -> int:
+    """The table's row class of ``rows``: 8 (1..8 rows) or 16 (9..16)."""
+    return 8 if rows <= 8 else 16
+
+
+def tc_config(rows: int, w: Nf4Weight) -> Nf4TcConfig:
+    """The fixed tile of ``TC_TABLE`` for this row count and weight shape (``TC_DEFAULT`` if none)."""
+    return TC_TABLE.get((rows_class(rows), w.out_features, w.in_features), TC_DEFAULT)
+
+
+def set_tc_configs(configs: dict[tuple[int, int, int], Nf4TcConfig]) -> None:
+    """Replace ``TC_TABLE`` entries: (rows class, out_features, in_features) -> tile."""
+    TC_TABLE.update(configs)
+
+
+def _tc_splits(blocks: int, n: int, cfg: Nf4TcConfig, device: torch.device) -> tuple[int, int]:
+    """(splits of K, iterations of ``cfg.sub`` blocks per split)."""
+    steps = triton.cdiv(blocks, cfg.sub)
+    if device.type != "cuda":
+        splits = min(steps, 1 + cfg.programs_per_sm % 3)  # the interpreter: 1 or 2 parts, both paths exercised
+    elif cfg.programs_per_sm == 0:
+        splits = 1
+    else:
+        splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * sm_count(device), triton.cdiv(n, cfg.block_n))))
+    iters = triton.cdiv(steps, splits)
+    return triton.cdiv(steps, iters), iters
+
+
+def _launch_tc(x2: torch.Tensor, w: Nf4Weight, cfg: Nf4TcConfig, out: torch.Tensor) -> None:
+    rows = x2.shape[0]
+    n, nblk = w.out_features, w.in_features // w.blocksize
+    splits, iters = _tc_splits(nblk, n, cfg, x2.device)
+    col_programs = triton.cdiv(n, cfg.block_n)
+    serial = splits > 1 and cfg.serial and w.locks is not None and col_programs <= w.locks.numel()
+    target = torch.empty((splits, rows, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
+    nested = w.nested_absmax is not None
+    dummy = w.code
+    cuda = x2.device.type == "cuda"
+    _nf4_tc_kernel[(col_programs, splits)](
+        x2, w.packed, w.absmax, w.code, w.nested_absmax if nested else dummy, w.nested_code if nested else dummy,
+        w.offset if nested else dummy, target, out, w.locks if serial else dummy, rows, n, nblk, x2.stride(0),
+        iters, splits, SPLIT=splits > 1, SERIAL=serial, NESTED=nested, BS=w.blocksize, BS2=w.nested_blocksize,
+        SUB=cfg.sub, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, W_LEFT=cfg.w_left, LUT=cfg.lut,
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", FOR_LOOP=cuda, num_warps=cfg.warps,
+        **({"num_stages": cfg.stages} if cuda else {}))
+    if splits > 1 and not serial:
+        block = 1024
+        sum_parts_kernel[(triton.cdiv(rows * n, block),)](target, out, rows * n, N_PARTS=splits, BLOCK=block,
+                                                           num_warps=4)
+
+
+def nf4_linear_tc(x: torch.Tensor, w: Nf4Weight, config: Nf4TcConfig | None = None) -> torch.Tensor:
+    """``x @ dequantize(W).T`` on the tensor cores, for x (..., K) of at most ``MAX_ROWS`` rows; (..., N).
+
+    Same contract as ``nf4_linear`` (each weight element is code x absmax in fp32, rounded to x's
+    dtype, as bitsandbytes' dequantize does); ``config`` fixes the tile, by default ``tc_config``.
+    Quantization blocks over ``TC_MAX_BLOCKSIZE`` (one block is one tile's K) go to ``nf4_linear``.
+    """
+    if w.blocksize > TC_MAX_BLOCKSIZE:
+        return nf4_linear(x, w)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    rows, k = x2.shape
+    if rows > MAX_ROWS or k != w.in_features:
+        raise ValueError(f"nf4_linear_tc takes up to {MAX_ROWS} rows of {w.in_features}, got {tuple(x.shape)}")
+    out = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
+    _launch_tc(x2, w, config or tc_config(rows, w), out)
     return out.reshape(*lead, w.out_features)

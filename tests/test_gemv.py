@@ -135,7 +135,7 @@ def test_gemv_profile_nf4_floor_tunes_the_tc_table_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())["nf4_floor"]
     elements = 4 * 64 * 64 + 2 * 128 * 64 + 64 * 128  # q, k, v, o, gate, up, down of one layer
     assert report["matmuls"] == 7 and report["gigabytes"] == pytest.approx((elements // 2 + elements // 64) / 1e9)
-    assert set(tuned) == {(8, 64, 64), (8, 128, 64), (8, 64, 128)}  # tuned at 2 rows; 1 row stays on bitsandbytes
+    assert set(tuned) - set(saved) == {(8, 64, 64), (8, 128, 64), (8, 64, 128)}  # tuned at 2 rows; 1 row stays on bnb
     assert report["tc_table"]["8,128,64"] == repr(nk.TC_CANDIDATES[0])
     assert report["128x64_rows_2"]["best_tc"] == str(nk.TC_CANDIDATES[0])
     assert report["128x64_rows_2"][f"tc:{nk.TC_CANDIDATES[0]}"]["ms"] > 0

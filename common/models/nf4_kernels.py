@@ -318,7 +318,6 @@ class Nf4TcConfig:
                 f"_lut{self.lut}_{'wl' if self.w_left else 'xl'}{'_serial' if self.serial else ''}")
 
 
-# Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape.
 # Candidates the GPU profile times (``tc_candidates``); each compiles once for every shape. Compiled for sm_90
 # on the CPU (Triton 3.6): stages > 1 with lut 0/2 pipelines the per-element code loads through shared memory
 # (48-90 KB a program), so most use stages=1 and many programs per SM to keep loads in flight.
@@ -330,8 +329,13 @@ TC_CANDIDATES = (Nf4TcConfig(), Nf4TcConfig(lut=1), Nf4TcConfig(w_left=False), N
                  Nf4TcConfig(64, 4, lut=1, serial=True), Nf4TcConfig(64, 2, 4, 3, programs_per_sm=4))
 # The fixed table of the graph path: (rows class, out_features, in_features) -> tile; rows class 8 covers
 # 1..8 rows, 16 covers 9..16. Filled from a GPU run of ``gemv_profile --sections nf4_floor``; other shapes
-# get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path).
-TC_TABLE: dict[tuple[int, int, int], Nf4TcConfig] = {}
+# get TC_DEFAULT. ``set_tc_configs`` replaces entries (the profile's tuned path). These entries are the tuned
+# tiles of the H200 run of 2026-11-30 (docs/gpu_runs/nf4_h200.json, ``nf4_floor.tc_table``; 6 rows).
+TC_TABLE: dict[tuple[int, int, int], Nf4TcConfig] = {
+    (8, 4096, 4096): Nf4TcConfig(64, 4),
+    (8, 4096, 11008): Nf4TcConfig(64, 4),
+    (8, 11008, 4096): Nf4TcConfig(64, 2, programs_per_sm=16),
+}
 TC_DEFAULT = Nf4TcConfig()
 TC_MAX_BLOCKSIZE = 256  # bitsandbytes' 4-bit default is 64
 

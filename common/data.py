@@ -40,6 +40,7 @@ __all__ = [
     "load_event_frames",
     "load_video_frames",
     "default_frame_cache",
+    "warm_frame_cache",
     "read_image",
     "sample_fields",
     "event_images_disagreement",
@@ -517,6 +518,15 @@ def load_video_frames(sample: ClipSample, num_frames: int = 8, cache: FrameCache
         return np.stack([read_image(p) for p in chosen])
     missing = sample.video_path or sample.frames_dir or sample.dataset_dir / INDEX_NAME
     raise DataError(f"{missing}: no mp4 and no frame folder for sample {sample.id}; regenerate the clip")
+
+
+def warm_frame_cache(sample: ClipSample, num_frames: int = 8) -> bool:
+    """Decode the sample's mp4 into its frame cache unless cached already (untimed benchmark set-up);
+    True when the sample has an mp4 and a frame cache."""
+    if sample.frame_cache is None or sample.video_path is None or not sample.video_path.is_file():
+        return False
+    sample.frame_cache.get(sample.video_path, num_frames)
+    return True
 
 
 def default_frame_cache(dataset_dir: str | os.PathLike) -> FrameCache:

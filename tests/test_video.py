@@ -98,3 +98,24 @@ def test_frame_cache_key_tracks_file_and_n(tmp_path, mp4) -> None:
     cache.path_for(mp4, 8).parent.mkdir(parents=True, exist_ok=True)
     cache.path_for(mp4, 8).write_bytes(b"junk")
     np.testing.assert_array_equal(cache.get(mp4, 8), read_mp4_frames(mp4, 8))
+
+
+def test_untimed_checks_decode_the_clip_before_any_timed_row(tmp_path, mp4, monkeypatch) -> None:
+    """The baseline row must not pay the mp4 decode that later rows get from the frame cache."""
+    from types import SimpleNamespace
+
+    from common.data import load_video_frames
+    from common.harness import Benchmark
+
+    direct = read_mp4_frames(mp4, 8)
+    cache = FrameCache(tmp_path / "cache")
+    sample = SimpleNamespace(frame_cache=cache, video_path=mp4, event_path=None)
+    Benchmark().untimed_checks(sample)
+    assert (cache.hits, cache.misses) == (0, 1)
+
+    def boom(*a, **k):
+        raise AssertionError("a timed load decoded the mp4")
+
+    monkeypatch.setattr(video, "read_mp4_frames", boom)
+    np.testing.assert_array_equal(load_video_frames(sample), direct)  # what the first timed row loads
+    assert (cache.hits, cache.misses) == (1, 1)

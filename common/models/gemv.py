@@ -109,17 +109,22 @@ CONFIGS = (GemvConfig(16, 256, 4, 4), GemvConfig(32, 256, 4, 4), GemvConfig(16, 
 _chosen: dict[tuple, GemvConfig] = {}
 
 
-def _splits(k: int, n: int, cfg: GemvConfig, device: torch.device) -> tuple[int, int]:
-    """(splits of K, iterations per split) for this config."""
-    steps = triton.cdiv(k, cfg.block_k)
+def split_k(steps: int, n: int, block_n: int, programs_per_sm: int, device: torch.device) -> tuple[int, int]:
+    """(splits of K, iterations per split) for ``steps`` K iterations over ``n`` outputs in ``block_n`` tiles:
+    about ``programs_per_sm`` programs per SM (0: no split)."""
     if device.type != "cuda":
-        splits = min(steps, 1 + cfg.programs_per_sm % 3)  # the interpreter: 1 or 2 parts, both paths exercised
-    elif cfg.programs_per_sm == 0:
+        splits = min(steps, 1 + programs_per_sm % 3)  # the interpreter: 1 or 2 parts, both paths exercised
+    elif programs_per_sm == 0:
         splits = 1
     else:
-        splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * sm_count(device), triton.cdiv(n, cfg.block_n))))
+        splits = max(1, min(steps, triton.cdiv(programs_per_sm * sm_count(device), triton.cdiv(n, block_n))))
     iters = triton.cdiv(steps, splits)
     return triton.cdiv(steps, iters), iters
+
+
+def _splits(k: int, n: int, cfg: GemvConfig, device: torch.device) -> tuple[int, int]:
+    """(splits of K, iterations per split) for this config."""
+    return split_k(triton.cdiv(k, cfg.block_k), n, cfg.block_n, cfg.programs_per_sm, device)
 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig, out: torch.Tensor) -> None:

@@ -19,13 +19,14 @@ column tile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from common.models.gemv import sm_count, sum_parts_kernel
+from common.models.gemv import sm_count, split_k, sum_parts_kernel
 
 MAX_ROWS = 16  # BLOCK_M of the kernel: rows of one call
 
@@ -179,13 +180,19 @@ def nf4_linear(x: torch.Tensor, w: Nf4Weight, config: Nf4Config | None = None) -
 
     ``config`` fixes the tile; by default the fastest of ``CONFIGS`` for the weight's shape.
     """
+    return _rows_times_weight(x, w, "nf4_linear", lambda x2, out: _launch(x2, w, config or _config(x2, w), out))
+
+
+def _rows_times_weight(x: torch.Tensor, w: Nf4Weight, name: str,
+                       launch: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """x (..., K) as (rows, K), checked against ``MAX_ROWS`` and the weight; ``launch(x2, out)`` fills (rows, N)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     rows, k = x2.shape
     if rows > MAX_ROWS or k != w.in_features:
-        raise ValueError(f"nf4_linear takes up to {MAX_ROWS} rows of {w.in_features}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} takes up to {MAX_ROWS} rows of {w.in_features}, got {tuple(x.shape)}")
     out = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
-    _launch(x2, w, config or _config(x2, w), out)
+    launch(x2, out)
     return out.reshape(*lead, w.out_features)
 
 
@@ -357,15 +364,7 @@ def set_tc_configs(configs: dict[tuple[int, int, int], Nf4TcConfig]) -> None:
 
 def _tc_splits(blocks: int, n: int, cfg: Nf4TcConfig, device: torch.device) -> tuple[int, int]:
     """(splits of K, iterations of ``cfg.sub`` blocks per split)."""
-    steps = triton.cdiv(blocks, cfg.sub)
-    if device.type != "cuda":
-        splits = min(steps, 1 + cfg.programs_per_sm % 3)  # the interpreter: 1 or 2 parts, both paths exercised
-    elif cfg.programs_per_sm == 0:
-        splits = 1
-    else:
-        splits = max(1, min(steps, triton.cdiv(cfg.programs_per_sm * sm_count(device), triton.cdiv(n, cfg.block_n))))
-    iters = triton.cdiv(steps, splits)
-    return triton.cdiv(steps, iters), iters
+    return split_k(triton.cdiv(blocks, cfg.sub), n, cfg.block_n, cfg.programs_per_sm, device)
 
 
 def _launch_tc(x2: torch.Tensor, w: Nf4Weight, cfg: Nf4TcConfig, out: torch.Tensor) -> None:
@@ -400,11 +399,5 @@ def nf4_linear_tc(x: torch.Tensor, w: Nf4Weight, config: Nf4TcConfig | None = No
     """
     if w.blocksize > TC_MAX_BLOCKSIZE:
         return nf4_linear(x, w)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    rows, k = x2.shape
-    if rows > MAX_ROWS or k != w.in_features:
-        raise ValueError(f"nf4_linear_tc takes up to {MAX_ROWS} rows of {w.in_features}, got {tuple(x.shape)}")
-    out = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
-    _launch_tc(x2, w, config or tc_config(rows, w), out)
-    return out.reshape(*lead, w.out_features)
+    return _rows_times_weight(x, w, "nf4_linear_tc",
+                              lambda x2, out: _launch_tc(x2, w, config or tc_config(x2.shape[0], w), out))

@@ -521,11 +521,11 @@ def load_video_frames(sample: ClipSample, num_frames: int = 8, cache: FrameCache
 
 
 def warm_frame_cache(sample: ClipSample, num_frames: int = 8) -> bool:
-    """Decode the sample's mp4 into its frame cache unless cached already (untimed benchmark set-up);
-    True when the sample has an mp4 and a frame cache."""
+    """Decode the sample's mp4 into its frame cache unless cached already (untimed benchmark set-up; a
+    cached entry is not read); True when the sample has an mp4 and a frame cache."""
     if sample.frame_cache is None or sample.video_path is None or not sample.video_path.is_file():
         return False
-    sample.frame_cache.get(sample.video_path, num_frames)
+    sample.frame_cache.ensure(sample.video_path, num_frames)
     return True
 
 

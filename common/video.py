@@ -151,19 +151,32 @@ class FrameCache:
     def get(self, mp4_path: str | os.PathLike, n: int = 8) -> np.ndarray:
         """Frames of ``mp4_path`` (n, H, W, 3) uint8; decodes only on a cache miss."""
         entry = self.path_for(mp4_path, n)
-        if entry.is_file():
-            try:  # memory-mapped first: a damaged entry's declared shape is checked before anything is read
-                mapped = np.load(entry, mmap_mode="r", allow_pickle=False)
-                if (mapped.ndim == 4 and mapped.shape[0] == n and mapped.shape[3] == 3 and mapped.dtype == np.uint8
-                        and 0 < mapped.shape[1] * mapped.shape[2] <= MAX_FRAME_PIXELS):
-                    self.hits += 1
-                    return np.array(mapped)
-            except (OSError, ValueError, EOFError):
-                pass  # a damaged cache entry is rebuilt below
+        mapped = self._mapped(entry, n)
+        if mapped is not None:
+            self.hits += 1
+            return np.array(mapped)
         self.misses += 1
         frames = read_mp4_frames(mp4_path, n)
         self._store(entry, frames)
         return frames
+
+    def ensure(self, mp4_path: str | os.PathLike, n: int = 8) -> None:
+        """Decode ``mp4_path`` into the cache unless a sound entry is there (which is not read)."""
+        if self._mapped(self.path_for(mp4_path, n), n) is None:
+            self.get(mp4_path, n)
+
+    @staticmethod
+    def _mapped(entry: Path, n: int) -> np.ndarray | None:
+        """The entry memory-mapped when it holds n frames of a sane shape (only its header is read); else None."""
+        if not entry.is_file():
+            return None
+        try:  # a damaged entry's declared shape is checked before anything is read
+            mapped = np.load(entry, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None  # a damaged cache entry is rebuilt by get
+        ok = (mapped.ndim == 4 and mapped.shape[0] == n and mapped.shape[3] == 3 and mapped.dtype == np.uint8
+              and 0 < mapped.shape[1] * mapped.shape[2] <= MAX_FRAME_PIXELS)
+        return mapped if ok else None
 
     def _store(self, entry: Path, frames: np.ndarray) -> None:
         def write(tmp: Path) -> None:

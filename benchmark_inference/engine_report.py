@@ -31,6 +31,7 @@ from benchmark_inference.real_shape_timing import (
     QUESTION,
     TREE_PARENTS,
     decode_ms_per_token,
+    eagle_tree_verify_ratio,
     hf_generate,
     raw_inputs,
     tree_verify_ratio,
@@ -170,7 +171,9 @@ def _ours(target, visual, opts: EngineOptions, length: int) -> dict[str, dict[st
                    "decode_ms_per_token": decode_ms_per_token(target, visual, opts.new_tokens),
                    "verify_over_decode": verify_ratio(target, visual, opts.gamma + 1, opts.steps),
                    # graphed on the Triton kernels (fused_graph), eager otherwise
-                   "tree_verify_over_decode": tree_verify_ratio(target, visual, repeats=opts.steps)}
+                   "tree_verify_over_decode": tree_verify_ratio(target, visual, repeats=opts.steps),
+                   # the same tree as the EAGLE drafter's whole verify step (mask, forward, accept, compact)
+                   **eagle_tree_verify_ratio(target, visual, repeats=opts.steps)}
             if target.graphs is not None:  # GPU time of the step alone, the prompt's length of context live
                 target.prefill(visual, QUESTION)
                 row.update({f"graph_replay_ms_{k}": target.graphs.replay_ms(k) for k in (1, opts.gamma + 1)})
@@ -251,7 +254,9 @@ def engine_report(draft, target, opts: EngineOptions, write=None) -> dict[str, A
         mode, best = _best(report["ours"])
         report.update(decode_mode=mode, decode_ms_per_token=best["decode_ms_per_token"],
                       verify_over_decode=best["verify_over_decode"],
-                      tree_verify_over_decode=best["tree_verify_over_decode"])
+                      tree_verify_over_decode=best["tree_verify_over_decode"],
+                      eagle_tree_verify_over_decode=best["eagle_tree_verify_over_decode"],
+                      eagle_tree_routes=best["eagle_tree_routes"])
         write(report)
         eagle = _eagle(target, opts)
         decode = report["decode_ms_per_token"]
@@ -316,16 +321,18 @@ def quant4_report(target4, opts: EngineOptions) -> dict[str, Any]:
         fill = [_time_ms(lambda: target4.prefill(visual, QUESTION), target4.device) for _ in range(3)]
         out: dict[str, Any] = {"prefill_ms_4bit": statistics.median(fill[1:])}
         kernel = target4.runner.use_nf4_kernel(target4.device.type == "cuda")
-        runs = {"nf4_kernel": True, "bnb": False} if kernel else {"bnb": False}
-        for name, on in runs.items():
-            target4.runner.use_nf4_kernel(on)
+        # the Triton nf4 kernels (CUDA only) for the multi-row steps, bitsandbytes for one row; then bitsandbytes alone
+        runs = {"nf4_kernel": "triton", "nf4_kernel_tc": "triton_tc", "bnb": None} if kernel else {"bnb": None}
+        for name, mode in runs.items():
+            target4.runner.use_nf4_kernel(mode is not None, mode=mode or "triton")
             out[f"ours_4bit_{name}"] = _ours(target4, visual, opts, length)
         target4.runner.use_nf4_kernel(False)
     mode, best = _best(out["ours_4bit_bnb"])
     out.update(decode_mode_4bit=mode, decode_ms_per_token_4bit=best["decode_ms_per_token"],
                verify_over_decode_4bit=best["verify_over_decode"], verify_over_decode_4bit_bnb=best["verify_over_decode"])
-    if kernel:
-        out["verify_over_decode_4bit_nf4_kernel"] = _best(out["ours_4bit_nf4_kernel"])[1]["verify_over_decode"]
+    for name in ("nf4_kernel", "nf4_kernel_tc"):
+        if f"ours_4bit_{name}" in out:
+            out[f"verify_over_decode_4bit_{name}"] = _best(out[f"ours_4bit_{name}"])[1]["verify_over_decode"]
     return out
 
 

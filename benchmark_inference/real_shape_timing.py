@@ -1,7 +1,7 @@
 """The per-model timing steps of the real-shape benchmarks (shared by real_shape_benchmark and engine_report).
 
-Inputs of the real shapes, decode ms/token, verify(k)/decode(1), a 16-row draft tree's verify/decode(1), and
-transformers' ``generate``.
+Inputs of the real shapes, decode ms/token, verify(k)/decode(1), a 16-row draft tree's verify/decode(1) (the
+target's forward alone, and the EAGLE route's whole verify step), and transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,36 @@ def tree_verify_ratio(vlm, visual, parents=TREE_PARENTS, repeats: int = 20) -> f
     t1, _ = timed_median(lambda: step(False), repeats, vlm.device)
     tk, _ = timed_median(lambda: step(True), repeats, vlm.device)
     return tk / t1
+
+
+def eagle_tree_verify_ratio(vlm, visual, parents=TREE_PARENTS, repeats: int = 20) -> dict[str, Any]:
+    """A whole tree verify step as the EAGLE drafter runs it, over one 1-token forward of the same route.
+
+    Through ``EagleTarget`` (final-layer features recorded): ``common.tree.verify_tree`` builds the tree
+    mask, runs the forward, accepts greedily and compacts the KV cache and the features. Returns the
+    ratio, the two medians in ms and the target's forwards per route (``Decoding.routes``) over the run.
+    """
+    from common.drafters.eagle_head import EagleTarget
+    from common.models.decoding import counting_routes
+    from common.tree import DraftTree, verify_tree
+
+    proxy = EagleTarget(vlm, -1)
+    state = proxy.prefill(visual, QUESTION)
+    base, logits = state.length, state.logits
+    tree = DraftTree(tokens=list(range(11, 11 + len(parents))), parents=list(parents))
+
+    def step(with_tree: bool):
+        proxy.truncate(state, base)
+        state.logits = logits
+        if not with_tree:
+            return proxy.forward(state, [10])
+        return verify_tree(proxy, state, [10], tree, 0.0)
+
+    with counting_routes(vlm) as routes:
+        t1, _ = timed_median(lambda: step(False), repeats, vlm.device)
+        tk, _ = timed_median(lambda: step(True), repeats, vlm.device)
+    return {"eagle_tree_verify_over_decode": tk / t1, "eagle_tree_verify_ms": 1000 * tk,
+            "eagle_forward_ms": 1000 * t1, "eagle_tree_routes": dict(sorted(routes.items()))}
 
 
 def hf_generate(vlm, cache: str, new_tokens: int) -> dict[str, Any]:

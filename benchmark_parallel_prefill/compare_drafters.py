@@ -299,11 +299,14 @@ def _base_record(sample: Any, name: str) -> dict[str, Any]:
 
 def process_target(target: Any, sample: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The target's record: timed baseline (fastest numerics) and its reference under verification numerics."""
+    from common.models.decoding import counting_routes
     from common.pipeline import lossless_numerics, prefill_sample
     from common.speculative import autoregressive_generate
 
     record = _base_record(sample, TARGET)
-    alone = run_target(target, sample, args.max_new_tokens)
+    with counting_routes(target) as routes:
+        alone = run_target(target, sample, args.max_new_tokens)
+    alone["target_routes"] = dict(routes)
     with lossless_numerics(target, args) as step:
         if step:
             state = prefill_sample(target, sample).state
@@ -318,11 +321,13 @@ def process_target(target: Any, sample: Any, args: argparse.Namespace) -> dict[s
 
 def process_drafter(spec: Spec, target: Any, sample: Any, args: argparse.Namespace,
                     target_record: dict[str, Any]) -> dict[str, Any]:
+    from common.models.decoding import counting_routes
     from common.pipeline import lossless_numerics
 
     record = _base_record(sample, spec.name)
-    with lossless_numerics(target, args):
+    with lossless_numerics(target, args), counting_routes(target) as routes:
         record.update(run_spec(spec, target, sample, args))
+    record["target_routes"] = dict(routes)  # e.g. {"graph": 20}; "eager_tree:<why>" names a tree verify run eagerly
     reference = target_record["reference_token_ids"]
     record["identical"] = record["token_ids"] == reference
     record["identical_to_fastest"] = record["token_ids"] == target_record["token_ids"]

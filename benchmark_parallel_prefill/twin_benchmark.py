@@ -296,6 +296,15 @@ def _records(run_dir: str) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / "records.jsonl")
 
 
+def summed_routes(records: list[dict[str, Any]]) -> dict[str, int]:
+    """The target's forwards per route (``graph``, ``graph_tree``, ``eager``, ``eager_tree:<why>``) over records."""
+    total: dict[str, int] = {}
+    for r in records:
+        for route, n in (r.get("target_routes") or {}).items():
+            total[route] = total.get(route, 0) + int(n)
+    return dict(sorted(total.items()))
+
+
 def summarize_set(compare: dict[str, Any], hf: list[dict[str, Any]]) -> dict[str, Any]:
     """Per drafter: the compare_drafters figures plus speedup vs HF generate; target and HF baselines."""
     recs = _records(compare["run_dir"])
@@ -306,7 +315,8 @@ def summarize_set(compare: dict[str, Any], hf: list[dict[str, Any]]) -> dict[str
     lengths = [len(r["token_ids"]) for r in targets.values()]
     out: dict[str, Any] = {"samples": len(targets), "target": dict(stats["target"]),
                            "target_answer_tokens_mean": sum(lengths) / len(lengths) if lengths else None,
-                           "target_answer_tokens_max": max(lengths) if lengths else None, "drafters": {}}
+                           "target_answer_tokens_max": max(lengths) if lengths else None,
+                           "target_routes": summed_routes(list(targets.values())), "drafters": {}}
     both = [i for i in targets if i in hf_by_id]
     if both:
         hf_wall = sum(hf_by_id[i]["wall_time"] for i in both)
@@ -322,6 +332,7 @@ def summarize_set(compare: dict[str, Any], hf: list[dict[str, Any]]) -> dict[str
                                      "speedup_std", "decode_speedup_measured", "speedup_predicted",
                                      "free_draft_tokens_avg", "accepted_free_tokens_avg")}
         row["verify_ratio"] = 1000 * verify / t_ms if t_ms else None
+        row["target_routes"] = summed_routes(rows)
         hf_rows = [r for r in rows if str(r["id"]) in hf_by_id]
         if hf_rows:
             row["speedup_vs_hf"] = (sum(hf_by_id[str(r["id"])]["wall_time"] for r in hf_rows)

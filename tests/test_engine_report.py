@@ -24,6 +24,9 @@ def test_engine_report_on_the_cpu(tiny_models_dir, tmp_path):
     assert report["decode_ms_per_token"] == report["ours"]["eager"]["decode_ms_per_token"] > 0
     assert report["verify_over_decode"] == report["ours"]["eager"]["verify_over_decode"] > 0
     assert report["tree_verify_over_decode"] == report["ours"]["eager"]["tree_verify_over_decode"] > 0
+    eager = report["ours"]["eager"]  # the EAGLE route's whole tree verify step, and how its forwards ran
+    assert report["eagle_tree_verify_over_decode"] == pytest.approx(eager["eagle_tree_verify_ms"] / eager["eagle_forward_ms"])
+    assert report["eagle_tree_routes"] == {"eager": 3, "eager_tree:no_graphs": 3}  # warm-up + 2 steps each, no graphs
     c = (report["eagle_step_ms"] + report["eagle_commit_ms"] / 3) / report["decode_ms_per_token"]
     assert report["eagle_c"] == pytest.approx(c) and c > 0
     assert report["eagle_chain_mode"] == "static"  # the graphs' fixed-shape chain, run eagerly on the CPU

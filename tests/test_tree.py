@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common.models.decoder import DecoderShape, KVCache
+from common.results import read_jsonl
 from common.speculative import ModelDrafter, autoregressive_generate, speculative_generate
 from common.tree import (
     DraftTree,
@@ -324,6 +325,12 @@ def test_tree_flags_in_the_benchmarks(tiny_models_dir, tiny_dataset, tmp_path): 
                           "--max_free_tokens", "2", "--output_dir", str(tmp_path / "cmp")] + tree)["statistics"]
     assert set(cmp["drafters"]) == {"eagle", "hybrid", "eagle_tree", "hybrid_tree"}
     assert all(s["lossless_rate"] == 1.0 for s in cmp["drafters"].values())
+    # every record says how the target's forwards ran: on the CPU no graphs, so each tree verify is eager
+    records = {r["drafter"]: r for r in read_jsonl(next((tmp_path / "cmp").rglob("records.jsonl")))}
+    tree_rec = records["eagle_tree"]
+    assert tree_rec["target_routes"]["eager_tree:no_graphs"] >= 1
+    assert sum(tree_rec["target_routes"].values()) == tree_rec["target_forwards"]
+    assert set(records["target"]["target_routes"]) == {"eager"}
     with pytest.raises(SystemExit, match="no chosen drafter drafts trees"):
         cd.main(base + ["--drafters", "eventgpt", "--output_dir", str(tmp_path / "no")] + tree)
 
@@ -363,11 +370,13 @@ def _routed(kernels: bool, fixed_step: int | None, hide_prefix: bool = False, pa
     logits = target.forward(state, [11] + [5] * len(parents), attn_mask=mask,
                             position_ids=tree_positions(list(parents), base, 1))
     target.decoding.graphs = None
-    return graphs.calls, logits, base
+    target.forward(state, [3])  # no graphs now: an eager step
+    return graphs.calls, logits, base, dict(target.decoding.routes)
 
 
 def test_tree_verify_replays_the_tree_graph_when_the_kernels_are_on():
-    calls, logits, base = _routed(kernels=True, fixed_step=8)
+    calls, logits, base, routes = _routed(kernels=True, fixed_step=8)
+    assert routes == {"graph_tree": 1, "eager": 1}
     # rows: pending, nodes 0..4 (parents -1, -1, 0, 0, 2); node 4's path is pending -> 0 -> 2 -> 4
     assert calls == [([base, base + 1, base + 1, base + 2, base + 2, base + 3],
                       [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [0, 2, 2, 3, 4, 5], [0, 1, 3, 3, 4, 5],
@@ -378,9 +387,11 @@ def test_tree_verify_replays_the_tree_graph_when_the_kernels_are_on():
 
 @pytest.mark.parametrize("why", ["kernels off", "hidden prefix", "too many rows"])
 def test_tree_verify_runs_eagerly_when_the_tree_graph_cannot_serve_it(why):
-    calls, logits, _ = _routed(kernels=why != "kernels off", fixed_step=4 if why == "too many rows" else 8,
-                               hide_prefix=why == "hidden prefix")
+    calls, logits, _, routes = _routed(kernels=why != "kernels off", fixed_step=4 if why == "too many rows" else 8,
+                                       hide_prefix=why == "hidden prefix")
     assert calls == [] and not torch.equal(logits, torch.full_like(logits, 7.0))
+    reason = {"kernels off": "kernels_off", "hidden prefix": "no_tree_mask", "too many rows": "too_many_rows"}[why]
+    assert routes == {f"eager_tree:{reason}": 1, "eager": 1}  # the benchmark records say why
 
 
 def test_tree_row_map_refuses_masks_that_are_no_tree_of_the_positions():

@@ -57,7 +57,7 @@ from common.drafters.draft_graphs import (
     plain_weights,
 )
 from common.models.decoder import CudaGraphDecoder, apply_rope, rms_norm
-from common.models.decoding import Decoding, replay, replay_tree
+from common.models.decoding import Decoding, replay, replay_tree, route_of
 from common.results import atomic_write, atomic_write_text
 from common.speculative import DraftProposal, SyncedDrafter
 from common.timing import sync_current_stream
@@ -675,6 +675,7 @@ class EagleTarget:
                else replay_tree(decoder, embeds, tree["attn_mask"], tree.get("position_ids"), fixed))
         if out is None:
             return None
+        t.decoding.count_route(route_of(decoder, ids.numel(), fixed, tree.get("attn_mask"), None, replayed=True))
         vocab = int(t.vocab_size)
         logits, feature = out[:, :vocab], out[:, vocab:]
         state.logits = logits[-1]

@@ -7,7 +7,10 @@ a ``VisionLanguageModel`` goes through (``vlm.decoding``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -32,14 +35,54 @@ def replay_tree(graphs: CudaGraphDecoder, embeds: torch.Tensor, attn_mask: torch
     """A draft tree's verify (``common.tree``) as one tree-graph replay on the Triton kernels: of
     ``fixed_step`` rows when set (bitwise the fixed-step decode), else the smallest captured size that
     serves it; None when the kernels are off, no size serves it or the mask is no tree mask (run eagerly)."""
-    if not graphs.runner.kernels_on or position_ids is None:
+    k = embeds.shape[0]
+    if tree_refusal(graphs, k, fixed_step, position_ids):
         return None
-    k, start = embeds.shape[0], graphs.cache.length
+    positions = position_ids.reshape(-1)
+    rows = tree_row_map(attn_mask, positions, graphs.cache.length)
+    return None if rows is None else graphs.step_tree(embeds, positions, rows, fixed_step or graphs.size_for(k))
+
+
+def tree_refusal(graphs: CudaGraphDecoder, k: int, fixed_step: int | None, position_ids: torch.Tensor | None) -> str | None:
+    """Why no tree graph serves a k-row tree verify at the cache's length (a route name's suffix), or None."""
+    if not graphs.runner.kernels_on:
+        return "kernels_off"
+    if position_ids is None:
+        return "no_positions"
     size = fixed_step if fixed_step else graphs.size_for(k)
-    if size is None or k > size or start + size > graphs.cache.capacity:
-        return None
-    rows = tree_row_map(attn_mask, position_ids.reshape(-1), start)
-    return None if rows is None else graphs.step_tree(embeds, position_ids.reshape(-1), rows, size)
+    if size is None or k > size:
+        return "too_many_rows"
+    if graphs.cache.length + size > graphs.cache.capacity:
+        return "cache_full"
+    return None
+
+
+def route_of(graphs: CudaGraphDecoder | None, k: int, fixed_step: int | None, attn_mask: torch.Tensor | None,
+             position_ids: torch.Tensor | None, replayed: bool) -> str:
+    """The name a forward's route is counted under (``Decoding.routes``): ``graph`` or ``graph_tree`` when
+    it replayed, else ``eager``, or ``eager_tree:<why>`` for a tree verify (``tree_refusal``; ``no_tree_mask``
+    when ``tree_row_map`` refused the mask, ``no_graphs`` without graphs or for a foreign cache/layer)."""
+    tree = attn_mask is not None
+    if replayed:
+        return "graph_tree" if tree else "graph"
+    if not tree:
+        return "eager"
+    why = "no_graphs" if graphs is None else tree_refusal(graphs, k, fixed_step, position_ids)
+    return f"eager_tree:{why or 'no_tree_mask'}"
+
+
+@contextmanager
+def counting_routes(model: Any) -> Iterator[Counter[str]]:
+    """The forwards ``model`` (anything with a ``decoding``; others count nothing) runs inside the block,
+    per route (``route_of``); the counter is filled when the block ends."""
+    decoding = getattr(model, "decoding", None)
+    before = Counter(decoding.routes) if isinstance(decoding, Decoding) else None
+    counted: Counter[str] = Counter()
+    try:
+        yield counted
+    finally:
+        if before is not None:
+            counted.update(decoding.routes - before)
 
 
 class Decoding:
@@ -50,6 +93,13 @@ class Decoding:
         self.graphs: CudaGraphDecoder | None = None
         self.fixed_step: int | None = None
         self._batched: BatchedGreedyDecoder | None = None
+        # forwards per route (``route_of``): a benchmark reads the difference over a run to tell what ran eagerly
+        self.routes: Counter[str] = Counter()
+
+    def count_route(self, route: str) -> None:
+        """Count one forward under ``route`` (``route_of``'s names; wrappers that replay their own graphs
+        over this model's cache, e.g. ``EagleTarget``, count theirs here too)."""
+        self.routes[route] += 1
 
     def enable_cuda_graphs(self, max_length: int, dtype: torch.dtype, device: torch.device,
                            step_sizes: Sequence[int] = (1,), compile: bool = False, fixed_step: int | None = None,
@@ -107,11 +157,15 @@ class Decoding:
         graphs = self.graphs
         # graphs also return the final normed state, so layer -1 requests stay on the fast path
         final_only = all(i in (-1, self.runner.shape.num_layers) for i in hidden_layers)
-        if graphs is not None and final_only and cache is graphs.cache:
+        usable = graphs is not None and final_only and cache is graphs.cache
+        if usable:
             logits = (replay(graphs, embeds, self.fixed_step) if attn_mask is None
                       else replay_tree(graphs, embeds, attn_mask, position_ids, self.fixed_step))
             if logits is not None:
+                self.count_route(route_of(graphs, embeds.shape[0], self.fixed_step, attn_mask, position_ids, True))
                 return logits, {i: graphs.last_hidden for i in hidden_layers}
+        self.count_route(route_of(graphs if usable else None, embeds.shape[0], self.fixed_step, attn_mask,
+                                  position_ids, False))
         return self.runner.run(embeds, cache, hidden_layers, attn_mask=attn_mask, position_ids=position_ids)
 
     def batched(self, device: torch.device) -> BatchedGreedyDecoder:

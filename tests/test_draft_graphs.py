@@ -465,6 +465,25 @@ def test_graphed_drafter_is_lossless_and_proposes_the_static_chains_tokens(tiny_
 
 
 @pytest.mark.gpu
+def test_eagle_wrapper_follows_the_targets_graphs_when_they_are_captured_again(tiny_models_dir):
+    """Graphs captured again (a new decoder may reuse a freed one's id): the wrapper replays the new ones."""
+    from common.models.decoding import counting_routes
+
+    target = _gpu_target(tiny_models_dir)
+    with torch.no_grad():
+        visual = _gpu_visual(target)
+        for question in (QUESTION, "Describe the scene.", "What moves on the road?"):
+            target.disable_cuda_graphs()
+            target.enable_cuda_graphs(512, step_sizes=(1, 6), fixed_step=6, kernels=False)
+            expected = target.forward(target.prefill(visual, question), [5, 9])
+            proxy = EagleTarget(target, -1)
+            state = proxy.prefill(visual, question)
+            with counting_routes(target) as routes:
+                got = proxy.forward(state, [5, 9])
+            assert torch.equal(got, expected) and routes == {"graph": 1}, question
+
+
+@pytest.mark.gpu
 def test_tree_drafting_beside_the_graphed_chain_is_lossless(tiny_models_dir):
     target = _gpu_target(tiny_models_dir)
     torch.manual_seed(9)

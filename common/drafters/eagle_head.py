@@ -455,7 +455,8 @@ class _FeatureBuffer:
         return self.rows[: self.length]
 
 
-# CUDA graphs of the target step that also return the feature layer, captured once per (target graphs, layer).
+# CUDA graphs of the target step that also return the feature layer, per target graphs (the object, not its
+# id: a new CudaGraphDecoder can reuse a freed one's id, and stale graphs replay over a cache no longer in use)
 _FEATURE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -483,18 +484,16 @@ def feature_step(runner: Any, layer: int) -> Callable[..., torch.Tensor]:
 def _feature_graphs(target: Any, layer: int):
     """A ``CudaGraphDecoder`` over the target's static cache whose step returns [logits | feature]."""
     graphs = target.decoding.graphs
-    per_target = _FEATURE_GRAPHS.setdefault(target, {})
-    key = (id(graphs), layer)
-    if key in per_target:
-        return per_target[key]
+    per_layer = _FEATURE_GRAPHS.setdefault(graphs, {})
+    if layer in per_layer:
+        return per_layer[layer]
     runner = target.runner
     decoder = CudaGraphDecoder(runner, graphs.cache, graphs.sizes, compile=graphs.compiled,
                                step_fn=feature_step(runner, layer))
     decoder.capture_all()
     for size in graphs.tree_sizes:  # the target's tree verifies, with the feature
         decoder.capture_tree(size)
-    per_target.clear()  # one set of graphs per target (older caches are gone)
-    per_target[key] = decoder
+    per_layer[layer] = decoder
     return decoder
 
 

@@ -213,18 +213,23 @@ def tree_attention_mask(parents: Sequence[int], prefix: int, pending: int = 1,
 
     Pending rows are causal among themselves; node rows see the prefix, every pending row,
     their ancestors and themselves.
+
+    Only the (rows, rows) block of the fed rows is built on the host; the prefix's columns are filled
+    on ``device``. (A host-built mask of a 2k-token prefix ran two fills past ATen's parallel grain,
+    and their OpenMP barriers cost ~20 ms per verify on a GPU host whose cores were busy elsewhere.)
     """
     n = len(parents)
     rows = pending + n
-    mask = torch.zeros((rows, prefix + rows), dtype=torch.bool)
-    mask[:, :prefix] = True
-    mask[:, prefix:prefix + pending] = torch.ones((rows, pending), dtype=torch.bool).tril()
+    fed = torch.zeros((rows, rows), dtype=torch.bool)
+    fed[:, :pending] = torch.ones((rows, pending), dtype=torch.bool).tril()
     for i, parent in enumerate(parents):
         r = pending + i
-        mask[r, prefix + r] = True
+        fed[r, r] = True
         if parent >= 0:
-            mask[r, prefix:] |= mask[pending + parent, prefix:]
-    return mask.to(device)
+            fed[r] |= fed[pending + parent]
+    mask = torch.ones((rows, prefix + rows), dtype=torch.bool, device=device)
+    mask[:, prefix:] = fed.to(device)
+    return mask
 
 
 def tree_positions(parents: Sequence[int], prefix: int, pending: int = 1,

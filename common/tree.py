@@ -214,14 +214,15 @@ def tree_attention_mask(parents: Sequence[int], prefix: int, pending: int = 1,
     Pending rows are causal among themselves; node rows see the prefix, every pending row,
     their ancestors and themselves.
 
-    Only the (rows, rows) block of the fed rows is built on the host; the prefix's columns are filled
-    on ``device``. (A host-built mask of a 2k-token prefix ran two fills past ATen's parallel grain,
-    and their OpenMP barriers cost ~20 ms per verify on a GPU host whose cores were busy elsewhere.)
+    Only the (rows, rows) block of the fed rows is built on the host, with ops too small for ATen's
+    thread pool; the prefix's columns are filled on ``device``. (Host fills past ATen's parallel grain
+    and ``tril``, which always runs on the pool, cost 8-28 ms per verify in OpenMP barriers on a GPU
+    host whose cores were busy elsewhere; the forward itself takes ~6 ms.)
     """
     n = len(parents)
     rows = pending + n
     fed = torch.zeros((rows, rows), dtype=torch.bool)
-    fed[:, :pending] = torch.ones((rows, pending), dtype=torch.bool).tril()
+    fed[:, :pending] = torch.arange(pending)[None, :] <= torch.arange(rows)[:, None]  # causal among pending
     for i, parent in enumerate(parents):
         r = pending + i
         fed[r, r] = True

@@ -221,10 +221,12 @@ class InferenceBenchmark(Benchmark):
         return process_sample(self.draft, self.target, sample, self.args, self.make_drafter)[0]
 
     def statistics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        from common.tree import tree_summary
+
         stats = compute_statistics(records, self.args.gamma)
         tree = self.args.tree
         stats.update(decode_mode=self.mode, drafter=self.make_drafter.kind,
-                     tree=None if tree is None else {"topk": tree.topk, "tokens": tree.tokens})
+                     tree=None if tree is None else tree_summary(tree))
         return stats
 
     def render(self, stats, records, run) -> str:
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def make() -> InferenceBenchmark:
         draft, target, mode, make_drafter = load_benchmark_pair(args, dataset_dir)
         log.info("decode mode %s", mode)
-        args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
+        args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind], args.tree_depth)
         return InferenceBenchmark(draft, target, args, make_drafter, mode, argv)
 
     return run_benchmark(settings, samples, make)

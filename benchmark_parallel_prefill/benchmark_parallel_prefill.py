@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def make() -> ParallelBenchmark:
         draft, target, mode, make_drafter = load_benchmark_pair(args, dataset_dir)
-        args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind])
+        args.tree = tree_from_flags(args.tree_topk, args.tree_tokens, [make_drafter.kind], args.tree_depth)
         return ParallelBenchmark(draft, target, args, make_drafter, mode, argv)
 
     return run_benchmark(settings, samples, make)

@@ -225,11 +225,12 @@ def tree_specs(specs: list[Spec], args: argparse.Namespace) -> list[Spec]:
     from common.tree import TREE_DRAFTERS, tree_from_flags
 
     able = [s for s in specs if s.name in TREE_DRAFTERS]
-    tree = tree_from_flags(args.tree_topk, args.tree_tokens, [s.name for s in able])
+    tree = tree_from_flags(args.tree_topk, args.tree_tokens, [s.name for s in able], args.tree_depth)
     if tree is None:
         return []
     return [replace(s, name=f"{s.name}_tree", extra={**s.extra, "tree": tree},
-                    description=f"{s.description} drafting trees (top-{tree.topk}, {tree.tokens} tree tokens)")
+                    description=f"{s.description} drafting trees (top-{tree.topk}, {tree.tokens} tree tokens"
+                                f"{f', depth <= {tree.depth}' if tree.depth else ''})")
             for s in able]
 
 

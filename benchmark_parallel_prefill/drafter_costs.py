@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eagle = eagle_costs(target, head, ctx, g, steps)
         chain_graphs = target.graphs is not None  # the drafter's own choice (chain="auto")
         chain = eagle_chain_costs(target, head, ctx, g, steps, graphs=chain_graphs)
-        tree_config = tree_config_from(args.tree_topk, args.tree_tokens) or TreeConfig(topk=4, tokens=16)
+        tree_config = tree_config_from(args.tree_topk, args.tree_tokens, args.tree_depth) or TreeConfig(topk=4, tokens=16)
         tree = eagle_tree_costs(head, ctx, tree_config.topk, tree_config.tokens, steps, graphs=chain_graphs)
         l5_chain = l5_chain_costs(draft, target, ctx, g, steps, graphs=chain_graphs)
         adapters = adapter_costs(draft, target, ctx, g, steps)

@@ -71,7 +71,7 @@ def make_head(shapes: tuple[int, int, int, int], device: torch.device, dtype: to
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    config = tree_config_from(args.tree_topk, args.tree_tokens) or tree_config_from(4, 16)
+    config = tree_config_from(args.tree_topk, args.tree_tokens, args.tree_depth) or tree_config_from(4, 16)
     scales = _sharpness(args.sharpness)
     device = resolve_device(args.device)
     graphs = device.type == "cuda"
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "c_eager": costs["eager_ms"] / args.decode_ms})
     name = torch.cuda.get_device_name(device) if graphs else "cpu"
     out = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__, "argv": argv,
-           "tree_topk": config.topk, "tree_tokens": config.tokens, "decode_ms": args.decode_ms,
+           "tree_topk": config.topk, "tree_tokens": config.tokens, "tree_depth": config.max_depth, "decode_ms": args.decode_ms,
            "mode": "graph" if graphs else "static", "dtype": str(dtype), "rows": rows}
     table = markdown_table(rows, floatfmt=".3f")
     folder = Path(args.output_dir)

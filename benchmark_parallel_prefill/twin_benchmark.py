@@ -77,6 +77,7 @@ class TwinConfig:
     drafters: Any = None  # common.drafters.widen.DrafterSources of that pair (None: no trained drafters)
     tree_topk: int | None = None
     tree_tokens: int | None = None
+    tree_depth: int | None = None  # --tree_depth (None: as deep as the node budget allows)
     only: str | None = None  # compare_drafters --drafters (None: every one it builds)
 
 
@@ -210,6 +211,8 @@ def drafter_args(widened: dict[str, Any] | None, cfg: TwinConfig) -> list[str]:
         out += ["--eagle_head", widened["eagle_head"]["path"]]
     if cfg.tree_topk is not None or cfg.tree_tokens is not None:
         out += ["--tree_topk", str(cfg.tree_topk), "--tree_tokens", str(cfg.tree_tokens)]
+    if cfg.tree_depth is not None:
+        out += ["--tree_depth", str(cfg.tree_depth)]
     return out
 
 
@@ -553,7 +556,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      gamma=args.gamma, device=args.device, num_workers=args.num_workers, hf=args.hf,
                      warmup_steps=args.warmup_steps, eventgpt_path=args.eventgpt_path,
                      videollava_path=args.videollava_path, drafters=sources if sources else None,
-                     tree_topk=args.tree_topk, tree_tokens=args.tree_tokens, only=args.only)
+                     tree_topk=args.tree_topk, tree_tokens=args.tree_tokens,
+                     tree_depth=args.tree_depth, only=args.only)
     return run(cfg, f"python -m {STAGE}.twin_benchmark {' '.join(argv)}")
 
 

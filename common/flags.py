@@ -82,11 +82,14 @@ def add_decode_args(group, free_tokens: bool = False) -> None:
 
 
 def add_tree_args(parser: argparse.ArgumentParser) -> None:
-    """``--tree_topk K --tree_tokens N`` (both needed; default off: chain drafting)."""
+    """``--tree_topk K --tree_tokens N`` (both needed; default off: chain drafting), optional ``--tree_depth D``."""
     g = parser.add_argument_group("draft trees (EAGLE-2 style)")
     g.add_argument("--tree_topk", type=int, default=None,
                    help="draft a tree: expand the K most likely nodes into K children per depth (needs --tree_tokens)")
     g.add_argument("--tree_tokens", type=int, default=None,
                    help="tree rows verified in one target forward, the pending token included "
                         "(equal verify cost to a chain of gamma: gamma + 1)")
+    g.add_argument("--tree_depth", type=int, default=None,
+                   help="deepest tree level drafted (default: as deep as --tree_tokens allows); each level costs "
+                        "one draft-head step, so a cap trades a little accepted length for a cheaper draft")
 

@@ -44,7 +44,7 @@ from common.sampling import is_greedy, probs_from_logits, sample_from_probs, uni
 __all__ = [
     "TreeConfig", "DraftTree", "build_tree", "tree_attention_mask", "tree_positions", "accept_tree_greedy",
     "accept_tree_sampled", "compact_cache", "verify_tree", "add_tree_args", "tree_config_from",
-    "propose_tree", "tree_from_flags", "TREE_DRAFTERS", "tree_row_map",
+    "propose_tree", "tree_from_flags", "tree_summary", "TREE_DRAFTERS", "tree_row_map",
 ]
 
 # Drafter kinds that draft trees (EagleDrafter.propose_tree; the hybrid's EAGLE phase after the prefill).
@@ -376,19 +376,30 @@ def verify_tree(target: Any, state: Any, pending: list[int], tree: DraftTree, te
 # CLI
 # ----------------------------------------------------------------------------------------
 
-def tree_config_from(topk: int | None, tokens: int | None) -> TreeConfig | None:
-    """The TreeConfig of the two flags, None when both are off; one-line errors otherwise."""
+def tree_config_from(topk: int | None, tokens: int | None, depth: int | None = None) -> TreeConfig | None:
+    """The TreeConfig of the tree flags, None when all are off; one-line errors otherwise."""
     if topk is None and tokens is None:
+        if depth is not None:
+            raise ValueError("--tree_depth caps a draft tree: pass it with --tree_topk and --tree_tokens "
+                             "(e.g. --tree_topk 4 --tree_tokens 16 --tree_depth 6)")
         return None
     if topk is None or tokens is None:
         raise ValueError("--tree_topk and --tree_tokens go together: pass both (e.g. --tree_topk 4 --tree_tokens 6)")
-    return TreeConfig(topk=int(topk), tokens=int(tokens))
+    if depth is not None and int(depth) < 1:
+        raise ValueError(f"--tree_depth must be >= 1, got {depth}")
+    return TreeConfig(topk=int(topk), tokens=int(tokens), depth=None if depth is None else int(depth))
 
 
-def tree_from_flags(topk: int | None, tokens: int | None, drafters: Sequence[str]) -> TreeConfig | None:
+def tree_summary(config: TreeConfig) -> dict[str, int]:
+    """The flags a run drafted its trees with, for results: topk, tokens and, when capped, depth."""
+    return {"topk": config.topk, "tokens": config.tokens, **({"depth": config.depth} if config.depth else {})}
+
+
+def tree_from_flags(topk: int | None, tokens: int | None, drafters: Sequence[str],
+                    depth: int | None = None) -> TreeConfig | None:
     """For CLIs: the flags' TreeConfig when every drafter kind in ``drafters`` drafts trees; one-line SystemExit otherwise."""
     try:
-        config = tree_config_from(topk, tokens)
+        config = tree_config_from(topk, tokens, depth)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     refused = [d for d in drafters if d not in TREE_DRAFTERS]

@@ -17,6 +17,7 @@ from common.tree import (
     tree_attention_mask,
     tree_config_from,
     tree_positions,
+    tree_summary,
 )
 from tests.data_fixtures import tiny_dataset  # noqa: F401  (session fixture)
 from tests.fakes import FakeLM, FakeTreeDrafter, copy_of, never_agree, sometimes_agree
@@ -102,6 +103,27 @@ def test_tree_flags():
         tree_config_from(3, None)
     with pytest.raises(ValueError, match="tree_tokens"):
         TreeConfig(topk=2, tokens=1)
+    capped = parser.parse_args(["--tree_topk", "3", "--tree_tokens", "6", "--tree_depth", "2"])
+    config = tree_config_from(capped.tree_topk, capped.tree_tokens, capped.tree_depth)
+    assert config == TreeConfig(topk=3, tokens=6, depth=2) and config.max_depth == 2
+    assert tree_summary(config) == {"topk": 3, "tokens": 6, "depth": 2}
+    assert tree_summary(TreeConfig(topk=3, tokens=6)) == {"topk": 3, "tokens": 6}
+    with pytest.raises(ValueError, match="--tree_depth caps a draft tree"):
+        tree_config_from(None, None, 2)
+    with pytest.raises(ValueError, match="--tree_depth must be >= 1"):
+        tree_config_from(3, 6, 0)
+
+
+def test_a_depth_cap_keeps_every_tree_shallow_and_the_output_lossless():
+    target = target_lm()
+    draft = DRAFTS["copy"](target)
+    for prompt in PROMPTS:
+        expected = autoregressive_generate(target, target.prefill(prompt), max_new_tokens=20).tokens
+        deep, _ = tree_run(target, draft, prompt, TreeConfig(topk=1, tokens=8), 20)
+        capped, drafter = tree_run(target, draft, prompt, TreeConfig(topk=2, tokens=8, depth=2), 20)
+        assert capped.tokens == deep.tokens == expected
+        assert all(t.depth <= 2 for t in drafter.trees) and max(d for d, _ in capped.iterations) == 2
+        assert max(d for d, _ in deep.iterations) > 2  # the uncapped chain of 7 does grow deeper
 
 
 # ----- greedy: identical to the target's own output -----
@@ -313,8 +335,8 @@ def test_tree_flags_in_the_benchmarks(tiny_models_dir, tiny_dataset, tmp_path): 
             "--gamma", "3", "--warmup_steps", "0", "--max_samples", "1", "--device", "cpu"]
     tree = ["--tree_topk", "3", "--tree_tokens", "4"]
     eagle = ["--drafter", "eagle", "--eagle_head", str(tmp_path / "eagle")]
-    seq = bi.main(base + eagle + tree + ["--output_dir", str(tmp_path / "seq")])["statistics"]
-    assert seq["sd_lossless_rate"] == 1.0 and seq["tree"] == {"topk": 3, "tokens": 4}
+    seq = bi.main(base + eagle + tree + ["--tree_depth", "2", "--output_dir", str(tmp_path / "seq")])["statistics"]
+    assert seq["sd_lossless_rate"] == 1.0 and seq["tree"] == {"topk": 3, "tokens": 4, "depth": 2}
     par = bp.main(base + eagle + tree + ["--output_dir", str(tmp_path / "par")])["statistics"]
     assert par["lossless_rate"] == 1.0
     with pytest.raises(SystemExit, match="'eventgpt' drafts chains only"):

@@ -55,6 +55,8 @@ def test_drafter_flags_of_the_widened_drafters():
     assert tb.drafter_args(widened, cfg) == ["--token_adapter", "none", "--hidden_adapter",
                                              "d/L1.safetensors,d/L5.safetensors", "--eagle_head", "d/eagle_head",
                                              "--tree_topk", "4", "--tree_tokens", "12"]
+    capped = tb.drafter_args(widened, tb.TwinConfig(tree_topk=4, tree_tokens=12, tree_depth=5))
+    assert capped[-2:] == ["--tree_depth", "5"]
     args = tb.drafter_args(widened, tb.TwinConfig(only="eventgpt,eagle"))
     assert args[args.index("--drafters") + 1] == "eventgpt,eagle" and "--eagle_head" in args
 

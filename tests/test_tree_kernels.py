@@ -55,15 +55,17 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots:
     return torch.einsum("hn,hnd->hd", s.softmax(-1), v).reshape(-1)
 
 
-@pytest.mark.parametrize("start,masked_prefix", [(121, 0), (121, 40), (60, 0)])  # the region crosses a block
-def test_tree_attention_equals_per_row_path_attention(start, masked_prefix):
+# the region crosses a key block (121), a split chunk (125; 30 with 16-position chunks) or neither (60)
+@pytest.mark.parametrize("start,masked_prefix,split", [(121, 0, 128), (121, 40, 128), (60, 0, 128), (125, 0, 128),
+                                                       (30, 0, 16), (30, 20, 16)])
+def test_tree_attention_equals_per_row_path_attention(start, masked_prefix, split):
     """Row r attends the cache below ``start`` and then exactly its pending rows and ancestors, in order."""
     positions, rows = _tree(start)
     k = len(PARENTS) + 1
     keys, values = _cache()
     q = torch.randn(k, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out = kernels.decode_attention(q, keys, values, positions, HEAD_DIM ** -0.5, masked_prefix=masked_prefix,
-                                   tree_slots=rows + start)
+                                   tree_slots=rows + start, split=split)
     for r in range(k):
         path = [start + int(rows[r, j]) for j in range(int(positions[r]) - start + 1)]
         want = _reference(q[r], keys, values, list(range(start)) + path, masked_prefix)
@@ -81,10 +83,10 @@ def test_identity_map_equals_no_map_exactly():
     assert torch.equal(kernels.decode_attention(q, keys, values, positions, HEAD_DIM ** -0.5, tree_slots=ident), plain)
 
 
-def test_tree_row_equals_the_causal_step_at_its_position_bitwise():
+@pytest.mark.parametrize("start", [121, 125])  # the region inside one split chunk, or across two
+def test_tree_row_equals_the_causal_step_at_its_position_bitwise(start):
     """Each tree row's output is the causal kernel's at its virtual position over a cache holding its path."""
     keys, values = _cache()
-    start = 121
     positions, rows = _tree(start)
     k = len(PARENTS) + 1
     q = torch.randn(k, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3)).to(DEVICE)

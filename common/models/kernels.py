@@ -134,12 +134,12 @@ def _gather_kv(k_ptr, v_ptr, tree_ptr, kv_base, cols, cmask, r, base, n_rows, d,
 
 
 @triton.jit
-def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, tree_ptr, o_ptr, m_ptr, l_ptr, n_rows, stride_kh, scale,
-                       hidden, NH: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
+def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, tree_ptr, o_ptr, m_ptr, l_ptr, n_rows, n_splits, stride_kh,
+                       scale, hidden, NH: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
                        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        PRECISION: tl.constexpr, HAS_TREE: tl.constexpr):
     h = tl.program_id(0)
-    sp = tl.program_id(1)
+    pid = tl.program_id(1)
     kvh = h // GROUP
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < n_rows
@@ -151,16 +151,23 @@ def _split_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, tree_ptr, o_ptr, m_ptr, l_p
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HDP), tl.float32)
-    start = sp * SPLIT
     if HAS_TREE:
-        # a tree step's region starts at its first row's position; a chunk meeting it runs one program per
-        # row g (grid axis 2), each over its own gathered keys, and stores that row only
-        g = tl.program_id(2)
+        # a tree step's region starts at its first row's position. Programs pid < n_splits serve chunk pid
+        # for every row, unless it meets the region; each chunk meeting the region gets one program per
+        # row g (the n_splits + e programs: chunk first + e // n_rows, row e % n_rows), over that row's
+        # own gathered keys, storing that row only
         base = tl.min(tl.where(rmask, pos, last), axis=0)
+        shared = pid < n_splits
+        e = tl.maximum(pid - n_splits, 0)
+        sp = tl.where(shared, pid, base // SPLIT + e // n_rows)
+        g = tl.where(shared, 0, e % n_rows)
+        start = sp * SPLIT
         in_region = (start + SPLIT > base) & (start <= last)
-        work = (g == 0) | (in_region & (g < n_rows))
-        keep = rmask & tl.where(in_region, rows == g, g == 0)
+        work = shared != in_region  # a shared program off the region, or a row's program on it
+        keep = rmask & work & (shared | (rows == g))
     else:
+        sp = pid
+        start = sp * SPLIT
         keep = rmask
     for i in range(SPLIT // BLOCK_N):  # chunks past the furthest position skip their loads
         n0 = start + i * BLOCK_N
@@ -221,7 +228,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     ``positions.min()``, the first row's): row i reads virtual position base + j from cache slot
     ``tree_slots[i, j]`` (its ancestor's row), positions below base from their own slot. Each row
     then sees exactly the keys, blocks and arithmetic of a causal step at its virtual position. The
-    chunks meeting the region run one program per row (the row's own gathered tiles, same shapes).
+    chunks meeting the region run one program per row (the row's own gathered tiles, same shapes); a
+    tree's virtual positions span at most its T rows, so the region meets at most
+    ``cdiv(T - 1, split) + 1`` chunks, and only those get per-row programs.
     """
     rows, num_heads, head_dim = q.shape
     capacity = keys.shape[1]
@@ -233,11 +242,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     m = torch.empty((n_splits, rows, num_heads), dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    # a tree step: one program per row for the chunks that meet its region (the others exit at once)
-    grid = (num_heads, n_splits, max(16, triton.next_power_of_2(rows)) if tree_slots is not None else 1)
+    # a tree step: one more program per row for each chunk its region can meet (not per row for every
+    # chunk: that made 16x the programs, almost all exiting at once)
+    region_programs = (triton.cdiv(rows - 1, split) + 1) * rows if tree_slots is not None else 0
+    grid = (num_heads, n_splits + region_programs)
     _split_attn_kernel[grid](
         q.contiguous(), keys, values, positions, positions if tree_slots is None else tree_slots.contiguous(),
-        o, m, l_sum, rows, keys.stride(0), float(scale), int(masked_prefix),
+        o, m, l_sum, rows, n_splits, keys.stride(0), float(scale), int(masked_prefix),
         NH=num_heads, GROUP=num_heads // keys.shape[0], HD=head_dim, HDP=max(16, triton.next_power_of_2(head_dim)),
         SPLIT=split,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, PRECISION=precision,

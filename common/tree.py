@@ -249,35 +249,41 @@ def tree_row_map(attn_mask: torch.Tensor, position_ids: torch.Tensor, start: int
     ``map[r, j]`` is the fed row at ``start + j`` on r's path (its pending rows and ancestors, in
     order); past ``position_ids[r]`` it is j. None when the mask is not of that form (a hidden cache
     position, or a row whose visible fed rows do not fill its positions), so the caller runs eagerly.
+
+    The (k, k) map is worked out on the host from one device read (the fed block, the positions and
+    whether the prefix is all visible), with ops too small for ATen's thread pool.
     """
     k = attn_mask.shape[0]
     if tuple(attn_mask.shape) != (k, start + k) or tuple(position_ids.shape) != (k,):
         return None
-    fed = attn_mask[:, start:].to(torch.long)
+    packed = torch.cat([attn_mask[:, start:].long(), (position_ids.reshape(k, 1) - start).long(),
+                        attn_mask[:, :start].all().long().expand(k, 1)], dim=1).cpu()  # one host read
+    fed, depth, prefix_seen = packed[:, :k], packed[:, k], bool(packed[0, k + 1])
     seen = fed.cumsum(1) - 1  # where each visible fed row sits on the row's path
-    ok = attn_mask[:, :start].all() & (seen[:, -1] == position_ids - start).all() & fed.diagonal().bool().all()
-    if not bool(ok):  # one host read per verify
+    if not (prefix_seen and bool((seen[:, -1] == depth).all()) and bool(fed.diagonal().all())):
         return None
-    cols = torch.arange(k, device=attn_mask.device)
+    cols = torch.arange(k)
     out = torch.cat([cols.expand(k, k), cols.new_zeros((k, 1))], dim=1)  # a spare column takes the hidden rows
     out.scatter_(1, torch.where(fed.bool(), seen, k), cols.expand(k, k))
-    return out[:, :k]
+    return out[:, :k].to(attn_mask.device)
 
 
 def accept_tree_greedy(tree: DraftTree, root: torch.Tensor, rows: torch.Tensor) -> tuple[list[int], int]:
     """Longest path whose tokens equal the target's argmax at each parent; (node path, next token).
 
-    ``root`` (V,) are the target's logits at the root, ``rows`` (n, V) at each node.
+    ``root`` (V,) are the target's logits at the root, ``rows`` (n, V) at each node. Every row's argmax
+    is read to the host at once (one device read per verify, not one per accepted token).
     """
+    best = torch.cat([root.reshape(-1).argmax().reshape(1), rows.argmax(-1)]).tolist()  # root, then node i at 1 + i
     path: list[int] = []
-    node, logits = -1, root
+    node = -1
     while True:
-        best = int(logits.argmax())
-        child = next((c for c in tree.children(node) if tree.tokens[c] == best), None)
+        want = best[1 + node]
+        child = next((c for c in tree.children(node) if tree.tokens[c] == want), None)
         if child is None:
-            return path, best
+            return path, want
         path.append(child)
-        node, logits = child, rows[child]
+        node = child
 
 
 def _reject(p: torch.Tensor, q: torch.Tensor | None, token: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -243,7 +243,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     l_sum = torch.empty_like(m)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # a tree step: one more program per row for each chunk its region can meet (not per row for every
-    # chunk: that made 16x the programs, almost all exiting at once)
+    # chunk: that made 16x the programs, almost all exiting at once, and cost ~0.8 ms per 16-row forward of a
+    # 7B-shape target on an H200: tree_verify_profile 6.17 -> 5.34 ms)
     region_programs = (triton.cdiv(rows - 1, split) + 1) * rows if tree_slots is not None else 0
     grid = (num_heads, n_splits + region_programs)
     _split_attn_kernel[grid](

@@ -9,8 +9,13 @@ TORCH_CPU_SPEC ?= torch==2.13.0
 # Optional extra pip arguments for the CPU torch, e.g. an index URL serving CPU wheels.
 TORCH_CPU_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
+# CPU machines also run the Triton kernel tests, under Triton's interpreter. Triton goes into its own folder,
+# seen only by that run, so the CPU torch never imports it (on a CUDA machine `make gpu-check` runs them).
+TRITON_CPU_SPEC ?= triton==3.6.0
+TRITON_SITE := $(VENV)/triton-site
+KERNEL_TESTS := tests/test_kernels.py tests/test_gemv.py tests/test_tree_kernels.py
 
-.PHONY: setup test lint demo clean-demo gpu-check
+.PHONY: setup test test-kernels lint demo clean-demo gpu-check
 
 setup: $(STAMP)
 
@@ -30,6 +35,19 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not gpu"
+	$(MAKE) --no-print-directory test-kernels
+
+test-kernels: setup
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA found: the kernel tests run on the GPU (make gpu-check)"; \
+	elif test -d $(TRITON_SITE) || { rm -rf $(TRITON_SITE).part && \
+			$(PIP) install -q --no-deps --target $(TRITON_SITE).part "$(TRITON_CPU_SPEC)" && \
+			mv $(TRITON_SITE).part $(TRITON_SITE); }; then \
+		echo "Triton kernel tests under the interpreter ($(TRITON_CPU_SPEC), fp32)"; \
+		PYTHONPATH=$(TRITON_SITE) TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" $(KERNEL_TESTS); \
+	else \
+		echo "could not install $(TRITON_CPU_SPEC) into $(TRITON_SITE): kernel tests not run (set TRITON_CPU_SPEC)"; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check .

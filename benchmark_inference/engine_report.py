@@ -46,6 +46,7 @@ from benchmark_parallel_prefill.drafter_costs import (
 from common.models.decoder import capture_graph, graph_replay_ms
 from common.results import atomic_write_json
 from common.timing import sync
+from common.tree import TreeConfig
 
 
 @dataclass
@@ -204,7 +205,8 @@ def _eagle(target, opts: EngineOptions) -> dict[str, Any]:
     out.update(eagle_chain_mode="graph" if graphs else "static", step_ms=chain["chain_ms"] / opts.gamma,
                commit_ms=chain["commit_ms"])
     try:  # a draft tree (--tree_topk/--tree_tokens) on the same chain: one graph replay per depth
-        tree = eagle_tree_costs(head, opts.context, opts.tree_topk, opts.tree_tokens, opts.steps, graphs=graphs)
+        tree = eagle_tree_costs(head, opts.context, TreeConfig(topk=opts.tree_topk, tokens=opts.tree_tokens), opts.steps,
+                                graphs=graphs)
         out.update({f"eagle_tree_{k}": v for k, v in tree.items()})
     except Exception as exc:  # report, keep the chain's numbers
         out["eagle_tree_failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"

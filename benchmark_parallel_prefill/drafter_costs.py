@@ -176,9 +176,9 @@ def eagle_chain_costs(target, head, context: int, gamma: int, steps: int, graphs
     return chain_costs(chain, feats, _tokens(target, context + gamma + 1), context, gamma, steps)
 
 
-def eagle_tree_costs(head, context: int, topk: int, tokens: int, steps: int, graphs: bool,
+def eagle_tree_costs(head, context: int, config: TreeConfig, steps: int, graphs: bool,
                      capacity: int = CHAIN_CAPACITY) -> dict[str, float]:
-    """An EAGLE-2 draft tree of ``topk``/``tokens`` (``--tree_topk/--tree_tokens``) from a random root after
+    """An EAGLE-2 draft tree of ``config`` (``--tree_topk/--tree_tokens/--tree_depth``) from a random root after
     ``context`` committed rows, ms per tree with its host reads: ``ms`` on the drafter's static chain
     (``HeadChain.tree``, CUDA graphs when ``graphs``; its ``depth``, ``nodes`` and ``expansions`` beside it),
     ``root_ms`` (the root's top-k alone), ``expansion_ms`` (per further depth), ``eager_ms`` (the eager
@@ -188,17 +188,17 @@ def eagle_tree_costs(head, context: int, topk: int, tokens: int, steps: int, gra
     p = head.fc.weight
     dev = p.device
     feats = torch.randn(context + 1, head.feature_size, device=dev, dtype=p.dtype)
-    ids, root, config = _ids(head.vocab_limit or 1000, context), feats[context], TreeConfig(topk, tokens)
+    ids, root = _ids(head.vocab_limit or 1000, context), feats[context]
     chain = head.draft_chain(capacity, 8, graphs=graphs)
     chain.claim(object())  # the benchmark's own context in the shared cache
-    cache = head.new_cache(context + topk * tokens + 8)
+    cache = head.new_cache(context + config.topk * config.tokens + 8)
     with torch.no_grad():
         chain.commit(feats[:context], ids)
         head.step(feats[:context], ids, cache)
         tree, expansions = chain.tree(root, config, config.max_depth)
         out = {"ms": _median_ms(lambda: chain.tree(root, config, config.max_depth), steps, dev),
                "depth": tree.depth, "nodes": len(tree), "expansions": expansions,
-               "root_ms": _median_ms(lambda: chain.tree(root, TreeConfig(topk=topk, tokens=2), 1), steps, dev)}
+               "root_ms": _median_ms(lambda: chain.tree(root, TreeConfig(topk=config.topk, tokens=2), 1), steps, dev)}
         out["expansion_ms"] = (out["ms"] - out["root_ms"]) / max(expansions, 1)
 
         def eager():
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         chain_graphs = target.graphs is not None  # the drafter's own choice (chain="auto")
         chain = eagle_chain_costs(target, head, ctx, g, steps, graphs=chain_graphs)
         tree_config = tree_config_from(args.tree_topk, args.tree_tokens, args.tree_depth) or TreeConfig(topk=4, tokens=16)
-        tree = eagle_tree_costs(head, ctx, tree_config.topk, tree_config.tokens, steps, graphs=chain_graphs)
+        tree = eagle_tree_costs(head, ctx, tree_config, steps, graphs=chain_graphs)
         l5_chain = l5_chain_costs(draft, target, ctx, g, steps, graphs=chain_graphs)
         adapters = adapter_costs(draft, target, ctx, g, steps)
     info.update(target_decode_ms=t_ms, target_verify_ms=t_ver, target_prefill_ms=t_pre, target_prompt_tokens=t_prompt,

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for scale in scales:
         lm.mul_(scale / done)  # the graphs read the same LM-head tensor: scale it in place
         done = scale
-        costs = eagle_tree_costs(head, args.context, config.topk, config.tokens, args.steps, graphs=graphs)
+        costs = eagle_tree_costs(head, args.context, config, args.steps, graphs=graphs)
         rows.append({"sharpness": scale, **costs, "c": costs["ms"] / args.decode_ms,
                      "c_eager": costs["eager_ms"] / args.decode_ms})
     name = torch.cuda.get_device_name(device) if graphs else "cpu"

@@ -65,7 +65,7 @@ class TreeConfig:
         if self.tokens < 2:
             raise ValueError(f"--tree_tokens must be >= 2 (the root plus at least one draft node), got {self.tokens}")
         if self.depth is not None and self.depth < 1:
-            raise ValueError(f"tree depth must be >= 1, got {self.depth}")
+            raise ValueError(f"--tree_depth must be >= 1, got {self.depth}")
 
     @property
     def nodes(self) -> int:
@@ -391,8 +391,6 @@ def tree_config_from(topk: int | None, tokens: int | None, depth: int | None = N
         return None
     if topk is None or tokens is None:
         raise ValueError("--tree_topk and --tree_tokens go together: pass both (e.g. --tree_topk 4 --tree_tokens 6)")
-    if depth is not None and int(depth) < 1:
-        raise ValueError(f"--tree_depth must be >= 1, got {depth}")
     return TreeConfig(topk=int(topk), tokens=int(tokens), depth=None if depth is None else int(depth))
 
 

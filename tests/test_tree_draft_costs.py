@@ -23,6 +23,14 @@ def test_tree_draft_costs_on_the_cpu(tmp_path):
     assert "topk 4, 16 rows per tree" in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_tree_draft_costs_honours_a_depth_cap(tmp_path):
+    out = main(["--tiny", "--device", "cpu", "--steps", "1", "--context", "6", "--sharpness", "16",
+                "--decode_ms", "2.5", "--tree_topk", "4", "--tree_tokens", "16", "--tree_depth", "2",
+                "--output_dir", str(tmp_path)])
+    (row,) = out["rows"]
+    assert out["tree_depth"] == 2 and row["depth"] == 2 and row["expansions"] == 1  # uncapped, it grows deeper
+
+
 def test_tree_draft_costs_rejects_bad_sharpness(tmp_path):
     with pytest.raises(ValueError, match="--sharpness"):
         main(["--tiny", "--device", "cpu", "--sharpness", "0,x", "--output_dir", str(tmp_path)])
